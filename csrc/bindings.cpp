@@ -1,0 +1,270 @@
+// The pybind11 module gemma_cpp._C: checks what Python hands over (dtypes, shapes,
+// contiguity, id ranges), releases the GIL, and calls the engine. No model logic here.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "engine/model.h"
+#include "engine/threadpool.h"
+
+namespace py = pybind11;
+using namespace gemma;
+
+namespace {
+
+using I32Array = py::array_t<int32_t, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// A weight given as a C-contiguous numpy array: float32, or uint16 holding bfloat16 bits.
+Weight as_weight(const py::array& a, const std::string& name, int64_t rows, int64_t cols) {
+  if (a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != cols)
+    throw py::value_error(name + ": expected shape (" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + "), got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(name + ": weight array must be C-contiguous");
+  Weight w;
+  if (a.dtype().is(py::dtype::of<float>()))
+    w.dtype = DType::F32;
+  else if (a.dtype().is(py::dtype::of<uint16_t>()))
+    w.dtype = DType::BF16;
+  else
+    throw py::value_error(name + ": weights must be float32 or uint16 (bfloat16 bits), got " +
+                          std::string(py::str(a.dtype())));
+  w.data = a.data();
+  w.rows = rows;
+  w.cols = cols;
+  w.ld = cols;
+  return w;
+}
+
+const float* as_vector(const py::array& a, const std::string& name, int64_t n) {
+  if (a.ndim() != 1 || a.shape(0) != n || !a.dtype().is(py::dtype::of<float>()) ||
+      !(a.flags() & py::array::c_style))
+    throw py::value_error(name + ": expected a contiguous float32 vector of length " +
+                          std::to_string(n) + ", got " + std::string(py::str(a.dtype())) +
+                          " " + shape_str(a));
+  return static_cast<const float*>(a.data());
+}
+
+template <typename T>
+T get(const py::dict& d, const char* key) {
+  if (!d.contains(key)) throw py::value_error(std::string("engine config: missing '") + key + "'");
+  return d[key].cast<T>();
+}
+
+void check_ids(const I32Array& ids, int64_t vocab, const char* what) {
+  if (ids.ndim() != 2) throw py::value_error(std::string(what) + " must be 2-D [batch, length]");
+  const int32_t* p = ids.data();
+  for (py::ssize_t i = 0; i < ids.size(); ++i)
+    if (p[i] < 0 || p[i] >= vocab)
+      throw py::value_error(std::string(what) + ": token id " + std::to_string(p[i]) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+void check_same_shape(const I32Array& a, const I32Array& ids, const char* what) {
+  if (a.ndim() != 2 || a.shape(0) != ids.shape(0) || a.shape(1) != ids.shape(1))
+    throw py::value_error(std::string(what) + " must have the shape of input_ids " +
+                          shape_str(ids) + ", got " + shape_str(a));
+}
+
+class Engine {
+ public:
+  Engine(const py::dict& config, const py::dict& weights) {
+    ModelConfig c;
+    c.vocab_size = get<int64_t>(config, "vocab_size");
+    c.hidden_size = get<int64_t>(config, "hidden_size");
+    c.intermediate_size = get<int64_t>(config, "intermediate_size");
+    c.num_layers = get<int64_t>(config, "num_hidden_layers");
+    c.num_heads = get<int64_t>(config, "num_attention_heads");
+    c.num_kv_heads = get<int64_t>(config, "num_key_value_heads");
+    c.head_dim = get<int64_t>(config, "head_dim");
+    c.max_positions = get<int64_t>(config, "max_position_embeddings");
+    c.rms_norm_eps = get<float>(config, "rms_norm_eps");
+    c.rope_theta = get<float>(config, "rope_theta");
+    c.embed_scale = get<float>(config, "embed_scale");
+    c.attn_scale = get<float>(config, "attn_scale");
+    c.causal = get<bool>(config, "causal");
+    if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.intermediate_size <= 0 || c.num_layers <= 0 ||
+        c.num_heads <= 0 || c.num_kv_heads <= 0 || c.head_dim <= 0 || c.head_dim % 2 != 0 ||
+        c.num_heads % c.num_kv_heads != 0)
+      throw py::value_error("engine config: sizes must be positive, head_dim even, and heads a "
+                            "multiple of kv heads");
+
+    auto arr = [&](const std::string& key) -> py::array {
+      if (!weights.contains(key.c_str())) throw py::value_error("engine weights: missing '" + key + "'");
+      py::array a = weights[key.c_str()].cast<py::array>();
+      keep_.append(a);  // the engine reads this memory for its whole life
+      return a;
+    };
+    const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+    ModelWeights w;
+    w.embed = as_weight(arr("embed"), "embed", c.vocab_size, H);
+    w.final_norm = as_vector(arr("final_norm"), "final_norm", H);
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      LayerWeights L;
+      L.q = as_weight(arr(p + "q"), p + "q", c.num_heads * hd, H);
+      L.k = as_weight(arr(p + "k"), p + "k", c.num_kv_heads * hd, H);
+      L.v = as_weight(arr(p + "v"), p + "v", c.num_kv_heads * hd, H);
+      L.o = as_weight(arr(p + "o"), p + "o", H, c.num_heads * hd);
+      L.gate = as_weight(arr(p + "gate"), p + "gate", F, H);
+      L.up = as_weight(arr(p + "up"), p + "up", F, H);
+      L.down = as_weight(arr(p + "down"), p + "down", H, F);
+      L.attn_norm = as_vector(arr(p + "attn_norm"), p + "attn_norm", H);
+      L.mlp_norm = as_vector(arr(p + "mlp_norm"), p + "mlp_norm", H);
+      w.layers.push_back(L);
+    }
+    model_ = std::make_unique<Model>(c, std::move(w));
+  }
+
+  py::tuple forward(const I32Array& input_ids, const py::object& attention_mask,
+                    const I32Array& position_ids, const std::string& output, bool last_only,
+                    bool output_hidden_states) {
+    const ModelConfig& c = model_->config();
+    check_ids(input_ids, c.vocab_size, "input_ids");
+    check_same_shape(position_ids, input_ids, "position_ids");
+    const int64_t B = input_ids.shape(0), L = input_ids.shape(1);
+    if (L == 0) throw py::value_error("input_ids: sequences must hold at least one token");
+    I32Array mask;
+    if (!attention_mask.is_none()) {
+      mask = attention_mask.cast<I32Array>();
+      check_same_shape(mask, input_ids, "attention_mask");
+    }
+    Output out_kind;
+    if (output == "logits") out_kind = Output::Logits;
+    else if (output == "hidden") out_kind = Output::Hidden;
+    else throw py::value_error("output must be 'logits' or 'hidden', got '" + output + "'");
+    std::vector<float> out, states;
+    {
+      py::gil_scoped_release nogil;
+      out = model_->forward(input_ids.data(), attention_mask.is_none() ? nullptr : mask.data(),
+                            position_ids.data(), B, L, out_kind, last_only,
+                            output_hidden_states ? &states : nullptr);
+    }
+    const int64_t D = out_kind == Output::Logits ? c.vocab_size : c.hidden_size;
+    py::array_t<float> res({B, last_only ? int64_t{1} : L, D});
+    std::memcpy(res.mutable_data(), out.data(), out.size() * sizeof(float));
+    py::object hs = py::none();
+    if (output_hidden_states) {
+      py::array_t<float> a({c.num_layers + 1, B, L, c.hidden_size});
+      std::memcpy(a.mutable_data(), states.data(), states.size() * sizeof(float));
+      hs = a;
+    }
+    return py::make_tuple(res, hs);
+  }
+
+  py::array_t<int32_t> generate(const I32Array& input_ids, const py::object& attention_mask,
+                                const SamplingParams& params, const py::object& callback) {
+    const ModelConfig& c = model_->config();
+    check_ids(input_ids, c.vocab_size, "input_ids");
+    const int64_t B = input_ids.shape(0), L = input_ids.shape(1);
+    if (L == 0) throw py::value_error("input_ids: prompts must hold at least one token");
+    I32Array mask;
+    if (!attention_mask.is_none()) {
+      mask = attention_mask.cast<I32Array>();
+      check_same_shape(mask, input_ids, "attention_mask");
+    }
+    StepCallback cb;
+    if (!callback.is_none()) {
+      cb = [callback](const std::vector<int32_t>& toks) {
+        py::gil_scoped_acquire gil;
+        callback(py::array_t<int32_t>(static_cast<py::ssize_t>(toks.size()), toks.data()));
+      };
+    }
+    GenerateResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = model_->generate(input_ids.data(), attention_mask.is_none() ? nullptr : mask.data(), B, L,
+                           params, cb);
+    }
+    py::array_t<int32_t> out({B, r.steps});
+    if (!r.tokens.empty()) std::memcpy(out.mutable_data(), r.tokens.data(), r.tokens.size() * 4);
+    return out;
+  }
+
+ private:
+  py::list keep_;
+  std::unique_ptr<Model> model_;
+};
+
+SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float temperature, int64_t top_k,
+                           float top_p, float min_p, float repetition_penalty,
+                           std::vector<int32_t> eos_token_ids, int32_t pad_token_id, uint64_t seed) {
+  SamplingParams p;
+  p.max_new_tokens = max_new_tokens;
+  p.do_sample = do_sample;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p;
+  p.repetition_penalty = repetition_penalty;
+  p.eos_token_ids = std::move(eos_token_ids);
+  p.pad_token_id = pad_token_id;
+  p.seed = seed;
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gemma_cpp compiled engine";
+  m.attr("__version__") = GEMMA_CPP_VERSION;
+  m.def("cpu_isa", &cpu_isa, "The SIMD path this build runs: avx512, avx2 or scalar");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &num_threads);
+
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init(&make_params), py::arg("max_new_tokens"), py::arg("do_sample"),
+           py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+           py::arg("repetition_penalty"), py::arg("eos_token_ids"), py::arg("pad_token_id"),
+           py::arg("seed"));
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init<const py::dict&, const py::dict&>(), py::arg("config"), py::arg("weights"))
+      .def("forward", &Engine::forward, py::arg("input_ids"), py::arg("attention_mask"),
+           py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
+           py::arg("output_hidden_states"))
+      .def("generate", &Engine::generate, py::arg("input_ids"), py::arg("attention_mask"),
+           py::arg("params"), py::arg("callback"));
+
+  // Kernel entry points for tests against numpy.
+  m.def("matmul", [](py::array_t<float, py::array::c_style> x, const py::array& w) {
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D");
+    if (w.ndim() != 2) throw py::value_error("w must be 2-D");
+    const Weight wt = as_weight(w, "w", w.shape(0), x.shape(1));
+    py::array_t<float> y({x.shape(0), w.shape(0)});
+    {
+      py::gil_scoped_release nogil;
+      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), w.shape(0));
+    }
+    return y;
+  }, py::arg("x"), py::arg("w"), "y = x @ w.T (w float32, or uint16 bfloat16 bits)");
+
+  m.def("sample", [](py::array_t<float, py::array::c_style> logits, int64_t n,
+                     const SamplingParams& p, std::vector<int32_t> history) {
+    if (logits.ndim() != 1) throw py::value_error("logits must be 1-D");
+    const int64_t V = logits.shape(0);
+    py::array_t<int32_t> out(n);
+    {
+      py::gil_scoped_release nogil;
+      Sampler s(p, 0);
+      std::vector<float> work(V);
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy_n(logits.data(), V, work.data());
+        out.mutable_data()[i] = s.next(work.data(), V, history);
+      }
+    }
+    return out;
+  }, py::arg("logits"), py::arg("n"), py::arg("params"), py::arg("history") = std::vector<int32_t>{},
+     "n draws of one seeded sampler stream from the same logits (for tests)");
+}

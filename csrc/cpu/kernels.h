@@ -1,0 +1,48 @@
+// CPU kernels. Activations are float32, row-major [tokens, features]. Weights are
+// row-major [out, in] (the layout of HF checkpoints), float32 or bfloat16 (uint16 bits).
+#pragma once
+#include <cstdint>
+
+namespace gemma {
+
+enum class DType : int { F32 = 0, BF16 = 1 };
+
+inline int64_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// A weight matrix [rows = out features, cols = in features], rows ld elements apart.
+struct Weight {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0, ld = 0;
+  int64_t bytes() const { return rows * cols * dtype_size(dtype); }
+};
+
+const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs
+
+// y[t, n] (+)= sum_k x[t, k] * w[n, k] for t < T, n < w.rows; k < w.cols.
+// x rows ldx apart, y rows ldy apart. accumulate: add into y instead of overwriting.
+// Multi-threaded over output rows; float32 accumulation whatever the weight type.
+void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+            bool accumulate = false);
+
+// Row r of w as float32 (embedding lookup).
+void weight_row(const Weight& w, int64_t r, float* out);
+
+// out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * scale, where scale holds (1 + w) already.
+void rmsnorm(const float* x, const float* scale, float* out, int64_t T, int64_t H, float eps);
+
+// In place: a[i] = gelu_tanh(a[i]) * b[i] for n elements.
+void gelu_tanh_mul(float* a, const float* b, int64_t n);
+
+// Rotary embedding in the half-split (rotate_half) layout, in place, on n_heads heads of
+// head_dim each, laid out contiguously; cos/sin hold head_dim/2 values for this position.
+void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const float* sin);
+
+// Fast exp for float32 (|rel err| < 2e-7 on the softmax range).
+void exp_inplace(float* x, int64_t n);
+
+float dot(const float* a, const float* b, int64_t n);
+// y += a * x
+void axpy(float a, const float* x, float* y, int64_t n);
+
+}  // namespace gemma

@@ -1,0 +1,123 @@
+// Dense matmul: y[T, N] = x[T, K] . W[N, K]^T with float32 or bfloat16 weights.
+//
+// Layout and blocking. W stays in the checkpoint's [out, in] layout (no repacking, so a
+// bf16 checkpoint runs straight from its memory map). Every output is a dot product
+// along K, computed by a register-blocked micro-kernel over RW weight rows x RT token rows:
+// RW*RT vector accumulators, RW+RT loads per K step, one horizontal sum per output.
+//  - Decode (T small) is bound by reading W once: each thread streams its own slice of
+//    rows, four rows at a time.
+//  - Prefill (T large) is bound by FMA throughput: a panel of NB weight rows (sized to stay
+//    in L2) is reused for every token block before moving on, so W is read from memory
+//    once per call and x is re-read from cache.
+#include <algorithm>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+#include "engine/threadpool.h"
+
+namespace gemma {
+using simd::VecF;
+
+const char* cpu_isa() { return GEMMA_ISA_NAME; }
+
+namespace {
+
+constexpr int kRW = 4;  // weight rows per micro-kernel
+constexpr int kRT = 4;  // token rows per micro-kernel
+
+template <int RW, int RT, typename WT>
+inline void micro_kernel(const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+                         float* y, int64_t ldy, bool accumulate) {
+  VecF acc[RW][RT];
+  for (int r = 0; r < RW; ++r)
+    for (int t = 0; t < RT; ++t) acc[r][t] = VecF::zero();
+  constexpr int N = VecF::N;
+  const int64_t Kv = K - K % N;
+  for (int64_t k = 0; k < Kv; k += N) {
+    VecF xv[RT];
+    for (int t = 0; t < RT; ++t) xv[t] = VecF::load(x + t * ldx + k);
+    for (int r = 0; r < RW; ++r) {
+      const VecF wv = VecF::load(w + r * ldw + k);
+      for (int t = 0; t < RT; ++t) acc[r][t] = simd::fma(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RW; ++r) {
+    for (int t = 0; t < RT; ++t) {
+      float s = simd::hsum(acc[r][t]);
+      for (int64_t k = Kv; k < K; ++k) s += load_scalar(w + r * ldw + k) * x[t * ldx + k];
+      float* out = y + t * ldy + r;
+      *out = accumulate ? *out + s : s;
+    }
+  }
+}
+
+// Dispatch the (rw, rt) remainder shapes to their instantiations.
+template <typename WT, int RW>
+inline void micro_rt(int rt, const WT* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+                     float* y, int64_t ldy, bool acc) {
+  switch (rt) {
+    case 4: micro_kernel<RW, 4>(w, ldw, x, ldx, K, y, ldy, acc); break;
+    case 3: micro_kernel<RW, 3>(w, ldw, x, ldx, K, y, ldy, acc); break;
+    case 2: micro_kernel<RW, 2>(w, ldw, x, ldx, K, y, ldy, acc); break;
+    default: micro_kernel<RW, 1>(w, ldw, x, ldx, K, y, ldy, acc); break;
+  }
+}
+
+template <typename WT>
+inline void micro(int rw, int rt, const WT* w, int64_t ldw, const float* x, int64_t ldx,
+                  int64_t K, float* y, int64_t ldy, bool acc) {
+  switch (rw) {
+    case 4: micro_rt<WT, 4>(rt, w, ldw, x, ldx, K, y, ldy, acc); break;
+    case 3: micro_rt<WT, 3>(rt, w, ldw, x, ldx, K, y, ldy, acc); break;
+    case 2: micro_rt<WT, 2>(rt, w, ldw, x, ldx, K, y, ldy, acc); break;
+    default: micro_rt<WT, 1>(rt, w, ldw, x, ldx, K, y, ldy, acc); break;
+  }
+}
+
+template <typename WT>
+void matmul_typed(const float* x, int64_t T, int64_t ldx, const Weight& wt, float* y,
+                  int64_t ldy, bool accumulate) {
+  const WT* w = static_cast<const WT*>(wt.data);
+  const int64_t N = wt.rows, K = wt.cols, ldw = wt.ld;
+  // Panel of weight rows kept in L2 (~256 KiB) while all token blocks pass over it.
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(WT));
+  int64_t NB = std::max<int64_t>(kRW, (256 * 1024 / std::max<int64_t>(row_bytes, 1)) / kRW * kRW);
+  NB = std::min<int64_t>(NB, 64);
+  const int64_t n_chunks = (N + kRW - 1) / kRW;
+  parallel_for(n_chunks, [&](int64_t c0, int64_t c1) {
+    const int64_t n_begin = c0 * kRW, n_end = std::min(N, c1 * kRW);
+    for (int64_t nb = n_begin; nb < n_end; nb += NB) {
+      const int64_t nb_end = std::min(n_end, nb + NB);
+      for (int64_t t = 0; t < T; t += kRT) {
+        const int rt = static_cast<int>(std::min<int64_t>(kRT, T - t));
+        for (int64_t n = nb; n < nb_end; n += kRW) {
+          const int rw = static_cast<int>(std::min<int64_t>(kRW, nb_end - n));
+          micro<WT>(rw, rt, w + n * ldw, ldw, x + t * ldx, ldx, K, y + t * ldy + n, ldy,
+                    accumulate);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+            bool accumulate) {
+  if (T <= 0 || w.rows <= 0) return;
+  if (w.dtype == DType::F32)
+    matmul_typed<float>(x, T, ldx, w, y, ldy, accumulate);
+  else
+    matmul_typed<uint16_t>(x, T, ldx, w, y, ldy, accumulate);
+}
+
+void weight_row(const Weight& w, int64_t r, float* out) {
+  if (w.dtype == DType::F32) {
+    std::memcpy(out, static_cast<const float*>(w.data) + r * w.ld, w.cols * sizeof(float));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w.data) + r * w.ld;
+    for (int64_t k = 0; k < w.cols; ++k) out[k] = bf16_to_f32(p[k]);
+  }
+}
+
+}  // namespace gemma

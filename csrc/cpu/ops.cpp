@@ -1,0 +1,163 @@
+// Element-wise and row-wise CPU ops: RMSNorm, GeGLU, RoPE, exp, dot/axpy.
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+#include "engine/threadpool.h"
+
+namespace gemma {
+using simd::VecF;
+
+namespace {
+
+// exp on VecF::N lanes. Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
+// polynomial for e^r (Cephes expf coefficients), then scale by 2^n. Inputs below -87.3
+// flush to 0 and above 88.7 saturate to inf, as expf does. Relative error ~1.5e-7.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 exp_vec(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+inline VecF exp_v(VecF x) { return {exp_vec(x.v)}; }
+inline VecF div_v(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp_vec(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n in two steps (n in [-126, 128]) so that 2^128 and denormal results stay right.
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i half = _mm256_srai_epi32(ni, 1);
+  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  __m256 s2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+inline VecF exp_v(VecF x) { return {exp_vec(x.v)}; }
+inline VecF div_v(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+#else
+inline VecF exp_v(VecF x) { return {std::exp(x.v)}; }
+inline VecF div_v(VecF a, VecF b) { return {a.v / b.v}; }
+#endif
+
+constexpr int64_t kElemChunk = 4096;  // elements per parallel task in element-wise ops
+
+}  // namespace
+
+// Applies f (VecF -> VecF) to n floats in place. The tail goes through the same vector code
+// via a padded copy, so an element's result depends only on its value, never on where it
+// sits in the buffer: a row gives the same numbers alone and inside a batch.
+template <typename Fn>
+inline void map_inplace(float* x, int64_t n, Fn f) {
+  constexpr int N = VecF::N;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) f(VecF::load(x + i)).store(x + i);
+  if (i < n) {
+    float tmp[N] = {};
+    std::memcpy(tmp, x + i, (n - i) * sizeof(float));
+    f(VecF::load(tmp)).store(tmp);
+    std::memcpy(x + i, tmp, (n - i) * sizeof(float));
+  }
+}
+
+void exp_inplace(float* x, int64_t n) { map_inplace(x, n, exp_v); }
+
+float dot(const float* a, const float* b, int64_t n) {
+  constexpr int N = VecF::N;
+  VecF acc0 = VecF::zero(), acc1 = VecF::zero();
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    acc0 = simd::fma(VecF::load(a + i), VecF::load(b + i), acc0);
+    acc1 = simd::fma(VecF::load(a + i + N), VecF::load(b + i + N), acc1);
+  }
+  for (; i + N <= n; i += N) acc0 = simd::fma(VecF::load(a + i), VecF::load(b + i), acc0);
+  float s = simd::hsum(simd::add(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy(float a, const float* x, float* y, int64_t n) {
+  constexpr int N = VecF::N;
+  const VecF av = VecF::set1(a);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) simd::fma(av, VecF::load(x + i), VecF::load(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void rmsnorm(const float* x, const float* scale, float* out, int64_t T, int64_t H, float eps) {
+  auto row = [&](int64_t t) {
+    const float* xr = x + t * H;
+    float* o = out + t * H;
+    const float ms = dot(xr, xr, H) / static_cast<float>(H);
+    const float inv = 1.0f / std::sqrt(ms + eps);
+    for (int64_t i = 0; i < H; ++i) o[i] = (xr[i] * inv) * scale[i];
+  };
+  if (T * H < 65536) {
+    for (int64_t t = 0; t < T; ++t) row(t);
+  } else {
+    parallel_for(T, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) row(t);
+    });
+  }
+}
+
+// gelu_tanh(a) = 0.5 a (1 + tanh(u)) = a / (1 + exp(-2u)),  u = sqrt(2/pi) (a + 0.044715 a^3)
+void gelu_tanh_mul(float* a, const float* b, int64_t n) {
+  const VecF c1 = VecF::set1(-2.0f * 0.7978845608028654f);
+  const VecF c3 = VecF::set1(-2.0f * 0.7978845608028654f * 0.044715f);
+  const VecF one = VecF::set1(1.0f);
+  auto gelu = [&](VecF x) {
+    const VecF z = simd::mul(x, simd::fma(c3, simd::mul(x, x), c1));  // -2u
+    return div_v(x, simd::add(one, exp_v(z)));
+  };
+  auto body = [&](int64_t lo, int64_t hi) {
+    map_inplace(a + lo, hi - lo, gelu);
+    constexpr int N = VecF::N;
+    int64_t i = lo;
+    for (; i + N <= hi; i += N) simd::mul(VecF::load(a + i), VecF::load(b + i)).store(a + i);
+    for (; i < hi; ++i) a[i] *= b[i];
+  };
+  if (n < 2 * kElemChunk) {
+    body(0, n);
+    return;
+  }
+  const int64_t chunks = (n + kElemChunk - 1) / kElemChunk;
+  parallel_for(chunks, [&](int64_t c0, int64_t c1) {
+    body(c0 * kElemChunk, std::min(n, c1 * kElemChunk));
+  });
+}
+
+void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const float* sin) {
+  const int half = head_dim / 2;
+  for (int h = 0; h < n_heads; ++h) {
+    float* v = x + static_cast<int64_t>(h) * head_dim;
+    for (int i = 0; i < half; ++i) {
+      const float x1 = v[i], x2 = v[i + half];
+      v[i] = x1 * cos[i] - x2 * sin[i];
+      v[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+  }
+}
+
+}  // namespace gemma

@@ -1,0 +1,286 @@
+#include "engine/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "engine/threadpool.h"
+
+namespace gemma {
+
+namespace {
+// Tokens per forward chunk across the batch: bounds the activation buffers (the MLP's two
+// [M, intermediate] float32 buffers are 64 MiB each at M = 512 on Gemma-2B) while keeping
+// M large enough for the matmul's weight panel to be reused many times.
+constexpr int64_t kMaxChunkTokens = 512;
+}  // namespace
+
+KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_)
+    : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
+      layers(c.num_layers) {
+  const size_t n = static_cast<size_t>(layers * rows * kv_heads * capacity * head_dim);
+  k.resize(n);
+  v.resize(n);
+  valid.assign(static_cast<size_t>(rows * capacity), 0);
+}
+
+Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_(std::move(weights)) {
+  // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
+  const int64_t half = cfg_.head_dim / 2;
+  inv_freq_.resize(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
+    inv_freq_[i] = 1.0f / std::pow(cfg_.rope_theta, e);
+  }
+}
+
+void Model::logits(const float* hidden, int64_t n, float* out) {
+  matmul(hidden, n, cfg_.hidden_size, w_.embed, out, cfg_.vocab_size);
+}
+
+void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
+                      int64_t slot0, int64_t T, const float* q, float* out) {
+  const int64_t nH = cfg_.num_heads, hd = cfg_.head_dim, group = nH / cfg_.num_kv_heads;
+  const int64_t R = static_cast<int64_t>(rows.size()), q_stride = nH * hd;
+  const int64_t end_slot = slot0 + T;  // slots [0, end_slot) hold this row's tokens now
+  parallel_for(R * nH * T, [&](int64_t a, int64_t b) {
+    thread_local std::vector<float> scores;
+    if (static_cast<int64_t>(scores.size()) < end_slot) scores.resize(end_slot);
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t t = task % T, h = (task / T) % nH, r = task / (T * nH);
+      const int64_t row = rows[r], kvh = h / group;
+      const float* qv = q + (r * T + t) * q_stride + h * hd;
+      float* o = out + (r * T + t) * q_stride + h * hd;
+      const int64_t last = cfg_.causal ? slot0 + t : end_slot - 1;  // last visible slot
+      const uint8_t* valid = cache.valid.data() + row * cache.capacity;
+      const float* K = cache.k_at(layer, row, kvh, 0);
+      const float* V = cache.v_at(layer, row, kvh, 0);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j <= last; ++j) {
+        if (!valid[j]) continue;
+        scores[j] = dot(qv, K + j * hd, hd) * cfg_.attn_scale;
+        m = std::max(m, scores[j]);
+      }
+      std::fill(o, o + hd, 0.f);
+      if (m == -std::numeric_limits<float>::infinity()) continue;  // nothing visible (padding)
+      float sum = 0;
+      for (int64_t j = 0; j <= last; ++j) {
+        if (!valid[j]) continue;
+        scores[j] -= m;
+      }
+      exp_inplace(scores.data(), last + 1);
+      for (int64_t j = 0; j <= last; ++j)
+        if (valid[j]) sum += scores[j];
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= last; ++j)
+        if (valid[j]) axpy(scores[j] * inv, V + j * hd, o, hd);
+    }
+  });
+}
+
+void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
+                 const int32_t* ids, const int32_t* pos, const uint8_t* valid, float* x_out,
+                 const std::function<void(int64_t, const float*)>& layer_sink) {
+  const int64_t H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+  const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads, half = hd / 2;
+  const int64_t R = static_cast<int64_t>(rows.size()), M = R * T;
+  const int64_t QD = nH * hd, KD = nKV * hd;
+
+  std::vector<float> x(M * H), h(M * H), q(M * QD), k(M * KD), v(M * KD), att(M * QD);
+  std::vector<float> g(M * F), u(M * F), cs(M * half), sn(M * half);
+
+  for (int64_t m = 0; m < M; ++m) {
+    weight_row(w_.embed, ids[m], x.data() + m * H);
+    for (int64_t i = 0; i < H; ++i) x[m * H + i] *= cfg_.embed_scale;
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = static_cast<float>(pos[m]) * inv_freq_[i];
+      cs[m * half + i] = std::cos(f);
+      sn[m * half + i] = std::sin(f);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t t = 0; t < T; ++t)
+      cache.valid[rows[r] * cache.capacity + slot0 + t] = valid[r * T + t];
+  if (layer_sink) layer_sink(0, x.data());
+
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    // Attention block.
+    rmsnorm(x.data(), L.attn_norm, h.data(), M, H, cfg_.rms_norm_eps);
+    matmul(h.data(), M, H, L.q, q.data(), QD);
+    matmul(h.data(), M, H, L.k, k.data(), KD);
+    matmul(h.data(), M, H, L.v, v.data(), KD);
+    for (int64_t m = 0; m < M; ++m) {
+      rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
+      rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
+      const int64_t r = m / T, t = m % T;
+      for (int64_t kh = 0; kh < nKV; ++kh) {
+        std::memcpy(cache.k_at(l, rows[r], kh, slot0 + t), &k[m * KD + kh * hd], hd * sizeof(float));
+        std::memcpy(cache.v_at(l, rows[r], kh, slot0 + t), &v[m * KD + kh * hd], hd * sizeof(float));
+      }
+    }
+    attention(cache, l, rows, slot0, T, q.data(), att.data());
+    matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
+    // MLP block: down(gelu_tanh(gate(h)) * up(h)).
+    rmsnorm(x.data(), L.mlp_norm, h.data(), M, H, cfg_.rms_norm_eps);
+    matmul(h.data(), M, H, L.gate, g.data(), F);
+    matmul(h.data(), M, H, L.up, u.data(), F);
+    gelu_tanh_mul(g.data(), u.data(), M * F);
+    matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
+    if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x.data());
+  }
+  rmsnorm(x.data(), w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  if (layer_sink) layer_sink(cfg_.num_layers, x_out);
+}
+
+void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
+                    const int32_t* positions, int64_t B, int64_t L,
+                    std::vector<float>* hidden_states,
+                    const std::function<void(int64_t, int64_t, const float*)>& on_chunk) {
+  const int64_t H = cfg_.hidden_size;
+  std::vector<int64_t> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b] = b;
+  const int64_t Tc = std::max<int64_t>(1, std::min<int64_t>(L, kMaxChunkTokens / std::max<int64_t>(B, 1)));
+  std::vector<int32_t> ids, pos;
+  std::vector<uint8_t> valid;
+  std::vector<float> hid;
+  for (int64_t c0 = 0; c0 < L; c0 += Tc) {
+    const int64_t T = std::min(Tc, L - c0);
+    ids.resize(B * T);
+    pos.resize(B * T);
+    valid.resize(B * T);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        ids[b * T + t] = input_ids[b * L + c0 + t];
+        pos[b * T + t] = positions[b * L + c0 + t];
+        valid[b * T + t] = attention_mask ? attention_mask[b * L + c0 + t] != 0 : 1;
+      }
+    hid.resize(B * T * H);
+    std::function<void(int64_t, const float*)> sink;
+    if (hidden_states) {
+      sink = [&](int64_t layer, const float* xs) {
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(hidden_states->data() + ((layer * B + b) * L + c0) * H, xs + b * T * H,
+                      T * H * sizeof(float));
+      };
+    }
+    step(cache, rows, c0, T, ids.data(), pos.data(), valid.data(), hid.data(), sink);
+    on_chunk(c0, T, hid.data());
+  }
+}
+
+std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* attention_mask,
+                                  const int32_t* positions, int64_t B, int64_t L, Output output,
+                                  bool last_only, std::vector<float>* hidden_states) {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t D = output == Output::Logits ? V : H;
+  const int64_t out_L = last_only ? 1 : L;
+  std::vector<float> out(static_cast<size_t>(B * out_L * D));
+  if (hidden_states) hidden_states->assign(static_cast<size_t>((cfg_.num_layers + 1) * B * L * H), 0.f);
+
+  KVCache cache(cfg_, B, L);
+  std::vector<float> lg;
+  prefill(cache, input_ids, attention_mask, positions, B, L, hidden_states,
+          [&](int64_t c0, int64_t T, const float* hid) {
+            // Keep what this call returns: the last position only, or the whole chunk.
+            if (last_only && c0 + T != L) return;
+            const int64_t keep_t0 = last_only ? T - 1 : 0, keep_T = last_only ? 1 : T;
+            std::vector<float> sel(B * keep_T * H);
+            for (int64_t b = 0; b < B; ++b)
+              std::memcpy(&sel[b * keep_T * H], &hid[(b * T + keep_t0) * H], keep_T * H * sizeof(float));
+            const float* src = sel.data();
+            if (output == Output::Logits) {
+              lg.resize(B * keep_T * V);
+              logits(sel.data(), B * keep_T, lg.data());
+              src = lg.data();
+            }
+            const int64_t dst_t0 = last_only ? 0 : c0;
+            for (int64_t b = 0; b < B; ++b)
+              std::memcpy(&out[(b * out_L + dst_t0) * D], src + b * keep_T * D, keep_T * D * sizeof(float));
+          });
+  return out;
+}
+
+GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
+                               int64_t L, const SamplingParams& p, const StepCallback& on_step) {
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  GenerateResult res;
+  if (p.max_new_tokens <= 0) return res;
+  KVCache cache(cfg_, B, L + p.max_new_tokens);
+  std::vector<int64_t> rows(B);
+  std::vector<std::vector<int32_t>> history(B);
+  std::vector<int32_t> next_pos(B), positions(B * L);
+  std::vector<Sampler> samplers;
+  for (int64_t b = 0; b < B; ++b) {
+    rows[b] = b;
+    int32_t seen = 0;
+    for (int64_t t = 0; t < L; ++t) {
+      const bool real = attention_mask == nullptr || attention_mask[b * L + t] != 0;
+      // transformers: position_ids = cumsum(mask) - 1, with padding set to 1.
+      positions[b * L + t] = real ? seen : 1;
+      seen += real;
+      history[b].push_back(input_ids[b * L + t]);
+    }
+    next_pos[b] = seen;
+    samplers.emplace_back(p, static_cast<uint64_t>(b));
+  }
+
+  // Prefill the whole prompt, then the LM head on the last slot of each row.
+  std::vector<float> lg(B * V), hid, last(B * H);
+  prefill(cache, input_ids, attention_mask, positions.data(), B, L, nullptr,
+          [&](int64_t c0, int64_t T, const float* h) {
+            if (c0 + T != L) return;
+            for (int64_t b = 0; b < B; ++b)
+              std::memcpy(&last[b * H], &h[(b * T + T - 1) * H], H * sizeof(float));
+          });
+  logits(last.data(), B, lg.data());
+
+  res.tokens.assign(static_cast<size_t>(B * p.max_new_tokens), p.pad_token_id);
+  std::vector<uint8_t> finished(B, 0);
+  std::vector<int64_t> active = rows;  // rows still generating; lg holds their logits in order
+  std::vector<int32_t> step_tokens(B), ids, pos;
+  std::vector<uint8_t> ones;
+  for (int64_t s = 0; s < p.max_new_tokens; ++s) {
+    std::fill(step_tokens.begin(), step_tokens.end(), p.pad_token_id);
+    for (size_t i = 0; i < active.size(); ++i) {
+      const int64_t b = active[i];
+      const int32_t tok = samplers[b].next(&lg[i * V], V, history[b]);
+      history[b].push_back(tok);
+      step_tokens[b] = tok;
+      res.tokens[b * p.max_new_tokens + s] = tok;
+      for (int32_t e : p.eos_token_ids)
+        if (tok == e) finished[b] = 1;
+    }
+    res.steps = s + 1;
+    if (on_step) on_step(step_tokens);
+    std::vector<int64_t> still;
+    for (int64_t b : active)
+      if (!finished[b]) still.push_back(b);
+    if (still.empty() || s + 1 == p.max_new_tokens) break;
+    // Decode one token for the rows still running; finished rows cost nothing more.
+    active.swap(still);
+    const int64_t R = static_cast<int64_t>(active.size());
+    ids.resize(R);
+    pos.resize(R);
+    ones.assign(R, 1);
+    for (int64_t i = 0; i < R; ++i) {
+      ids[i] = step_tokens[active[i]];
+      pos[i] = next_pos[active[i]]++;
+    }
+    hid.resize(R * H);
+    step(cache, active, L + s, 1, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
+    logits(hid.data(), R, lg.data());
+  }
+  // Compact [B, max_new_tokens] to [B, steps].
+  if (res.steps < p.max_new_tokens) {
+    std::vector<int32_t> compact(static_cast<size_t>(B * res.steps));
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(&res.tokens[b * p.max_new_tokens], res.steps, &compact[b * res.steps]);
+    res.tokens.swap(compact);
+  }
+  return res;
+}
+
+}  // namespace gemma

@@ -1,0 +1,101 @@
+// The Gemma decoder on the CPU: config, weights (pointers into memory the caller owns),
+// KV cache, the forward over a batch of token rows, and the generation loop.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "engine/sampler.h"
+
+namespace gemma {
+
+struct ModelConfig {
+  int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0, max_positions = 0;
+  float rms_norm_eps = 1e-6f;
+  float rope_theta = 10000.f;
+  float embed_scale = 1.f;   // sqrt(hidden_size), already rounded to the weight dtype
+  float attn_scale = 1.f;    // head_dim ** -0.5
+  bool causal = true;        // false: use_bidirectional_attention
+};
+
+struct LayerWeights {
+  Weight q, k, v, o, gate, up, down;
+  const float* attn_norm = nullptr;  // (1 + w), float32 [hidden]
+  const float* mlp_norm = nullptr;   // (1 + w), float32 [hidden]
+};
+
+struct ModelWeights {
+  Weight embed;                       // [vocab, hidden]; also the tied LM head
+  const float* final_norm = nullptr;  // (1 + w), float32 [hidden]
+  std::vector<LayerWeights> layers;
+};
+
+// Keys and values of B sequences for every layer, float32, laid out
+// [layer][row][kv_head][slot][head_dim] so that one (row, kv head) is one contiguous run of
+// slots: the decode attention reads it front to back. valid[row][slot] says whether a slot
+// holds a real token (0 for padding); masked slots are never attended to.
+struct KVCache {
+  int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
+  std::vector<float> k, v;
+  std::vector<uint8_t> valid;
+  KVCache(const ModelConfig& c, int64_t rows, int64_t capacity);
+  float* k_at(int64_t layer, int64_t row, int64_t head, int64_t slot) {
+    return k.data() + (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
+  }
+  float* v_at(int64_t layer, int64_t row, int64_t head, int64_t slot) {
+    return v.data() + (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
+  }
+};
+
+// What forward() returns for each row: every position or only the last one; the hidden
+// state after the final norm, or logits through the tied embedding.
+enum class Output { Hidden, Logits };
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // [rows, steps], pad_token_id after a row finished
+  int64_t steps = 0;
+};
+
+// Called once per step with the new token of every row (pad for finished rows).
+using StepCallback = std::function<void(const std::vector<int32_t>&)>;
+
+class Model {
+ public:
+  Model(const ModelConfig& config, ModelWeights weights);
+  const ModelConfig& config() const { return cfg_; }
+
+  // input_ids, attention_mask, positions: [B, L] row-major. Returns float32
+  // [B, last_only ? 1 : L, hidden or vocab]. hidden_states (optional): every layer's input
+  // and the final normed output, [num_layers + 1, B, L, hidden].
+  std::vector<float> forward(const int32_t* input_ids, const int32_t* attention_mask,
+                             const int32_t* positions, int64_t B, int64_t L, Output output,
+                             bool last_only, std::vector<float>* hidden_states = nullptr);
+
+  GenerateResult generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
+                          int64_t L, const SamplingParams& params, const StepCallback& on_step);
+
+ private:
+  // Runs T new tokens for each of the given cache rows, written at slots
+  // [slot0, slot0 + T). ids/pos/valid: [rows.size(), T]. Leaves the final-normed hidden
+  // states in x_out [rows.size() * T, hidden]. layer_states: optional, see forward().
+  void step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
+            const int32_t* ids, const int32_t* pos, const uint8_t* valid, float* x_out,
+            const std::function<void(int64_t, const float*)>& layer_sink);
+  // The prompt [B, L] through step() in chunks of at most kMaxChunkTokens tokens;
+  // on_chunk(c0, T, hidden [B * T, hidden]) sees each chunk's final-normed states.
+  void prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
+               const int32_t* positions, int64_t B, int64_t L, std::vector<float>* hidden_states,
+               const std::function<void(int64_t, int64_t, const float*)>& on_chunk);
+  void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
+                 int64_t T, const float* q, float* out);
+  void logits(const float* hidden, int64_t n, float* out);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  std::vector<float> inv_freq_;  // head_dim / 2 rotary frequencies, float32 as transformers
+};
+
+}  // namespace gemma

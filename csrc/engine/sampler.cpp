@@ -1,0 +1,105 @@
+#include "engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace gemma {
+
+int32_t argmax(const float* x, int64_t n) {
+  // First index of the maximum, as torch.argmax; NaN never wins.
+  int64_t best = 0;
+  float bv = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!any || x[i] > bv) {
+      if (std::isnan(x[i])) continue;
+      bv = x[i];
+      best = i;
+      any = true;
+    }
+  }
+  return static_cast<int32_t>(best);
+}
+
+uint64_t Sampler::mix(uint64_t seed, uint64_t stream) {
+  // splitmix64 of (seed, stream): independent, reproducible streams per batch row.
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (stream + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& history) {
+  if (p_.repetition_penalty != 1.f) {
+    // transformers' RepetitionPenaltyLogitsProcessor: each distinct earlier token once.
+    seen_.assign(static_cast<size_t>(vocab), 0);
+    const float pen = p_.repetition_penalty;
+    for (int32_t t : history) {
+      if (t < 0 || t >= vocab || seen_[t]) continue;
+      seen_[t] = 1;
+      logits[t] = logits[t] < 0 ? logits[t] * pen : logits[t] / pen;
+    }
+  }
+  if (!p_.do_sample) return argmax(logits, vocab);
+
+  if (p_.temperature != 1.f)
+    for (int64_t i = 0; i < vocab; ++i) logits[i] = logits[i] / p_.temperature;
+
+  // Candidates, best first. top-k keeps every token tied with the k-th value, as
+  // transformers' `scores < topk(...)[-1]` does.
+  idx_.clear();
+  if (p_.top_k > 0 && p_.top_k < vocab) {
+    prob_.assign(logits, logits + vocab);
+    std::nth_element(prob_.begin(), prob_.begin() + (p_.top_k - 1), prob_.end(),
+                     std::greater<float>());
+    const float kth = prob_[p_.top_k - 1];
+    for (int64_t i = 0; i < vocab; ++i)
+      if (logits[i] >= kth) idx_.push_back(static_cast<int32_t>(i));
+  } else {
+    idx_.resize(static_cast<size_t>(vocab));
+    for (int64_t i = 0; i < vocab; ++i) idx_[i] = static_cast<int32_t>(i);
+  }
+  std::stable_sort(idx_.begin(), idx_.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  if (idx_.empty() || !std::isfinite(logits[idx_[0]])) return argmax(logits, vocab);
+
+  auto softmax = [&]() {  // probabilities of the candidates, in prob_
+    const double m = logits[idx_[0]];
+    double sum = 0;
+    prob_.resize(idx_.size());
+    for (size_t i = 0; i < idx_.size(); ++i) {
+      const double e = std::exp(static_cast<double>(logits[idx_[i]]) - m);
+      prob_[i] = static_cast<float>(e);
+      sum += e;
+    }
+    for (float& p : prob_) p = static_cast<float>(p / sum);
+  };
+
+  if (p_.top_p < 1.f) {
+    // transformers removes the ascending-order prefix whose cumulative mass is
+    // <= 1 - top_p; equivalently it keeps a token while the mass above it is < top_p.
+    softmax();
+    double above = 0;
+    size_t keep = 0;
+    while (keep < idx_.size() && (keep == 0 || above < p_.top_p)) above += prob_[keep++];
+    idx_.resize(keep);
+  }
+  if (p_.min_p > 0.f) {
+    softmax();
+    const float thr = p_.min_p * prob_[0];
+    size_t keep = 1;
+    while (keep < idx_.size() && prob_[keep] >= thr) ++keep;
+    idx_.resize(keep);
+  }
+  softmax();
+  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+  double c = 0;
+  for (size_t i = 0; i < idx_.size(); ++i) {
+    c += prob_[i];
+    if (u < c) return idx_[i];
+  }
+  return idx_.back();
+}
+
+}  // namespace gemma

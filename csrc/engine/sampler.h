@@ -1,0 +1,43 @@
+// Token selection from logits: the processors transformers applies, in its order
+// (repetition penalty, then temperature, top-k, top-p, min-p), and the draw.
+#pragma once
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace gemma {
+
+struct SamplingParams {
+  int64_t max_new_tokens = 20;
+  bool do_sample = false;
+  float temperature = 1.f;   // > 0
+  int64_t top_k = 0;         // 0: off
+  float top_p = 1.f;         // (0, 1]; 1: off
+  float min_p = 0.f;         // [0, 1]; 0: off
+  float repetition_penalty = 1.f;  // > 0; 1: off
+  std::vector<int32_t> eos_token_ids;
+  int32_t pad_token_id = 0;
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  Sampler(const SamplingParams& p, uint64_t stream) : p_(p), rng_(mix(p.seed, stream)) {}
+  // Picks the next token of one row. logits [vocab] is modified (penalty, warping).
+  // history: the row's tokens so far (prompt, padding included as transformers does, and
+  // generated tokens), for the repetition penalty.
+  int32_t next(float* logits, int64_t vocab, const std::vector<int32_t>& history);
+
+ private:
+  static uint64_t mix(uint64_t seed, uint64_t stream);
+  SamplingParams p_;
+  std::mt19937_64 rng_;
+  std::vector<int32_t> idx_;
+  std::vector<float> prob_;
+  std::vector<uint8_t> seen_;
+};
+
+// Helpers exposed for tests: the indices that survive top-k/top-p/min-p (in any order).
+int32_t argmax(const float* x, int64_t n);
+
+}  // namespace gemma

@@ -1,0 +1,13 @@
+"""gemma_cpp: Gemma language models on a compiled C++ engine, with a transformers-shaped API."""
+from ._C import __version__, cpu_isa, get_num_threads, set_num_threads
+from .config import GemmaConfig
+from .generation import GenerationConfig, TextStreamer
+from .tokenizer import GemmaTokenizer, GemmaTokenizerFast
+from .modeling import (GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification,
+                       GemmaModel, ModelOutput)
+
+__all__ = [
+    "__version__", "cpu_isa", "get_num_threads", "set_num_threads", "GemmaConfig", "GenerationConfig",
+    "TextStreamer", "GemmaTokenizer", "GemmaTokenizerFast", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification",
+    "GemmaForTokenClassification", "ModelOutput",
+]

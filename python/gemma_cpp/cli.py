@@ -1,0 +1,112 @@
+"""The `gemma-cpp` command: generate, info."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (transformers' names; greedy unless --do-sample)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _resolve_model(args) -> str:
+    if len(args.args) == 2:
+        return args.args[0]
+    from ._tiny import tiny_model_path
+
+    path = tiny_model_path()
+    print(f"[gemma-cpp] no model given: using the tiny random test model at {path} "
+          "(random weights: the text is nonsense)", file=sys.stderr)
+    return path
+
+
+def cmd_generate(args) -> int:
+    import gemma_cpp
+    from .generation import TextStreamer
+
+    if len(args.args) not in (1, 2):
+        raise SystemExit("usage: gemma-cpp generate [MODEL] PROMPT")
+    prompt = args.args[-1]
+    folder = _resolve_model(args)
+    if args.threads:
+        gemma_cpp.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(folder)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    ids = tok(prompt)["input_ids"]
+    eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id and end_of_turn not in eos:
+        eos.append(end_of_turn)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t1 = time.perf_counter()
+    out = model.generate([ids], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed, eos_token_id=eos,
+                         streamer=streamer)
+    dt = time.perf_counter() - t1
+    n_new = out.shape[1] - len(ids)
+    print(f"[gemma-cpp] load {load_s:.2f} s; {len(ids)} prompt + {n_new} new tokens in {dt:.2f} s "
+          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {model.dtype}, "
+          f"{gemma_cpp.get_num_threads()} threads, {gemma_cpp.cpu_isa()})", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .config import GemmaConfig
+
+    folder = args.model
+    cfg = GemmaConfig.from_pretrained(folder)
+    n = cfg.num_parameters()
+    n_emb = cfg.vocab_size * cfg.hidden_size
+    print(f"model:       {os.path.abspath(folder)}")
+    print(f"type:        {cfg.model_type} ({', '.join(cfg.architectures or ['?'])})")
+    print(f"layers:      {cfg.num_hidden_layers}; hidden {cfg.hidden_size}; ffn {cfg.intermediate_size}; "
+          f"heads {cfg.num_attention_heads} (kv {cfg.num_key_value_heads}) x {cfg.head_dim}")
+    print(f"vocab:       {cfg.vocab_size}; max positions {cfg.max_position_embeddings}; rope theta {cfg.rope_theta:g}")
+    print(f"parameters:  {n:,} ({n - n_emb:,} without the tied embedding)")
+    print("bytes by weight format (norms stay float32):")
+    for name, bytes_per in (("float32", 4), ("bfloat16", 2)):
+        print(f"  {name:9s} {n * bytes_per / 2**30:8.2f} GiB")
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".model", ".json")))
+    for f in files:
+        print(f"  file {f}: {os.path.getsize(os.path.join(folder, f)) / 2**20:.1f} MiB")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gemma-cpp", description="Run Gemma models on the gemma_cpp engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
+                   help="a checkpoint folder (optional: a tiny random model otherwise) and the prompt")
+    g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    g.add_argument("--threads", type=int, default=None)
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+    i = sub.add_parser("info", help="config, parameter count and sizes of a checkpoint")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"gemma-cpp: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,842 @@
+"""GemmaConfig: the Gemma 1 model configuration, read from and written to HF config.json.
+
+A plain-Python mirror of ``transformers.GemmaConfig`` (transformers 5.24) with no torch or
+transformers import. It accepts every config.json that transformers accepts for
+``model_type="gemma"`` and writes files that transformers reads back to an equal config:
+
+* the same fields and defaults, including the generic ``PreTrainedConfig`` ones a
+  checkpoint carries (architectures, dtype, id2label / label2id, problem_type, ...);
+* RoPE settings as 5.24 stores them: ``rope_parameters = {"rope_type": ..., "rope_theta": ...}``.
+  Older files with a flat ``rope_theta`` key (and/or the older ``rope_scaling`` dict) are
+  folded into ``rope_parameters`` by the same priority rules transformers uses;
+* the legacy Gemma 1 hub value ``hidden_act="gelu"`` is read as ``"gelu_pytorch_tanh"`` with a
+  warning, exactly as 5.24 does (the released weights were trained with tanh-GELU);
+* keys we do not know are kept and written back (round trip), as transformers does.
+
+Beyond the mirror, ``validate()`` (run on construction, load and save) rejects what the engine
+cannot run faithfully: a non-tanh activation, RoPE scaling, attention biases, bidirectional
+attention; and it names the field in every error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import types
+import warnings
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ["GemmaConfig", "PRESETS", "CONFIG_NAME", "SUPPORTED_MODEL_TYPES"]
+
+CONFIG_NAME = "config.json"
+SUPPORTED_MODEL_TYPES = ("gemma",)
+
+# Names transformers' ACT2FN maps to the tanh approximation of GELU,
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GELUTanh (torch's approximate="tanh"),
+# its pure-Python twin, NewGELUActivation and FastGELUActivation (same formula, constants
+# pre-folded). These are the only activations the engine implements. Plain "gelu" is the
+# exact erf GELU in ACT2FN and is accepted only as the legacy hidden_act value (see __init__).
+TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new", "gelu_fast")
+_CANONICAL_ACTIVATION = "gelu_pytorch_tanh"
+
+_DEFAULT_ROPE_THETA = 10_000.0
+_SUPPORTED_ROPE_TYPES = ("default",)
+# Keys transformers' default-RoPE validator expects; anything else draws its
+# "Unrecognized keys" warning ("type" is the pre-4.4x spelling of "rope_type").
+_KNOWN_ROPE_KEYS = ("rope_type", "rope_theta", "type", "partial_rotary_factor")
+
+_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Keys transformers consumes at load time and never serializes: runtime choices and hub
+# bookkeeping. Dropping them keeps a loaded-then-saved file equal to what transformers writes.
+_RUNTIME_KEYS = (
+    "_commit_hash",
+    "attn_implementation",
+    "_attn_implementation_internal",
+    "experts_implementation",
+    "_experts_implementation_internal",
+    "_post_init_done",
+    "ignore_keys_at_rope_validation",
+)
+
+# Fields of PreTrainedConfig() and their defaults: to_diff_dict() leaves out a key whose value
+# equals its base default, as transformers' to_diff_dict does (transformers_version is kept).
+_BASE_DEFAULTS: Dict[str, Any] = {
+    "architectures": None,
+    "output_hidden_states": False,
+    "return_dict": True,
+    "dtype": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "problem_type": None,
+    "output_attentions": False,
+}
+
+# Older or optional keys that do not belong to transformers' GemmaConfig but that our code
+# reads: readable as attributes (None when absent) and serialized only when present in the
+# input, exactly like any other extra key. hidden_activation: transformers 4.38-4.4x's
+# Gemma-only activation field (ignored by 5.24). classifier_dropout: read by
+# GemmaForTokenClassification when set.
+_OPTIONAL_EXTRAS = ("hidden_activation", "classifier_dropout")
+
+# JSON has no NaN / Infinity; transformers writes them as {"__float__": "NaN"}.
+_FLOAT_TAG_KEY = "__float__"
+_FLOAT_TAG_VALUES = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+_COMMON = {
+    "vocab_size": 256000,
+    "head_dim": 256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "hidden_act": "gelu_pytorch_tanh",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "architectures": ["GemmaForCausalLM"],
+}
+# Architecture of the released Gemma 1 checkpoints (google/gemma-2b, google/gemma-7b and
+# their -it / 1.1 variants, which share the shapes).
+PRESETS = types.MappingProxyType(
+    {
+        "gemma-2b": types.MappingProxyType(
+            dict(
+                _COMMON,
+                hidden_size=2048,
+                intermediate_size=16384,
+                num_hidden_layers=18,
+                num_attention_heads=8,
+                num_key_value_heads=1,
+            )
+        ),
+        "gemma-7b": types.MappingProxyType(
+            dict(
+                _COMMON,
+                hidden_size=3072,
+                intermediate_size=24576,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+            )
+        ),
+    }
+)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r} ({_type_name(value)})"
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass in Python, but True is not a layer count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decode_special_floats(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_FLOAT_TAG_KEY} and obj[_FLOAT_TAG_KEY] in _FLOAT_TAG_VALUES:
+            return _FLOAT_TAG_VALUES[obj[_FLOAT_TAG_KEY]]
+        return {k: _decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_special_floats(v) for v in obj]
+    return obj
+
+
+def _encode_special_floats(obj: Any) -> Any:
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return {_FLOAT_TAG_KEY: "NaN"}
+        if math.isinf(obj):
+            return {_FLOAT_TAG_KEY: "Infinity" if obj > 0 else "-Infinity"}
+        return obj
+    if isinstance(obj, dict):
+        return {k: _encode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_special_floats(v) for v in obj]
+    return obj
+
+
+def _dtype_to_str(value: Any) -> Any:
+    """torch.bfloat16 -> "bfloat16" without importing torch (as transformers' dict_dtype_to_str)."""
+    if value is None or isinstance(value, str):
+        return value
+    text = str(value)
+    if text.startswith("torch."):
+        return text.split(".", 1)[1]
+    return value  # left for validate() to reject with the field name
+
+
+class GemmaConfig:
+    """Configuration of a Gemma 1 model (``model_type="gemma"``), transformers-compatible.
+
+    Construct with keyword arguments (the defaults are transformers', i.e. gemma-7b shapes),
+    from a checkpoint with :meth:`from_pretrained`, or from a named architecture with
+    :meth:`from_preset`. Attributes are plain and mutable; call :meth:`validate` after
+    changing them (saving validates too).
+    """
+
+    model_type = "gemma"
+
+    # Gemma-specific fields and the generic PreTrainedConfig fields, in to_dict() order.
+    _FIELDS = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "use_cache",
+        "pad_token_id",
+        "eos_token_id",
+        "bos_token_id",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "attention_bias",
+        "attention_dropout",
+        "use_bidirectional_attention",
+        "transformers_version",
+        "architectures",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "dtype",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+    )
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 256000,
+        hidden_size: int = 3072,
+        intermediate_size: int = 24576,
+        num_hidden_layers: int = 28,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int = 16,
+        head_dim: int = 256,
+        hidden_act: str = "gelu_pytorch_tanh",
+        max_position_embeddings: int = 8192,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: Optional[int] = 0,
+        eos_token_id: Union[int, List[int], None] = 1,
+        bos_token_id: Optional[int] = 2,
+        tie_word_embeddings: bool = True,
+        rope_parameters: Optional[Dict[str, Any]] = None,
+        attention_bias: bool = False,
+        attention_dropout: Union[float, int] = 0.0,
+        use_bidirectional_attention: Optional[bool] = None,
+        transformers_version: Optional[str] = None,
+        architectures: Optional[List[str]] = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        dtype: Optional[str] = None,
+        chunk_size_feed_forward: int = 0,
+        is_encoder_decoder: bool = False,
+        id2label: Optional[Dict[Any, str]] = None,
+        label2id: Optional[Dict[str, Any]] = None,
+        problem_type: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        object.__setattr__(self, "_extra", {})
+        self.name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
+        for key in _RUNTIME_KEYS:
+            kwargs.pop(key, None)
+
+        model_type = kwargs.pop("model_type", None)
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be 'gemma' (Gemma 1), {_got(model_type)}; GemmaConfig supports "
+                f"model types {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        if kwargs.get("per_layer_config") is not None:
+            raise ValueError("per_layer_config (heterogeneous layers) is not supported for Gemma 1")
+
+        # transformers 5.24 GemmaConfig.__post_init__ (#29402): the official Gemma 1 configs say
+        # "gelu" but the weights were trained with the tanh approximation.
+        if hidden_act == "gelu":
+            warnings.warn(
+                'Found hidden_act="gelu" in this Gemma config. This is a legacy value of the official '
+                'releases but it is meant to target the tanh approximation. Setting hidden_act="gelu_pytorch_tanh" '
+                "instead (as transformers does).",
+                UserWarning,
+                stacklevel=2,
+            )
+            hidden_act = "gelu_pytorch_tanh"
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        # transformers' strict fields reject an int where a float is due; json may hold "0" for
+        # 0.0, so we accept it and store a float, which transformers then reads back.
+        self.initializer_range = float(initializer_range) if _is_int(initializer_range) else initializer_range
+        self.rms_norm_eps = float(rms_norm_eps) if _is_int(rms_norm_eps) else rms_norm_eps
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = list(eos_token_id) if isinstance(eos_token_id, tuple) else eos_token_id
+        self.bos_token_id = bos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.use_bidirectional_attention = use_bidirectional_attention
+        self.transformers_version = transformers_version
+        self.architectures = list(architectures) if isinstance(architectures, tuple) else architectures
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.return_dict = return_dict
+
+        # PreTrainedConfig: `torch_dtype` is the pre-5.0 name of `dtype`; `dtype` wins if both.
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        self.dtype = _dtype_to_str(dtype if dtype is not None else torch_dtype)
+        self.chunk_size_feed_forward = chunk_size_feed_forward
+        self.is_encoder_decoder = is_encoder_decoder
+        self.problem_type = problem_type
+
+        # PreTrainedConfig: num_labels is not stored; it is len(id2label). With no id2label a
+        # two-label map is made (so classifiers saved with 2 labels and no map still load).
+        num_labels = kwargs.pop("num_labels", None)
+        self.id2label = None
+        self.label2id = label2id
+        if id2label is None:
+            self.num_labels = num_labels if num_labels is not None else 2
+        else:
+            if not isinstance(id2label, dict):
+                raise ValueError(f"id2label must be a dict mapping label ids to names, {_got(id2label)}")
+            if num_labels is not None and num_labels != len(id2label):
+                warnings.warn(
+                    f"num_labels={num_labels!r} is incompatible with the id2label map of length "
+                    f"{len(id2label)}; using id2label.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.id2label = {self._label_id(key): value for key, value in id2label.items()}
+
+        self.rope_parameters = self._standardize_rope(rope_parameters, kwargs)
+
+        for key, value in kwargs.items():
+            self._extra[key] = value
+
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    # construction helpers
+
+    @staticmethod
+    def _label_id(key: Any) -> int:
+        # JSON object keys are strings: {"0": "neg"} -> {0: "neg"}, as transformers does.
+        if _is_int(key):
+            return key
+        if isinstance(key, str):
+            try:
+                return int(key)
+            except ValueError:
+                pass
+        raise ValueError(f"id2label keys must be integer label ids, got key {key!r} ({_type_name(key)})")
+
+    @staticmethod
+    def _standardize_rope(rope_parameters: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """Fold legacy RoPE keys into one rope_parameters dict, with transformers 5.24's priority.
+
+        Order (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a truthy `rope_scaling`
+        (pre-5.0 name) replaces `rope_parameters`; then values inside the dict win over the flat
+        `rope_theta` / `partial_rotary_factor` keys, which win over the default theta (1e4);
+        `rope_type` defaults to the old `type` key, else "default".
+        """
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        params = rope_scaling or rope_parameters
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            name = "rope_scaling" if rope_scaling else "rope_parameters"
+            raise ValueError(
+                f"{name} must be a dict such as {{'rope_type': 'default', 'rope_theta': 10000.0}}, {_got(params)}"
+            )
+        params = copy.deepcopy(params)
+        flat_theta = kwargs.pop("rope_theta", None)
+        params.setdefault("rope_theta", flat_theta if flat_theta is not None else _DEFAULT_ROPE_THETA)
+        if params["rope_theta"] is None:
+            params["rope_theta"] = _DEFAULT_ROPE_THETA
+        if _is_int(params["rope_theta"]):
+            params["rope_theta"] = float(params["rope_theta"])
+        partial = kwargs.pop("partial_rotary_factor", None)
+        if partial is not None:
+            params.setdefault("partial_rotary_factor", partial)
+        params.setdefault("rope_type", params.get("type", "default"))
+        return params
+
+    # ----------------------------------------------------------------------------------------
+    # attribute plumbing: unknown keys live in self._extra and read like attributes
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails. Private / dunder names never come from _extra
+        # (copy and pickle probe for __setstate__ etc. before __init__ has run).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        extra = self.__dict__.get("_extra", {})
+        if name in extra:
+            return extra[name]
+        if name in _OPTIONAL_EXTRAS:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cls_attr = getattr(type(self), name, None)
+        if name.startswith("_") or name in self._FIELDS or name == "name_or_path" or isinstance(cls_attr, property):
+            object.__setattr__(self, name, value)
+        elif cls_attr is not None:
+            raise AttributeError(f"{name!r} is a read-only attribute of {type(self).__name__}, not a config field")
+        else:
+            self._extra[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get("_extra", {}):
+            del self._extra[name]
+        else:
+            object.__delattr__(self, name)
+
+    @property
+    def extra(self) -> Dict[str, Any]:
+        """Keys of the config.json this class does not model; written back by save_pretrained."""
+        return self._extra
+
+    # ----------------------------------------------------------------------------------------
+    # derived properties
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        """Number of classification labels: len(id2label), None without one (transformers does not store it)."""
+        return len(self.id2label) if self.id2label is not None else None
+
+    @num_labels.setter
+    def num_labels(self, num_labels: int) -> None:
+        if not _is_int(num_labels) or num_labels < 0:
+            raise ValueError(f"num_labels must be a non-negative int, {_got(num_labels)}")
+        if self.id2label is None or len(self.id2label) != num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            self.label2id = {name: i for i, name in self.id2label.items()}
+
+    @property
+    def torch_dtype(self) -> Optional[str]:
+        """Pre-5.0 name of `dtype` (a string here: "bfloat16", "float32", ...)."""
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: Any) -> None:
+        self.dtype = _dtype_to_str(value)
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base: rope_parameters["rope_theta"] (a flat `rope_theta` key was folded in on load)."""
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        return float(theta) if theta is not None else _DEFAULT_ROPE_THETA
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default"}
+        self.rope_parameters["rope_theta"] = value
+
+    @property
+    def rope_scaling(self) -> Optional[Dict[str, Any]]:
+        """Pre-5.0 name of `rope_parameters` (read-only alias)."""
+        return self.rope_parameters
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation the model computes: always "gelu_pytorch_tanh" once validated.
+
+        hidden_act spellings gelu_pytorch_tanh, gelu_python_tanh, gelu_new and gelu_fast are
+        the same function (tanh-approximated GELU); the legacy "gelu" was mapped on load.
+        """
+        if self.hidden_act not in TANH_GELU_NAMES:
+            raise ValueError(self._activation_error("hidden_act", self.hidden_act))
+        return _CANONICAL_ACTIVATION
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        """Query heads sharing one KV head: query head h reads KV head h // num_queries_per_kv."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @staticmethod
+    def _activation_error(field: str, value: Any) -> str:
+        return (
+            f"{field}={value!r} is not supported: the engine implements only the tanh-approximated "
+            f"GELU that Gemma was trained with ({', '.join(TANH_GELU_NAMES)}; hidden_act='gelu' is read "
+            f"as 'gelu_pytorch_tanh' on load)"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # validation
+
+    def validate(self) -> None:
+        """Check every field; ValueError naming the field and the value on the first problem."""
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, {_got(value)}")
+
+        def boolean(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (optional and value is None)):
+                kind = "a bool or None" if optional else "a bool"
+                raise ValueError(f"{name} must be {kind}, {_got(value)}")
+
+        def real(name: str, low: float, low_open: bool, high: float = math.inf, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            ok = _is_real(value) and math.isfinite(value) and value <= high
+            ok = ok and (value > low if low_open else value >= low)
+            if not ok:
+                if low_open and low == 0 and high == math.inf:
+                    what = "a positive float"
+                elif high == math.inf:
+                    what = f"a float >= {low}"
+                else:
+                    what = f"a float in [{low}, {high}]"
+                raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, {_got(value)}")
+
+        def token_id(name: str, value: Any) -> None:
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an int or None, {_got(value)}")
+            if not 0 <= value < self.vocab_size:
+                # transformers warns rather than fails: hub configs hold e.g. pad_token_id=-1.
+                warnings.warn(
+                    f"{name}={value} is outside the vocabulary [0, {self.vocab_size}); this may result "
+                    "in unexpected behaviour.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            positive_int(name)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of halves), got {self.head_dim}")
+
+        if not isinstance(self.hidden_act, str):
+            raise ValueError(f"hidden_act must be a str, {_got(self.hidden_act)}")
+        if self.hidden_act not in TANH_GELU_NAMES:
+            raise ValueError(self._activation_error("hidden_act", self.hidden_act))
+        hidden_activation = self._extra.get("hidden_activation")
+        if hidden_activation is not None and hidden_activation not in TANH_GELU_NAMES:
+            # transformers 4.38-4.4x ran `hidden_activation` when set (plain "gelu" meaning the
+            # exact erf GELU there); 5.24 ignores it. A non-tanh value means the two disagree.
+            raise ValueError(
+                self._activation_error("hidden_activation", hidden_activation)
+                + "; older transformers versions ran hidden_activation, so this checkpoint's "
+                "activation is ambiguous"
+            )
+
+        real("rms_norm_eps", 0.0, low_open=True)
+        real("initializer_range", 0.0, low_open=False)
+        real("attention_dropout", 0.0, low_open=False, high=1.0)
+        if "classifier_dropout" in self._extra:
+            real("classifier_dropout", 0.0, low_open=False, high=1.0, optional=True)
+
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias", "output_hidden_states",
+                     "output_attentions", "return_dict", "is_encoder_decoder"):
+            boolean(name)
+        boolean("use_bidirectional_attention", optional=True)
+        if self.attention_bias:
+            raise ValueError(
+                "attention_bias=True is not supported: Gemma's q/k/v/o projections have no bias and "
+                "neither does the engine"
+            )
+        if self.use_bidirectional_attention:
+            raise ValueError(
+                "use_bidirectional_attention=True is not supported: the engine's attention is causal"
+            )
+        if self.is_encoder_decoder:
+            raise ValueError("is_encoder_decoder must be False: Gemma is a decoder-only model")
+        if not _is_int(self.chunk_size_feed_forward) or self.chunk_size_feed_forward < 0:
+            raise ValueError(
+                f"chunk_size_feed_forward must be a non-negative int, {_got(self.chunk_size_feed_forward)}"
+            )
+
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None:
+                token_id(name, value)
+        eos = self.eos_token_id
+        if isinstance(eos, list):
+            for i, value in enumerate(eos):
+                if not _is_int(value):
+                    raise ValueError(
+                        f"eos_token_id must be an int, a list of ints or None, got {eos!r} "
+                        f"(item {i} is {_type_name(value)})"
+                    )
+                token_id("eos_token_id", value)
+        elif eos is not None:
+            if not _is_int(eos):
+                raise ValueError(f"eos_token_id must be an int, a list of ints or None, {_got(eos)}")
+            token_id("eos_token_id", eos)
+
+        self._validate_rope()
+
+        if self.architectures is not None and (
+            not isinstance(self.architectures, list) or not all(isinstance(a, str) for a in self.architectures)
+        ):
+            raise ValueError(f"architectures must be a list of str or None, {_got(self.architectures)}")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise ValueError(f"dtype must be a str such as 'bfloat16' or None, {_got(self.dtype)}")
+        if self.transformers_version is not None and not isinstance(self.transformers_version, str):
+            raise ValueError(f"transformers_version must be a str or None, {_got(self.transformers_version)}")
+
+        if self.id2label is not None:
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"id2label must be a dict mapping int label ids to names, {_got(self.id2label)}")
+            for key, value in self.id2label.items():
+                if not _is_int(key):
+                    raise ValueError(f"id2label keys must be ints, got key {key!r} ({_type_name(key)})")
+                if not isinstance(value, str):
+                    raise ValueError(f"id2label values must be str label names, got {value!r} for id {key}")
+        if self.label2id is not None and not isinstance(self.label2id, dict):
+            raise ValueError(f"label2id must be a dict mapping label names to ids or None, {_got(self.label2id)}")
+        if self.problem_type is not None and self.problem_type not in _PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {list(_PROBLEM_TYPES)} or None, {_got(self.problem_type)}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError(
+                'problem_type="single_label_classification" requires num_labels > 1; for binary '
+                'classification use num_labels=2, or problem_type="regression" for one output'
+            )
+
+    def _validate_rope(self) -> None:
+        params = self.rope_parameters
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict, {_got(params)}")
+        nested = [key for key, value in params.items() if isinstance(value, dict)]
+        if nested:
+            raise ValueError(
+                f"rope_parameters is nested by layer type ({nested}); Gemma 1 uses one RoPE for every layer"
+            )
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        for key in ("rope_type", "type"):
+            value = params.get(key, rope_type)
+            if value not in _SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"rope_parameters[{key!r}]={value!r} is not supported for Gemma 1: the engine "
+                    f"implements only {list(_SUPPORTED_ROPE_TYPES)} (unscaled) RoPE"
+                )
+        theta = params.get("rope_theta", _DEFAULT_ROPE_THETA)
+        if not _is_real(theta) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"rope_theta (rope_parameters['rope_theta']) must be a positive float, {_got(theta)}")
+        partial = params.get("partial_rotary_factor")
+        if partial is not None:
+            if not _is_real(partial) or not 0 < partial <= 1:
+                raise ValueError(f"rope_parameters['partial_rotary_factor'] must be a float in (0, 1], {_got(partial)}")
+            if partial != 1:
+                warnings.warn(
+                    f"partial_rotary_factor={partial} is ignored: Gemma rotates the full head_dim "
+                    "(as transformers' GemmaRotaryEmbedding does)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        unknown = sorted(set(params) - set(_KNOWN_ROPE_KEYS))
+        if unknown:
+            warnings.warn(
+                f"Unrecognized keys in rope_parameters for rope_type='default': {unknown}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # sizes
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        """Parameter count of GemmaForCausalLM with these shapes (what transformers'
+        ``model.num_parameters(exclude_embeddings=not include_embedding)`` reports).
+
+        embed V*H; per layer q H*(n_h*d), k and v H*(n_kv*d) each, o (n_h*d)*H, gate and up
+        H*F each, down F*H, two RMSNorm weights of H; the final norm H; an LM head V*H only when
+        not tied (it is a Linear, so it stays counted when embeddings are excluded).
+        """
+        h, d = self.hidden_size, self.head_dim
+        q_out = self.num_attention_heads * d
+        kv_out = self.num_key_value_heads * d
+        attention = h * q_out + 2 * h * kv_out + q_out * h
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attention + mlp + 2 * h
+        total = self.num_hidden_layers * per_layer + h
+        if include_embedding:
+            total += self.vocab_size * h
+        if not self.tie_word_embeddings:
+            total += self.vocab_size * h
+        return total
+
+    # ----------------------------------------------------------------------------------------
+    # presets
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GemmaConfig":
+        """Config of a released architecture: "gemma-2b" or "gemma-7b" (keyword overrides apply on top)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        kwargs = copy.deepcopy(dict(PRESETS[name]))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # dict / json
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], **kwargs: Any) -> "GemmaConfig":
+        """Build from a config.json-shaped dict; keyword arguments override its keys."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"config_dict must be a dict, {_got(config_dict)}")
+        merged = copy.deepcopy(config_dict)
+        merged.update(kwargs)
+        bad = [key for key in merged if not isinstance(key, str)]
+        if bad:
+            raise ValueError(f"config keys must be str, got {bad!r}")
+        return cls(**merged)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field (as transformers' to_dict, less transformers_version when unknown), extras included."""
+        out: Dict[str, Any] = {}
+        for name in self._FIELDS:
+            out[name] = copy.deepcopy(getattr(self, name))
+        if out["transformers_version"] is None:
+            del out["transformers_version"]
+        out["model_type"] = self.model_type
+        for key, value in self._extra.items():
+            out[key] = copy.deepcopy(value)
+        return out
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        """to_dict() less the generic fields still at PreTrainedConfig's defaults: what config.json holds."""
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key not in _BASE_DEFAULTS or value != _BASE_DEFAULTS[key]
+        }
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON text as transformers writes it (indent 2, sorted keys, NaN/inf tagged)."""
+        data = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(_encode_special_floats(data), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: Any) -> bool:
+        # Provenance (name_or_path, the transformers_version that wrote the file) is not compared.
+        if not isinstance(other, GemmaConfig):
+            return NotImplemented
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("transformers_version", None)
+        theirs.pop("transformers_version", None)
+        return mine == theirs
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    # ----------------------------------------------------------------------------------------
+    # files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "GemmaConfig":
+        """Read a checkpoint folder's config.json, or a config .json file given by path.
+
+        Keyword arguments override keys of the file. Errors name the file.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(
+                    f"{path} is a folder but has no {CONFIG_NAME}; pass a Hugging Face checkpoint folder "
+                    f"(config.json, *.safetensors, tokenizer.model) or the path of a config.json file"
+                )
+        elif os.path.isfile(path):
+            file = path
+        else:
+            raise FileNotFoundError(
+                f"no such file or folder: {path!r}. GemmaConfig.from_pretrained reads a local checkpoint "
+                f"folder (or its {CONFIG_NAME}) and never downloads; fetch a hub model first, e.g. "
+                f"`huggingface-cli download google/gemma-2b --local-dir gemma-2b`, then pass that folder"
+            )
+        try:
+            with open(file, encoding="utf-8") as reader:
+                data = json.load(reader)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not a valid JSON config: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: a config.json must hold a JSON object, got {_type_name(data)}")
+        data = _decode_special_floats(data)
+        data.update(kwargs)
+        data.setdefault("name_or_path", path)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from err
+        except TypeError as err:  # e.g. a key that clashes with a keyword parameter of __init__
+            raise ValueError(f"{file}: {err}") from err
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+        """Write `save_directory`/config.json (validated; temp file then rename). Returns its path."""
+        folder = os.fspath(save_directory)
+        if os.path.isfile(folder):
+            raise NotADirectoryError(f"save_pretrained expects a folder, but {folder!r} is a file")
+        self.validate()
+        text = self.to_json_string(use_diff=True)
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as writer:
+                writer.write(text)
+                writer.flush()
+                os.fsync(writer.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return target

@@ -1,0 +1,114 @@
+"""Generation settings (transformers' names and defaults), their validation, and streamers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import List, Optional, Sequence, Union
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """What `generate` does, with transformers' argument names and defaults.
+
+    Processors run in transformers' order: repetition_penalty, then (when do_sample)
+    temperature, top_k, top_p, min_p, then the draw."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = 1.0
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    eos_token_id: Union[int, List[int], None] = None
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    seed: Optional[int] = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "GenerationConfig":
+        """Read generation_config.json from a checkpoint folder (defaults when absent)."""
+        path = os.path.join(folder, "generation_config.json")
+        if not os.path.isfile(path):
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: must hold a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def updated(self, **kwargs) -> "GenerationConfig":
+        unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise TypeError(f"generate() got unexpected argument(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if v is not None})
+
+    def eos_ids(self) -> List[int]:
+        e = self.eos_token_id
+        if e is None:
+            return []
+        return [int(x) for x in (e if isinstance(e, (list, tuple)) else [e])]
+
+    def validate(self) -> None:
+        def bad(name, want):
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        if type(self.max_new_tokens) is not int and not hasattr(self.max_new_tokens, "__index__") \
+                or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
+            bad("max_new_tokens", "a non-negative int")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            bad("temperature", "a number >= 0 (0 with do_sample means greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            bad("top_k", "an int >= 0 (0 or None: no top-k)")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            bad("top_p", "in (0, 1]")
+        if self.min_p is not None and (not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1):
+            bad("min_p", "in [0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "a number > 0 (1.0: no penalty)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", "a non-negative int")
+
+
+class TextStreamer:
+    """Prints the text of row 0 as tokens arrive (transformers' TextStreamer interface:
+    `put(ids)` with the prompt first, then each new token; `end()`)."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = True, stream=None, **decode_kwargs):
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.stream = stream or sys.stdout
+        self.decode_kwargs = decode_kwargs
+        self._ids: List[int] = []
+        self._printed = 0
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        import numpy as np
+
+        arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        if arr.ndim == 2:
+            if arr.shape[0] > 1:
+                raise ValueError("TextStreamer only supports batch size 1")
+            arr = arr[0]
+        ids = [int(x) for x in arr.reshape(-1)]
+        if self.skip_prompt and not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._ids.extend(ids)
+        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
+        # Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
+        if text.endswith("\ufffd"):
+            return
+        self.stream.write(text[self._printed:])
+        self.stream.flush()
+        self._printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self._ids, **self.decode_kwargs)
+        self.stream.write(text[self._printed:] + "\n")
+        self.stream.flush()
+        self._ids, self._printed, self._prompt_seen = [], 0, False

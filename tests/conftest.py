@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random Gemma checkpoints written by transformers (seeded), and the
+transformers models themselves as the reference (eager attention, float32)."""
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Tiny shapes that still exercise every rule: MQA, GQA and MHA; a head_dim that is not
+# hidden / heads; an odd vocabulary; K dimensions that are not multiples of the SIMD width.
+CONFIGS = {
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "mha": dict(num_attention_heads=3, num_key_value_heads=3, head_dim=20),
+}
+BASE = dict(vocab_size=1001, hidden_size=72, intermediate_size=168, num_hidden_layers=3,
+            max_position_embeddings=128, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,
+            bos_token_id=2, initializer_range=0.25)
+
+
+def hf_config(name, **extra):
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**{**BASE, **CONFIGS[name], **extra})
+
+
+def _randomize_norms(model, seed):
+    # transformers initialises RMSNorm weights to zero (scale 1); random ones test the (1 + w).
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def build(cls_name, config_name, folder, dtype=torch.float32, seed=0, **extra):
+    """A seeded random transformers model of class cls_name, saved to folder; returns the
+    float32 eager model on those exact (possibly bf16-rounded) weights."""
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(seed)
+    cfg = hf_config(config_name, **extra)
+    model = cls(cfg).eval()
+    _randomize_norms(model, seed)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
+    ref = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    return ref
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(cls_name, config_name, dtype=torch.float32, **extra) -> (folder, reference model); cached."""
+    cache = {}
+
+    def get(cls_name="GemmaForCausalLM", config_name="gqa", dtype=torch.float32, **extra):
+        key = (cls_name, config_name, str(dtype), tuple(sorted(extra.items())))
+        if key not in cache:
+            folder = str(tmp_path_factory.mktemp(f"{cls_name}-{config_name}"))
+            cache[key] = (folder, build(cls_name, config_name, folder, dtype=dtype, **extra))
+        return cache[key]
+
+    return get
+
+
+def rel_err(ours, ref, mask=None):
+    """max |ours - ref| / max |ref| over the positions where mask is true."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if mask is not None:
+        ours, ref = ours[mask], ref[mask]
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def random_batch(seed, B, L, vocab, pad_left=None, pad_right=None):
+    """Random ids in [3, vocab) (no pad/eos/bos) and a mask with the given padding per row."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(B, L)).astype(np.int64)
+    mask = np.ones((B, L), np.int64)
+    for b, n in enumerate(pad_left or []):
+        mask[b, :n] = 0
+        ids[b, :n] = 0
+    for b, n in enumerate(pad_right or []):
+        if n:
+            mask[b, L - n:] = 0
+            ids[b, L - n:] = 0
+    return ids, mask
