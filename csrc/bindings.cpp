@@ -221,6 +221,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = GEMMA_CPP_VERSION;
   m.def("cpu_isa", &cpu_isa, "The SIMD path this build runs: avx512, avx2 or scalar");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("read_bandwidth", [](int64_t bytes, int reps) {
+    py::gil_scoped_release nogil;
+    return read_bandwidth(bytes, reps);
+  }, py::arg("bytes") = int64_t{1} << 30, py::arg("reps") = 5,
+     "Memory read bandwidth (bytes/s) with the pool's threads: the decode yardstick");
   m.def("get_num_threads", &num_threads);
 
   py::class_<SamplingParams>(m, "SamplingParams")

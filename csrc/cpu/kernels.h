@@ -41,6 +41,10 @@ void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const flo
 // Fast exp for float32 (|rel err| < 2e-7 on the softmax range).
 void exp_inplace(float* x, int64_t n);
 
+// Reads a buffer of `bytes` with every pool thread, `reps` times; returns bytes/second of
+// the best pass. The memory-bandwidth yardstick benchmarks compare decode against.
+double read_bandwidth(int64_t bytes, int reps);
+
 float dot(const float* a, const float* b, int64_t n);
 // y += a * x
 void axpy(float a, const float* x, float* y, int64_t n);

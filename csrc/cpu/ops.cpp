@@ -1,6 +1,8 @@
 // Element-wise and row-wise CPU ops: RMSNorm, GeGLU, RoPE, exp, dot/axpy.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
@@ -158,6 +160,32 @@ void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const flo
       v[i + half] = x2 * cos[i] + x1 * sin[i];
     }
   }
+}
+
+double read_bandwidth(int64_t bytes, int reps) {
+  const int64_t n = std::max<int64_t>(bytes / 4, 1 << 16);
+  std::vector<float> buf(static_cast<size_t>(n), 1.0f);
+  constexpr int64_t kChunk = 1 << 16;  // floats per task
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<float> sink(static_cast<size_t>(chunks));
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(chunks, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+        VecF acc = VecF::zero();
+        int64_t i = lo;
+        for (; i + VecF::N <= hi; i += VecF::N) acc = simd::add(acc, VecF::load(&buf[i]));
+        sink[c] = simd::hsum(acc);
+      }
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n) * 4 / dt);
+  }
+  volatile float keep = sink[0];
+  (void)keep;
+  return best;
 }
 
 }  // namespace gemma

@@ -121,7 +121,7 @@ def train_tiny_tokenizer(
             is a folder (created if missing) that receives ``tokenizer.model``.
         vocab_size: total number of pieces, specials, user-defined and the 256
             byte pieces included; must leave room for at least a few merges and
-            be reachable from the text (the sample supports up to about 1000).
+            be reachable from the text (the sample text allows up to 2553).
         text: training text, one sentence per line; defaults to
             ``TINY_SAMPLE_TEXT`` (English paragraphs, code, digits and a little of
             many scripts and emoji).
@@ -137,7 +137,9 @@ def train_tiny_tokenizer(
 
     min_size = 4 + len(TINY_USER_DEFINED) + 256 + 8
     if not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise ValueError(f"vocab_size must be an int >= {min_size} (specials + 256 byte pieces + a few merges), got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an int >= {min_size} (specials + 256 byte pieces + a few merges), got {vocab_size!r}"
+        )
     if text is None:
         text = TINY_SAMPLE_TEXT
     lines = [line for line in text.splitlines() if line.strip()]

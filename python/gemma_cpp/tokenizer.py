@@ -782,17 +782,10 @@ class _GemmaTokenizerBase:
             unsupported = sorted(kwargs)
             raise ValueError(f"unsupported argument(s) {unsupported} for a Gemma tokenizer call")
         tensor_type = _check_return_tensors(return_tensors)
-        if isinstance(text, str):
-            batched = False
-            texts = [text]
-        elif isinstance(text, (list, tuple)):
-            batched = True
-            texts = list(text)
-            for t in texts:
-                _check_text(t)
-        else:
-            _check_text(text)
-            raise AssertionError("unreachable")
+        batched = isinstance(text, (list, tuple))
+        texts = list(text) if batched else [text]
+        for t in texts:
+            _check_text(t)
 
         # Padding / truncation strategy, with transformers' rules.
         if max_length is not None:
@@ -890,6 +883,7 @@ class _GemmaTokenizerBase:
     def apply_chat_template(
         self,
         conversation: list[Mapping[str, Any]] | list[list[Mapping[str, Any]]],
+        *,
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
         tokenize: bool = True,
@@ -1205,6 +1199,19 @@ class GemmaTokenizer(_GemmaTokenizerBase):
 
     def _rebuild_matcher(self) -> None:
         self._matcher = _trie_regex(self._added_ids)
+
+    def __getstate__(self) -> dict:
+        # The sentencepiece processor does not pickle; it is rebuilt from the model bytes.
+        state = self.__dict__.copy()
+        del state["_sp"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import sentencepiece as spm
+
+        self.__dict__.update(state)
+        self._sp = spm.SentencePieceProcessor()
+        self._sp.LoadFromSerializedProto(self._model.sp_bytes)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GemmaTokenizer":
