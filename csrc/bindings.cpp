@@ -220,6 +220,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "gemma_cpp compiled engine";
   m.attr("__version__") = GEMMA_CPP_VERSION;
   m.def("cpu_isa", &cpu_isa, "The SIMD path this build runs: avx512, avx2 or scalar");
+  m.def("bf16_matmul_path", &bf16_matmul_path, "bf16-weight matmuls: amx, avx512_bf16 or generic");
+  m.def("set_bf16_matmul_path", [](const std::string& name) {
+    if (!set_bf16_matmul_path(name))
+      throw py::value_error("bf16 matmul path '" + name + "' is not available on this CPU/build (now: " +
+                            bf16_matmul_path() + ")");
+  }, py::arg("name"), "Pin the bf16 matmul path (tests, benchmarks); 'auto' restores the best");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("read_bandwidth", [](int64_t bytes, int reps) {
     py::gil_scoped_release nogil;

@@ -8,27 +8,68 @@ from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 EPS32 = 2.0 ** -24  # unit roundoff of float32
 
 
-@pytest.mark.parametrize("T, K, N", [(1, 64, 10), (1, 1000, 37), (3, 100, 7), (4, 2048, 64),
-                                     (5, 17, 5), (9, 257, 130), (33, 96, 12)])
-@pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
-def test_matmul_matches_float64(T, K, N, wdtype):
+SHAPES = [(1, 64, 10), (1, 1000, 37), (3, 100, 7), (4, 2048, 64), (5, 17, 5), (9, 257, 130),
+          (33, 96, 12), (2, 64, 96), (40, 128, 70), (17, 2048, 33)]
+
+
+def bf16_paths():
+    """Every bf16 matmul path this CPU and build have: AMX, AVX512-BF16, generic."""
+    have = []
+    for p in ("generic", "avx512_bf16", "amx"):
+        try:
+            _C.set_bf16_matmul_path(p)
+            have.append(p)
+        except ValueError:
+            pass
+    _C.set_bf16_matmul_path("auto")
+    return have
+
+
+def _check(y, xv, wv):
     """Each output is a K-term dot product accumulated in float32: its error is at most
     gamma_K * sum_k |x_k w_k| with gamma_K = K u / (1 - K u) (Higham, Thm 3.1). The bound
-    holds for any summation order, so it is exact for every SIMD path."""
+    holds for any summation order, so it holds for every SIMD path."""
+    K = xv.shape[1]
+    ref = xv @ wv.T
+    gamma = K * EPS32 / (1 - K * EPS32)
+    bound = gamma * (np.abs(xv) @ np.abs(wv).T)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+def _operands(T, K, N):
     rng = np.random.default_rng(T * 1000 + K + N)
     x = rng.standard_normal((T, K)).astype(np.float32)
-    w32 = (rng.standard_normal((N, K)) * rng.uniform(0.01, 10, (N, 1))).astype(np.float32)
-    if wdtype == "bfloat16":
-        w = f32_to_bf16_bits(w32)
-        wv = bf16_bits_to_f32(w).astype(np.float64)
-    else:
-        w, wv = w32, w32.astype(np.float64)
-    y = _C.matmul(x, w)
-    assert y.shape == (T, N) and y.dtype == np.float32
-    ref = x.astype(np.float64) @ wv.T
-    gamma = K * EPS32 / (1 - K * EPS32)
-    bound = gamma * (np.abs(x).astype(np.float64) @ np.abs(wv).T)
-    assert np.all(np.abs(y - ref) <= bound)
+    w = (rng.standard_normal((N, K)) * rng.uniform(0.01, 10, (N, 1))).astype(np.float32)
+    return x, w
+
+
+@pytest.mark.parametrize("T, K, N", SHAPES)
+def test_matmul_f32_matches_float64(T, K, N):
+    x, w = _operands(T, K, N)
+    _check(_C.matmul(x, w), x.astype(np.float64), w.astype(np.float64))
+
+
+@pytest.mark.parametrize("path", bf16_paths())
+@pytest.mark.parametrize("T, K, N", SHAPES)
+def test_matmul_bf16_matches_float64(T, K, N, path):
+    """bf16 weights: x is rounded to bf16 (as transformers does in bf16), products and sums
+    in float32. The reference is float64 on the bf16-rounded x and w."""
+    x, w32 = _operands(T, K, N)
+    w = f32_to_bf16_bits(w32)
+    xv = bf16_bits_to_f32(f32_to_bf16_bits(x)).astype(np.float64)
+    _C.set_bf16_matmul_path(path)
+    try:
+        y = _C.matmul(x, w)
+    finally:
+        _C.set_bf16_matmul_path("auto")
+    _check(y, xv, bf16_bits_to_f32(w).astype(np.float64))
+
+
+def test_bf16_paths_include_the_best_this_cpu_has():
+    assert _C.bf16_matmul_path() in bf16_paths()
+    with pytest.raises(ValueError, match="not available"):
+        _C.set_bf16_matmul_path("tpu")
 
 
 def test_matmul_rejects_bad_weights():

@@ -2,6 +2,7 @@
 // row-major [out, in] (the layout of HF checkpoints), float32 or bfloat16 (uint16 bits).
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace gemma {
 
@@ -19,11 +20,20 @@ struct Weight {
 
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs
 
-// y[t, n] (+)= sum_k x[t, k] * w[n, k] for t < T, n < w.rows; k < w.cols.
+// y[t, n] (+)= sum_k x[t, k] * w[n, k] for t < T, n < w.rows; k < w.cols. With bf16
+// weights x[t, k] is first rounded to bf16 (see matmul_bf16).
 // x rows ldx apart, y rows ldy apart. accumulate: add into y instead of overwriting.
 // Multi-threaded over output rows; float32 accumulation whatever the weight type.
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
             bool accumulate = false);
+
+// The bf16-weight case of matmul: x is rounded to bf16 first (the products run on bf16
+// dot-product hardware: AMX, AVX512-BF16, or widened to float32 where neither exists).
+void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                 bool accumulate);
+const char* bf16_matmul_path();  // "amx", "avx512_bf16" or "generic"
+// Pins the path ("auto": the best this CPU has); false if this CPU or build lacks it.
+bool set_bf16_matmul_path(const std::string& name);
 
 // Row r of w as float32 (embedding lookup).
 void weight_row(const Weight& w, int64_t r, float* out);

@@ -102,13 +102,18 @@ void matmul_typed(const float* x, int64_t T, int64_t ldx, const Weight& wt, floa
 
 }  // namespace
 
+void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y,
+                         int64_t ldy, bool accumulate) {
+  matmul_typed<uint16_t>(x, T, ldx, w, y, ldy, accumulate);
+}
+
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
             bool accumulate) {
   if (T <= 0 || w.rows <= 0) return;
   if (w.dtype == DType::F32)
     matmul_typed<float>(x, T, ldx, w, y, ldy, accumulate);
   else
-    matmul_typed<uint16_t>(x, T, ldx, w, y, ldy, accumulate);
+    matmul_bf16(x, T, ldx, w, y, ldy, accumulate);
 }
 
 void weight_row(const Weight& w, int64_t r, float* out) {

@@ -1,0 +1,272 @@
+// bf16-weight matmul: y[T, N] = bf16(x)[T, K] . W[N, K]^T, float32 accumulation.
+//
+// With bf16 weights the matmul inputs are rounded to bf16 too (as transformers does in
+// bf16), so the products run on bf16 dot-product hardware: AMX tiles (TDPBF16PS, 16x16x32
+// per instruction) where the CPU and kernel allow them, else AVX512-BF16 (VDPBF16PS), else
+// the generic float32 kernel on the widened values. Every path computes each output from
+// its own weight row and token row only, so a row's result does not depend on the batch.
+//
+// AMX layout. We compute C^T = W . X^T so that W is the A operand as it lies in memory
+// (16 rows of n x 32 k = 64 bytes per row, stride K*2), and x is packed once per call into
+// B tiles in the VNNI layout: for a 16-token block and a 32-wide k block, 16 rows of k pairs
+// x 16 tokens x 2 bf16 = 1 KiB contiguous. A micro-tile is 32 n x 32 t: 2 A tiles, 2 B
+// tiles, 4 C accumulator tiles (all 8 AMX tile registers).
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+#include "engine/threadpool.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define GEMMA_HAVE_AMX 1
+#endif
+
+namespace gemma {
+
+void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y,
+                         int64_t ldy, bool accumulate);  // matmul.cpp
+
+namespace {
+
+// x rows rounded to bf16, K padded with zeros to a multiple of 32.
+std::vector<uint16_t> round_rows(const float* x, int64_t T, int64_t ldx, int64_t K, int64_t Kp) {
+  std::vector<uint16_t> xb(static_cast<size_t>(T * Kp), 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) xb[t * Kp + k] = f32_to_bf16(x[t * ldx + k]);
+  return xb;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHaveDpBf16 = true;
+
+template <int RW, int RT>
+inline void dp_kernel(const uint16_t* w, int64_t ldw, const uint16_t* xb, int64_t Kp, int64_t K,
+                      float* y, int64_t ldy, bool accumulate) {
+  __m512 acc[RW][RT];
+  for (int r = 0; r < RW; ++r)
+    for (int t = 0; t < RT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    // The weight row ends at K (it may be the last bytes of a memory map): mask the tail.
+    const __mmask32 m = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    __m512bh xv[RT];
+    for (int t = 0; t < RT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(xb + t * Kp + k);
+    for (int r = 0; r < RW; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * ldw + k);
+      for (int t = 0; t < RT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int t = 0; t < RT; ++t) {
+      const float s = _mm512_reduce_add_ps(acc[r][t]);
+      float* out = y + t * ldy + r;
+      *out = accumulate ? *out + s : s;
+    }
+}
+
+template <int RW>
+inline void dp_rt(int rt, const uint16_t* w, int64_t ldw, const uint16_t* xb, int64_t Kp, int64_t K,
+                  float* y, int64_t ldy, bool acc) {
+  switch (rt) {
+    case 4: dp_kernel<RW, 4>(w, ldw, xb, Kp, K, y, ldy, acc); break;
+    case 3: dp_kernel<RW, 3>(w, ldw, xb, Kp, K, y, ldy, acc); break;
+    case 2: dp_kernel<RW, 2>(w, ldw, xb, Kp, K, y, ldy, acc); break;
+    default: dp_kernel<RW, 1>(w, ldw, xb, Kp, K, y, ldy, acc); break;
+  }
+}
+
+// Rows [n0, n1) of y for all T tokens with VDPBF16PS; register blocks of 4 rows x 4 tokens.
+void dp_rows(const uint16_t* w, int64_t ldw, const uint16_t* xb, int64_t T, int64_t Kp, int64_t K,
+             float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
+  constexpr int64_t NB = 32;  // weight rows per L1/L2-resident panel
+  for (int64_t nb = n0; nb < n1; nb += NB) {
+    const int64_t nb_end = std::min(n1, nb + NB);
+    for (int64_t t = 0; t < T; t += 4) {
+      const int rt = static_cast<int>(std::min<int64_t>(4, T - t));
+      for (int64_t n = nb; n < nb_end; n += 4) {
+        const int rw = static_cast<int>(std::min<int64_t>(4, nb_end - n));
+        const uint16_t* wp = w + n * ldw;
+        const uint16_t* xp = xb + t * Kp;
+        float* yp = y + t * ldy + n;
+        switch (rw) {
+          case 4: dp_rt<4>(rt, wp, ldw, xp, Kp, K, yp, ldy, acc); break;
+          case 3: dp_rt<3>(rt, wp, ldw, xp, Kp, K, yp, ldy, acc); break;
+          case 2: dp_rt<2>(rt, wp, ldw, xp, Kp, K, yp, ldy, acc); break;
+          default: dp_rt<1>(rt, wp, ldw, xp, Kp, K, yp, ldy, acc); break;
+        }
+      }
+    }
+  }
+}
+#else
+constexpr bool kHaveDpBf16 = false;
+#endif
+
+#ifdef GEMMA_HAVE_AMX
+// Linux hands out AMX tile state only to processes that ask (arch_prctl); asked once.
+bool amx_usable() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0-3 C (16 n x 16 t f32), 4-5 A (16 n x 32 k bf16), 6-7 B (16 k-pairs x 16 t x 2).
+void load_tile_config() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// x [T, K] -> B tiles: for token block tb and k block kb, 1 KiB at ((tb * KB) + kb) * 512
+// uint16: row p (k pair), column t: x[tb*16 + t][kb*32 + 2p + {0, 1}]. Padding tokens are 0.
+std::vector<uint16_t> pack_vnni(const float* x, int64_t T, int64_t ldx, int64_t K) {
+  const int64_t TB = (T + 15) / 16, KB = K / 32;
+  std::vector<uint16_t> p(static_cast<size_t>(TB * KB * 512), 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tb = t / 16, tt = t % 16;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t kb = k / 32, kp = (k % 32) / 2, j = k % 2;
+      p[(tb * KB + kb) * 512 + kp * 32 + tt * 2 + j] = f32_to_bf16(x[t * ldx + k]);
+    }
+  }
+  return p;
+}
+
+// Rows [n0, n1) (a multiple of 32 apart) of y for all T tokens.
+void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int64_t K, float* y,
+              int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
+  load_tile_config();
+  const int64_t TB = (T + 15) / 16, KB = K / 32;
+  alignas(64) float c[16 * 16];
+  auto store = [&](int tile_n0, int64_t n, int64_t tb) {
+    // c[row = n offset][col = t offset] -> y[t][n]
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        const int64_t t = tb * 16 + j;
+        if (t >= T) break;
+        float* o = y + t * ldy + n + i;
+        *o = accumulate ? *o + c[i * 16 + j] : c[i * 16 + j];
+      }
+    (void)tile_n0;
+  };
+  for (int64_t n = n0; n < n1; n += 32) {
+    const uint16_t* a0 = w + n * ldw;
+    const uint16_t* a1 = w + (n + 16) * ldw;
+    for (int64_t tb = 0; tb < TB; tb += 2) {
+      const bool two = tb + 1 < TB;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        _tile_loadd(4, a0 + kb * 32, ldw * 2);
+        _tile_loadd(5, a1 + kb * 32, ldw * 2);
+        _tile_loadd(6, xp + (tb * KB + kb) * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+          _tile_loadd(7, xp + ((tb + 1) * KB + kb) * 512, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c, 64);
+      store(0, n, tb);
+      _tile_stored(1, c, 64);
+      store(1, n + 16, tb);
+      if (two) {
+        _tile_stored(2, c, 64);
+        store(2, n, tb + 1);
+        _tile_stored(3, c, 64);
+        store(3, n + 16, tb + 1);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+}  // namespace
+
+namespace {
+enum Path { kGeneric = 0, kDpBf16 = 1, kAmx = 2 };
+int g_forced = -1;  // tests pin a path with set_bf16_matmul_path
+
+int best_path() {
+#ifdef GEMMA_HAVE_AMX
+  if (amx_usable()) return kAmx;
+#endif
+  return kHaveDpBf16 ? kDpBf16 : kGeneric;
+}
+const char* kPathNames[] = {"generic", "avx512_bf16", "amx"};
+
+void generic_rows(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                  bool accumulate) {
+  // No bf16 dot-product instructions: widen the bf16-rounded inputs, float32 kernel.
+  std::vector<float> xr(static_cast<size_t>(T * w.cols));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < w.cols; ++k) xr[t * w.cols + k] = bf16_to_f32(f32_to_bf16(x[t * ldx + k]));
+  matmul_generic_bf16(xr.data(), T, w.cols, w, y, ldy, accumulate);
+}
+}  // namespace
+
+const char* bf16_matmul_path() { return kPathNames[g_forced >= 0 ? g_forced : best_path()]; }
+
+bool set_bf16_matmul_path(const std::string& name) {
+  if (name.empty() || name == "auto") {
+    g_forced = -1;
+    return true;
+  }
+  for (int p = 0; p <= best_path(); ++p)
+    if (name == kPathNames[p] && (p != kDpBf16 || kHaveDpBf16)) {
+      g_forced = p;
+      return true;
+    }
+  return false;
+}
+
+void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                 bool accumulate) {
+  const int path = g_forced >= 0 ? g_forced : best_path();
+  if (path == kGeneric) return generic_rows(x, T, ldx, w, y, ldy, accumulate);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const uint16_t* wp = static_cast<const uint16_t*>(w.data);
+  const int64_t N = w.rows, K = w.cols, Kp = (K + 31) / 32 * 32;
+  int64_t n_done = 0;
+#ifdef GEMMA_HAVE_AMX
+  // AMX needs whole 32-wide k blocks (a tile row must not run past the weight row) and
+  // whole 32-row n blocks; the remaining rows take the AVX512-BF16 path below.
+  if (path == kAmx && K % 32 == 0 && N >= 32) {
+    const std::vector<uint16_t> xp = pack_vnni(x, T, ldx, K);
+    n_done = N - N % 32;
+    parallel_for(n_done / 32, [&](int64_t b0, int64_t b1) {
+      amx_rows(wp, w.ld, xp.data(), T, K, y, ldy, accumulate, b0 * 32, b1 * 32);
+    });
+    if (n_done == N) return;
+  }
+#endif
+  const std::vector<uint16_t> xb = round_rows(x, T, ldx, K, Kp);
+  const int64_t chunks = (N - n_done + 3) / 4;
+  parallel_for(chunks, [&](int64_t c0, int64_t c1) {
+    dp_rows(wp, w.ld, xb.data(), T, Kp, K, y, ldy, accumulate, n_done + c0 * 4,
+            std::min(N, n_done + c1 * 4));
+  });
+#endif
+}
+
+}  // namespace gemma
