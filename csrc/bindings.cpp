@@ -109,6 +109,7 @@ class Engine {
     const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
     ModelWeights w;
     w.embed = as_weight(arr("embed"), "embed", c.vocab_size, H);
+    if (weights.contains("lm_head")) w.lm_head = as_weight(arr("lm_head"), "lm_head", c.vocab_size, H);
     w.final_norm = as_vector(arr("final_norm"), "final_norm", H);
     for (int64_t l = 0; l < c.num_layers; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";
@@ -144,12 +145,17 @@ class Engine {
     if (output == "logits") out_kind = Output::Logits;
     else if (output == "hidden") out_kind = Output::Hidden;
     else throw py::value_error("output must be 'logits' or 'hidden', got '" + output + "'");
+    // Own copies of what was checked: another Python thread may write to the caller's
+    // arrays once the GIL is released.
+    const std::vector<int32_t> ids(input_ids.data(), input_ids.data() + B * L);
+    const std::vector<int32_t> pos(position_ids.data(), position_ids.data() + B * L);
+    std::vector<int32_t> msk;
+    if (!attention_mask.is_none()) msk.assign(mask.data(), mask.data() + B * L);
     std::vector<float> out, states;
     {
       py::gil_scoped_release nogil;
-      out = model_->forward(input_ids.data(), attention_mask.is_none() ? nullptr : mask.data(),
-                            position_ids.data(), B, L, out_kind, last_only,
-                            output_hidden_states ? &states : nullptr);
+      out = model_->forward(ids.data(), msk.empty() ? nullptr : msk.data(), pos.data(), B, L, out_kind,
+                            last_only, output_hidden_states ? &states : nullptr);
     }
     const int64_t D = out_kind == Output::Logits ? c.vocab_size : c.hidden_size;
     py::array_t<float> res({B, last_only ? int64_t{1} : L, D});
@@ -181,11 +187,13 @@ class Engine {
         callback(py::array_t<int32_t>(static_cast<py::ssize_t>(toks.size()), toks.data()));
       };
     }
+    const std::vector<int32_t> ids(input_ids.data(), input_ids.data() + B * L);
+    std::vector<int32_t> msk;
+    if (!attention_mask.is_none()) msk.assign(mask.data(), mask.data() + B * L);
     GenerateResult r;
     {
       py::gil_scoped_release nogil;
-      r = model_->generate(input_ids.data(), attention_mask.is_none() ? nullptr : mask.data(), B, L,
-                           params, cb);
+      r = model_->generate(ids.data(), msk.empty() ? nullptr : msk.data(), B, L, params, cb);
     }
     py::array_t<int32_t> out({B, r.steps});
     if (!r.tokens.empty()) std::memcpy(out.mutable_data(), r.tokens.data(), r.tokens.size() * 4);

@@ -183,3 +183,34 @@ def test_generate_refuses_right_padding(tiny):
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder)
     with pytest.raises(ValueError, match="left padding"):
         model.generate([[5, 6, 0]], attention_mask=[[1, 1, 0]], max_new_tokens=2)
+
+
+def test_repetition_penalty_generate_matches_transformers_with_left_padding(tiny):
+    """transformers skips the left padding of each row when penalising (prompt_ignore_length)."""
+    folder, ref = tiny("GemmaForCausalLM", "gqa")
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    ids, mask = random_batch(16, 2, 8, ref.config.vocab_size, pad_left=[0, 3])
+    theirs = hf_generate(ref, ids, mask, eos_token_id=ref.config.vocab_size + 5, repetition_penalty=1.8)
+    ours = model.generate(ids, attention_mask=mask, max_new_tokens=N_NEW, eos_token_id=[], repetition_penalty=1.8)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_top_k_none_turns_top_k_off(tiny):
+    folder, ref = tiny("GemmaForCausalLM", "mqa")
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder)
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=3.0, eos_token_id=[], seed=3)
+    assert (model.generate([[5, 6]], top_k=None, **kw) == model.generate([[5, 6]], top_k=0, **kw)).all()
+    assert (model.generate([[5, 6]], top_k=np.int64(1), **kw) == model.generate([[5, 6]], max_new_tokens=12,
+                                                                                  eos_token_id=[])).all()
+
+
+def test_untied_lm_head_is_used(tiny):
+    folder, ref = tiny("GemmaForCausalLM", "mha", tie_word_embeddings=False)
+    assert not ref.config.tie_word_embeddings
+    assert not torch.equal(ref.lm_head.weight, ref.model.embed_tokens.weight)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    ids, _ = random_batch(17, 1, 9, ref.config.vocab_size)
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids)).logits.numpy()
+    from conftest import rel_err
+    assert rel_err(model(ids).logits, theirs) <= 1e-4

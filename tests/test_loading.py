@@ -205,3 +205,34 @@ def test_bf16_checkpoint_is_used_in_place_without_copies(tmp_path):
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["grown"] <= 1.2 * res["file"], res
+
+
+def test_pytorch_bin_checkpoint_loads_through_torch(tiny, tmp_path):
+    folder, ref = tiny("GemmaForCausalLM", "mha")
+    dst = tmp_path / "bin"
+    dst.mkdir()
+    shutil.copy(os.path.join(folder, "config.json"), dst / "config.json")
+    sd = {k: v.to(torch.bfloat16) if "mlp" in k else v for k, v in ref.state_dict().items()}
+    torch.save(sd, dst / "pytorch_model.bin")
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(dst, dtype="float32")
+    exact = type(ref)(ref.config).eval()
+    exact.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    exact.tie_weights()
+    ids, _ = random_batch(22, 1, 9, ref.config.vocab_size)
+    with torch.no_grad():
+        theirs = exact(torch.tensor(ids)).logits.numpy()
+    assert rel_err(model(ids).logits, theirs) <= 1e-4
+
+
+def test_pytorch_bin_is_loaded_without_running_code(tmp_path):
+    """A .bin is a pickle: torch.load(weights_only=True) refuses objects that run code."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma"}))
+    torch.save({"model.embed_tokens.weight": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights-only"):
+        gemma_cpp.GemmaForCausalLM.from_pretrained(tmp_path)
+    assert not (tmp_path / "pwned").exists()

@@ -33,11 +33,40 @@ void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w
 
 namespace {
 
+// Rounds n floats to bf16 (nearest even). With AVX512-BF16 this is VCVTNE2PS2BF16, which
+// also flushes denormal inputs to zero: the same rounding on every bf16 path below.
+inline void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t k = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  for (; k + 32 <= n; k += 32)
+    _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k)));
+  if (k < n) {
+    const __mmask16 lo = static_cast<__mmask16>(n - k >= 16 ? 0xffff : (1u << (n - k)) - 1);
+    const __mmask16 hi = static_cast<__mmask16>(n - k <= 16 ? 0 : (1u << (n - k - 16)) - 1);
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + k + 16), _mm512_maskz_loadu_ps(lo, x + k));
+    _mm512_mask_storeu_epi16(out + k, static_cast<__mmask32>((uint64_t{1} << (n - k)) - 1), (__m512i)v);
+  }
+#else
+  for (; k < n; ++k) out[k] = f32_to_bf16(x[k]);
+#endif
+}
+
+// Runs fn(t) for every token row, in parallel when the rows are worth it.
+template <typename Fn>
+void for_rows(int64_t T, int64_t K, Fn fn) {
+  if (T * K < (int64_t{1} << 16)) {
+    for (int64_t t = 0; t < T; ++t) fn(t);
+  } else {
+    parallel_for(T, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) fn(t);
+    });
+  }
+}
+
 // x rows rounded to bf16, K padded with zeros to a multiple of 32.
 std::vector<uint16_t> round_rows(const float* x, int64_t T, int64_t ldx, int64_t K, int64_t Kp) {
   std::vector<uint16_t> xb(static_cast<size_t>(T * Kp), 0);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k) xb[t * Kp + k] = f32_to_bf16(x[t * ldx + k]);
+  for_rows(T, K, [&](int64_t t) { to_bf16(x + t * ldx, K, xb.data() + t * Kp); });
   return xb;
 }
 
@@ -134,16 +163,20 @@ void load_tile_config() {
 
 // x [T, K] -> B tiles: for token block tb and k block kb, 1 KiB at ((tb * KB) + kb) * 512
 // uint16: row p (k pair), column t: x[tb*16 + t][kb*32 + 2p + {0, 1}]. Padding tokens are 0.
+// One token's 32 bf16 of a k block are 16 k pairs: a column of the tile, scattered.
 std::vector<uint16_t> pack_vnni(const float* x, int64_t T, int64_t ldx, int64_t K) {
   const int64_t TB = (T + 15) / 16, KB = K / 32;
   std::vector<uint16_t> p(static_cast<size_t>(TB * KB * 512), 0);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t tb = t / 16, tt = t % 16;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t kb = k / 32, kp = (k % 32) / 2, j = k % 2;
-      p[(tb * KB + kb) * 512 + kp * 32 + tt * 2 + j] = f32_to_bf16(x[t * ldx + k]);
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  for_rows(T, K, [&](int64_t t) {
+    const float* xr = x + t * ldx;
+    uint16_t* base = p.data() + (t / 16) * KB * 512 + (t % 16) * 2;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + kb * 32 + 16), _mm512_loadu_ps(xr + kb * 32));
+      _mm512_i32scatter_epi32(base + kb * 512, column, v, 4);
     }
-  }
+  });
   return p;
 }
 
@@ -266,6 +299,8 @@ void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float*
     dp_rows(wp, w.ld, xb.data(), T, Kp, K, y, ldy, accumulate, n_done + c0 * 4,
             std::min(N, n_done + c1 * 4));
   });
+#else
+  generic_rows(x, T, ldx, w, y, ldy, accumulate);  // no bf16 instructions in this build
 #endif
 }
 

@@ -37,7 +37,7 @@ Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_
 }
 
 void Model::logits(const float* hidden, int64_t n, float* out) {
-  matmul(hidden, n, cfg_.hidden_size, w_.embed, out, cfg_.vocab_size);
+  matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size);
 }
 
 void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
@@ -142,7 +142,10 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
   const int64_t H = cfg_.hidden_size;
   std::vector<int64_t> rows(B);
   for (int64_t b = 0; b < B; ++b) rows[b] = b;
-  const int64_t Tc = std::max<int64_t>(1, std::min<int64_t>(L, kMaxChunkTokens / std::max<int64_t>(B, 1)));
+  // Causal attention lets the prompt go through in chunks (a query never needs a later
+  // key); bidirectional attention needs every key first, so it takes one chunk.
+  const int64_t Tc = !cfg_.causal ? L
+      : std::max<int64_t>(1, std::min<int64_t>(L, kMaxChunkTokens / std::max<int64_t>(B, 1)));
   std::vector<int32_t> ids, pos;
   std::vector<uint8_t> valid;
   std::vector<float> hid;
@@ -218,10 +221,13 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     int32_t seen = 0;
     for (int64_t t = 0; t < L; ++t) {
       const bool real = attention_mask == nullptr || attention_mask[b * L + t] != 0;
-      // transformers: position_ids = cumsum(mask) - 1, with padding set to 1.
-      positions[b * L + t] = real ? seen : 1;
+      // transformers: position_ids = cumsum(mask) - 1 (padding positions are never
+      // attended to, so their value does not matter).
+      positions[b * L + t] = real ? seen : 0;
+      // The repetition penalty sees the prompt from its first real token on, as
+      // transformers' prompt_ignore_length = index of the first non-zero mask entry.
+      if (seen > 0 || real) history[b].push_back(input_ids[b * L + t]);
       seen += real;
-      history[b].push_back(input_ids[b * L + t]);
     }
     next_pos[b] = seen;
     samplers.emplace_back(p, static_cast<uint64_t>(b));

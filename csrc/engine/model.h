@@ -28,7 +28,8 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  Weight embed;                       // [vocab, hidden]; also the tied LM head
+  Weight embed;                       // [vocab, hidden]; also the LM head when tied
+  Weight lm_head;                     // [vocab, hidden] when untied; data == nullptr if tied
   const float* final_norm = nullptr;  // (1 + w), float32 [hidden]
   std::vector<LayerWeights> layers;
 };

@@ -7,7 +7,8 @@
 namespace gemma {
 
 int32_t argmax(const float* x, int64_t n) {
-  // First index of the maximum, as torch.argmax; NaN never wins.
+  // First index of the maximum (torch.argmax's choice among ties). NaN is skipped here,
+  // where torch would return it: a NaN logit means a broken model either way.
   int64_t best = 0;
   float bv = -std::numeric_limits<float>::infinity();
   bool any = false;
@@ -60,8 +61,17 @@ int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& 
     idx_.resize(static_cast<size_t>(vocab));
     for (int64_t i = 0; i < vocab; ++i) idx_[i] = static_cast<int32_t>(i);
   }
-  std::stable_sort(idx_.begin(), idx_.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  // Best first, needed by top-p and min-p (and for their ties: a stable order). Plain
+  // sampling over the whole vocabulary only needs the maximum first, for the softmax.
+  if (p_.top_p < 1.f || p_.min_p > 0.f) {
+    std::stable_sort(idx_.begin(), idx_.end(),
+                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  } else {
+    size_t best = 0;
+    for (size_t i = 1; i < idx_.size(); ++i)
+      if (logits[idx_[i]] > logits[idx_[best]]) best = i;
+    std::swap(idx_[0], idx_[best]);
+  }
   if (idx_.empty() || !std::isfinite(logits[idx_[0]])) return argmax(logits, vocab);
 
   auto softmax = [&]() {  // probabilities of the candidates, in prob_

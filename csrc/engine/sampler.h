@@ -24,8 +24,8 @@ class Sampler {
  public:
   Sampler(const SamplingParams& p, uint64_t stream) : p_(p), rng_(mix(p.seed, stream)) {}
   // Picks the next token of one row. logits [vocab] is modified (penalty, warping).
-  // history: the row's tokens so far (prompt, padding included as transformers does, and
-  // generated tokens), for the repetition penalty.
+  // history: the row's tokens so far (the prompt from its first real token, and generated
+  // tokens), for the repetition penalty.
   int32_t next(float* logits, int64_t vocab, const std::vector<int32_t>& history);
 
  private:

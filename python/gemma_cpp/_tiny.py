@@ -73,6 +73,7 @@ def tiny_model_path() -> str:
     if not os.path.isdir(folder):
         try:
             make_tiny_model(folder)
-        except FileExistsError:  # another process made it meanwhile
-            pass
+        except OSError:  # another process made it meanwhile (rename onto a full folder)
+            if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+                raise
     return folder

@@ -8,14 +8,15 @@ import time
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (transformers' names; greedy unless --do-sample)")
+    g = p.add_argument_group("sampling (transformers' names; unset flags take the model's "
+                             "generation_config.json, else greedy)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--do-sample", action="store_true", default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
 
 
@@ -53,10 +54,9 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t1 = time.perf_counter()
-    out = model.generate([ids], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                         repetition_penalty=args.repetition_penalty, seed=args.seed, eos_token_id=eos,
-                         streamer=streamer)
+    flags = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
+                                           "repetition_penalty", "seed") if getattr(args, k) is not None}
+    out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer, **flags)
     dt = time.perf_counter() - t1
     n_new = out.shape[1] - len(ids)
     print(f"[gemma-cpp] load {load_s:.2f} s; {len(ids)} prompt + {n_new} new tokens in {dt:.2f} s "

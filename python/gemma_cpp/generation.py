@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import sys
 from typing import List, Optional, Sequence, Union
@@ -33,18 +34,28 @@ class GenerationConfig:
         path = os.path.join(folder, "generation_config.json")
         if not os.path.isfile(path):
             return cls()
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: must hold a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
+        # max_length (a total length) is not read: generate counts new tokens only.
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def updated(self, **kwargs) -> "GenerationConfig":
+        """A copy with the given arguments set; an explicit None sets None (top_k=None turns
+        top-k off, as in transformers), and numeric None falls back to the default."""
         unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(self)}]
         if unknown:
             raise TypeError(f"generate() got unexpected argument(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if v is not None})
+        out = dataclasses.replace(self, **kwargs)
+        for name in ("max_new_tokens", "do_sample", "temperature", "repetition_penalty"):
+            if getattr(out, name) is None:
+                setattr(out, name, getattr(GenerationConfig, name))
+        return out
 
     def eos_ids(self) -> List[int]:
         e = self.eos_token_id
@@ -56,21 +67,29 @@ class GenerationConfig:
         def bad(name, want):
             raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
-        if type(self.max_new_tokens) is not int and not hasattr(self.max_new_tokens, "__index__") \
-                or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "a non-negative int")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not is_num(self.temperature) or not self.temperature >= 0:
             bad("temperature", "a number >= 0 (0 with do_sample means greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
             bad("top_k", "an int >= 0 (0 or None: no top-k)")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_num(self.top_p) or not 0 < self.top_p <= 1):
             bad("top_p", "in (0, 1]")
-        if self.min_p is not None and (not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1):
+        if self.min_p is not None and (not is_num(self.min_p) or not 0 <= self.min_p <= 1):
             bad("min_p", "in [0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+        if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
             bad("repetition_penalty", "a number > 0 (1.0: no penalty)")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", "a non-negative int")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
+            bad("seed", "an int in [0, 2**64)")
+        for e in self.eos_ids():
+            if not is_int(e):
+                raise ValueError(f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}")
 
 
 class TextStreamer:

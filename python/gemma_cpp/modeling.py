@@ -111,6 +111,16 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
         return np.ascontiguousarray(as_float32(a, dt) + np.float32(1.0))  # HF stores w; the engine takes 1 + w
 
     weights = {"embed": matrix("embed_tokens.weight"), "final_norm": norm("norm.weight")}
+    if not config.tie_word_embeddings:
+        if "lm_head.weight" not in heads:
+            raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but the checkpoint "
+                             "has no lm_head.weight")
+        shape = tuple(ckpt.shape_of("lm_head.weight"))
+        if shape != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"{ckpt.file_of('lm_head.weight')}: tensor 'lm_head.weight' has shape {shape}, "
+                             f"expected {(config.vocab_size, config.hidden_size)}")
+        a, dt = ckpt.get("lm_head.weight")
+        weights["lm_head"] = as_engine_dtype(a, dt, target)
     for i in range(config.num_hidden_layers):
         for short, name in _LAYER_TENSORS.items():
             base = f"layers.{i}.{name}"
@@ -131,7 +141,7 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
         "causal": not bool(getattr(config, "use_bidirectional_attention", False) or False),
     }
     engine = _C.Engine(engine_config, weights)
-    return engine, target, {k: ckpt.get(k) for k in heads}
+    return engine, target, {k: ckpt.get(k) for k in heads if k != "lm_head.weight"}
 
 
 def _as_ids(x, name: str) -> np.ndarray:

@@ -60,7 +60,12 @@ class Checkpoint:
             raise ImportError(f"{path}: reading pytorch_model.bin needs torch (pip install torch); "
                               "safetensors checkpoints do not") from None
         # weights_only: never execute code from the file.
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch's unpickler: refuses code, reports corrupt files
+            raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path}: expected a dict of tensors")
         self._torch = {}
         for name, t in sd.items():
             if t.dtype == torch.bfloat16:

@@ -51,7 +51,7 @@ class SafetensorsFile:
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{self.path}: header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: header must be a JSON object")
