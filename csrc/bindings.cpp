@@ -235,6 +235,19 @@ PYBIND11_MODULE(_C, m) {
                             bf16_matmul_path() + ")");
   }, py::arg("name"), "Pin the bf16 matmul path (tests, benchmarks); 'auto' restores the best");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("profile", [](py::object enable) {
+    OpProfile& p = op_profile();
+    py::dict d;
+    d["matmul"] = p.matmul;
+    d["attention"] = p.attention;
+    d["norm"] = p.norm;
+    d["rope_cache"] = p.rope_cache;
+    d["activation"] = p.activation;
+    d["lm_head"] = p.lm_head;
+    if (!enable.is_none()) p = OpProfile{enable.cast<bool>()};
+    return d;
+  }, py::arg("enable") = py::none(),
+     "Seconds per op kind so far; profile(True/False) also resets and turns timing on/off");
   m.def("read_bandwidth", [](int64_t bytes, int reps) {
     py::gil_scoped_release nogil;
     return read_bandwidth(bytes, reps);

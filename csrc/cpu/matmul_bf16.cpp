@@ -180,22 +180,50 @@ std::vector<uint16_t> pack_vnni(const float* x, int64_t T, int64_t ldx, int64_t 
   return p;
 }
 
+// out[j] = column j of the row-major 16x16 block m: four rounds of in-lane and
+// cross-lane shuffles (64 shuffles), instead of 256 scalar moves.
+inline void transpose16x16(const float* m, __m512 out[16]) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(m + 16 * i);
+  for (int i = 0; i < 16; i += 2) {  // t: pairs of rows interleaved within 128-bit lanes
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + c], lane l: rows g..g+3 of column 4l + c
+    r[g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+  }
+  for (int c = 0; c < 4; ++c) {  // t[c]: columns c, c+8; t[c+4]: columns c+4, c+12 (rows 0-7)
+    t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xdd);
+    t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    out[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+    out[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
+    out[c + 4] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0x88);
+    out[c + 12] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0xdd);
+  }
+}
+
 // Rows [n0, n1) (a multiple of 32 apart) of y for all T tokens.
 void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int64_t K, float* y,
               int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
   load_tile_config();
   const int64_t TB = (T + 15) / 16, KB = K / 32;
   alignas(64) float c[16 * 16];
-  auto store = [&](int tile_n0, int64_t n, int64_t tb) {
-    // c[row = n offset][col = t offset] -> y[t][n]
-    for (int i = 0; i < 16; ++i)
-      for (int j = 0; j < 16; ++j) {
-        const int64_t t = tb * 16 + j;
-        if (t >= T) break;
-        float* o = y + t * ldy + n + i;
-        *o = accumulate ? *o + c[i * 16 + j] : c[i * 16 + j];
-      }
-    (void)tile_n0;
+  auto store = [&](int64_t n, int64_t tb) {
+    // c[i][j] holds y[tb*16 + j][n + i]: transpose in registers, one row of y per token.
+    __m512 col[16];
+    transpose16x16(c, col);
+    const int64_t valid = std::min<int64_t>(16, T - tb * 16);
+    for (int64_t j = 0; j < valid; ++j) {
+      float* o = y + (tb * 16 + j) * ldy + n;
+      _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), col[j]) : col[j]);
+    }
   };
   for (int64_t n = n0; n < n1; n += 32) {
     const uint16_t* a0 = w + n * ldw;
@@ -219,14 +247,14 @@ void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int
         }
       }
       _tile_stored(0, c, 64);
-      store(0, n, tb);
+      store(n, tb);
       _tile_stored(1, c, 64);
-      store(1, n + 16, tb);
+      store(n + 16, tb);
       if (two) {
         _tile_stored(2, c, 64);
-        store(2, n, tb + 1);
+        store(n, tb + 1);
         _tile_stored(3, c, 64);
-        store(3, n + 16, tb + 1);
+        store(n + 16, tb + 1);
       }
     }
   }

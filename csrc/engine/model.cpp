@@ -1,6 +1,7 @@
 #include "engine/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -10,7 +11,24 @@
 
 namespace gemma {
 
+OpProfile& op_profile() {
+  static OpProfile p;
+  return p;
+}
+
 namespace {
+// Adds the time from construction to destruction to one op's total (when profiling is on).
+struct OpTimer {
+  double* slot;
+  std::chrono::steady_clock::time_point t0;
+  explicit OpTimer(double OpProfile::*field)
+      : slot(op_profile().enabled ? &(op_profile().*field) : nullptr),
+        t0(slot ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+  ~OpTimer() {
+    if (slot) *slot += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
+
 // Tokens per forward chunk across the batch: bounds the activation buffers (the MLP's two
 // [M, intermediate] float32 buffers are 64 MiB each at M = 512 on Gemma-2B) while keeping
 // M large enough for the matmul's weight panel to be reused many times.
@@ -37,6 +55,7 @@ Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_
 }
 
 void Model::logits(const float* hidden, int64_t n, float* out) {
+  OpTimer timer(&OpProfile::lm_head);
   matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size);
 }
 
@@ -108,27 +127,54 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
     // Attention block.
-    rmsnorm(x.data(), L.attn_norm, h.data(), M, H, cfg_.rms_norm_eps);
-    matmul(h.data(), M, H, L.q, q.data(), QD);
-    matmul(h.data(), M, H, L.k, k.data(), KD);
-    matmul(h.data(), M, H, L.v, v.data(), KD);
-    for (int64_t m = 0; m < M; ++m) {
-      rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
-      rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
-      const int64_t r = m / T, t = m % T;
-      for (int64_t kh = 0; kh < nKV; ++kh) {
-        std::memcpy(cache.k_at(l, rows[r], kh, slot0 + t), &k[m * KD + kh * hd], hd * sizeof(float));
-        std::memcpy(cache.v_at(l, rows[r], kh, slot0 + t), &v[m * KD + kh * hd], hd * sizeof(float));
+    {
+      OpTimer timer(&OpProfile::norm);
+      rmsnorm(x.data(), L.attn_norm, h.data(), M, H, cfg_.rms_norm_eps);
+    }
+    {
+      OpTimer timer(&OpProfile::matmul);
+      matmul(h.data(), M, H, L.q, q.data(), QD);
+      matmul(h.data(), M, H, L.k, k.data(), KD);
+      matmul(h.data(), M, H, L.v, v.data(), KD);
+    }
+    {
+      OpTimer timer(&OpProfile::rope_cache);
+      for (int64_t m = 0; m < M; ++m) {
+        rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
+        rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
+        const int64_t r = m / T, t = m % T;
+        for (int64_t kh = 0; kh < nKV; ++kh) {
+          std::memcpy(cache.k_at(l, rows[r], kh, slot0 + t), &k[m * KD + kh * hd], hd * sizeof(float));
+          std::memcpy(cache.v_at(l, rows[r], kh, slot0 + t), &v[m * KD + kh * hd], hd * sizeof(float));
+        }
       }
     }
-    attention(cache, l, rows, slot0, T, q.data(), att.data());
-    matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
+    {
+      OpTimer timer(&OpProfile::attention);
+      attention(cache, l, rows, slot0, T, q.data(), att.data());
+    }
+    {
+      OpTimer timer(&OpProfile::matmul);
+      matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
+    }
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
-    rmsnorm(x.data(), L.mlp_norm, h.data(), M, H, cfg_.rms_norm_eps);
-    matmul(h.data(), M, H, L.gate, g.data(), F);
-    matmul(h.data(), M, H, L.up, u.data(), F);
-    gelu_tanh_mul(g.data(), u.data(), M * F);
-    matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
+    {
+      OpTimer timer(&OpProfile::norm);
+      rmsnorm(x.data(), L.mlp_norm, h.data(), M, H, cfg_.rms_norm_eps);
+    }
+    {
+      OpTimer timer(&OpProfile::matmul);
+      matmul(h.data(), M, H, L.gate, g.data(), F);
+      matmul(h.data(), M, H, L.up, u.data(), F);
+    }
+    {
+      OpTimer timer(&OpProfile::activation);
+      gelu_tanh_mul(g.data(), u.data(), M * F);
+    }
+    {
+      OpTimer timer(&OpProfile::matmul);
+      matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
+    }
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x.data());
   }
   rmsnorm(x.data(), w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);

@@ -11,6 +11,14 @@
 
 namespace gemma {
 
+// Seconds spent per kind of op since the last reset, summed over calls (benchmarks turn it
+// on; off, it costs one branch per op).
+struct OpProfile {
+  bool enabled = false;
+  double matmul = 0, attention = 0, norm = 0, rope_cache = 0, activation = 0, lm_head = 0;
+};
+OpProfile& op_profile();
+
 struct ModelConfig {
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0, max_positions = 0;
