@@ -27,6 +27,11 @@ const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build run
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
             bool accumulate = false);
 
+// y[T, N] = x[T, K] . w[N, K]^T in float32 on the calling thread (no pool): for kernels
+// that are themselves parallel, such as attention.
+void matmul_serial(const float* x, int64_t T, int64_t ldx, const float* w, int64_t N, int64_t K,
+                   int64_t ldw, float* y, int64_t ldy);
+
 // The bf16-weight case of matmul: x is rounded to bf16 first (the products run on bf16
 // dot-product hardware: AMX, AVX512-BF16, or widened to float32 where neither exists).
 void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
@@ -54,6 +59,10 @@ void exp_inplace(float* x, int64_t n);
 // Reads a buffer of `bytes` with every pool thread, `reps` times; returns bytes/second of
 // the best pass. The memory-bandwidth yardstick benchmarks compare decode against.
 double read_bandwidth(int64_t bytes, int reps);
+
+// out[d] = scale * sum_j p[j] * v[j * dim + d] for d < dim: the attention's P . V for one
+// query, the accumulators held in registers across the n rows.
+void weighted_rows(const float* p, const float* v, int64_t n, int64_t dim, float scale, float* out);
 
 float dot(const float* a, const float* b, int64_t n);
 // y += a * x

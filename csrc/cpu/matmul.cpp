@@ -74,33 +74,42 @@ inline void micro(int rw, int rt, const WT* w, int64_t ldw, const float* x, int6
   }
 }
 
+// Rows [n_begin, n_end) of y for all T tokens, on the calling thread.
 template <typename WT>
-void matmul_typed(const float* x, int64_t T, int64_t ldx, const Weight& wt, float* y,
-                  int64_t ldy, bool accumulate) {
-  const WT* w = static_cast<const WT*>(wt.data);
-  const int64_t N = wt.rows, K = wt.cols, ldw = wt.ld;
+void matmul_rows(const float* x, int64_t T, int64_t ldx, const WT* w, int64_t K, int64_t ldw,
+                 float* y, int64_t ldy, bool accumulate, int64_t n_begin, int64_t n_end) {
   // Panel of weight rows kept in L2 (~256 KiB) while all token blocks pass over it.
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(WT));
   int64_t NB = std::max<int64_t>(kRW, (256 * 1024 / std::max<int64_t>(row_bytes, 1)) / kRW * kRW);
   NB = std::min<int64_t>(NB, 64);
-  const int64_t n_chunks = (N + kRW - 1) / kRW;
-  parallel_for(n_chunks, [&](int64_t c0, int64_t c1) {
-    const int64_t n_begin = c0 * kRW, n_end = std::min(N, c1 * kRW);
-    for (int64_t nb = n_begin; nb < n_end; nb += NB) {
-      const int64_t nb_end = std::min(n_end, nb + NB);
-      for (int64_t t = 0; t < T; t += kRT) {
-        const int rt = static_cast<int>(std::min<int64_t>(kRT, T - t));
-        for (int64_t n = nb; n < nb_end; n += kRW) {
-          const int rw = static_cast<int>(std::min<int64_t>(kRW, nb_end - n));
-          micro<WT>(rw, rt, w + n * ldw, ldw, x + t * ldx, ldx, K, y + t * ldy + n, ldy,
-                    accumulate);
-        }
+  for (int64_t nb = n_begin; nb < n_end; nb += NB) {
+    const int64_t nb_end = std::min(n_end, nb + NB);
+    for (int64_t t = 0; t < T; t += kRT) {
+      const int rt = static_cast<int>(std::min<int64_t>(kRT, T - t));
+      for (int64_t n = nb; n < nb_end; n += kRW) {
+        const int rw = static_cast<int>(std::min<int64_t>(kRW, nb_end - n));
+        micro<WT>(rw, rt, w + n * ldw, ldw, x + t * ldx, ldx, K, y + t * ldy + n, ldy, accumulate);
       }
     }
+  }
+}
+
+template <typename WT>
+void matmul_typed(const float* x, int64_t T, int64_t ldx, const Weight& wt, float* y,
+                  int64_t ldy, bool accumulate) {
+  const WT* w = static_cast<const WT*>(wt.data);
+  const int64_t N = wt.rows;
+  parallel_for((N + kRW - 1) / kRW, [&](int64_t c0, int64_t c1) {
+    matmul_rows<WT>(x, T, ldx, w, wt.cols, wt.ld, y, ldy, accumulate, c0 * kRW, std::min(N, c1 * kRW));
   });
 }
 
 }  // namespace
+
+void matmul_serial(const float* x, int64_t T, int64_t ldx, const float* w, int64_t N, int64_t K,
+                   int64_t ldw, float* y, int64_t ldy) {
+  matmul_rows<float>(x, T, ldx, w, K, ldw, y, ldy, false, 0, N);
+}
 
 void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y,
                          int64_t ldy, bool accumulate) {

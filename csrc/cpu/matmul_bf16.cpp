@@ -225,36 +225,68 @@ void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int
       _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), col[j]) : col[j]);
     }
   };
+  // Loop order: one 32-row weight block at a time, its K in chunks of kKC k blocks (the A
+  // tiles of a chunk, 32 rows x 256 k = 16 KiB, stay in L1 while every token pair passes
+  // over them); the C tiles of all token pairs wait in cbuf between chunks (4 KiB each).
+  constexpr int64_t kKC = 8;
+  const int64_t TP = (TB + 1) / 2;
+  thread_local std::vector<float> cbuf;
+  cbuf.resize(static_cast<size_t>(TP * 4 * 256));
+  // The A tiles of a chunk are copied into a contiguous buffer first: read in place, their
+  // 16 rows sit K*2 bytes apart (4 KiB or a multiple for Gemma), all in one L1 set, and
+  // evict each other before the next token pair can reuse them.
+  alignas(64) uint16_t apack[kKC * 2 * 512];
   for (int64_t n = n0; n < n1; n += 32) {
-    const uint16_t* a0 = w + n * ldw;
-    const uint16_t* a1 = w + (n + 16) * ldw;
-    for (int64_t tb = 0; tb < TB; tb += 2) {
-      const bool two = tb + 1 < TB;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kb = 0; kb < KB; ++kb) {
-        _tile_loadd(4, a0 + kb * 32, ldw * 2);
-        _tile_loadd(5, a1 + kb * 32, ldw * 2);
-        _tile_loadd(6, xp + (tb * KB + kb) * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 5, 6);
-        if (two) {
-          _tile_loadd(7, xp + ((tb + 1) * KB + kb) * 512, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
+    for (int64_t kc0 = 0; kc0 < KB; kc0 += kKC) {
+      const int64_t kc1 = std::min(KB, kc0 + kKC);
+      for (int64_t kb = kc0; kb < kc1; ++kb)
+        for (int r = 0; r < 32; ++r)
+          _mm512_store_si512(apack + ((kb - kc0) * 2 + r / 16) * 512 + (r % 16) * 32,
+                             _mm512_loadu_si512(w + (n + r) * ldw + kb * 32));
+      for (int64_t tp = 0; tp < TP; ++tp) {
+        const int64_t tb = 2 * tp;
+        const bool two = tb + 1 < TB;
+        float* cb = cbuf.data() + tp * 4 * 256;
+        if (kc0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, cb, 64);
+          _tile_loadd(1, cb + 256, 64);
+          _tile_loadd(2, cb + 512, 64);
+          _tile_loadd(3, cb + 768, 64);
         }
-      }
-      _tile_stored(0, c, 64);
-      store(n, tb);
-      _tile_stored(1, c, 64);
-      store(n + 16, tb);
-      if (two) {
-        _tile_stored(2, c, 64);
-        store(n, tb + 1);
-        _tile_stored(3, c, 64);
-        store(n + 16, tb + 1);
+        for (int64_t kb = kc0; kb < kc1; ++kb) {
+          _tile_loadd(4, apack + (kb - kc0) * 1024, 64);
+          _tile_loadd(5, apack + (kb - kc0) * 1024 + 512, 64);
+          _tile_loadd(6, xp + (tb * KB + kb) * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if (two) {
+            _tile_loadd(7, xp + ((tb + 1) * KB + kb) * 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        if (kc1 < KB) {
+          _tile_stored(0, cb, 64);
+          _tile_stored(1, cb + 256, 64);
+          _tile_stored(2, cb + 512, 64);
+          _tile_stored(3, cb + 768, 64);
+          continue;
+        }
+        _tile_stored(0, c, 64);
+        store(n, tb);
+        _tile_stored(1, c, 64);
+        store(n + 16, tb);
+        if (two) {
+          _tile_stored(2, c, 64);
+          store(n, tb + 1);
+          _tile_stored(3, c, 64);
+          store(n + 16, tb + 1);
+        }
       }
     }
   }

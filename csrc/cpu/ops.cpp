@@ -99,6 +99,33 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+void weighted_rows(const float* p, const float* v, int64_t n, int64_t dim, float scale, float* out) {
+  constexpr int N = VecF::N, kAcc = 8;  // 8 vectors of accumulators: 128 floats (AVX-512)
+  const VecF sv = VecF::set1(scale);
+  int64_t d = 0;
+  for (; d + kAcc * N <= dim; d += kAcc * N) {
+    VecF acc[kAcc];
+    for (int i = 0; i < kAcc; ++i) acc[i] = VecF::zero();
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.f) continue;  // masked key
+      const VecF pj = VecF::set1(p[j]);
+      const float* vr = v + j * dim + d;
+      for (int i = 0; i < kAcc; ++i) acc[i] = simd::fma(pj, VecF::load(vr + i * N), acc[i]);
+    }
+    for (int i = 0; i < kAcc; ++i) simd::mul(acc[i], sv).store(out + d + i * N);
+  }
+  for (; d + N <= dim; d += N) {
+    VecF acc = VecF::zero();
+    for (int64_t j = 0; j < n; ++j) acc = simd::fma(VecF::set1(p[j]), VecF::load(v + j * dim + d), acc);
+    simd::mul(acc, sv).store(out + d);
+  }
+  for (; d < dim; ++d) {
+    float acc = 0;
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * v[j * dim + d];
+    out[d] = acc * scale;
+  }
+}
+
 void axpy(float a, const float* x, float* y, int64_t n) {
   constexpr int N = VecF::N;
   const VecF av = VecF::set1(a);

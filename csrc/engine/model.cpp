@@ -61,40 +61,52 @@ void Model::logits(const float* hidden, int64_t n, float* out) {
 
 void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
                       int64_t slot0, int64_t T, const float* q, float* out) {
+  // Per task: one (row, head) and a block of up to kQB queries. Scores of the block against
+  // every key it may see are one small matmul (Q . K^T, the register-blocked float32 kernel);
+  // then per query: mask, softmax, and P . V accumulated in registers over the keys.
+  constexpr int64_t kQB = 16;
   const int64_t nH = cfg_.num_heads, hd = cfg_.head_dim, group = nH / cfg_.num_kv_heads;
   const int64_t R = static_cast<int64_t>(rows.size()), q_stride = nH * hd;
   const int64_t end_slot = slot0 + T;  // slots [0, end_slot) hold this row's tokens now
-  parallel_for(R * nH * T, [&](int64_t a, int64_t b) {
-    thread_local std::vector<float> scores;
-    if (static_cast<int64_t>(scores.size()) < end_slot) scores.resize(end_slot);
+  const int64_t QBn = (T + kQB - 1) / kQB;
+  parallel_for(R * nH * QBn, [&](int64_t a, int64_t b) {
+    thread_local std::vector<float> scores, qblock;
     for (int64_t task = a; task < b; ++task) {
-      const int64_t t = task % T, h = (task / T) % nH, r = task / (T * nH);
+      const int64_t qb = task % QBn, h = (task / QBn) % nH, r = task / (QBn * nH);
+      const int64_t t0 = qb * kQB, nq = std::min(kQB, T - t0);
       const int64_t row = rows[r], kvh = h / group;
-      const float* qv = q + (r * T + t) * q_stride + h * hd;
-      float* o = out + (r * T + t) * q_stride + h * hd;
-      const int64_t last = cfg_.causal ? slot0 + t : end_slot - 1;  // last visible slot
-      const uint8_t* valid = cache.valid.data() + row * cache.capacity;
+      // Keys up to the last query's limit; earlier queries mask the rest below.
+      const int64_t n_keys = cfg_.causal ? slot0 + t0 + nq : end_slot;
+      if (static_cast<int64_t>(scores.size()) < nq * n_keys) scores.resize(nq * n_keys);
+      if (static_cast<int64_t>(qblock.size()) < nq * hd) qblock.resize(nq * hd);
+      for (int64_t i = 0; i < nq; ++i)
+        std::memcpy(&qblock[i * hd], q + (r * T + t0 + i) * q_stride + h * hd, hd * sizeof(float));
       const float* K = cache.k_at(layer, row, kvh, 0);
       const float* V = cache.v_at(layer, row, kvh, 0);
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j <= last; ++j) {
-        if (!valid[j]) continue;
-        scores[j] = dot(qv, K + j * hd, hd) * cfg_.attn_scale;
-        m = std::max(m, scores[j]);
+      matmul_serial(qblock.data(), nq, hd, K, n_keys, hd, hd, scores.data(), n_keys);
+      const uint8_t* valid = cache.valid.data() + row * cache.capacity;
+      for (int64_t i = 0; i < nq; ++i) {
+        float* s = &scores[i * n_keys];
+        float* o = out + (r * T + t0 + i) * q_stride + h * hd;
+        const int64_t last = cfg_.causal ? slot0 + t0 + i : end_slot - 1;  // last visible slot
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= last; ++j) {
+          s[j] = valid[j] ? s[j] * cfg_.attn_scale : -std::numeric_limits<float>::infinity();
+          m = std::max(m, s[j]);
+        }
+        if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible (padding)
+          std::fill(o, o + hd, 0.f);
+          continue;
+        }
+        for (int64_t j = 0; j <= last; ++j) s[j] -= m;
+        exp_inplace(s, last + 1);
+        float sum = 0;
+        for (int64_t j = 0; j <= last; ++j) {
+          if (!valid[j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
+          sum += s[j];
+        }
+        weighted_rows(s, V, last + 1, hd, 1.0f / sum, o);
       }
-      std::fill(o, o + hd, 0.f);
-      if (m == -std::numeric_limits<float>::infinity()) continue;  // nothing visible (padding)
-      float sum = 0;
-      for (int64_t j = 0; j <= last; ++j) {
-        if (!valid[j]) continue;
-        scores[j] -= m;
-      }
-      exp_inplace(scores.data(), last + 1);
-      for (int64_t j = 0; j <= last; ++j)
-        if (valid[j]) sum += scores[j];
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j <= last; ++j)
-        if (valid[j]) axpy(scores[j] * inv, V + j * hd, o, hd);
     }
   });
 }
