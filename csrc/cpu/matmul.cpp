@@ -78,6 +78,13 @@ inline void micro(int rw, int rt, const WT* w, int64_t ldw, const float* x, int6
 template <typename WT>
 void matmul_rows(const float* x, int64_t T, int64_t ldx, const WT* w, int64_t K, int64_t ldw,
                  float* y, int64_t ldy, bool accumulate, int64_t n_begin, int64_t n_end) {
+  if (T == 1) {
+    // One token (decode): eight weight rows at a time, eight memory streams per core.
+    int64_t n = n_begin;
+    for (; n + 8 <= n_end; n += 8) micro_kernel<8, 1>(w + n * ldw, ldw, x, ldx, K, y + n, ldy, accumulate);
+    for (; n < n_end; ++n) micro_kernel<1, 1>(w + n * ldw, ldw, x, ldx, K, y + n, ldy, accumulate);
+    return;
+  }
   // Panel of weight rows kept in L2 (~256 KiB) while all token blocks pass over it.
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(WT));
   int64_t NB = std::max<int64_t>(kRW, (256 * 1024 / std::max<int64_t>(row_bytes, 1)) / kRW * kRW);

@@ -190,27 +190,27 @@ void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const flo
 }
 
 double read_bandwidth(int64_t bytes, int reps) {
-  const int64_t n = std::max<int64_t>(bytes / 4, 1 << 16);
+  // Each task reads kStreams regions of the buffer side by side, as a matmul reads several
+  // weight rows at once: one sequential stream per core underuses the memory system.
+  constexpr int kStreams = 8;
+  constexpr int64_t kChunk = 1 << 14;  // floats per stream per task (64 KiB)
+  const int64_t n = std::max<int64_t>(bytes / 4, kStreams * kChunk) / (kStreams * kChunk) * (kStreams * kChunk);
   std::vector<float> buf(static_cast<size_t>(n), 1.0f);
-  constexpr int64_t kChunk = 1 << 16;  // floats per task
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<float> sink(static_cast<size_t>(chunks));
+  const int64_t tasks = n / (kStreams * kChunk), stride = n / kStreams;
+  std::vector<float> sink(static_cast<size_t>(tasks));
   double best = 0;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    parallel_for(chunks, [&](int64_t c0, int64_t c1) {
+    parallel_for(tasks, [&](int64_t c0, int64_t c1) {
+      constexpr int N = VecF::N;
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-        // Four independent sums so the adds never wait on each other: the loads set the pace.
-        VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
-        constexpr int N = VecF::N;
-        for (int64_t i = lo; i + 4 * N <= hi; i += 4 * N) {
-          a0 = simd::add(a0, VecF::load(&buf[i]));
-          a1 = simd::add(a1, VecF::load(&buf[i + N]));
-          a2 = simd::add(a2, VecF::load(&buf[i + 2 * N]));
-          a3 = simd::add(a3, VecF::load(&buf[i + 3 * N]));
-        }
-        sink[c] = simd::hsum(simd::add(simd::add(a0, a1), simd::add(a2, a3)));
+        VecF acc[kStreams];
+        for (int s = 0; s < kStreams; ++s) acc[s] = VecF::zero();
+        for (int64_t i = 0; i < kChunk; i += N)
+          for (int s = 0; s < kStreams; ++s)
+            acc[s] = simd::add(acc[s], VecF::load(&buf[s * stride + c * kChunk + i]));
+        for (int s = 1; s < kStreams; ++s) acc[0] = simd::add(acc[0], acc[s]);
+        sink[c] = simd::hsum(acc[0]);
       }
     });
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
