@@ -77,6 +77,29 @@ void check_same_shape(const I32Array& a, const I32Array& ids, const char* what) 
                           shape_str(ids) + ", got " + shape_str(a));
 }
 
+// Checked copies of a batch's token ids and mask: another Python thread may write to the
+// caller's arrays once the GIL is released.
+struct TokenBatch {
+  int64_t B = 0, L = 0;
+  std::vector<int32_t> ids, mask;
+  const int32_t* mask_or_null() const { return mask.empty() ? nullptr : mask.data(); }
+};
+
+TokenBatch token_batch(const I32Array& input_ids, const py::object& attention_mask, int64_t vocab) {
+  check_ids(input_ids, vocab, "input_ids");
+  TokenBatch t;
+  t.B = input_ids.shape(0);
+  t.L = input_ids.shape(1);
+  if (t.L == 0) throw py::value_error("input_ids: sequences must hold at least one token");
+  t.ids.assign(input_ids.data(), input_ids.data() + t.B * t.L);
+  if (!attention_mask.is_none()) {
+    const I32Array mask = attention_mask.cast<I32Array>();
+    check_same_shape(mask, input_ids, "attention_mask");
+    t.mask.assign(mask.data(), mask.data() + t.B * t.L);
+  }
+  return t;
+}
+
 class Engine {
  public:
   Engine(const py::dict& config, const py::dict& weights) {
@@ -132,30 +155,19 @@ class Engine {
                     const I32Array& position_ids, const std::string& output, bool last_only,
                     bool output_hidden_states) {
     const ModelConfig& c = model_->config();
-    check_ids(input_ids, c.vocab_size, "input_ids");
+    const TokenBatch in = token_batch(input_ids, attention_mask, c.vocab_size);
     check_same_shape(position_ids, input_ids, "position_ids");
-    const int64_t B = input_ids.shape(0), L = input_ids.shape(1);
-    if (L == 0) throw py::value_error("input_ids: sequences must hold at least one token");
-    I32Array mask;
-    if (!attention_mask.is_none()) {
-      mask = attention_mask.cast<I32Array>();
-      check_same_shape(mask, input_ids, "attention_mask");
-    }
+    const int64_t B = in.B, L = in.L;
     Output out_kind;
     if (output == "logits") out_kind = Output::Logits;
     else if (output == "hidden") out_kind = Output::Hidden;
     else throw py::value_error("output must be 'logits' or 'hidden', got '" + output + "'");
-    // Own copies of what was checked: another Python thread may write to the caller's
-    // arrays once the GIL is released.
-    const std::vector<int32_t> ids(input_ids.data(), input_ids.data() + B * L);
     const std::vector<int32_t> pos(position_ids.data(), position_ids.data() + B * L);
-    std::vector<int32_t> msk;
-    if (!attention_mask.is_none()) msk.assign(mask.data(), mask.data() + B * L);
     std::vector<float> out, states;
     {
       py::gil_scoped_release nogil;
-      out = model_->forward(ids.data(), msk.empty() ? nullptr : msk.data(), pos.data(), B, L, out_kind,
-                            last_only, output_hidden_states ? &states : nullptr);
+      out = model_->forward(in.ids.data(), in.mask_or_null(), pos.data(), B, L, out_kind, last_only,
+                            output_hidden_states ? &states : nullptr);
     }
     const int64_t D = out_kind == Output::Logits ? c.vocab_size : c.hidden_size;
     py::array_t<float> res({B, last_only ? int64_t{1} : L, D});
@@ -171,15 +183,7 @@ class Engine {
 
   py::array_t<int32_t> generate(const I32Array& input_ids, const py::object& attention_mask,
                                 const SamplingParams& params, const py::object& callback) {
-    const ModelConfig& c = model_->config();
-    check_ids(input_ids, c.vocab_size, "input_ids");
-    const int64_t B = input_ids.shape(0), L = input_ids.shape(1);
-    if (L == 0) throw py::value_error("input_ids: prompts must hold at least one token");
-    I32Array mask;
-    if (!attention_mask.is_none()) {
-      mask = attention_mask.cast<I32Array>();
-      check_same_shape(mask, input_ids, "attention_mask");
-    }
+    const TokenBatch in = token_batch(input_ids, attention_mask, model_->config().vocab_size);
     StepCallback cb;
     if (!callback.is_none()) {
       cb = [callback](const std::vector<int32_t>& toks) {
@@ -187,15 +191,12 @@ class Engine {
         callback(py::array_t<int32_t>(static_cast<py::ssize_t>(toks.size()), toks.data()));
       };
     }
-    const std::vector<int32_t> ids(input_ids.data(), input_ids.data() + B * L);
-    std::vector<int32_t> msk;
-    if (!attention_mask.is_none()) msk.assign(mask.data(), mask.data() + B * L);
     GenerateResult r;
     {
       py::gil_scoped_release nogil;
-      r = model_->generate(ids.data(), msk.empty() ? nullptr : msk.data(), B, L, params, cb);
+      r = model_->generate(in.ids.data(), in.mask_or_null(), in.B, in.L, params, cb);
     }
-    py::array_t<int32_t> out({B, r.steps});
+    py::array_t<int32_t> out({in.B, r.steps});
     if (!r.tokens.empty()) std::memcpy(out.mutable_data(), r.tokens.data(), r.tokens.size() * 4);
     return out;
   }
