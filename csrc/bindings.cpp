@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 #include "engine/model.h"
 #include "engine/threadpool.h"
 
@@ -23,6 +24,40 @@ std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
   return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+QFormat qformat(const std::string& name) {
+  if (name == "int8") return QFormat::Int8;
+  if (name == "int4") return QFormat::Int4;
+  throw py::value_error("unknown quantization '" + name + "': expected 'int8' or 'int4'");
+}
+
+// A quantized weight: (format, quants [rows, row bytes] uint8/int8, scales [rows, cols/32]
+// uint16 fp16 bits), as gemma_cpp.quant lays them out.
+Weight as_quant_weight(const py::tuple& t, const std::string& name, int64_t rows, int64_t cols) {
+  if (t.size() != 3) throw py::value_error(name + ": a quantized weight is (format, quants, scales)");
+  const QFormat f = qformat(t[0].cast<std::string>());
+  const py::array q = t[1].cast<py::array>(), d = t[2].cast<py::array>();
+  if (cols % kQBlock != 0)
+    throw py::value_error(name + ": quantized weights need an input size that is a multiple of 32, got " +
+                          std::to_string(cols));
+  const int64_t qb = quant_row_bytes(f, cols), nb = scale_row_count(cols);
+  if (q.ndim() != 2 || q.shape(0) != rows || q.shape(1) != qb || q.itemsize() != 1 ||
+      !(q.flags() & py::array::c_style))
+    throw py::value_error(name + ": quants must be a contiguous 1-byte array of shape (" + std::to_string(rows) +
+                          ", " + std::to_string(qb) + "), got " + shape_str(q));
+  if (d.ndim() != 2 || d.shape(0) != rows || d.shape(1) != nb || !d.dtype().is(py::dtype::of<uint16_t>()) ||
+      !(d.flags() & py::array::c_style))
+    throw py::value_error(name + ": scales must be a contiguous uint16 array of shape (" + std::to_string(rows) +
+                          ", " + std::to_string(nb) + "), got " + shape_str(d));
+  Weight w;
+  w.dtype = f == QFormat::Int8 ? DType::Int8 : DType::Int4;
+  w.data = q.data();
+  w.scales = static_cast<const uint16_t*>(d.data());
+  w.rows = rows;
+  w.cols = cols;
+  w.ld = qb;
+  return w;
 }
 
 // A weight given as a C-contiguous numpy array: float32, or uint16 holding bfloat16 bits.
@@ -129,21 +164,29 @@ class Engine {
       keep_.append(a);  // the engine reads this memory for its whole life
       return a;
     };
+    // A matrix: an array (float32 / bf16 bits) or a quantized (format, quants, scales) tuple.
+    auto mat = [&](const std::string& key, int64_t rows, int64_t cols) -> Weight {
+      if (!weights.contains(key.c_str())) throw py::value_error("engine weights: missing '" + key + "'");
+      py::object o = weights[key.c_str()];
+      keep_.append(o);
+      if (py::isinstance<py::tuple>(o)) return as_quant_weight(o.cast<py::tuple>(), key, rows, cols);
+      return as_weight(o.cast<py::array>(), key, rows, cols);
+    };
     const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
     ModelWeights w;
-    w.embed = as_weight(arr("embed"), "embed", c.vocab_size, H);
-    if (weights.contains("lm_head")) w.lm_head = as_weight(arr("lm_head"), "lm_head", c.vocab_size, H);
+    w.embed = mat("embed", c.vocab_size, H);
+    if (weights.contains("lm_head")) w.lm_head = mat("lm_head", c.vocab_size, H);
     w.final_norm = as_vector(arr("final_norm"), "final_norm", H);
     for (int64_t l = 0; l < c.num_layers; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";
       LayerWeights L;
-      L.q = as_weight(arr(p + "q"), p + "q", c.num_heads * hd, H);
-      L.k = as_weight(arr(p + "k"), p + "k", c.num_kv_heads * hd, H);
-      L.v = as_weight(arr(p + "v"), p + "v", c.num_kv_heads * hd, H);
-      L.o = as_weight(arr(p + "o"), p + "o", H, c.num_heads * hd);
-      L.gate = as_weight(arr(p + "gate"), p + "gate", F, H);
-      L.up = as_weight(arr(p + "up"), p + "up", F, H);
-      L.down = as_weight(arr(p + "down"), p + "down", H, F);
+      L.q = mat(p + "q", c.num_heads * hd, H);
+      L.k = mat(p + "k", c.num_kv_heads * hd, H);
+      L.v = mat(p + "v", c.num_kv_heads * hd, H);
+      L.o = mat(p + "o", H, c.num_heads * hd);
+      L.gate = mat(p + "gate", F, H);
+      L.up = mat(p + "up", F, H);
+      L.down = mat(p + "down", H, F);
       L.attn_norm = as_vector(arr(p + "attn_norm"), p + "attn_norm", H);
       L.mlp_norm = as_vector(arr(p + "mlp_norm"), p + "mlp_norm", H);
       w.layers.push_back(L);
@@ -271,17 +314,64 @@ PYBIND11_MODULE(_C, m) {
            py::arg("params"), py::arg("callback"));
 
   // Kernel entry points for tests against numpy.
-  m.def("matmul", [](py::array_t<float, py::array::c_style> x, const py::array& w) {
+  m.def("matmul", [](py::array_t<float, py::array::c_style> x, const py::object& w, py::object out) {
     if (x.ndim() != 2) throw py::value_error("x must be 2-D");
-    if (w.ndim() != 2) throw py::value_error("w must be 2-D");
-    const Weight wt = as_weight(w, "w", w.shape(0), x.shape(1));
-    py::array_t<float> y({x.shape(0), w.shape(0)});
+    Weight wt;
+    if (py::isinstance<py::tuple>(w)) {
+      const py::tuple t = w.cast<py::tuple>();
+      wt = as_quant_weight(t, "w", t[1].cast<py::array>().shape(0), x.shape(1));
+    } else {
+      const py::array a = w.cast<py::array>();
+      if (a.ndim() != 2) throw py::value_error("w must be 2-D");
+      wt = as_weight(a, "w", a.shape(0), x.shape(1));
+    }
+    py::array_t<float, py::array::c_style> y;
+    if (out.is_none()) {
+      y = py::array_t<float, py::array::c_style>({x.shape(0), static_cast<py::ssize_t>(wt.rows)});
+    } else {
+      y = out.cast<py::array_t<float, py::array::c_style>>();
+      if (y.ndim() != 2 || y.shape(0) != x.shape(0) || y.shape(1) != wt.rows || !y.writeable())
+        throw py::value_error("out must be a writable float32 array of shape (T, N)");
+    }
     {
       py::gil_scoped_release nogil;
-      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), w.shape(0));
+      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), wt.rows);
     }
     return y;
-  }, py::arg("x"), py::arg("w"), "y = x @ w.T (w float32, or uint16 bfloat16 bits)");
+  }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
+     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales) tuple");
+
+  m.def("quantize", [](const py::array& w, const std::string& fmt) {
+    const QFormat f = qformat(fmt);
+    if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
+      throw py::value_error("quantize: expected a contiguous 2-D array");
+    const bool bf16 = w.dtype().is(py::dtype::of<uint16_t>());
+    if (!bf16 && !w.dtype().is(py::dtype::of<float>()))
+      throw py::value_error("quantize: weights must be float32 or uint16 (bfloat16 bits)");
+    const int64_t rows = w.shape(0), K = w.shape(1);
+    if (K % kQBlock != 0)
+      throw py::value_error("quantize: the input size " + std::to_string(K) + " is not a multiple of 32");
+    py::array_t<uint8_t> q({rows, quant_row_bytes(f, K)});
+    py::array_t<uint16_t> d({rows, scale_row_count(K)});
+    {
+      py::gil_scoped_release nogil;
+      quantize_matrix(f, w.data(), bf16, rows, K, q.mutable_data(), d.mutable_data());
+    }
+    return py::make_tuple(fmt, q, d);
+  }, py::arg("w"), py::arg("format"), "(format, quants, scales) of a float32 / bf16 matrix, threaded");
+
+  m.def("dequantize", [](const py::tuple& t, int64_t K) {
+    const Weight w = as_quant_weight(t, "w", t[1].cast<py::array>().shape(0), K);
+    py::array_t<float> out({w.rows, K});
+    for (int64_t r = 0; r < w.rows; ++r) weight_row(w, r, out.mutable_data() + r * K);
+    return out;
+  }, py::arg("w"), py::arg("cols"), "float32 [rows, cols] of a quantized (format, quants, scales) tuple");
+
+  m.def("quant_matmul_path", &quant_matmul_path, "Quantized matmuls: avx512_vnni or scalar");
+  m.def("set_quant_matmul_path", [](const std::string& name) {
+    if (!set_quant_matmul_path(name))
+      throw py::value_error("quantized matmul path '" + name + "' is not available (now: " + quant_matmul_path() + ")");
+  }, py::arg("name"));
 
   m.def("sample", [](py::array_t<float, py::array::c_style> logits, int64_t n,
                      const SamplingParams& p, std::vector<int32_t> history) {

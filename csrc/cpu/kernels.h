@@ -6,16 +6,17 @@
 
 namespace gemma {
 
-enum class DType : int { F32 = 0, BF16 = 1 };
+enum class DType : int { F32 = 0, BF16 = 1, Int8 = 2, Int4 = 3 };
 
-inline int64_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-
-// A weight matrix [rows = out features, cols = in features], rows ld elements apart.
+// A weight matrix [rows = out features, cols = in features]. F32/BF16: row-major, rows ld
+// elements apart. Int8/Int4 (cpu/quant.h): data holds the quants, rows ld bytes apart, and
+// scales the fp16 block scales, [rows][cols / 32].
 struct Weight {
   const void* data = nullptr;
+  const uint16_t* scales = nullptr;
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0, ld = 0;
-  int64_t bytes() const { return rows * cols * dtype_size(dtype); }
+  bool quantized() const { return dtype == DType::Int8 || dtype == DType::Int4; }
 };
 
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs
@@ -39,6 +40,13 @@ void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float*
 const char* bf16_matmul_path();  // "amx", "avx512_bf16" or "generic"
 // Pins the path ("auto": the best this CPU has); false if this CPU or build lacks it.
 bool set_bf16_matmul_path(const std::string& name);
+
+// The quantized case of matmul: x is quantized per block of 32 to int8 (scale amax / 127,
+// round to nearest even) and multiplied with integer dot products (AVX512-VNNI, or scalar).
+void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                  bool accumulate);
+const char* quant_matmul_path();                      // "avx512_vnni" or "scalar"
+bool set_quant_matmul_path(const std::string& name);  // tests pin a path; "auto" restores
 
 // Row r of w as float32 (embedding lookup).
 void weight_row(const Weight& w, int64_t r, float* out);

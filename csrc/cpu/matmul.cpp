@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 #include "cpu/simd.h"
 #include "engine/threadpool.h"
 
@@ -128,12 +129,17 @@ void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, i
   if (T <= 0 || w.rows <= 0) return;
   if (w.dtype == DType::F32)
     matmul_typed<float>(x, T, ldx, w, y, ldy, accumulate);
-  else
+  else if (w.dtype == DType::BF16)
     matmul_bf16(x, T, ldx, w, y, ldy, accumulate);
+  else
+    matmul_quant(x, T, ldx, w, y, ldy, accumulate);
 }
 
 void weight_row(const Weight& w, int64_t r, float* out) {
-  if (w.dtype == DType::F32) {
+  if (w.quantized()) {
+    dequantize_row(w.dtype == DType::Int8 ? QFormat::Int8 : QFormat::Int4,
+                   static_cast<const uint8_t*>(w.data) + r * w.ld, w.scales + r * (w.cols / kQBlock), w.cols, out);
+  } else if (w.dtype == DType::F32) {
     std::memcpy(out, static_cast<const float*>(w.data) + r * w.ld, w.cols * sizeof(float));
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(w.data) + r * w.ld;

@@ -1,0 +1,122 @@
+"""int8 and int4 weight formats: the numpy mirror of csrc/cpu/quant.h (the test oracle) and
+the policy of which tensors a model quantizes.
+
+int8 has the values of GGUF Q8_0 and int4 those of Q4_0: blocks of 32 weights along a row,
+one fp16 scale each; int8 w = d * q (q in [-127, 127]), int4 w = d * (q - 8) (q in [0, 15]).
+A quantized matrix is the tuple (format, quants, scales):
+  int8: quants int8-valued uint8 [rows, K], scales uint16 (fp16 bits) [rows, K / 32]
+  int4: quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
+        block 2p in its low nibble and of block 2p + 1 in its high nibble.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+FORMATS = ("int8", "int4")
+BLOCK = 32
+BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "bfloat16": 16, "float32": 32}
+
+
+def _blocks(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % BLOCK:
+        raise ValueError(f"expected a [rows, K] matrix with K a multiple of {BLOCK}, got shape {w.shape}")
+    return w.reshape(w.shape[0], w.shape[1] // BLOCK, BLOCK)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def quantize_int8(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
+    """As ggml's quantize_row_q8_0_ref: d = amax / 127 (float32), q = roundf(x / d)."""
+    x = _blocks(w)
+    d = (np.abs(x).max(axis=2) / np.float32(127)).astype(np.float32)
+    v = (x * _inverse(d)[..., None]).astype(np.float32)
+    q = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)  # half away from zero, exactly
+    return "int8", q.astype(np.int8).view(np.uint8).reshape(w.shape[0], -1), d.astype(np.float16).view(np.uint16)
+
+
+def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
+    """As ggml's quantize_row_q4_0_ref: d = (value of largest magnitude) / -8,
+    q = min(15, trunc(x / d + 8.5)), each step rounded to float32."""
+    x = _blocks(w)
+    rows, nb, _ = x.shape
+    vmax = np.take_along_axis(x, np.abs(x).argmax(axis=2)[..., None], axis=2)[..., 0]
+    d = (vmax / np.float32(-8)).astype(np.float32)
+    v = ((x * _inverse(d)[..., None]).astype(np.float32) + np.float32(8.5)).astype(np.float32)
+    q = np.minimum(15, np.trunc(v)).astype(np.uint8)
+    if nb % 2:
+        q = np.concatenate([q, np.zeros((rows, 1, BLOCK), np.uint8)], axis=1)
+    pairs = q.reshape(rows, -1, 2, BLOCK)
+    packed = (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(rows, -1)
+    return "int4", packed, d.astype(np.float16).view(np.uint16)
+
+
+def quantize(w: np.ndarray, fmt: str) -> Tuple[str, np.ndarray, np.ndarray]:
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "int4":
+        return quantize_int4(w)
+    raise ValueError(f"unknown quantization {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def dequantize(qw: Tuple[str, np.ndarray, np.ndarray], cols: int) -> np.ndarray:
+    fmt, q, d = qw
+    rows, nb = d.shape
+    scale = d.view(np.float16).astype(np.float32)[..., None]
+    if fmt == "int8":
+        v = q.view(np.int8).reshape(rows, nb, BLOCK).astype(np.float32)
+    elif fmt == "int4":
+        pairs = q.reshape(rows, -1, BLOCK)
+        v = np.stack([pairs & 0xF, pairs >> 4], axis=2).reshape(rows, -1, BLOCK)[:, :nb].astype(np.float32) - 8
+    else:
+        raise ValueError(f"unknown quantization {fmt!r}")
+    return (v * scale).astype(np.float32).reshape(rows, cols)
+
+
+# ---- policy: which tensors of a model get which format.
+
+PolicyLike = Union[None, str, Dict[str, Optional[str]]]
+_GROUPS = ("embed", "attention", "mlp")
+_LAYER_GROUP = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
+                "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+def resolve_policy(quantization: PolicyLike) -> Dict[str, Optional[str]]:
+    """{group: format or None} for the groups embed (the embedding, which is also the tied LM
+    head), attention (q, k, v, o) and mlp (gate, up, down). Norms always stay float32.
+
+    "int8" / "int4" quantize every group; a dict sets groups one by one, e.g.
+    {"layers": "int4", "embed": "int8"} ("layers" means attention and mlp); groups it does not
+    name stay in the model's float dtype."""
+    if quantization is None:
+        return dict.fromkeys(_GROUPS)
+    if isinstance(quantization, str):
+        if quantization not in FORMATS:
+            raise ValueError(f"unknown quantization {quantization!r}: expected one of {', '.join(FORMATS)}, "
+                             "or a dict such as {'layers': 'int4', 'embed': 'int8'}")
+        return dict.fromkeys(_GROUPS, quantization)
+    if not isinstance(quantization, dict):
+        raise ValueError(f"quantization must be None, a format name or a dict, got {type(quantization).__name__}")
+    out = dict.fromkeys(_GROUPS)
+    for key, fmt in quantization.items():
+        if fmt is not None and fmt not in FORMATS:
+            raise ValueError(f"quantization[{key!r}]: unknown format {fmt!r}: expected one of {', '.join(FORMATS)} or None")
+        if key == "layers":
+            out["attention"] = out["mlp"] = fmt
+        elif key in _GROUPS:
+            out[key] = fmt
+        else:
+            raise ValueError(f"quantization: unknown group {key!r}: expected one of layers, {', '.join(_GROUPS)}")
+    return out
+
+
+def format_for(policy: Dict[str, Optional[str]], engine_name: str) -> Optional[str]:
+    """The format for an engine tensor name ('embed', 'lm_head', 'layers.3.gate', ...)."""
+    if engine_name in ("embed", "lm_head"):
+        return policy["embed"]
+    return policy[_LAYER_GROUP[engine_name.rsplit(".", 1)[-1]]]
