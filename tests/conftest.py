@@ -14,6 +14,9 @@ CONFIGS = {
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16),
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
     "mha": dict(num_attention_heads=3, num_key_value_heads=3, head_dim=20),
+    # every input size a multiple of 32, so every matrix can be quantized
+    "q32": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, vocab_size=1024),
 }
 BASE = dict(vocab_size=1001, hidden_size=72, intermediate_size=168, num_hidden_layers=3,
             max_position_embeddings=128, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1,

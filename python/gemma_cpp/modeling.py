@@ -15,6 +15,7 @@ from ._dtypes import as_engine_dtype, as_float32, canonical_dtype, round_to
 from .config import GemmaConfig
 from .convert.hf import Checkpoint
 from .generation import GenerationConfig
+from .quant import format_for, resolve_policy
 
 
 class ModelOutput(dict):
@@ -58,9 +59,12 @@ def _expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: Checkpoint):
+def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: Checkpoint,
+                 policy: Optional[Dict[str, Optional[str]]] = None):
     """Checks the checkpoint's names and shapes against the config and builds the engine.
-    Returns (engine, weight dtype, the head tensors found)."""
+    policy: quant.resolve_policy's {group: format}. Returns (engine, float weight dtype,
+    the head tensors found)."""
+    policy = policy or resolve_policy(None)
     if config.activation != "gelu_pytorch_tanh":
         raise ValueError(f"{folder}: activation {config.activation!r} is not supported (Gemma uses gelu_pytorch_tanh)")
     expected = _expected_shapes(config)
@@ -102,15 +106,22 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
     else:
         target = canonical_dtype(dtype)
 
-    def matrix(base):
-        a, dt = ckpt.get(names[base])
-        return as_engine_dtype(a, dt, target)
+    def matrix(base, engine_name):
+        a, dt = ckpt.get(names[base]) if base in names else ckpt.get(base)
+        fmt = format_for(policy, engine_name)
+        if fmt is None:
+            return as_engine_dtype(a, dt, target)
+        if a.shape[1] % 32:
+            raise ValueError(f"{folder}: cannot quantize {base!r} to {fmt}: its input size {a.shape[1]} is not "
+                             "a multiple of 32 (the block size); leave that group unquantized")
+        src = a if dt == "bfloat16" else np.ascontiguousarray(as_float32(a, dt))
+        return _C.quantize(np.ascontiguousarray(src), fmt)  # bf16 bits are read as bf16
 
     def norm(base):
         a, dt = ckpt.get(names[base])
         return np.ascontiguousarray(as_float32(a, dt) + np.float32(1.0))  # HF stores w; the engine takes 1 + w
 
-    weights = {"embed": matrix("embed_tokens.weight"), "final_norm": norm("norm.weight")}
+    weights = {"embed": matrix("embed_tokens.weight", "embed"), "final_norm": norm("norm.weight")}
     if not config.tie_word_embeddings:
         if "lm_head.weight" not in heads:
             raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but the checkpoint "
@@ -119,12 +130,12 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
         if shape != (config.vocab_size, config.hidden_size):
             raise ValueError(f"{ckpt.file_of('lm_head.weight')}: tensor 'lm_head.weight' has shape {shape}, "
                              f"expected {(config.vocab_size, config.hidden_size)}")
-        a, dt = ckpt.get("lm_head.weight")
-        weights["lm_head"] = as_engine_dtype(a, dt, target)
+        weights["lm_head"] = matrix("lm_head.weight", "lm_head")
     for i in range(config.num_hidden_layers):
         for short, name in _LAYER_TENSORS.items():
             base = f"layers.{i}.{name}"
-            weights[f"layers.{i}.{short}"] = norm(base) if short in _NORMS else matrix(base)
+            name = f"layers.{i}.{short}"
+            weights[name] = norm(base) if short in _NORMS else matrix(base, name)
     engine_config = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -172,19 +183,25 @@ class GemmaPreTrainedModel:
 
     _head = None  # names of head tensors this class loads
 
-    def __init__(self, config: GemmaConfig, engine, dtype: str, folder: Optional[str] = None):
+    def __init__(self, config: GemmaConfig, engine, dtype: str, folder: Optional[str] = None,
+                 quantization: Optional[Dict[str, Optional[str]]] = None):
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization or resolve_policy(None)
         self.name_or_path = folder
         self._engine = engine
         self.generation_config = GenerationConfig.from_pretrained(folder) if folder else GenerationConfig()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=None, config: Optional[GemmaConfig] = None,
-                        torch_dtype=None, **kwargs):
+                        torch_dtype=None, quantization=None, **kwargs):
         """Load a Hugging Face checkpoint folder (config.json + safetensors). dtype:
         'float32', 'bfloat16', or None / 'auto' for the checkpoint's (float16 runs as float32).
-        bfloat16 weights are used in place from the file's memory map."""
+        bfloat16 weights are used in place from the file's memory map.
+
+        quantization: None, 'int8' or 'int4' (every linear layer and the embedding / LM head;
+        norms stay float32), or a dict by group, e.g. {'layers': 'int4', 'embed': 'int8'}
+        (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype."""
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
         folder = os.fspath(pretrained_model_name_or_path)
@@ -195,9 +212,10 @@ class GemmaPreTrainedModel:
             dtype = torch_dtype
         if dtype is not None and dtype != "auto":
             canonical_dtype(dtype)  # fail on a bad name before reading gigabytes
+        policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
         config = config or GemmaConfig.from_pretrained(folder)
-        engine, target, heads = _load_engine(folder, config, dtype, Checkpoint(folder))
-        model = cls(config, engine, target, folder)
+        engine, target, heads = _load_engine(folder, config, dtype, Checkpoint(folder), policy)
+        model = cls(config, engine, target, folder, policy)
         model._load_head(folder, heads)
         return model
 
@@ -228,7 +246,10 @@ class GemmaPreTrainedModel:
         return self.config.num_parameters()
 
     def __repr__(self):
-        return f"{type(self).__name__}(dtype={self.dtype}, config={self.config!r})"
+        q = {k: v for k, v in self.quantization.items() if v}
+        c = self.config
+        return (f"{type(self).__name__}({self.name_or_path!r}, dtype={self.dtype}, quantization={q or None}, "
+                f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, vocab={c.vocab_size})")
 
 
 class GemmaModel(GemmaPreTrainedModel):
