@@ -87,7 +87,11 @@ res = {}
 if engine == "gemma_cpp":
     import gemma_cpp
     gemma_cpp.set_num_threads(threads)
-    t = time.perf_counter(); m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=dtype)
+    t = time.perf_counter()
+    if dtype in ("int8", "int4"):
+        m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization=dtype)
+    else:
+        m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=dtype)
     res["load_s"] = time.perf_counter() - t
     m(short, logits_to_keep=1)  # warm-up: touches every weight page
     t = time.perf_counter(); m(prompt, logits_to_keep=1); res["prefill_s"] = time.perf_counter() - t
@@ -126,8 +130,8 @@ def run_row(engine, dtype, folder, threads, prompt_len, new_tokens):
     return json.loads(line[-1][7:])
 
 
-def weight_bytes(layers: int, dtype: str) -> int:
-    per = 2 if dtype == "bfloat16" else 4
+def weight_bytes(layers: int, dtype: str) -> float:
+    per = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32}[dtype]  # scales included
     H, F, hd, nH = 2048, 16384, 256, 8
     layer = (nH * hd * H) * 2 + 2 * hd * H + 3 * F * H
     return (layers * layer + 256000 * H) * per
@@ -140,7 +144,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rows", default="gemma_cpp:float32,gemma_cpp:bfloat16,transformers:float32,transformers:bfloat16")
+    ap.add_argument("--rows", default="gemma_cpp:float32,gemma_cpp:bfloat16,gemma_cpp:int8,gemma_cpp:int4,"
+                                      "transformers:float32,transformers:bfloat16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     folder = args.folder if args.layers == 18 else args.folder + f"-{args.layers}l"
@@ -169,12 +174,12 @@ def main():
     print(f"{'engine':13s} {'dtype':9s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
           f"{'of BW bound':>11s} {'peak RSS GB':>11s} {'decode x':>9s} {'prefill x':>9s}")
     for r in rows:
-        base = ref.get(r["dtype"])
+        base = ref.get(r["dtype"], ref.get("bfloat16"))  # int8/int4 rows: against transformers bf16
         dx = r["decode_tps"] / base["decode_tps"] if base else float("nan")
         px = r["prefill_tps"] / base["prefill_tps"] if base else float("nan")
         print(f"{r['engine']:13s} {r['dtype']:9s} {r['load_s']:7.1f} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} "
               f"{r['bound_fraction']:10.0%} {r['peak_rss'] / 1e9:11.2f} {dx:9.2f} {px:9.2f}")
-    print("(x: ratio to transformers eager in the same dtype, measured in this run; "
+    print("(x: ratio to transformers eager in the same dtype, int8/int4 to its bfloat16, measured in this run; "
           f"prompt {args.prompt} tokens, decode {args.new_tokens} tokens at batch 1, {args.threads} threads)")
     if args.json:
         with open(args.json, "w") as f:

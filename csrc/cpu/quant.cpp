@@ -133,6 +133,9 @@ struct QActs {
   std::vector<int8_t> q;      // [T][np * 64]
   std::vector<float> dx;      // [T][np * 2]: the block scales
   std::vector<int32_t> qsum;  // [T][np * 16]: per dot-product lane, the sum of its 4 q (int4's -8 term)
+  // One token (decode) only:
+  std::vector<float> dxe;     // [np * 16]: the scale of each lane's block
+  std::vector<uint8_t> ux;    // [np * 64]: q + 128, unsigned (int8 weights' dot products)
 };
 
 QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
@@ -168,6 +171,12 @@ QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
     parallel_for(T, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) row(t);
     });
+  }
+  if (T == 1) {
+    a.dxe.resize(static_cast<size_t>(a.np * 16));
+    a.ux.resize(static_cast<size_t>(a.np * 64));
+    for (int64_t l = 0; l < a.np * 16; ++l) a.dxe[l] = a.dx[(l / 16) * 2 + (l % 16) / 8];
+    for (int64_t i = 0; i < a.np * 64; ++i) a.ux[i] = static_cast<uint8_t>(a.q[i] + 128);
   }
   return a;
 }
@@ -262,6 +271,67 @@ void vnni_kernel(const Weight& w, int64_t n, const QActs& a, int64_t t0, float* 
     }
 }
 
+// One token (decode), 8 weight rows at a time: bound by streaming the weights, so the work
+// per 64-weight block pair is cut to the bone (about 9 vector ops):
+//  int4: one broadcast load of 32 bytes, a per-half shift and a mask give the 64 nibbles
+//        (unsigned); dpbusd with the signed activations gives sum q*qx, and the -8 * sum qx
+//        term is taken once per row as sum_b dw_b * (8 dx_b sum qx_b) (corr below).
+//  int8: activations offset to unsigned (qx + 128, as ux); dpbusd(ux, q) - dpbusd(128, q).
+//  The two block scales of a pair reach their 8 lanes each by one permute.
+template <bool kInt4>
+void vnni_decode(const Weight& w, int64_t n, const QActs& a, const float* corr, float* y, bool accumulate,
+                 const float* dw) {
+  constexpr int RW = 8;
+  const int64_t nb = w.cols / kQBlock, np = a.np;
+  const uint8_t* qw = static_cast<const uint8_t*>(w.data) + n * w.ld;
+  const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(-128);
+  const __m512i halves = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
+                                          0x0004000400040004, 0, 0, 0, 0);  // per 16-bit lane: 0 low, 4 high half
+  const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[RW];
+  for (int r = 0; r < RW; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512 dxv = _mm512_loadu_ps(a.dxe.data() + p * 16);
+    const void* xsrc = kInt4 ? static_cast<const void*>(a.q.data() + p * 64) : static_cast<const void*>(a.ux.data() + p * 64);
+    const __m512i xv = _mm512_loadu_si512(xsrc);
+    const __mmask64 m = 2 * p + 1 < nb ? ~__mmask64{0} : __mmask64{0xffffffffu};
+    for (int r = 0; r < RW; ++r) {
+      const uint8_t* src = qw + r * w.ld;
+      // The rows two groups on follow these in memory: fetch their line at this offset now,
+      // so short rows (1-2 KiB) never wait for the hardware prefetcher to notice them
+      // (measured: int4 decode from DRAM 9-10 GB/s without, 16-21 with; never faults).
+      if (p % (kInt4 ? 2 : 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 2 * RW * w.ld + p * (kInt4 ? 32 : 64)), _MM_HINT_T0);
+      __m512i dp;
+      if (kInt4) {
+        const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + p * 32)));
+        const __m512i wv = _mm512_and_si512(_mm512_srlv_epi16(b, halves), low4);
+        dp = _mm512_dpbusd_epi32(zero, wv, xv);
+      } else {
+        const __m512i q = _mm512_maskz_loadu_epi8(m, src + p * 64);
+        dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, q), _mm512_dpbusd_epi32(zero, c128, q));
+      }
+      const __m512 d2 = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(reinterpret_cast<const double*>(
+          dw + r * (nb + 1) + 2 * p))));
+      const __m512 dwv = _mm512_permutexvar_ps(sel, d2);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dp), dxv), dwv, acc[r]);
+    }
+  }
+  for (int r = 0; r < RW; ++r) {
+    float s = _mm512_reduce_add_ps(acc[r]);
+    if (kInt4) {  // - sum_b dw_b * 8 dx_b sum qx_b
+      const float* d = dw + r * (nb + 1);
+      __m512 c = _mm512_setzero_ps();
+      int64_t b = 0;
+      for (; b + 16 <= nb; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(d + b), _mm512_loadu_ps(corr + b), c);
+      float cs = _mm512_reduce_add_ps(c);
+      for (; b < nb; ++b) cs += d[b] * corr[b];
+      s -= cs;
+    }
+    float* o = y + n + r;
+    *o = accumulate ? *o + s : s;
+  }
+}
+
 template <bool kInt4, int RW>
 void vnni_rt(int rt, const Weight& w, int64_t n, const QActs& a, int64_t t0, float* y, int64_t ldy, bool acc,
              const float* dw) {
@@ -276,11 +346,23 @@ void vnni_rt(int rt, const Weight& w, int64_t n, const QActs& a, int64_t t0, flo
 template <bool kInt4>
 void rows_vnni(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
   const int64_t nb = w.cols / kQBlock;
-  // float32 scales of the 4 rows in flight, one zero past each row's end (a lone last block)
-  std::vector<float> dw_buf(static_cast<size_t>(4 * (nb + 1) + 16), 0.f);
+  // One token (decode) streams 8 rows at once (8 memory streams per core); more tokens
+  // reuse each unpacked row 4 times instead.
+  const int64_t RW = a.T == 1 ? 8 : 4;
+  // float32 scales of the rows in flight, one zero past each row's end (a lone last block)
+  std::vector<float> dw_buf(static_cast<size_t>(RW * (nb + 1) + 16), 0.f);
   float* dw = dw_buf.data();
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int rw = static_cast<int>(std::min<int64_t>(4, n1 - n));
+  std::vector<float> corr;  // int4 decode: 8 dx_b sum qx_b per block
+  if (kInt4 && a.T == 1) {
+    corr.resize(static_cast<size_t>(nb));
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t qs = 0;
+      for (int i = 0; i < 8; ++i) qs += a.qsum[(b / 2) * 16 + (b % 2) * 8 + i];
+      corr[b] = 8.f * a.dx[b] * static_cast<float>(qs);
+    }
+  }
+  for (int64_t n = n0; n < n1; n += RW) {
+    const int rw = static_cast<int>(std::min<int64_t>(RW, n1 - n));
     for (int r = 0; r < rw; ++r) {
       const uint16_t* src = w.scales + (n + r) * nb;
       float* dst = dw + r * (nb + 1);
@@ -289,13 +371,21 @@ void rows_vnni(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc,
         _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b))));
       for (; b < nb; ++b) dst[b] = f16_to_f32(src[b]);
     }
-    for (int64_t t = 0; t < a.T; t += 4) {
-      const int rt = static_cast<int>(std::min<int64_t>(4, a.T - t));
-      switch (rw) {
-        case 4: vnni_rt<kInt4, 4>(rt, w, n, a, t, y, ldy, acc, dw); break;
-        case 3: vnni_rt<kInt4, 3>(rt, w, n, a, t, y, ldy, acc, dw); break;
-        case 2: vnni_rt<kInt4, 2>(rt, w, n, a, t, y, ldy, acc, dw); break;
-        default: vnni_rt<kInt4, 1>(rt, w, n, a, t, y, ldy, acc, dw); break;
+    if (rw == 8) {
+      vnni_decode<kInt4>(w, n, a, corr.data(), y, acc, dw);
+      continue;
+    }
+    for (int r0 = 0; r0 < rw; r0 += 4) {  // groups of at most 4 rows
+      const int g = std::min(4, rw - r0);
+      const float* dwg = dw + r0 * (nb + 1);
+      for (int64_t t = 0; t < a.T; t += 4) {
+        const int rt = static_cast<int>(std::min<int64_t>(4, a.T - t));
+        switch (g) {
+          case 4: vnni_rt<kInt4, 4>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
+          case 3: vnni_rt<kInt4, 3>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
+          case 2: vnni_rt<kInt4, 2>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
+          default: vnni_rt<kInt4, 1>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
+        }
       }
     }
   }

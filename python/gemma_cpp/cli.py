@@ -79,8 +79,10 @@ def cmd_info(args) -> int:
     print(f"vocab:       {cfg.vocab_size}; max positions {cfg.max_position_embeddings}; rope theta {cfg.rope_theta:g}")
     print(f"parameters:  {n:,} ({n - n_emb:,} without the tied embedding)")
     print("bytes by weight format (norms stay float32):")
-    for name, bytes_per in (("float32", 4), ("bfloat16", 2)):
-        print(f"  {name:9s} {n * bytes_per / 2**30:8.2f} GiB")
+    from .quant import BITS_PER_WEIGHT
+
+    for name, bits in BITS_PER_WEIGHT.items():
+        print(f"  {name:9s} {n * bits / 8 / 2**30:8.2f} GiB")
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".model", ".json")))
     for f in files:
         print(f"  file {f}: {os.path.getsize(os.path.join(folder, f)) / 2**20:.1f} MiB")
