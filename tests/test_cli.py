@@ -89,3 +89,11 @@ def test_console_script_is_installed():
         pytest.skip("gemma-cpp is not on PATH (package not installed in this environment)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_generate_quantized_on_load(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    for q in ("int8", "int4"):
+        out = run_cli("generate", "Hello there", "--max-new-tokens", "6", "--quantization", q, env_extra=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("Hello there") and q in out.stderr

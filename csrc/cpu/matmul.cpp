@@ -11,6 +11,10 @@
 //    once per call and x is re-read from cache.
 #include <algorithm>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>  // _mm_prefetch
+#endif
+
 #include "cpu/kernels.h"
 #include "cpu/quant.h"
 #include "cpu/simd.h"
@@ -38,6 +42,11 @@ inline void micro_kernel(const WT* w, int64_t ldw, const float* x, int64_t ldx, 
     VecF xv[RT];
     for (int t = 0; t < RT; ++t) xv[t] = VecF::load(x + t * ldx + k);
     for (int r = 0; r < RW; ++r) {
+#if defined(__SSE__)
+      // Decode (one token, 8 rows): fetch the rows two groups on (next in memory) early.
+      if (RT == 1 && RW == 8 && (k * sizeof(WT)) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * RW) * ldw + k), _MM_HINT_T0);
+#endif
       const VecF wv = VecF::load(w + r * ldw + k);
       for (int t = 0; t < RT; ++t) acc[r][t] = simd::fma(wv, xv[t], acc[r][t]);
     }

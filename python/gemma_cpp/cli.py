@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
         gemma_cpp.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = gemma_cpp.GemmaTokenizer.from_pretrained(folder)
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=args.dtype)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=args.dtype, quantization=args.quantization)
     load_s = time.perf_counter() - t0
     ids = tok(prompt)["input_ids"]
     eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
@@ -60,7 +60,7 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t1
     n_new = out.shape[1] - len(ids)
     print(f"[gemma-cpp] load {load_s:.2f} s; {len(ids)} prompt + {n_new} new tokens in {dt:.2f} s "
-          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {model.dtype}, "
+          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {args.quantization or model.dtype}, "
           f"{gemma_cpp.get_num_threads()} threads, {gemma_cpp.cpu_isa()})", file=sys.stderr)
     return 0
 
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
                    help="a checkpoint folder (optional: a tiny random model otherwise) and the prompt")
     g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    g.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                   help="quantize the weights on load (every linear layer and the embedding)")
     g.add_argument("--threads", type=int, default=None)
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
