@@ -89,6 +89,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import engine_format
+
+    out = engine_format.save(args.src, args.out, dtype=args.dtype, quantization=args.quantization, force=args.force)
+    size = os.path.getsize(os.path.join(out, engine_format.WEIGHTS))
+    print(f"wrote {out} ({size / 2**20:.1f} MiB; {args.quantization or 'no quantization'})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gemma-cpp", description="Run Gemma models on the gemma_cpp engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +110,13 @@ def main(argv=None) -> int:
     g.add_argument("--threads", type=int, default=None)
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
+    c.add_argument("src", help="a Hugging Face checkpoint folder")
+    c.add_argument("out", help="the folder to write (must not exist, unless --force)")
+    c.add_argument("--quantization", choices=("int8", "int4"), default=None)
+    c.add_argument("--dtype", default=None, help="float32 or bfloat16 for what is not quantized")
+    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.set_defaults(func=cmd_convert)
     i = sub.add_parser("info", help="config, parameter count and sizes of a checkpoint")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)

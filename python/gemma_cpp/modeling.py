@@ -13,6 +13,7 @@ import numpy as np
 from . import _C
 from ._dtypes import as_engine_dtype, as_float32, canonical_dtype, round_to
 from .config import GemmaConfig
+from .convert import engine_format
 from .convert.hf import Checkpoint
 from .generation import GenerationConfig
 from .quant import format_for, resolve_policy
@@ -59,10 +60,11 @@ def _expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: Checkpoint,
-                 policy: Optional[Dict[str, Optional[str]]] = None):
-    """Checks the checkpoint's names and shapes against the config and builds the engine.
-    policy: quant.resolve_policy's {group: format}. Returns (engine, float weight dtype,
+def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: Checkpoint,
+                   policy: Optional[Dict[str, Optional[str]]] = None):
+    """Checks a Hugging Face checkpoint's names and shapes against the config and gives the
+    engine's weights: {engine name: array, or (format, quants, scales)}, norms as (1 + w).
+    policy: quant.resolve_policy's {group: format}. Returns (weights, float weight dtype,
     the head tensors found)."""
     policy = policy or resolve_policy(None)
     if config.activation != "gelu_pytorch_tanh":
@@ -136,7 +138,13 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
             base = f"layers.{i}.{name}"
             name = f"layers.{i}.{short}"
             weights[name] = norm(base) if short in _NORMS else matrix(base, name)
-    engine_config = {
+    return weights, target, {k: ckpt.get(k) for k in heads if k != "lm_head.weight"}
+
+
+def engine_config(config: GemmaConfig, target: str) -> dict:
+    """The engine's view of a config; target is the float weight dtype (the embedding scale is
+    rounded to it, as transformers does)."""
+    return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -151,8 +159,6 @@ def _load_engine(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: C
         "attn_scale": float(np.float32(config.head_dim ** -0.5)),
         "causal": not bool(getattr(config, "use_bidirectional_attention", False) or False),
     }
-    engine = _C.Engine(engine_config, weights)
-    return engine, target, {k: ckpt.get(k) for k in heads if k != "lm_head.weight"}
 
 
 def _as_ids(x, name: str) -> np.ndarray:
@@ -214,8 +220,12 @@ class GemmaPreTrainedModel:
             canonical_dtype(dtype)  # fail on a bad name before reading gigabytes
         policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
         config = config or GemmaConfig.from_pretrained(folder)
-        engine, target, heads = _load_engine(folder, config, dtype, Checkpoint(folder), policy)
-        model = cls(config, engine, target, folder, policy)
+        if engine_format.is_engine_checkpoint(folder):
+            weights, target, file_policy, heads = engine_format.load(folder, dtype, policy)
+            policy = file_policy
+        else:
+            weights, target, heads = engine_weights(folder, config, dtype, Checkpoint(folder), policy)
+        model = cls(config, _C.Engine(engine_config(config, target), weights), target, folder, policy)
         model._load_head(folder, heads)
         return model
 

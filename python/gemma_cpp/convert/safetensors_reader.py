@@ -27,6 +27,7 @@ _DTYPES = {
     "I32": (np.int32, 4),
     "I16": (np.int16, 2),
     "I8": (np.int8, 1),
+    "U16": (np.uint16, 2),
     "U8": (np.uint8, 1),
     "BOOL": (np.bool_, 1),
 }

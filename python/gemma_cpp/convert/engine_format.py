@@ -1,0 +1,156 @@
+"""gemma_cpp's own checkpoint: the engine's weights already in its layout (quantized or
+not) in one safetensors file, loaded by mmap without a copy, beside config.json and the
+tokenizer files. `gemma-cpp convert` writes it; from_pretrained reads it.
+
+model.safetensors holds tensors under the engine's names (embed, lm_head, final_norm,
+layers.N.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}) and the heads' (score.weight, score.bias):
+  float matrices as F32 or BF16; norms as F32 holding (1 + w), ready for the engine;
+  quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), see quant.py.
+__metadata__ (strings): format "gemma_cpp", format_version, dtype (the float weight dtype),
+quantization (JSON policy), formats (JSON {name: int8 | int4}).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from .._dtypes import canonical_dtype
+from ..quant import FORMATS, resolve_policy
+from .safetensors_reader import SafetensorsFile
+
+FORMAT = "gemma_cpp"
+VERSION = "1"
+WEIGHTS = "model.safetensors"
+# Files carried over from the source folder when present (config.json is rewritten).
+CARRY = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def is_engine_checkpoint(folder: str) -> bool:
+    path = os.path.join(folder, WEIGHTS)
+    if not os.path.isfile(path) or os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+        return False
+    return SafetensorsFile(path).metadata.get("format") == FORMAT
+
+
+def _write_safetensors(path: str, tensors, metadata: Dict[str, str], progress: Optional[Callable] = None):
+    """tensors: [(name, array, safetensors dtype)], written in order, 8-byte aligned."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, arr, dt in tensors:
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for i, (name, arr, _) in enumerate(tensors):
+            f.write(np.ascontiguousarray(arr).data)
+            if progress:
+                progress(i + 1, len(tensors), name)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _progress_bar(done: int, total: int, name: str, stream=sys.stderr) -> None:
+    width = 30
+    filled = width * done // total
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:40s}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def save(src: str, out: str, dtype=None, quantization=None, force: bool = False, progress=_progress_bar) -> str:
+    """Convert a Hugging Face checkpoint folder to our format in folder `out`. Written under a
+    temporary name beside it and renamed at the end; an existing `out` is replaced only with
+    force=True."""
+    from ..config import GemmaConfig
+    from ..modeling import engine_weights
+    from .hf import Checkpoint
+
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (pass --force / force=True to replace it)")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: no such checkpoint folder")
+    policy = resolve_policy(quantization)
+    config = GemmaConfig.from_pretrained(src)
+    weights, target, heads = engine_weights(src, config, dtype, Checkpoint(src), policy)
+    tensors, formats = [], {}
+    for name, v in weights.items():
+        if isinstance(v, tuple):
+            fmt, q, d = v
+            formats[name] = fmt
+            tensors += [(name + ".quants", q, "U8"), (name + ".scales", d, "U16")]
+        else:
+            tensors.append((name, v, "BF16" if v.dtype == np.uint16 else "F32"))
+    for name, (arr, dt) in heads.items():
+        from .._dtypes import as_float32
+
+        tensors.append((name, np.ascontiguousarray(as_float32(arr, dt)), "F32"))
+    metadata = {"format": FORMAT, "format_version": VERSION, "dtype": target,
+                "quantization": json.dumps(policy), "formats": json.dumps(formats)}
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".gemma-cpp-convert-", dir=parent)
+    try:
+        _write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata, progress)
+        config.save_pretrained(tmp)
+        for name in CARRY:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        if os.path.exists(out):  # force: swap in, then drop the old one
+            old = tempfile.mkdtemp(prefix=".gemma-cpp-old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(folder: str, dtype=None, requested_policy=None):
+    """(engine weights as views into the file's memory map, float dtype, policy, heads)."""
+    path = os.path.join(folder, WEIGHTS)
+    f = SafetensorsFile(path)
+    meta = f.metadata
+    version = meta.get("format_version")
+    if version != VERSION:
+        raise ValueError(f"{path}: gemma_cpp format version {version!r} is not one this gemma_cpp reads "
+                         f"({VERSION!r}); convert the original checkpoint again")
+    try:
+        target = canonical_dtype(meta["dtype"])
+        policy = resolve_policy(json.loads(meta["quantization"]))
+        formats = json.loads(meta["formats"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: damaged gemma_cpp metadata ({e})") from None
+    if not isinstance(formats, dict) or any(v not in FORMATS for v in formats.values()):
+        raise ValueError(f"{path}: damaged gemma_cpp metadata (formats)")
+    if dtype not in (None, "auto") and canonical_dtype(dtype) != target:
+        raise ValueError(f"{folder} was converted with dtype {target}; convert again for {dtype}")
+    if requested_policy and any(requested_policy.values()) and requested_policy != policy:
+        raise ValueError(f"{folder} was converted with quantization {policy}; convert again to change it")
+    weights, heads = {}, {}
+    names = set(f.names())
+    for name in sorted(names):
+        if name.endswith(".scales"):
+            continue
+        if name.endswith(".quants"):
+            base = name[: -len(".quants")]
+            if base not in formats or base + ".scales" not in names:
+                raise ValueError(f"{path}: tensor {name!r} has no format or no scales")
+            weights[base] = (formats[base], f.get(name), f.get(base + ".scales"))
+        elif name.startswith("score."):
+            heads[name] = (f.get(name), f.dtype_of(name))
+        else:
+            weights[name] = f.get(name)
+    return weights, target, policy, heads
