@@ -89,3 +89,17 @@ def random_batch(seed, B, L, vocab, pad_left=None, pad_right=None):
             mask[b, L - n:] = 0
             ids[b, L - n:] = 0
     return ids, mask
+
+
+def available_paths(setter, names):
+    """The kernel paths among names that this CPU and build have (setter refuses the others
+    with ValueError); leaves the automatic choice in place."""
+    have = []
+    for name in names:
+        try:
+            setter(name)
+            have.append(name)
+        except ValueError:
+            pass
+    setter("auto")
+    return have

@@ -4,6 +4,7 @@ import pytest
 
 from gemma_cpp import _C
 from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from conftest import available_paths
 
 EPS32 = 2.0 ** -24  # unit roundoff of float32
 
@@ -14,15 +15,7 @@ SHAPES = [(1, 64, 10), (1, 1000, 37), (3, 100, 7), (4, 2048, 64), (5, 17, 5), (9
 
 def bf16_paths():
     """Every bf16 matmul path this CPU and build have: AMX, AVX512-BF16, generic."""
-    have = []
-    for p in ("generic", "avx512_bf16", "amx"):
-        try:
-            _C.set_bf16_matmul_path(p)
-            have.append(p)
-        except ValueError:
-            pass
-    _C.set_bf16_matmul_path("auto")
-    return have
+    return available_paths(_C.set_bf16_matmul_path, ("generic", "avx512_bf16", "amx"))
 
 
 def _check(y, xv, wv):

@@ -7,7 +7,7 @@ import torch
 import gemma_cpp
 from gemma_cpp import _C
 from gemma_cpp.quant import dequantize, quantize, resolve_policy
-from conftest import random_batch
+from conftest import available_paths, random_batch
 
 FORMATS = ["int8", "int4"]
 
@@ -64,15 +64,7 @@ def quant_bound(x, wd):
 
 
 def quant_paths():
-    have = []
-    for p in ("scalar", "avx512_vnni"):
-        try:
-            _C.set_quant_matmul_path(p)
-            have.append(p)
-        except ValueError:
-            pass
-    _C.set_quant_matmul_path("auto")
-    return have
+    return available_paths(_C.set_quant_matmul_path, ("scalar", "avx512_vnni"))
 
 
 @pytest.mark.parametrize("path", quant_paths())
