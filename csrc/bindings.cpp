@@ -152,6 +152,12 @@ class Engine {
     c.embed_scale = get<float>(config, "embed_scale");
     c.attn_scale = get<float>(config, "attn_scale");
     c.causal = get<bool>(config, "causal");
+    if (config.contains("kv_cache_dtype")) {
+      const std::string kv = config["kv_cache_dtype"].cast<std::string>();
+      if (kv != "float32" && kv != "bfloat16")
+        throw py::value_error("kv_cache_dtype must be 'float32' or 'bfloat16', got '" + kv + "'");
+      c.kv_bf16 = kv == "bfloat16";
+    }
     if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.intermediate_size <= 0 || c.num_layers <= 0 ||
         c.num_heads <= 0 || c.num_kv_heads <= 0 || c.head_dim <= 0 || c.head_dim % 2 != 0 ||
         c.num_heads % c.num_kv_heads != 0)

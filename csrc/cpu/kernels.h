@@ -28,10 +28,10 @@ const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build run
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
             bool accumulate = false);
 
-// y[T, N] = x[T, K] . w[N, K]^T in float32 on the calling thread (no pool): for kernels
-// that are themselves parallel, such as attention.
-void matmul_serial(const float* x, int64_t T, int64_t ldx, const float* w, int64_t N, int64_t K,
-                   int64_t ldw, float* y, int64_t ldy);
+// y[T, N] = x[T, K] . w[N, K]^T on the calling thread (no pool), w float32 or bfloat16
+// (x is not rounded), float32 accumulation: for kernels that are themselves parallel, such
+// as attention over the KV cache.
+void matmul_serial(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy);
 
 // The bf16-weight case of matmul: x is rounded to bf16 first (the products run on bf16
 // dot-product hardware: AMX, AVX512-BF16, or widened to float32 where neither exists).
@@ -68,9 +68,9 @@ void exp_inplace(float* x, int64_t n);
 // the best pass. The memory-bandwidth yardstick benchmarks compare decode against.
 double read_bandwidth(int64_t bytes, int reps);
 
-// out[d] = scale * sum_j p[j] * v[j * dim + d] for d < dim: the attention's P . V for one
-// query, the accumulators held in registers across the n rows.
-void weighted_rows(const float* p, const float* v, int64_t n, int64_t dim, float scale, float* out);
+// out[d] = scale * sum_j p[j] * v[j][d] for d < v.cols, j < n: the attention's P . V for
+// one query (v float32 or bfloat16, rows v.ld apart), accumulated in registers.
+void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, float* out);
 
 float dot(const float* a, const float* b, int64_t n);
 // y += a * x

@@ -123,9 +123,11 @@ void matmul_typed(const float* x, int64_t T, int64_t ldx, const Weight& wt, floa
 
 }  // namespace
 
-void matmul_serial(const float* x, int64_t T, int64_t ldx, const float* w, int64_t N, int64_t K,
-                   int64_t ldw, float* y, int64_t ldy) {
-  matmul_rows<float>(x, T, ldx, w, K, ldw, y, ldy, false, 0, N);
+void matmul_serial(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy) {
+  if (w.dtype == DType::F32)
+    matmul_rows<float>(x, T, ldx, static_cast<const float*>(w.data), w.cols, w.ld, y, ldy, false, 0, w.rows);
+  else
+    matmul_rows<uint16_t>(x, T, ldx, static_cast<const uint16_t*>(w.data), w.cols, w.ld, y, ldy, false, 0, w.rows);
 }
 
 void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y,

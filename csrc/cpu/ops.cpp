@@ -99,7 +99,9 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void weighted_rows(const float* p, const float* v, int64_t n, int64_t dim, float scale, float* out) {
+namespace {
+template <typename VT>
+void weighted_rows_typed(const float* p, const VT* v, int64_t ldv, int64_t n, int64_t dim, float scale, float* out) {
   constexpr int N = VecF::N, kAcc = 8;  // 8 vectors of accumulators: 128 floats (AVX-512)
   const VecF sv = VecF::set1(scale);
   int64_t d = 0;
@@ -109,21 +111,29 @@ void weighted_rows(const float* p, const float* v, int64_t n, int64_t dim, float
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0.f) continue;  // masked key
       const VecF pj = VecF::set1(p[j]);
-      const float* vr = v + j * dim + d;
+      const VT* vr = v + j * ldv + d;
       for (int i = 0; i < kAcc; ++i) acc[i] = simd::fma(pj, VecF::load(vr + i * N), acc[i]);
     }
     for (int i = 0; i < kAcc; ++i) simd::mul(acc[i], sv).store(out + d + i * N);
   }
   for (; d + N <= dim; d += N) {
     VecF acc = VecF::zero();
-    for (int64_t j = 0; j < n; ++j) acc = simd::fma(VecF::set1(p[j]), VecF::load(v + j * dim + d), acc);
+    for (int64_t j = 0; j < n; ++j) acc = simd::fma(VecF::set1(p[j]), VecF::load(v + j * ldv + d), acc);
     simd::mul(acc, sv).store(out + d);
   }
   for (; d < dim; ++d) {
     float acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * v[j * dim + d];
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * load_scalar(v + j * ldv + d);
     out[d] = acc * scale;
   }
+}
+}  // namespace
+
+void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, float* out) {
+  if (v.dtype == DType::F32)
+    weighted_rows_typed(p, static_cast<const float*>(v.data), v.ld, n, v.cols, scale, out);
+  else
+    weighted_rows_typed(p, static_cast<const uint16_t*>(v.data), v.ld, n, v.cols, scale, out);
 }
 
 void axpy(float a, const float* x, float* y, int64_t n) {

@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "cpu/simd.h"
 #include "engine/threadpool.h"
 
 namespace gemma {
@@ -37,11 +38,46 @@ constexpr int64_t kMaxChunkTokens = 512;
 
 KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_)
     : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
-      layers(c.num_layers) {
+      layers(c.num_layers), dtype(c.kv_bf16 ? DType::BF16 : DType::F32) {
   const size_t n = static_cast<size_t>(layers * rows * kv_heads * capacity * head_dim);
-  k.resize(n);
-  v.resize(n);
+  if (dtype == DType::BF16) {
+    kb.resize(n);
+    vb.resize(n);
+  } else {
+    k.resize(n);
+    v.resize(n);
+  }
   valid.assign(static_cast<size_t>(rows * capacity), 0);
+}
+
+void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value) {
+  const int64_t o = offset(layer, row, head, slot);
+  if (dtype == DType::BF16) {
+    for (int64_t i = 0; i < head_dim; ++i) {
+      kb[o + i] = f32_to_bf16(key[i]);
+      vb[o + i] = f32_to_bf16(value[i]);
+    }
+  } else {
+    std::memcpy(&k[o], key, head_dim * sizeof(float));
+    std::memcpy(&v[o], value, head_dim * sizeof(float));
+  }
+}
+
+Weight KVCache::keys(int64_t layer, int64_t row, int64_t head, int64_t n) const {
+  Weight w;
+  w.dtype = dtype;
+  w.data = dtype == DType::BF16 ? static_cast<const void*>(&kb[offset(layer, row, head, 0)])
+                                : static_cast<const void*>(&k[offset(layer, row, head, 0)]);
+  w.rows = n;
+  w.cols = w.ld = head_dim;
+  return w;
+}
+
+Weight KVCache::values(int64_t layer, int64_t row, int64_t head, int64_t n) const {
+  Weight w = keys(layer, row, head, n);
+  w.data = dtype == DType::BF16 ? static_cast<const void*>(&vb[offset(layer, row, head, 0)])
+                                : static_cast<const void*>(&v[offset(layer, row, head, 0)]);
+  return w;
 }
 
 Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_(std::move(weights)) {
@@ -81,9 +117,8 @@ void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>&
       if (static_cast<int64_t>(qblock.size()) < nq * hd) qblock.resize(nq * hd);
       for (int64_t i = 0; i < nq; ++i)
         std::memcpy(&qblock[i * hd], q + (r * T + t0 + i) * q_stride + h * hd, hd * sizeof(float));
-      const float* K = cache.k_at(layer, row, kvh, 0);
-      const float* V = cache.v_at(layer, row, kvh, 0);
-      matmul_serial(qblock.data(), nq, hd, K, n_keys, hd, hd, scores.data(), n_keys);
+      matmul_serial(qblock.data(), nq, hd, cache.keys(layer, row, kvh, n_keys), scores.data(), n_keys);
+      const Weight V = cache.values(layer, row, kvh, n_keys);
       const uint8_t* valid = cache.valid.data() + row * cache.capacity;
       for (int64_t i = 0; i < nq; ++i) {
         float* s = &scores[i * n_keys];
@@ -105,7 +140,7 @@ void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>&
           if (!valid[j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
           sum += s[j];
         }
-        weighted_rows(s, V, last + 1, hd, 1.0f / sum, o);
+        weighted_rows(s, V, last + 1, 1.0f / sum, o);
       }
     }
   });
@@ -156,8 +191,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
         rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
         const int64_t r = m / T, t = m % T;
         for (int64_t kh = 0; kh < nKV; ++kh) {
-          std::memcpy(cache.k_at(l, rows[r], kh, slot0 + t), &k[m * KD + kh * hd], hd * sizeof(float));
-          std::memcpy(cache.v_at(l, rows[r], kh, slot0 + t), &v[m * KD + kh * hd], hd * sizeof(float));
+          cache.store(l, rows[r], kh, slot0 + t, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
         }
       }
     }

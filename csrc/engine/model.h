@@ -27,6 +27,7 @@ struct ModelConfig {
   float embed_scale = 1.f;   // sqrt(hidden_size), already rounded to the weight dtype
   float attn_scale = 1.f;    // head_dim ** -0.5
   bool causal = true;        // false: use_bidirectional_attention
+  bool kv_bf16 = false;      // keys and values cached in bfloat16 (half the memory)
 };
 
 struct LayerWeights {
@@ -42,21 +43,25 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
-// Keys and values of B sequences for every layer, float32, laid out
+// Keys and values of B sequences for every layer, float32 or bfloat16 (kv_bf16), laid out
 // [layer][row][kv_head][slot][head_dim] so that one (row, kv head) is one contiguous run of
 // slots: the decode attention reads it front to back. valid[row][slot] says whether a slot
 // holds a real token (0 for padding); masked slots are never attended to.
 struct KVCache {
   int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
-  std::vector<float> k, v;
+  DType dtype = DType::F32;
+  std::vector<float> k, v;       // float32 cache
+  std::vector<uint16_t> kb, vb;  // bfloat16 cache
   std::vector<uint8_t> valid;
   KVCache(const ModelConfig& c, int64_t rows, int64_t capacity);
-  float* k_at(int64_t layer, int64_t row, int64_t head, int64_t slot) {
-    return k.data() + (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
+  int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
+    return (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
   }
-  float* v_at(int64_t layer, int64_t row, int64_t head, int64_t slot) {
-    return v.data() + (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
-  }
+  // Writes one token's key and value of one head (rounded to bf16 for a bf16 cache).
+  void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
+  // Slots [0, n) of one (row, head) as a [n, head_dim] matrix.
+  Weight keys(int64_t layer, int64_t row, int64_t head, int64_t n) const;
+  Weight values(int64_t layer, int64_t row, int64_t head, int64_t n) const;
 };
 
 // What forward() returns for each row: every position or only the last one; the hidden

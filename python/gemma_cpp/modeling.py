@@ -200,14 +200,17 @@ class GemmaPreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=None, config: Optional[GemmaConfig] = None,
-                        torch_dtype=None, quantization=None, **kwargs):
+                        torch_dtype=None, quantization=None, kv_cache_dtype: str = "float32", **kwargs):
         """Load a Hugging Face checkpoint folder (config.json + safetensors). dtype:
         'float32', 'bfloat16', or None / 'auto' for the checkpoint's (float16 runs as float32).
         bfloat16 weights are used in place from the file's memory map.
 
         quantization: None, 'int8' or 'int4' (every linear layer and the embedding / LM head;
         norms stay float32), or a dict by group, e.g. {'layers': 'int4', 'embed': 'int8'}
-        (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype."""
+        (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype.
+
+        kv_cache_dtype: 'float32' (as transformers' float32 model) or 'bfloat16' (half the
+        memory for long prompts; keys and values rounded to bf16)."""
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
         folder = os.fspath(pretrained_model_name_or_path)
@@ -225,7 +228,11 @@ class GemmaPreTrainedModel:
             policy = file_policy
         else:
             weights, target, heads = engine_weights(folder, config, dtype, Checkpoint(folder), policy)
-        model = cls(config, _C.Engine(engine_config(config, target), weights), target, folder, policy)
+        if kv_cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
+        model = cls(config, _C.Engine(ecfg, weights), target, folder, policy)
+        model.kv_cache_dtype = kv_cache_dtype
         model._load_head(folder, heads)
         return model
 
