@@ -90,9 +90,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import engine_format
+    from .convert import engine_format, original
 
-    out = engine_format.save(args.src, args.out, dtype=args.dtype, quantization=args.quantization, force=args.force)
+    if args.from_ == "original":
+        out = original.convert(args.src, args.out, size=args.size, config_path=args.config, tokenizer=args.tokenizer,
+                               to=args.to or "hf", quantization=args.quantization, dtype=args.dtype,
+                               force=args.force, progress=engine_format._progress_bar)
+        if (args.to or "hf") == "hf":
+            print(f"wrote {out} (Hugging Face folder)", file=sys.stderr)
+            return 0
+    else:
+        if args.to == "hf":
+            raise ValueError("--to hf is for --from original; a Hugging Face folder is already one")
+        out = engine_format.save(args.src, args.out, dtype=args.dtype, quantization=args.quantization, force=args.force)
     size = os.path.getsize(os.path.join(out, engine_format.WEIGHTS))
     print(f"wrote {out} ({size / 2**20:.1f} MiB; {args.quantization or 'no quantization'})", file=sys.stderr)
     return 0
@@ -111,11 +121,18 @@ def main(argv=None) -> int:
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
-    c.add_argument("src", help="a Hugging Face checkpoint folder")
+    c.add_argument("src", help="a Hugging Face checkpoint folder (or, with --from original, a gemma_pytorch .ckpt)")
     c.add_argument("out", help="the folder to write (must not exist, unless --force)")
     c.add_argument("--quantization", choices=("int8", "int4"), default=None)
     c.add_argument("--dtype", default=None, help="float32 or bfloat16 for what is not quantized")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--from", dest="from_", choices=("hf", "original"), default="hf",
+                   help="original: a gemma_pytorch checkpoint (model_state_dict, fused qkv_proj)")
+    c.add_argument("--to", choices=("hf", "gemma_cpp"), default=None,
+                   help="with --from original: a Hugging Face folder (default) or our format")
+    c.add_argument("--size", choices=("2b", "7b"), default=None, help="with --from original: the model's size")
+    c.add_argument("--config", default=None, help="with --from original: a config.json instead of --size")
+    c.add_argument("--tokenizer", default=None, help="with --from original: the tokenizer.model to include")
     c.set_defaults(func=cmd_convert)
     i = sub.add_parser("info", help="config, parameter count and sizes of a checkpoint")
     i.add_argument("model")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._dtypes import canonical_dtype
 from ..quant import FORMATS, resolve_policy
-from .safetensors_reader import SafetensorsFile
+from .safetensors_reader import SafetensorsFile, write_safetensors
 
 FORMAT = "gemma_cpp"
 VERSION = "1"
@@ -37,24 +37,6 @@ def is_engine_checkpoint(folder: str) -> bool:
     if not os.path.isfile(path) or os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
         return False
     return SafetensorsFile(path).metadata.get("format") == FORMAT
-
-
-def _write_safetensors(path: str, tensors, metadata: Dict[str, str], progress: Optional[Callable] = None):
-    """tensors: [(name, array, safetensors dtype)], written in order, 8-byte aligned."""
-    header, offset = {"__metadata__": metadata}, 0
-    for name, arr, dt in tensors:
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for i, (name, arr, _) in enumerate(tensors):
-            f.write(np.ascontiguousarray(arr).data)
-            if progress:
-                progress(i + 1, len(tensors), name)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _progress_bar(done: int, total: int, name: str, stream=sys.stderr) -> None:
@@ -100,7 +82,7 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".gemma-cpp-convert-", dir=parent)
     try:
-        _write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata, progress)
+        write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata, progress)
         config.save_pretrained(tmp)
         for name in CARRY:
             if os.path.isfile(os.path.join(src, name)):

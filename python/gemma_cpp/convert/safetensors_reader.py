@@ -1,4 +1,5 @@
-"""A bounded reader of .safetensors files that hands out zero-copy views of one memory map.
+"""A bounded reader of .safetensors files that hands out zero-copy views of one memory map,
+and a streaming writer.
 
 The format: 8 bytes little-endian header length N, N bytes of JSON
 {name: {"dtype": str, "shape": [int], "data_offsets": [begin, end]}, "__metadata__": {...}},
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -110,3 +111,22 @@ class SafetensorsFile:
         if count == 0:
             return np.zeros(shape, dtype=npdt)
         return np.frombuffer(self._mmap, dtype=npdt, count=count, offset=offset).reshape(shape)
+
+
+def write_safetensors(path: str, tensors, metadata: Dict[str, str], progress: Optional[Callable] = None) -> None:
+    """tensors: [(name, array, safetensors dtype name)], written in order, 8-byte aligned,
+    one tensor at a time (no copy of the whole model in memory); progress(done, total, name)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, arr, dt in tensors:
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for i, (name, arr, _) in enumerate(tensors):
+            f.write(np.ascontiguousarray(arr).data)
+            if progress:
+                progress(i + 1, len(tensors), name)
+        f.flush()
+        os.fsync(f.fileno())
