@@ -109,15 +109,20 @@ def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt:
         target = canonical_dtype(dtype)
 
     def matrix(base, engine_name):
-        a, dt = ckpt.get(names[base]) if base in names else ckpt.get(base)
+        name = names.get(base, base)
+        a, dt = ckpt.get(name)
         fmt = format_for(policy, engine_name)
         if fmt is None:
-            return as_engine_dtype(a, dt, target)
-        if a.shape[1] % 32:
-            raise ValueError(f"{folder}: cannot quantize {base!r} to {fmt}: its input size {a.shape[1]} is not "
-                             "a multiple of 32 (the block size); leave that group unquantized")
-        src = a if dt == "bfloat16" else np.ascontiguousarray(as_float32(a, dt))
-        return _C.quantize(np.ascontiguousarray(src), fmt)  # bf16 bits are read as bf16
+            out = as_engine_dtype(a, dt, target)
+        else:
+            if a.shape[1] % 32:
+                raise ValueError(f"{folder}: cannot quantize {base!r} to {fmt}: its input size {a.shape[1]} is not "
+                                 "a multiple of 32 (the block size); leave that group unquantized")
+            src = a if dt == "bfloat16" else np.ascontiguousarray(as_float32(a, dt))
+            out = _C.quantize(np.ascontiguousarray(src), fmt)  # bf16 bits are read as bf16
+        if not (isinstance(out, np.ndarray) and np.shares_memory(out, a)):
+            ckpt.release(name)  # converted: the file's pages need not stay resident
+        return out
 
     def norm(base):
         a, dt = ckpt.get(names[base])

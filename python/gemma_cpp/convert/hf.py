@@ -90,6 +90,12 @@ class Checkpoint:
             return self._torch[name]
         return f.get(name), f.dtype_of(name)
 
+    def release(self, name: str) -> None:
+        """See SafetensorsFile.release (a no-op for .bin checkpoints)."""
+        f = self._where[name]
+        if f is not None:
+            f.release(name)
+
     def file_of(self, name: str) -> str:
         f = self._where[name]
         return f.path if f is not None else os.path.join(self.folder, "pytorch_model.bin")

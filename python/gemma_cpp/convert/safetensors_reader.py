@@ -103,6 +103,19 @@ class SafetensorsFile:
     def shape_of(self, name: str) -> Tuple[int, ...]:
         return self._info[name][1]
 
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process's resident memory (they stay in the
+        page cache): for tensors that were converted into new arrays and are not read again."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        dtype, shape, offset = self._info[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1] if shape else _DTYPES[dtype][1]
+        page = mmap.PAGESIZE
+        start = (offset + page - 1) // page * page  # whole pages inside the tensor only
+        end = (offset + nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def get(self, name: str) -> np.ndarray:
         """A read-only view of the tensor's bytes in the memory map (bf16: uint16 bits)."""
         dtype, shape, offset = self._info[name]
