@@ -373,7 +373,7 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("w"), py::arg("cols"), "float32 [rows, cols] of a quantized (format, quants, scales) tuple");
 
-  m.def("quant_matmul_path", &quant_matmul_path, "Quantized matmuls: avx512_vnni or scalar");
+  m.def("quant_matmul_path", &quant_matmul_path, "Quantized matmuls: avx512_vnni, avx2 or scalar (chosen at import)");
   m.def("set_quant_matmul_path", [](const std::string& name) {
     if (!set_quant_matmul_path(name))
       throw py::value_error("quantized matmul path '" + name + "' is not available (now: " + quant_matmul_path() + ")");

@@ -64,7 +64,7 @@ def quant_bound(x, wd):
 
 
 def quant_paths():
-    return available_paths(_C.set_quant_matmul_path, ("scalar", "avx512_vnni"))
+    return available_paths(_C.set_quant_matmul_path, ("scalar", "avx2", "avx512_vnni"))
 
 
 @pytest.mark.parametrize("path", quant_paths())

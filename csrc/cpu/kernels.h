@@ -42,10 +42,11 @@ const char* bf16_matmul_path();  // "amx", "avx512_bf16" or "generic"
 bool set_bf16_matmul_path(const std::string& name);
 
 // The quantized case of matmul: x is quantized per block of 32 to int8 (scale amax / 127,
-// round to nearest even) and multiplied with integer dot products (AVX512-VNNI, or scalar).
+// round to nearest even) and multiplied with integer dot products: AVX512-VNNI, AVX2 or
+// scalar, chosen once from what the CPU supports.
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate);
-const char* quant_matmul_path();                      // "avx512_vnni" or "scalar"
+const char* quant_matmul_path();                      // "avx512_vnni", "avx2" or "scalar"
 bool set_quant_matmul_path(const std::string& name);  // tests pin a path; "auto" restores
 
 // Row r of w as float32 (embedding lookup).

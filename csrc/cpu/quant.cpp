@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/quant_kernels.h"
 #include "cpu/simd.h"
 #include "engine/threadpool.h"
 
@@ -119,7 +120,7 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
 }
 
 // ---------------------------------------------------------------------------------------
-// Quantized matmul.
+// Quantized matmul. (The SIMD kernels live in quant_avx512.cpp and quant_avx2.cpp.)
 //
 // Activations: each token row is quantized per block of 32 to int8 with scale
 // dx = amax / 127 and q = nearest-even(x * 127 / amax), laid out in block pairs of 64 bytes
@@ -136,6 +137,10 @@ struct QActs {
   // One token (decode) only:
   std::vector<float> dxe;     // [np * 16]: the scale of each lane's block
   std::vector<uint8_t> ux;    // [np * 64]: q + 128, unsigned (int8 weights' dot products)
+  std::vector<float> corr;    // [np * 2]: 8 dx_b sum of block b's q (int4's -8 term)
+  QActView view() const {
+    return {T, np, q.data(), dx.data(), qsum.data(), dxe.data(), ux.data(), corr.data()};
+  }
 };
 
 QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
@@ -177,6 +182,12 @@ QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
     a.ux.resize(static_cast<size_t>(a.np * 64));
     for (int64_t l = 0; l < a.np * 16; ++l) a.dxe[l] = a.dx[(l / 16) * 2 + (l % 16) / 8];
     for (int64_t i = 0; i < a.np * 64; ++i) a.ux[i] = static_cast<uint8_t>(a.q[i] + 128);
+    a.corr.assign(static_cast<size_t>(a.np * 2), 0.f);
+    for (int64_t b = 0; b < K / kQBlock; ++b) {
+      int32_t qs = 0;
+      for (int i = 0; i < 8; ++i) qs += a.qsum[(b / 2) * 16 + (b % 2) * 8 + i];
+      a.corr[b] = 8.f * a.dx[b] * static_cast<float>(qs);
+    }
   }
   return a;
 }
@@ -211,222 +222,73 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
   }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr bool kHaveVnni = true;
 
-// RW weight rows x RT tokens. Weight bytes of a pair are unpacked once per row (int8: |q| and
-// the sign mask; int4: the 64 nibbles) and reused by every token of the block.
-template <bool kInt4, int RW, int RT>
-void vnni_kernel(const Weight& w, int64_t n, const QActs& a, int64_t t0, float* y, int64_t ldy, bool accumulate,
-                 const float* dw /* [RW][nb + 1] float scales, 0 past the end */) {
-  const int64_t nb = w.cols / kQBlock, np = a.np;
-  const uint8_t* qw = static_cast<const uint8_t*>(w.data) + n * w.ld;
-  __m512 acc[RW][RT];
-  for (int r = 0; r < RW; ++r)
-    for (int t = 0; t < RT; ++t) acc[r][t] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
-  for (int64_t p = 0; p < np; ++p) {
-    __m512i wv[RW];
-    __mmask64 neg[RW];
-    __m512 dwv[RW];
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* src = qw + r * w.ld;
-      if (kInt4) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + p * 32));
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-        wv[r] = _mm512_and_si512(both, low4);
-      } else {
-        const __mmask64 m = 2 * p + 1 < nb ? ~__mmask64{0} : __mmask64{0xffffffffu};
-        const __m512i q = _mm512_maskz_loadu_epi8(m, src + p * 64);
-        neg[r] = _mm512_movepi8_mask(q);
-        wv[r] = _mm512_abs_epi8(q);
-      }
-      const float* d = dw + r * (nb + 1) + 2 * p;
-      dwv[r] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(d[1]), 1);
-    }
-    for (int t = 0; t < RT; ++t) {
-      const int64_t tt = t0 + t;
-      const __m512i qx = _mm512_loadu_si512(a.q.data() + (tt * np + p) * 64);
-      const float* dx2 = a.dx.data() + (tt * np + p) * 2;
-      const __m512 dxv = _mm512_insertf32x8(_mm512_set1_ps(dx2[0]), _mm256_set1_ps(dx2[1]), 1);
-      __m512i qs;
-      if (kInt4) qs = _mm512_slli_epi32(_mm512_loadu_si512(a.qsum.data() + (tt * np + p) * 16), 3);
-      for (int r = 0; r < RW; ++r) {
-        __m512i dp;
-        if (kInt4) {
-          dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, wv[r], qx), qs);  // sum (q - 8) qx
-        } else {
-          const __m512i sx = _mm512_mask_sub_epi8(qx, neg[r], zero, qx);  // qx * sign(qw)
-          dp = _mm512_dpbusd_epi32(zero, wv[r], sx);                       // |qw| * that
-        }
-        acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dp), dxv), dwv[r], acc[r][t]);
-      }
-    }
-  }
-  for (int r = 0; r < RW; ++r)
-    for (int t = 0; t < RT; ++t) {
-      const float s = _mm512_reduce_add_ps(acc[r][t]);
-      float* o = y + (t0 + t) * ldy + n + r;
-      *o = accumulate ? *o + s : s;
-    }
-}
 
-// One token (decode), 8 weight rows at a time: bound by streaming the weights, so the work
-// per 64-weight block pair is cut to the bone (about 9 vector ops):
-//  int4: one broadcast load of 32 bytes, a per-half shift and a mask give the 64 nibbles
-//        (unsigned); dpbusd with the signed activations gives sum q*qx, and the -8 * sum qx
-//        term is taken once per row as sum_b dw_b * (8 dx_b sum qx_b) (corr below).
-//  int8: activations offset to unsigned (qx + 128, as ux); dpbusd(ux, q) - dpbusd(128, q).
-//  The two block scales of a pair reach their 8 lanes each by one permute.
-template <bool kInt4>
-void vnni_decode(const Weight& w, int64_t n, const QActs& a, const float* corr, float* y, bool accumulate,
-                 const float* dw) {
-  constexpr int RW = 8;
-  const int64_t nb = w.cols / kQBlock, np = a.np;
-  const uint8_t* qw = static_cast<const uint8_t*>(w.data) + n * w.ld;
-  const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(-128);
-  const __m512i halves = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
-                                          0x0004000400040004, 0, 0, 0, 0);  // per 16-bit lane: 0 low, 4 high half
-  const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[RW];
-  for (int r = 0; r < RW; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
-    const __m512 dxv = _mm512_loadu_ps(a.dxe.data() + p * 16);
-    const void* xsrc = kInt4 ? static_cast<const void*>(a.q.data() + p * 64) : static_cast<const void*>(a.ux.data() + p * 64);
-    const __m512i xv = _mm512_loadu_si512(xsrc);
-    const __mmask64 m = 2 * p + 1 < nb ? ~__mmask64{0} : __mmask64{0xffffffffu};
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* src = qw + r * w.ld;
-      // The rows two groups on follow these in memory: fetch their line at this offset now,
-      // so short rows (1-2 KiB) never wait for the hardware prefetcher to notice them
-      // (measured: int4 decode from DRAM 9-10 GB/s without, 16-21 with; never faults).
-      if (p % (kInt4 ? 2 : 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 2 * RW * w.ld + p * (kInt4 ? 32 : 64)), _MM_HINT_T0);
-      __m512i dp;
-      if (kInt4) {
-        const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + p * 32)));
-        const __m512i wv = _mm512_and_si512(_mm512_srlv_epi16(b, halves), low4);
-        dp = _mm512_dpbusd_epi32(zero, wv, xv);
-      } else {
-        const __m512i q = _mm512_maskz_loadu_epi8(m, src + p * 64);
-        dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, q), _mm512_dpbusd_epi32(zero, c128, q));
-      }
-      const __m512 d2 = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(reinterpret_cast<const double*>(
-          dw + r * (nb + 1) + 2 * p))));
-      const __m512 dwv = _mm512_permutexvar_ps(sel, d2);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dp), dxv), dwv, acc[r]);
-    }
-  }
-  for (int r = 0; r < RW; ++r) {
-    float s = _mm512_reduce_add_ps(acc[r]);
-    if (kInt4) {  // - sum_b dw_b * 8 dx_b sum qx_b
-      const float* d = dw + r * (nb + 1);
-      __m512 c = _mm512_setzero_ps();
-      int64_t b = 0;
-      for (; b + 16 <= nb; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(d + b), _mm512_loadu_ps(corr + b), c);
-      float cs = _mm512_reduce_add_ps(c);
-      for (; b < nb; ++b) cs += d[b] * corr[b];
-      s -= cs;
-    }
-    float* o = y + n + r;
-    *o = accumulate ? *o + s : s;
-  }
-}
+// Paths, best last. Chosen once, at first use, from what this CPU supports (and what this
+// build compiled: GEMMA_QUANT_AVX512 / GEMMA_QUANT_AVX2 come from CMakeLists.txt).
+enum QPath { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+const char* kQPathNames[] = {"scalar", "avx2", "avx512_vnni"};
 
-template <bool kInt4, int RW>
-void vnni_rt(int rt, const Weight& w, int64_t n, const QActs& a, int64_t t0, float* y, int64_t ldy, bool acc,
-             const float* dw) {
-  switch (rt) {
-    case 4: vnni_kernel<kInt4, RW, 4>(w, n, a, t0, y, ldy, acc, dw); break;
-    case 3: vnni_kernel<kInt4, RW, 3>(w, n, a, t0, y, ldy, acc, dw); break;
-    case 2: vnni_kernel<kInt4, RW, 2>(w, n, a, t0, y, ldy, acc, dw); break;
-    default: vnni_kernel<kInt4, RW, 1>(w, n, a, t0, y, ldy, acc, dw); break;
-  }
-}
-
-template <bool kInt4>
-void rows_vnni(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
-  const int64_t nb = w.cols / kQBlock;
-  // One token (decode) streams 8 rows at once (8 memory streams per core); more tokens
-  // reuse each unpacked row 4 times instead.
-  const int64_t RW = a.T == 1 ? 8 : 4;
-  // float32 scales of the rows in flight, one zero past each row's end (a lone last block)
-  std::vector<float> dw_buf(static_cast<size_t>(RW * (nb + 1) + 16), 0.f);
-  float* dw = dw_buf.data();
-  std::vector<float> corr;  // int4 decode: 8 dx_b sum qx_b per block
-  if (kInt4 && a.T == 1) {
-    corr.resize(static_cast<size_t>(nb));
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t qs = 0;
-      for (int i = 0; i < 8; ++i) qs += a.qsum[(b / 2) * 16 + (b % 2) * 8 + i];
-      corr[b] = 8.f * a.dx[b] * static_cast<float>(qs);
-    }
-  }
-  for (int64_t n = n0; n < n1; n += RW) {
-    const int rw = static_cast<int>(std::min<int64_t>(RW, n1 - n));
-    for (int r = 0; r < rw; ++r) {
-      const uint16_t* src = w.scales + (n + r) * nb;
-      float* dst = dw + r * (nb + 1);
-      int64_t b = 0;
-      for (; b + 16 <= nb; b += 16)
-        _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b))));
-      for (; b < nb; ++b) dst[b] = f16_to_f32(src[b]);
-    }
-    if (rw == 8) {
-      vnni_decode<kInt4>(w, n, a, corr.data(), y, acc, dw);
-      continue;
-    }
-    for (int r0 = 0; r0 < rw; r0 += 4) {  // groups of at most 4 rows
-      const int g = std::min(4, rw - r0);
-      const float* dwg = dw + r0 * (nb + 1);
-      for (int64_t t = 0; t < a.T; t += 4) {
-        const int rt = static_cast<int>(std::min<int64_t>(4, a.T - t));
-        switch (g) {
-          case 4: vnni_rt<kInt4, 4>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          case 3: vnni_rt<kInt4, 3>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          case 2: vnni_rt<kInt4, 2>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          default: vnni_rt<kInt4, 1>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-        }
-      }
-    }
-  }
-}
-#else
-constexpr bool kHaveVnni = false;
+bool cpu_has(int path) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (path == kAvx512Vnni) {
+#ifdef GEMMA_QUANT_AVX512
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
 #endif
+  }
+  if (path == kAvx2) {
+#ifdef GEMMA_QUANT_AVX2
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  }
+#endif
+  return path == kScalar;
+}
 
-int g_forced = -1;  // -1: best; 0: scalar; 1: avx512_vnni
-int quant_path() { return g_forced >= 0 ? g_forced : (kHaveVnni ? 1 : 0); }
+int best_path() {
+  static const int best = cpu_has(kAvx512Vnni) ? kAvx512Vnni : cpu_has(kAvx2) ? kAvx2 : kScalar;
+  return best;
+}
+int g_forced = -1;  // tests pin a path
+int quant_path() { return g_forced >= 0 ? g_forced : best_path(); }
 
 }  // namespace
 
-const char* quant_matmul_path() { return quant_path() == 1 ? "avx512_vnni" : "scalar"; }
+const char* quant_matmul_path() { return kQPathNames[quant_path()]; }
 
 bool set_quant_matmul_path(const std::string& name) {
-  if (name.empty() || name == "auto") g_forced = -1;
-  else if (name == "scalar") g_forced = 0;
-  else if (name == "avx512_vnni" && kHaveVnni) g_forced = 1;
-  else return false;
-  return true;
+  if (name.empty() || name == "auto") {
+    g_forced = -1;
+    return true;
+  }
+  for (int p = 0; p < 3; ++p)
+    if (name == kQPathNames[p] && cpu_has(p)) {
+      g_forced = p;
+      return true;
+    }
+  return false;
 }
 
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate) {
   const QActs a = quantize_acts(x, T, ldx, w.cols);
+  const QActView av = a.view();
+  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.rows, w.cols, w.ld, w.dtype == DType::Int4};
   const int64_t N = w.rows;
   const int path = quant_path();
   parallel_for((N + 3) / 4, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * 4, n1 = std::min(N, c1 * 4);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (path == 1) {
-      if (w.dtype == DType::Int4)
-        rows_vnni<true>(w, a, y, ldy, accumulate, n0, n1);
-      else
-        rows_vnni<false>(w, a, y, ldy, accumulate, n0, n1);
-      return;
-    }
+    std::vector<float> scratch(static_cast<size_t>(8 * (w.cols / kQBlock + 1) + 16));
+    switch (path) {
+#ifdef GEMMA_QUANT_AVX512
+      case kAvx512Vnni: quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
 #endif
-    (void)path;
-    rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+#ifdef GEMMA_QUANT_AVX2
+      case kAvx2: quant_rows_avx2(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
+#endif
+      default: rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+    }
   });
 }
 

@@ -1,0 +1,69 @@
+// Quantized matmul kernel for AVX2 + FMA + F16C (compiled with those flags; called only when
+// the CPU has them). One block of 32 is one 256-bit vector of bytes: vpmaddubsw multiplies
+// unsigned by signed bytes into pairs of int16 (|products| <= 2 * 127 * 127 < 2^15 with the
+// sign trick for int8, 2 * 15 * 127 for int4 nibbles: no saturation), vpmaddwd sums the pairs
+// into 8 int32 lanes, and one FMA scales them by dw * dx of the block. See quant_kernels.h.
+#include <immintrin.h>
+
+#include "cpu/quant.h"
+#include "cpu/quant_kernels.h"
+
+namespace gemma {
+namespace {
+
+inline __m256 block_dot(__m256i u8, __m256i s8) {
+  const __m256i pairs = _mm256_maddubs_epi16(u8, s8);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+}  // namespace
+
+void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
+                     int64_t n0, int64_t n1, float* scratch) {
+  const int64_t nb = w.cols / kQBlock;
+  float* dw = scratch;  // one row's float scales
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = w.q + n * w.ld;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8)
+      _mm256_storeu_ps(dw + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + n * nb + b))));
+    for (; b < nb; ++b) dw[b] = f16_to_f32(w.scales[n * nb + b]);
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int8_t* qx = a.q + t * a.np * 64;
+      const float* dx = a.dx + t * a.np * 2;
+      const int32_t* qsum = a.qsum + t * a.np * 16;
+      __m256 acc = _mm256_setzero_ps();
+      float corr = 0.f;  // int4: sum_b dw_b dx_b 8 sum(qx_b)
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + blk * 32));
+        __m256 d;
+        if (w.int4) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + (blk / 2) * 32));
+          const __m256i nib = _mm256_and_si256(blk % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
+          d = block_dot(nib, xv);
+          int32_t s = 0;
+          for (int i = 0; i < 8; ++i) s += qsum[(blk / 2) * 16 + (blk % 2) * 8 + i];
+          corr += dw[blk] * dx[blk] * 8.f * static_cast<float>(s);
+        } else {
+          const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + blk * 32));
+          d = block_dot(_mm256_abs_epi8(qv), _mm256_sign_epi8(xv, qv));
+        }
+        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(dw[blk] * dx[blk]), acc);
+      }
+      const float s = hsum8(acc) - corr;
+      float* o = y + t * ldy + n;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
+}  // namespace gemma
