@@ -120,7 +120,7 @@ def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt:
                                  "a multiple of 32 (the block size); leave that group unquantized")
             src = a if dt == "bfloat16" else np.ascontiguousarray(as_float32(a, dt))
             out = _C.quantize(np.ascontiguousarray(src), fmt)  # bf16 bits are read as bf16
-        if not (isinstance(out, np.ndarray) and np.shares_memory(out, a)):
+        if not (isinstance(out, np.ndarray) and np.may_share_memory(out, a)):
             ckpt.release(name)  # converted: the file's pages need not stay resident
         return out
 
