@@ -146,10 +146,11 @@ def test_mixed_policy_and_greedy_generation(tiny):
     folder, ref = tiny("GemmaForCausalLM", "q32", initializer_range=0.05)
     m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization={"layers": "int4", "embed": "int8"})
     assert m.quantization == {"embed": "int8", "attention": "int4", "mlp": "int4"}
-    ids, mask = random_batch(41, 2, 9, ref.config.vocab_size, pad_left=[0, 3])
+    # 2 x 7 prompt tokens: under the 16 from which prefill moves to AMX tiles, so the batch
+    # and the lone row run the same integer kernels and must agree exactly.
+    ids, mask = random_batch(41, 2, 7, ref.config.vocab_size, pad_left=[0, 3])
     out = m.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
-    assert out.shape == (2, 9 + 24)
-    # a batch row equals the same prompt alone (greedy; same kernels for one and two rows)
+    assert out.shape == (2, 7 + 24)
     alone = m.generate(ids[1:, 3:], max_new_tokens=24, eos_token_id=[])
     np.testing.assert_array_equal(alone[0, -24:], out[1, -24:])
 
@@ -184,3 +185,30 @@ def test_bad_quantization_arguments(tiny):
     with pytest.raises(ValueError, match="expected 'int8' or 'int4'"):
         _C.quantize(np.ones((2, 64), np.float32), "q5")
     assert resolve_policy(None) == {"embed": None, "attention": None, "mlp": None}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T, K, N", [(16, 64, 32), (33, 256, 70), (64, 2048, 96)])
+def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
+    """From 16 tokens on, where AMX exists, quantized weights are dequantized to bf16 into
+    AMX tiles: the product is then of bf16(x) and bf16(d * q), summed in float32, so the
+    reference is float64 on exactly those values and the bound is gamma_K (rows past the
+    last multiple of 32 take the integer path: the activation-rounding bound)."""
+    if _C.bf16_matmul_path() != "amx":
+        pytest.skip("this CPU has no AMX: quantized prefill runs on the integer kernels tested above")
+    from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+
+    rng = np.random.default_rng(T + K + N)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    qw = quantize(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    wd = dequantize(qw, K)
+    out = np.full((T, N), np.nan, np.float32)
+    _C.matmul(x, qw, out)
+    assert np.isfinite(out).all()
+    n32 = N - N % 32
+    xb = bf16_bits_to_f32(f32_to_bf16_bits(x)).astype(np.float64)
+    wb = bf16_bits_to_f32(f32_to_bf16_bits(wd[:n32])).astype(np.float64)
+    gamma = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
+    assert np.all(np.abs(out[:, :n32] - xb @ wb.T) <= gamma * (np.abs(xb) @ np.abs(wb).T))
+    rest = wd[n32:].astype(np.float64)
+    assert np.all(np.abs(out[:, n32:] - x.astype(np.float64) @ rest.T) <= quant_bound(x, rest))

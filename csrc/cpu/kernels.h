@@ -47,6 +47,11 @@ bool set_bf16_matmul_path(const std::string& name);
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate);
 const char* quant_matmul_path();                      // "avx512_vnni", "avx2" or "scalar"
+// Prefill with quantized weights on AMX: blocks dequantized to bf16 into the tiles (inputs
+// rounded to bf16, float32 sums, as the bf16 path). Computes the first rows (a multiple of
+// 32) and returns how many; 0 when AMX is not available (or the bf16 path is pinned).
+int64_t matmul_quant_amx(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                         bool accumulate);
 bool set_quant_matmul_path(const std::string& name);  // tests pin a path; "auto" restores
 
 // Row r of w as float32 (embedding lookup).

@@ -220,8 +220,35 @@ inline void transpose16x16(const float* m, __m512 out[16]) {
 }
 
 // Rows [n0, n1) (a multiple of 32 apart) of y for all T tokens.
-void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int64_t K, float* y,
+// 32 bf16 weights of row `row`, k block kb, into dst: copied from a bf16 matrix, or
+// dequantized from int8 / int4 (d * q, then rounded to bf16 like the activations).
+inline void weight_block_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
+  if (wt.dtype == DType::BF16) {
+    _mm512_store_si512(dst, _mm512_loadu_si512(static_cast<const uint16_t*>(wt.data) + row * wt.ld + kb * 32));
+    return;
+  }
+  const uint8_t* base = static_cast<const uint8_t*>(wt.data) + row * wt.ld;
+  const __m512 d = _mm512_set1_ps(_cvtsh_ss(wt.scales[row * (wt.cols / 32) + kb]));
+  __m512i lo, hi;
+  if (wt.dtype == DType::Int8) {
+    lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32)));
+    hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32 + 16)));
+  } else {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (kb / 2) * 32));
+    if (kb % 2) b = _mm256_srli_epi16(b, 4);
+    b = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+    const __m512i eight = _mm512_set1_epi32(8);
+    lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(b)), eight);
+    hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1)), eight);
+  }
+  const __m512 flo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), fhi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
+  _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(fhi, flo));
+}
+
+void amx_rows(const Weight& wt, const uint16_t* xp, int64_t T, int64_t K, float* y,
               int64_t ldy, bool accumulate, int64_t n0, int64_t n1) {
+  const uint16_t* w = static_cast<const uint16_t*>(wt.data);
+  const int64_t ldw = wt.ld;
   load_tile_config();
   const int64_t TB = (T + 15) / 16, KB = K / 32;
   alignas(64) float c[16 * 16];
@@ -249,13 +276,13 @@ void amx_rows(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t T, int
   for (int64_t n = n0; n < n1; n += 32) {
     for (int64_t kc0 = 0; kc0 < KB; kc0 += kKC) {
       const int64_t kc1 = std::min(KB, kc0 + kKC);
-      // With a single token pair (decode) the tiles are used once: load them in place.
-      const bool packed = TP > 1;
+      // With a single token pair the bf16 tiles are used once: load them in place.
+      // Quantized weights are always unpacked here (dequantized to bf16).
+      const bool packed = TP > 1 || wt.dtype != DType::BF16;
       if (packed)
         for (int64_t kb = kc0; kb < kc1; ++kb)
           for (int r = 0; r < 32; ++r)
-            _mm512_store_si512(apack + ((kb - kc0) * 2 + r / 16) * 512 + (r % 16) * 32,
-                               _mm512_loadu_si512(w + (n + r) * ldw + kb * 32));
+            weight_block_bf16(wt, n + r, kb, apack + ((kb - kc0) * 2 + r / 16) * 512 + (r % 16) * 32);
       for (int64_t tp = 0; tp < TP; ++tp) {
         const int64_t tb = 2 * tp;
         const bool two = tb + 1 < TB;
@@ -351,6 +378,21 @@ bool set_bf16_matmul_path(const std::string& name) {
   return false;
 }
 
+int64_t matmul_quant_amx(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                         bool accumulate) {
+#ifdef GEMMA_HAVE_AMX
+  if (w.cols % 32 != 0 || w.rows < 32 || !amx_usable() || (g_forced >= 0 && g_forced != kAmx)) return 0;
+  const std::vector<uint16_t> xp = pack_vnni(x, T, ldx, w.cols);
+  const int64_t n_done = w.rows - w.rows % 32;
+  parallel_for(n_done / 32, [&](int64_t b0, int64_t b1) {
+    amx_rows(w, xp.data(), T, w.cols, y, ldy, accumulate, b0 * 32, b1 * 32);
+  });
+  return n_done;
+#else
+  return 0;
+#endif
+}
+
 void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                  bool accumulate) {
   const int path = g_forced >= 0 ? g_forced : best_path();
@@ -371,7 +413,7 @@ void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float*
     const std::vector<uint16_t> xp = pack_vnni(x, T, ldx, K);
     n_done = N - N % 32;
     parallel_for(n_done / 32, [&](int64_t b0, int64_t b1) {
-      amx_rows(wp, w.ld, xp.data(), T, K, y, ldy, accumulate, b0 * 32, b1 * 32);
+      amx_rows(w, xp.data(), T, K, y, ldy, accumulate, b0 * 32, b1 * 32);
     });
     if (n_done == N) return;
   }

@@ -272,6 +272,21 @@ bool set_quant_matmul_path(const std::string& name) {
 
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate) {
+  // Prefill (many tokens) is bound by multiplies, not by reading W: where AMX exists its
+  // bf16 tiles outrun integer dot products ~4x, so the weights are dequantized into them.
+  // Decode stays on the integer kernels, which read 4-8x fewer bytes than bf16.
+  constexpr int64_t kAmxMinTokens = 16;
+  if (T >= kAmxMinTokens && g_forced < 0) {
+    const int64_t done = matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate);
+    if (done == w.rows) return;
+    if (done > 0) {
+      Weight rest = w;
+      rest.data = static_cast<const uint8_t*>(w.data) + done * w.ld;
+      rest.scales = w.scales + done * (w.cols / kQBlock);
+      rest.rows = w.rows - done;
+      return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate);  // rows < 32: integer path
+    }
+  }
   const QActs a = quantize_acts(x, T, ldx, w.cols);
   const QActView av = a.view();
   const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.rows, w.cols, w.ld, w.dtype == DType::Int4};
