@@ -7,7 +7,7 @@ with the same thread count. Prints a table; --json writes the rows.
   python benchmarks/bench_cpu.py --layers 4 --quick   # a smaller smoke run
 
 Decode tokens/s = new tokens / (time(generate N+1) - time(generate 1)), batch 1, a 16-token
-prompt. Prefill tokens/s = prompt tokens / time of one forward over the prompt (logits of
+prompt; each time is the best of --reps runs, as is prefill's. Prefill tokens/s = prompt tokens / time of one forward over the prompt (logits of
 the last position). The memory-bandwidth bound of decode is weight bytes read per token
 (every matrix once, the tied embedding once as the LM head) over the read bandwidth this
 script measures with the engine's threads.
@@ -78,8 +78,8 @@ def make_checkpoint(folder: str, layers: int, seed: int = 0) -> None:
 ROW_SCRIPT = r'''
 import json, os, resource, sys, time
 import numpy as np
-engine, dtype, folder, threads, prompt_len, new_tokens = sys.argv[1:7]
-threads, prompt_len, new_tokens = int(threads), int(prompt_len), int(new_tokens)
+engine, dtype, folder, threads, prompt_len, new_tokens, REPS = sys.argv[1:8]
+threads, prompt_len, new_tokens, REPS = int(threads), int(prompt_len), int(new_tokens), int(REPS)
 rng = np.random.default_rng(0)
 prompt = rng.integers(3, 256000, size=(1, prompt_len))
 short = prompt[:, :16]
@@ -94,7 +94,9 @@ if engine == "gemma_cpp":
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=dtype)
     res["load_s"] = time.perf_counter() - t
     m(short, logits_to_keep=1)  # warm-up: touches every weight page
-    t = time.perf_counter(); m(prompt, logits_to_keep=1); res["prefill_s"] = time.perf_counter() - t
+    def pre():
+        t = time.perf_counter(); m(prompt, logits_to_keep=1); return time.perf_counter() - t
+    res["prefill_s"] = min(pre() for _ in range(REPS))
     def gen(n):
         t = time.perf_counter(); m.generate(short, max_new_tokens=n, eos_token_id=[]); return time.perf_counter() - t
 else:
@@ -107,23 +109,24 @@ else:
     pt, st = torch.tensor(prompt), torch.tensor(short)
     with torch.inference_mode():
         m(st, logits_to_keep=1)
-        t = time.perf_counter(); m(pt, logits_to_keep=1); res["prefill_s"] = time.perf_counter() - t
+        def pre():
+            t = time.perf_counter(); m(pt, logits_to_keep=1); return time.perf_counter() - t
+        res["prefill_s"] = min(pre() for _ in range(REPS))
     def gen(n):
         with torch.inference_mode():
             t = time.perf_counter()
             m.generate(st, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             return time.perf_counter() - t
-t1 = min(gen(1) for _ in range(2))
-tn = gen(new_tokens + 1)
-res["decode_s"] = tn - t1
+t1 = min(gen(1) for _ in range(REPS))
+res["decode_s"] = min(gen(new_tokens + 1) for _ in range(REPS)) - t1
 res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("RESULT " + json.dumps(res))
 '''
 
 
-def run_row(engine, dtype, folder, threads, prompt_len, new_tokens):
+def run_row(engine, dtype, folder, threads, prompt_len, new_tokens, reps):
     out = subprocess.run([sys.executable, "-c", ROW_SCRIPT, engine, dtype, folder, str(threads), str(prompt_len),
-                          str(new_tokens)], capture_output=True, text=True)
+                          str(new_tokens), str(reps)], capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode != 0 or not line:
         raise RuntimeError(f"{engine} {dtype} failed:\n{out.stderr[-3000:]}")
@@ -146,6 +149,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", default="gemma_cpp:float32,gemma_cpp:bfloat16,gemma_cpp:int8,gemma_cpp:int4,"
                                       "transformers:float32,transformers:bfloat16")
+    ap.add_argument("--reps", type=int, default=2,
+                    help="prefill and decode are each timed this many times; the best counts (the "
+                         "machine is shared: the best run is the one least disturbed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     folder = args.folder if args.layers == 18 else args.folder + f"-{args.layers}l"
@@ -161,7 +167,7 @@ def main():
     rows = []
     for spec in args.rows.split(","):
         engine, dtype = spec.split(":")
-        r = run_row(engine, dtype, folder, args.threads, args.prompt, args.new_tokens)
+        r = run_row(engine, dtype, folder, args.threads, args.prompt, args.new_tokens, args.reps)
         r.update(engine=engine, dtype=dtype, prefill_tps=args.prompt / r["prefill_s"],
                  decode_tps=args.new_tokens / r["decode_s"])
         bound = bw / weight_bytes(args.layers, dtype)
