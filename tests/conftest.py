@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random Gemma checkpoints written by transformers (seeded), and the
 transformers models themselves as the reference (eager attention, float32)."""
-import os
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 against their float32 selves."""
 import numpy as np
 import pytest
-import torch
 
 import gemma_cpp
 from gemma_cpp import _C

@@ -6,7 +6,7 @@ import json
 import numbers
 import os
 import sys
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 
 @dataclasses.dataclass

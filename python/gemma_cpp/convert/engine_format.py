@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -46,6 +45,18 @@ def _progress_bar(done: int, total: int, name: str, stream=sys.stderr) -> None:
     if done == total:
         stream.write("\n")
     stream.flush()
+
+
+def move_into_place(new: str, out: str) -> None:
+    """Renames the finished folder `new` to `out` (same parent). An existing `out` (the caller
+    checked --force) is moved aside first and deleted only once `new` is in place."""
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=".gemma-cpp-old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
 
 
 def save(src: str, out: str, dtype=None, quantization=None, force: bool = False, progress=_progress_bar) -> str:
@@ -87,13 +98,7 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
         for name in CARRY:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-        if os.path.exists(out):  # force: swap in, then drop the old one
-            old = tempfile.mkdtemp(prefix=".gemma-cpp-old-", dir=parent)
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,6 @@ ever runs.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -137,13 +136,7 @@ def convert(ckpt: str, out: str, size: Optional[str] = None, config_path: Option
             final = os.path.join(tmp, "ours")
         else:
             final = tmp
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".gemma-cpp-old-", dir=parent)
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(final, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(final, out)
+        engine_format.move_into_place(final, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
