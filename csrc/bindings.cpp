@@ -347,6 +347,15 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
      "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales) tuple");
 
+  m.def("bf16_to_f32", [](py::array_t<uint16_t, py::array::c_style> bits) {
+    py::array_t<float> out(std::vector<py::ssize_t>(bits.shape(), bits.shape() + bits.ndim()));
+    {
+      py::gil_scoped_release nogil;
+      bf16_to_f32_array(bits.data(), out.mutable_data(), bits.size());
+    }
+    return out;
+  }, py::arg("bits"), "float32 array of bfloat16 bits (uint16), widened on the thread pool");
+
   m.def("quantize", [](const py::array& w, const std::string& fmt) {
     const QFormat f = qformat(fmt);
     if (w.ndim() != 2 || !(w.flags() & py::array::c_style))

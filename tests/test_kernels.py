@@ -83,3 +83,14 @@ def test_bf16_rounding_matches_torch():
     ours = f32_to_bf16_bits(x)
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_bf16_to_f32_widens_every_bit_pattern():
+    """Widening is a 16-bit shift: every pattern (NaN payloads, infinities, denormals
+    included) must come back bit for bit; sizes on both sides of the threaded cutoff."""
+    for n in (1000, 3 << 20):
+        bits = np.random.default_rng(n).integers(0, 1 << 16, size=n, dtype=np.uint16)
+        bits[:65536 if n > 65536 else n] = np.arange(min(n, 65536), dtype=np.uint16)
+        ours = bf16_bits_to_f32(bits).view(np.uint32)
+        np.testing.assert_array_equal(ours, bits.astype(np.uint32) << 16)
+        np.testing.assert_array_equal(_C.bf16_to_f32(bits.reshape(-1, 8)).reshape(-1).view(np.uint32), ours)

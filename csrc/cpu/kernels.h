@@ -54,6 +54,10 @@ int64_t matmul_quant_amx(const float* x, int64_t T, int64_t ldx, const Weight& w
                          bool accumulate);
 bool set_quant_matmul_path(const std::string& name);  // tests pin a path; "auto" restores
 
+// n bfloat16 values (uint16 bits) widened to float32, on the thread pool (loading a bf16
+// checkpoint as float32).
+void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n);
+
 // Row r of w as float32 (embedding lookup).
 void weight_row(const Weight& w, int64_t r, float* out);
 

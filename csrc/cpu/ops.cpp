@@ -85,6 +85,17 @@ inline void map_inplace(float* x, int64_t n, Fn f) {
 
 void exp_inplace(float* x, int64_t n) { map_inplace(x, n, exp_v); }
 
+void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n) {
+  constexpr int64_t kChunk = 1 << 16;
+  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * kChunk, hi = std::min(n, c1 * kChunk);
+    constexpr int N = VecF::N;
+    int64_t i = lo;
+    for (; i + N <= hi; i += N) VecF::load_bf16(src + i).store(dst + i);
+    for (; i < hi; ++i) dst[i] = bf16_to_f32(src[i]);
+  });
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   constexpr int N = VecF::N;
   VecF acc0 = VecF::zero(), acc1 = VecF::zero();
