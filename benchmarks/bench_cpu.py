@@ -88,7 +88,9 @@ if engine == "gemma_cpp":
     import gemma_cpp
     gemma_cpp.set_num_threads(threads)
     t = time.perf_counter()
-    if dtype in ("int8", "int4"):
+    if dtype.endswith("@converted"):  # our format, written beforehand by gemma-cpp convert
+        m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder + "-" + dtype.split("@")[0])
+    elif dtype in ("int8", "int4"):
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization=dtype)
     else:
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -134,7 +136,7 @@ def run_row(engine, dtype, folder, threads, prompt_len, new_tokens, reps):
 
 
 def weight_bytes(layers: int, dtype: str) -> float:
-    per = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32}[dtype]  # scales included
+    per = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32}[dtype.split("@")[0]]  # scales included
     H, F, hd, nH = 2048, 16384, 256, 8
     layer = (nH * hd * H) * 2 + 2 * hd * H + 3 * F * H
     return (layers * layer + 256000 * H) * per
@@ -148,7 +150,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", default="gemma_cpp:float32,gemma_cpp:bfloat16,gemma_cpp:int8,gemma_cpp:int4,"
-                                      "transformers:float32,transformers:bfloat16")
+                                      "gemma_cpp:int4@converted,transformers:float32,transformers:bfloat16",
+                    help="engine:dtype pairs; dtype int8@converted / int4@converted loads our own format "
+                         "(converted once, beside the checkpoint) instead of quantizing on load")
     ap.add_argument("--reps", type=int, default=2,
                     help="prefill and decode are each timed this many times; the best counts (the "
                          "machine is shared: the best run is the one least disturbed)")
@@ -160,7 +164,13 @@ def main():
     print(f"checkpoint: {folder} ({os.path.getsize(os.path.join(folder, 'model.safetensors')) / 2**30:.2f} GiB bf16, "
           f"{args.layers} layers; made/checked in {time.perf_counter() - t:.0f} s)")
     import gemma_cpp
+    from gemma_cpp.convert import engine_format
 
+    for spec in args.rows.split(","):
+        if spec.endswith("@converted"):
+            fmt = spec.split(":")[1].split("@")[0]
+            if not os.path.isdir(folder + "-" + fmt):
+                engine_format.save(folder, folder + "-" + fmt, quantization=fmt, progress=None)
     gemma_cpp.set_num_threads(args.threads)
     bw = gemma_cpp._C.read_bandwidth(1 << 30, 5)
     print(f"memory read bandwidth, {args.threads} threads: {bw / 1e9:.1f} GB/s; isa {gemma_cpp.cpu_isa()}")
@@ -177,13 +187,13 @@ def main():
               flush=True)
     ref = {r["dtype"]: r for r in rows if r["engine"] == "transformers"}
     print()
-    print(f"{'engine':13s} {'dtype':9s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
+    print(f"{'engine':13s} {'dtype':15s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
           f"{'of BW bound':>11s} {'peak RSS GB':>11s} {'decode x':>9s} {'prefill x':>9s}")
     for r in rows:
         base = ref.get(r["dtype"], ref.get("bfloat16"))  # int8/int4 rows: against transformers bf16
         dx = r["decode_tps"] / base["decode_tps"] if base else float("nan")
         px = r["prefill_tps"] / base["prefill_tps"] if base else float("nan")
-        print(f"{r['engine']:13s} {r['dtype']:9s} {r['load_s']:7.1f} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} "
+        print(f"{r['engine']:13s} {r['dtype']:15s} {r['load_s']:7.2f} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} "
               f"{r['bound_fraction']:10.0%} {r['peak_rss'] / 1e9:11.2f} {dx:9.2f} {px:9.2f}")
     print("(x: ratio to transformers eager in the same dtype, int8/int4 to its bfloat16, measured in this run; "
           f"prompt {args.prompt} tokens, decode {args.new_tokens} tokens at batch 1, {args.threads} threads)")
