@@ -83,7 +83,5 @@ double read_bandwidth(int64_t bytes, int reps);
 void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, float* out);
 
 float dot(const float* a, const float* b, int64_t n);
-// y += a * x
-void axpy(float a, const float* x, float* y, int64_t n);
 
 }  // namespace gemma

@@ -1,4 +1,4 @@
-// Element-wise and row-wise CPU ops: RMSNorm, GeGLU, RoPE, exp, dot/axpy.
+// Element-wise and row-wise CPU ops: RMSNorm, GeGLU, RoPE, exp, dot, attention P.V.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -145,14 +145,6 @@ void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, floa
     weighted_rows_typed(p, static_cast<const float*>(v.data), v.ld, n, v.cols, scale, out);
   else
     weighted_rows_typed(p, static_cast<const uint16_t*>(v.data), v.ld, n, v.cols, scale, out);
-}
-
-void axpy(float a, const float* x, float* y, int64_t n) {
-  constexpr int N = VecF::N;
-  const VecF av = VecF::set1(a);
-  int64_t i = 0;
-  for (; i + N <= n; i += N) simd::fma(av, VecF::load(x + i), VecF::load(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 void rmsnorm(const float* x, const float* scale, float* out, int64_t T, int64_t H, float eps) {
