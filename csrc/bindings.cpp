@@ -152,6 +152,28 @@ class Engine {
     c.embed_scale = get<float>(config, "embed_scale");
     c.attn_scale = get<float>(config, "attn_scale");
     c.causal = get<bool>(config, "causal");
+    // Gemma 2 / 3 keys (absent for Gemma 1).
+    auto opt_float = [&](const char* key, float dflt) {
+      return config.contains(key) ? config[key].cast<float>() : dflt;
+    };
+    auto opt_bool = [&](const char* key) { return config.contains(key) && config[key].cast<bool>(); };
+    c.rope_factor = opt_float("rope_factor", 1.f);
+    c.rope_theta_local = opt_float("rope_theta_local", c.rope_theta);
+    c.rope_factor_local = opt_float("rope_factor_local", 1.f);
+    c.attn_softcap = opt_float("attn_softcap", 0.f);
+    c.final_softcap = opt_float("final_softcap", 0.f);
+    c.sandwich_norms = opt_bool("sandwich_norms");
+    c.qk_norm = opt_bool("qk_norm");
+    if (config.contains("layer_windows")) {
+      c.window = config["layer_windows"].cast<std::vector<int64_t>>();
+      if (static_cast<int64_t>(c.window.size()) != c.num_layers)
+        throw py::value_error("engine config: layer_windows needs one entry per layer");
+      for (int64_t w : c.window)
+        if (w < 0) throw py::value_error("engine config: a sliding window must be >= 0");
+    }
+    if (c.rope_factor <= 0.f || c.rope_factor_local <= 0.f || c.rope_theta_local <= 0.f ||
+        c.attn_softcap < 0.f || c.final_softcap < 0.f)
+      throw py::value_error("engine config: RoPE bases and factors must be positive, soft-caps >= 0");
     if (config.contains("kv_cache_dtype")) {
       const std::string kv = config["kv_cache_dtype"].cast<std::string>();
       if (kv != "float32" && kv != "bfloat16")
@@ -195,6 +217,14 @@ class Engine {
       L.down = mat(p + "down", H, F);
       L.attn_norm = as_vector(arr(p + "attn_norm"), p + "attn_norm", H);
       L.mlp_norm = as_vector(arr(p + "mlp_norm"), p + "mlp_norm", H);
+      if (c.sandwich_norms) {
+        L.post_attn_norm = as_vector(arr(p + "post_attn_norm"), p + "post_attn_norm", H);
+        L.post_mlp_norm = as_vector(arr(p + "post_mlp_norm"), p + "post_mlp_norm", H);
+      }
+      if (c.qk_norm) {
+        L.q_norm = as_vector(arr(p + "q_norm"), p + "q_norm", hd);
+        L.k_norm = as_vector(arr(p + "k_norm"), p + "k_norm", hd);
+      }
       w.layers.push_back(L);
     }
     model_ = std::make_unique<Model>(c, std::move(w));

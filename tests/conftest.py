@@ -22,10 +22,26 @@ BASE = dict(vocab_size=1001, hidden_size=72, intermediate_size=168, num_hidden_l
             bos_token_id=2, initializer_range=0.25)
 
 
-def hf_config(name, **extra):
-    from transformers import GemmaConfig
+# Gemma 2 / 3 extras on top of a CONFIGS entry: a sliding window shorter than the test
+# sequences, both layer types, query_pre_attn_scalar != head_dim, soft-caps small enough to
+# bend random logits (Gemma 2), two RoPE bases and a linear RoPE scaling (Gemma 3).
+ARCH = {
+    "gemma": ("GemmaConfig", {}),
+    "gemma2": ("Gemma2Config", dict(sliding_window=6, query_pre_attn_scalar=40, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=1.5, num_hidden_layers=4)),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=5, query_pre_attn_scalar=40, num_hidden_layers=4,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                     "sliding_attention"],
+                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                            "rope_theta": 100000.0},
+                                                         "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 1000.0}})),
+}
 
-    return GemmaConfig(**{**BASE, **CONFIGS[name], **extra})
+
+def hf_config(name, arch="gemma", **extra):
+    cls_name, arch_extra = ARCH[arch]
+    return getattr(transformers, cls_name)(**{**BASE, **CONFIGS[name], **arch_extra, **extra})
 
 
 def _randomize_norms(model, seed):
@@ -37,12 +53,12 @@ def _randomize_norms(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def build(cls_name, config_name, folder, dtype=torch.float32, seed=0, **extra):
+def build(cls_name, config_name, folder, dtype=torch.float32, seed=0, arch="gemma", **extra):
     """A seeded random transformers model of class cls_name, saved to folder; returns the
     float32 eager model on those exact (possibly bf16-rounded) weights."""
     cls = getattr(transformers, cls_name)
     torch.manual_seed(seed)
-    cfg = hf_config(config_name, **extra)
+    cfg = hf_config(config_name, arch, **extra)
     model = cls(cfg).eval()
     _randomize_norms(model, seed)
     if dtype != torch.float32:

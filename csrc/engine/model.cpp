@@ -36,18 +36,48 @@ struct OpTimer {
 constexpr int64_t kMaxChunkTokens = 512;
 }  // namespace
 
-KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_)
+KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t max_chunk)
     : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
       layers(c.num_layers), dtype(c.kv_bf16 ? DType::BF16 : DType::F32) {
-  const size_t n = static_cast<size_t>(layers * rows * kv_heads * capacity * head_dim);
+  span.resize(layers);
+  origin.assign(layers, 0);
+  base.resize(layers);
+  int64_t total = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t w = c.layer_window(l);
+    // A bidirectional layer sees the whole prompt at once: it keeps every slot.
+    span[l] = (w > 0 && c.causal) ? std::min(capacity, 2 * w + max_chunk) : capacity;
+    base[l] = total;
+    total += rows * kv_heads * span[l] * head_dim;
+  }
   if (dtype == DType::BF16) {
-    kb.resize(n);
-    vb.resize(n);
+    kb.resize(static_cast<size_t>(total));
+    vb.resize(static_cast<size_t>(total));
   } else {
-    k.resize(n);
-    v.resize(n);
+    k.resize(static_cast<size_t>(total));
+    v.resize(static_cast<size_t>(total));
   }
   valid.assign(static_cast<size_t>(rows * capacity), 0);
+}
+
+void KVCache::make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window) {
+  if (slot0 + T - origin[layer] <= span[layer]) return;
+  // Keep the slots the first new query still sees: (slot0 - window, slot0).
+  const int64_t keep_from = std::max<int64_t>(origin[layer], slot0 - window + 1);
+  const int64_t n = slot0 - keep_from, shift = keep_from - origin[layer];
+  if (slot0 + T - keep_from > span[layer])
+    throw std::logic_error("KV cache: a chunk does not fit a sliding layer's buffer");
+  const size_t elem = dtype == DType::BF16 ? sizeof(uint16_t) : sizeof(float);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t o = base[layer] + (r * kv_heads + h) * span[layer] * head_dim;
+      for (int side = 0; side < 2; ++side) {
+        char* p = dtype == DType::BF16 ? reinterpret_cast<char*>((side ? vb : kb).data() + o)
+                                       : reinterpret_cast<char*>((side ? v : k).data() + o);
+        std::memmove(p, p + shift * head_dim * elem, static_cast<size_t>(n * head_dim) * elem);
+      }
+    }
+  origin[layer] = keep_from;
 }
 
 void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value) {
@@ -63,87 +93,126 @@ void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, cons
   }
 }
 
-Weight KVCache::keys(int64_t layer, int64_t row, int64_t head, int64_t n) const {
+Weight KVCache::keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const {
+  const int64_t o = offset(layer, row, head, first);
   Weight w;
   w.dtype = dtype;
-  w.data = dtype == DType::BF16 ? static_cast<const void*>(&kb[offset(layer, row, head, 0)])
-                                : static_cast<const void*>(&k[offset(layer, row, head, 0)]);
+  w.data = dtype == DType::BF16 ? static_cast<const void*>(&kb[o]) : static_cast<const void*>(&k[o]);
   w.rows = n;
   w.cols = w.ld = head_dim;
   return w;
 }
 
-Weight KVCache::values(int64_t layer, int64_t row, int64_t head, int64_t n) const {
-  Weight w = keys(layer, row, head, n);
-  w.data = dtype == DType::BF16 ? static_cast<const void*>(&vb[offset(layer, row, head, 0)])
-                                : static_cast<const void*>(&v[offset(layer, row, head, 0)]);
+Weight KVCache::values(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const {
+  Weight w = keys(layer, row, head, first, n);
+  const int64_t o = offset(layer, row, head, first);
+  w.data = dtype == DType::BF16 ? static_cast<const void*>(&vb[o]) : static_cast<const void*>(&v[o]);
   return w;
 }
 
 Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_(std::move(weights)) {
   // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
+  // Linear scaling divides the frequencies by the factor (positions / factor).
   const int64_t half = cfg_.head_dim / 2;
-  inv_freq_.resize(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) {
-    const float e = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
-    inv_freq_[i] = 1.0f / std::pow(cfg_.rope_theta, e);
-  }
+  auto table = [&](float theta, float factor) {
+    std::vector<float> f(static_cast<size_t>(half));
+    for (int64_t i = 0; i < half; ++i) {
+      const float e = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
+      f[i] = 1.0f / std::pow(theta, e);
+      if (factor != 1.f) f[i] /= factor;
+    }
+    return f;
+  };
+  inv_freq_ = table(cfg_.rope_theta, cfg_.rope_factor);
+  inv_freq_local_ = table(cfg_.rope_theta_local, cfg_.rope_factor_local);
 }
 
 void Model::logits(const float* hidden, int64_t n, float* out) {
   OpTimer timer(&OpProfile::lm_head);
   matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size);
+  if (cfg_.final_softcap > 0.f) {
+    const float cap = cfg_.final_softcap;
+    parallel_for(n * cfg_.vocab_size, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) out[i] = std::tanh(out[i] / cap) * cap;
+    });
+  }
 }
 
 void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
                       int64_t slot0, int64_t T, const float* q, float* out) {
   // Per task: one (row, head) and a block of up to kQB queries. Scores of the block against
   // every key it may see are one small matmul (Q . K^T, the register-blocked float32 kernel);
-  // then per query: mask, softmax, and P . V accumulated in registers over the keys.
+  // then per query: scale (and soft-cap), mask, softmax, and P . V accumulated in registers.
   constexpr int64_t kQB = 16;
   const int64_t nH = cfg_.num_heads, hd = cfg_.head_dim, group = nH / cfg_.num_kv_heads;
   const int64_t R = static_cast<int64_t>(rows.size()), q_stride = nH * hd;
   const int64_t end_slot = slot0 + T;  // slots [0, end_slot) hold this row's tokens now
+  const int64_t window = cfg_.layer_window(layer);
   const int64_t QBn = (T + kQB - 1) / kQB;
+  const float scale = cfg_.attn_scale, cap = cfg_.attn_softcap;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   parallel_for(R * nH * QBn, [&](int64_t a, int64_t b) {
     thread_local std::vector<float> scores, qblock;
     for (int64_t task = a; task < b; ++task) {
       const int64_t qb = task % QBn, h = (task / QBn) % nH, r = task / (QBn * nH);
       const int64_t t0 = qb * kQB, nq = std::min(kQB, T - t0);
       const int64_t row = rows[r], kvh = h / group;
-      // Keys up to the last query's limit; earlier queries mask the rest below.
-      const int64_t n_keys = cfg_.causal ? slot0 + t0 + nq : end_slot;
+      // Keys [lo, hi): up to the last query's limit and from the first query's window on;
+      // each query masks the rest of the range below.
+      const int64_t first_q = slot0 + t0, last_q = slot0 + t0 + nq - 1;
+      int64_t hi = cfg_.causal ? last_q + 1 : end_slot;
+      int64_t lo = 0;
+      if (window > 0) {
+        lo = std::max<int64_t>(0, first_q - window + 1);
+        if (!cfg_.causal) hi = std::min(hi, last_q + window);
+      }
+      const int64_t n_keys = hi - lo;
       if (static_cast<int64_t>(scores.size()) < nq * n_keys) scores.resize(nq * n_keys);
       if (static_cast<int64_t>(qblock.size()) < nq * hd) qblock.resize(nq * hd);
       for (int64_t i = 0; i < nq; ++i)
         std::memcpy(&qblock[i * hd], q + (r * T + t0 + i) * q_stride + h * hd, hd * sizeof(float));
-      matmul_serial(qblock.data(), nq, hd, cache.keys(layer, row, kvh, n_keys), scores.data(), n_keys);
-      const Weight V = cache.values(layer, row, kvh, n_keys);
+      matmul_serial(qblock.data(), nq, hd, cache.keys(layer, row, kvh, lo, n_keys), scores.data(), n_keys);
       const uint8_t* valid = cache.valid.data() + row * cache.capacity;
       for (int64_t i = 0; i < nq; ++i) {
-        float* s = &scores[i * n_keys];
+        const int64_t qs = first_q + i;
+        // The keys this query sees: [j0, j1] in slots.
+        int64_t j0 = lo, j1 = cfg_.causal ? qs : hi - 1;
+        if (window > 0) {
+          j0 = std::max(j0, qs - window + 1);
+          if (!cfg_.causal) j1 = std::min(j1, qs + window - 1);
+        }
+        float* s = &scores[i * n_keys + (j0 - lo)];
+        const int64_t n = j1 - j0 + 1;
         float* o = out + (r * T + t0 + i) * q_stride + h * hd;
-        const int64_t last = cfg_.causal ? slot0 + t0 + i : end_slot - 1;  // last visible slot
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= last; ++j) {
-          s[j] = valid[j] ? s[j] * cfg_.attn_scale : -std::numeric_limits<float>::infinity();
+        float m = kNegInf;
+        for (int64_t j = 0; j < n; ++j) {
+          float x = s[j] * scale;
+          if (cap > 0.f) x = std::tanh(x / cap) * cap;
+          s[j] = valid[j0 + j] ? x : kNegInf;
           m = std::max(m, s[j]);
         }
-        if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible (padding)
+        if (m == kNegInf) {  // nothing visible (padding)
           std::fill(o, o + hd, 0.f);
           continue;
         }
-        for (int64_t j = 0; j <= last; ++j) s[j] -= m;
-        exp_inplace(s, last + 1);
+        for (int64_t j = 0; j < n; ++j) s[j] -= m;
+        exp_inplace(s, n);
         float sum = 0;
-        for (int64_t j = 0; j <= last; ++j) {
-          if (!valid[j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
+        for (int64_t j = 0; j < n; ++j) {
+          if (!valid[j0 + j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
           sum += s[j];
         }
-        weighted_rows(s, V, last + 1, 1.0f / sum, o);
+        weighted_rows(s, cache.values(layer, row, kvh, j0, n), n, 1.0f / sum, o);
       }
     }
   });
+}
+
+void Model::add_normed(float* y, const float* norm, float* x, int64_t M) {
+  OpTimer timer(&OpProfile::norm);
+  const int64_t H = cfg_.hidden_size;
+  rmsnorm(y, norm, y, M, H, cfg_.rms_norm_eps);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += y[i];
 }
 
 void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
@@ -155,15 +224,21 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   const int64_t QD = nH * hd, KD = nKV * hd;
 
   std::vector<float> x(M * H), h(M * H), q(M * QD), k(M * KD), v(M * KD), att(M * QD);
-  std::vector<float> g(M * F), u(M * F), cs(M * half), sn(M * half);
+  std::vector<float> g(M * F), u(M * F);
+  // cos / sin of every token's position: full-attention layers' table, then the sliding
+  // layers' one (the same numbers when both use one base).
+  std::vector<float> cs(2 * M * half), sn(2 * M * half);
 
   for (int64_t m = 0; m < M; ++m) {
     weight_row(w_.embed, ids[m], x.data() + m * H);
     for (int64_t i = 0; i < H; ++i) x[m * H + i] *= cfg_.embed_scale;
     for (int64_t i = 0; i < half; ++i) {
       const float f = static_cast<float>(pos[m]) * inv_freq_[i];
+      const float fl = static_cast<float>(pos[m]) * inv_freq_local_[i];
       cs[m * half + i] = std::cos(f);
       sn[m * half + i] = std::sin(f);
+      cs[(M + m) * half + i] = std::cos(fl);
+      sn[(M + m) * half + i] = std::sin(fl);
     }
   }
   for (int64_t r = 0; r < R; ++r)
@@ -186,9 +261,18 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::rope_cache);
+      if (cfg_.qk_norm) {  // in place: one row per head
+        rmsnorm(q.data(), L.q_norm, q.data(), M * nH, hd, cfg_.rms_norm_eps);
+        rmsnorm(k.data(), L.k_norm, k.data(), M * nKV, hd, cfg_.rms_norm_eps);
+      }
+      const int64_t window = cfg_.layer_window(l);
+      if (window > 0) cache.make_room(l, slot0, T, window);
+      const int64_t table = window > 0 ? M * half : 0;
       for (int64_t m = 0; m < M; ++m) {
-        rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
-        rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), &cs[m * half], &sn[m * half]);
+        const float* c = &cs[table + m * half];
+        const float* sv = &sn[table + m * half];
+        rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), c, sv);
+        rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, sv);
         const int64_t r = m / T, t = m % T;
         for (int64_t kh = 0; kh < nKV; ++kh) {
           cache.store(l, rows[r], kh, slot0 + t, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
@@ -201,8 +285,13 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
+      if (cfg_.sandwich_norms) {
+        matmul(att.data(), M, QD, L.o, h.data(), H);
+      } else {
+        matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
+      }
     }
+    if (cfg_.sandwich_norms) add_normed(h.data(), L.post_attn_norm, x.data(), M);
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
@@ -219,12 +308,21 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
+      if (cfg_.sandwich_norms) {
+        matmul(g.data(), M, F, L.down, h.data(), H);
+      } else {
+        matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
+      }
     }
+    if (cfg_.sandwich_norms) add_normed(h.data(), L.post_mlp_norm, x.data(), M);
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x.data());
   }
   rmsnorm(x.data(), w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
+}
+
+int64_t Model::chunk_tokens(int64_t B, int64_t L) const {
+  return !cfg_.causal ? L : std::max<int64_t>(1, std::min<int64_t>(L, kMaxChunkTokens / std::max<int64_t>(B, 1)));
 }
 
 void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
@@ -236,8 +334,7 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
   for (int64_t b = 0; b < B; ++b) rows[b] = b;
   // Causal attention lets the prompt go through in chunks (a query never needs a later
   // key); bidirectional attention needs every key first, so it takes one chunk.
-  const int64_t Tc = !cfg_.causal ? L
-      : std::max<int64_t>(1, std::min<int64_t>(L, kMaxChunkTokens / std::max<int64_t>(B, 1)));
+  const int64_t Tc = chunk_tokens(B, L);
   std::vector<int32_t> ids, pos;
   std::vector<uint8_t> valid;
   std::vector<float> hid;
@@ -275,7 +372,7 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
   std::vector<float> out(static_cast<size_t>(B * out_L * D));
   if (hidden_states) hidden_states->assign(static_cast<size_t>((cfg_.num_layers + 1) * B * L * H), 0.f);
 
-  KVCache cache(cfg_, B, L);
+  KVCache cache(cfg_, B, L, chunk_tokens(B, L));
   std::vector<float> lg;
   prefill(cache, input_ids, attention_mask, positions, B, L, hidden_states,
           [&](int64_t c0, int64_t T, const float* hid) {
@@ -303,7 +400,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   GenerateResult res;
   if (p.max_new_tokens <= 0) return res;
-  KVCache cache(cfg_, B, L + p.max_new_tokens);
+  KVCache cache(cfg_, B, L + p.max_new_tokens, chunk_tokens(B, L));
   std::vector<int64_t> rows(B);
   std::vector<std::vector<int32_t>> history(B);
   std::vector<int32_t> next_pos(B), positions(B * L);

@@ -23,17 +23,33 @@ struct ModelConfig {
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0, max_positions = 0;
   float rms_norm_eps = 1e-6f;
-  float rope_theta = 10000.f;
+  float rope_theta = 10000.f;        // RoPE base of full-attention layers
+  float rope_factor = 1.f;           // linear RoPE scaling of full-attention layers (positions / factor)
+  float rope_theta_local = 10000.f;  // the same two for sliding-window layers
+  float rope_factor_local = 1.f;
   float embed_scale = 1.f;   // sqrt(hidden_size), already rounded to the weight dtype
-  float attn_scale = 1.f;    // head_dim ** -0.5
+  float attn_scale = 1.f;    // head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
+  float attn_softcap = 0.f;  // Gemma 2: scores -> cap * tanh(scores / cap); 0 = none
+  float final_softcap = 0.f; // Gemma 2: the same on the logits
   bool causal = true;        // false: use_bidirectional_attention
   bool kv_bf16 = false;      // keys and values cached in bfloat16 (half the memory)
+  bool sandwich_norms = false;  // Gemma 2/3: the attention and MLP outputs are normed before the residual add
+  bool qk_norm = false;         // Gemma 3: per-head RMSNorm of queries and keys before RoPE
+  // Per layer: the sliding window (a key is visible iff q - window < k <= q), 0 = global.
+  std::vector<int64_t> window;
+  int64_t layer_window(int64_t l) const { return window.empty() ? 0 : window[l]; }
 };
 
 struct LayerWeights {
   Weight q, k, v, o, gate, up, down;
   const float* attn_norm = nullptr;  // (1 + w), float32 [hidden]
-  const float* mlp_norm = nullptr;   // (1 + w), float32 [hidden]
+  const float* mlp_norm = nullptr;   // (1 + w), float32 [hidden]: before the MLP
+  // Gemma 2/3 (sandwich_norms): after the attention output and after the MLP, [hidden].
+  const float* post_attn_norm = nullptr;
+  const float* post_mlp_norm = nullptr;
+  // Gemma 3 (qk_norm): per-head norms of queries and keys, [head_dim].
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
 };
 
 struct ModelWeights {
@@ -43,25 +59,34 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
-// Keys and values of B sequences for every layer, float32 or bfloat16 (kv_bf16), laid out
-// [layer][row][kv_head][slot][head_dim] so that one (row, kv head) is one contiguous run of
-// slots: the decode attention reads it front to back. valid[row][slot] says whether a slot
+// Keys and values of B sequences for every layer, float32 or bfloat16 (kv_bf16). Each layer
+// is laid out [row][kv_head][slot][head_dim] so that one (row, kv head) is one contiguous
+// run of slots: the attention reads it front to back. valid[row][slot] says whether a slot
 // holds a real token (0 for padding); masked slots are never attended to.
+//
+// A sliding-window layer keeps only the last slots it can still see: its buffer holds
+// span[l] slots starting at logical slot origin[l], and make_room() moves the still-visible
+// tail to the front when the next chunk would not fit (span >= 2 window + chunk, so that
+// move happens at most once per window of decoded tokens).
 struct KVCache {
   int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
   DType dtype = DType::F32;
+  std::vector<int64_t> span, origin, base;  // per layer: slots held, first slot held, element offset
   std::vector<float> k, v;       // float32 cache
   std::vector<uint16_t> kb, vb;  // bfloat16 cache
-  std::vector<uint8_t> valid;
-  KVCache(const ModelConfig& c, int64_t rows, int64_t capacity);
+  std::vector<uint8_t> valid;    // [rows][capacity], logical slots
+  // max_chunk: the most tokens one step() writes at once.
+  KVCache(const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
   int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
-    return (((layer * rows + row) * kv_heads + head) * capacity + slot) * head_dim;
+    return base[layer] + ((row * kv_heads + head) * span[layer] + (slot - origin[layer])) * head_dim;
   }
+  // Before writing slots [slot0, slot0 + T) of a layer whose queries see `window` slots back.
+  void make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window);
   // Writes one token's key and value of one head (rounded to bf16 for a bf16 cache).
   void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
-  // Slots [0, n) of one (row, head) as a [n, head_dim] matrix.
-  Weight keys(int64_t layer, int64_t row, int64_t head, int64_t n) const;
-  Weight values(int64_t layer, int64_t row, int64_t head, int64_t n) const;
+  // Slots [first, first + n) of one (row, head) as a [n, head_dim] matrix.
+  Weight keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
+  Weight values(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
 };
 
 // What forward() returns for each row: every position or only the last one; the hidden
@@ -103,13 +128,19 @@ class Model {
   void prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
                const int32_t* positions, int64_t B, int64_t L, std::vector<float>* hidden_states,
                const std::function<void(int64_t, int64_t, const float*)>& on_chunk);
+  // Tokens per row in one prefill chunk (causal attention lets a prompt go through in chunks).
+  int64_t chunk_tokens(int64_t B, int64_t L) const;
   void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
                  int64_t T, const float* q, float* out);
   void logits(const float* hidden, int64_t n, float* out);
+  // Sandwich norms: x += rmsnorm(y) (y is normed in place), M rows.
+  void add_normed(float* y, const float* norm, float* x, int64_t M);
 
   ModelConfig cfg_;
   ModelWeights w_;
-  std::vector<float> inv_freq_;  // head_dim / 2 rotary frequencies, float32 as transformers
+  // head_dim / 2 rotary frequencies, float32 as transformers: full-attention layers, then
+  // sliding-window layers.
+  std::vector<float> inv_freq_, inv_freq_local_;
 };
 
 }  // namespace gemma

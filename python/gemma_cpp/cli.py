@@ -66,10 +66,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import GemmaConfig
+    from .config import load_config
 
     folder = args.model
-    cfg = GemmaConfig.from_pretrained(folder)
+    cfg = load_config(folder)
     n = cfg.num_parameters()
     n_emb = cfg.vocab_size * cfg.hidden_size
     print(f"model:       {os.path.abspath(folder)}")

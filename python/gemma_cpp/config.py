@@ -27,12 +27,13 @@ import os
 import tempfile
 import types
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["GemmaConfig", "PRESETS", "CONFIG_NAME", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "load_config", "PRESETS", "CONFIG_NAME",
+           "SUPPORTED_MODEL_TYPES"]
 
 CONFIG_NAME = "config.json"
-SUPPORTED_MODEL_TYPES = ("gemma",)
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 # Names transformers' ACT2FN maps to the tanh approximation of GELU,
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GELUTanh (torch's approximate="tanh"),
@@ -190,6 +191,7 @@ class GemmaConfig:
     """
 
     model_type = "gemma"
+    _generation = "Gemma 1"
 
     # Gemma-specific fields and the generic PreTrainedConfig fields, in to_dict() order.
     _FIELDS = (
@@ -268,13 +270,15 @@ class GemmaConfig:
             kwargs.pop(key, None)
 
         model_type = kwargs.pop("model_type", None)
-        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type is not None and model_type != self.model_type:
+            hint = (f"; use {CONFIG_CLASSES[model_type].__name__} (or load_config) for it"
+                    if model_type in CONFIG_CLASSES else "")
             raise ValueError(
-                f"model_type must be 'gemma' (Gemma 1), {_got(model_type)}; GemmaConfig supports "
-                f"model types {list(SUPPORTED_MODEL_TYPES)}"
+                f"model_type must be {self.model_type!r} ({self._generation}), {_got(model_type)}; "
+                f"{type(self).__name__} supports model types [{self.model_type!r}]{hint}"
             )
         if kwargs.get("per_layer_config") is not None:
-            raise ValueError("per_layer_config (heterogeneous layers) is not supported for Gemma 1")
+            raise ValueError(f"per_layer_config (heterogeneous layers) is not supported for {self._generation}")
 
         # transformers 5.24 GemmaConfig.__post_init__ (#29402): the official Gemma 1 configs say
         # "gelu" but the weights were trained with the tanh approximation.
@@ -840,3 +844,196 @@ class GemmaConfig:
                 pass
             raise
         return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 2 and Gemma 3 (text)
+
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+class _SlidingGemmaConfig(GemmaConfig):
+    """What Gemma 2 and Gemma 3 add to Gemma 1: four norms per layer, query_pre_attn_scalar,
+    soft-capping, sliding-window layers listed in ``layer_types``. The activation field is
+    ``hidden_activation`` (transformers' name for these generations); a ``hidden_act`` key in
+    the file is read too (hub configs carry both)."""
+
+    _EXTRA_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types",
+                     "final_logit_softcapping", "attn_logit_softcapping")
+    _FIELDS = GemmaConfig._FIELDS + _EXTRA_FIELDS
+    _DEFAULTS: Dict[str, Any] = {}
+    _DEFAULT_PATTERN = 2  # every n-th layer is global
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key, value in self._DEFAULTS.items():
+            kwargs.setdefault(key, copy.deepcopy(value))
+        activation = kwargs.pop("hidden_activation", None)
+        if activation is None:
+            activation = kwargs.get("hidden_act", "gelu_pytorch_tanh")
+        kwargs.setdefault("hidden_act", activation)
+        if kwargs["hidden_act"] == "gelu":
+            kwargs["hidden_act"] = activation = "gelu_pytorch_tanh"
+        pattern = kwargs.pop("sliding_window_pattern", self._DEFAULT_PATTERN)
+        extra = {name: kwargs.pop(name) for name in self._EXTRA_FIELDS if name in kwargs}
+        object.__setattr__(self, "hidden_activation", activation)
+        object.__setattr__(self, "query_pre_attn_scalar", extra.get("query_pre_attn_scalar", 256))
+        object.__setattr__(self, "sliding_window", extra.get("sliding_window", 4096))
+        object.__setattr__(self, "final_logit_softcapping", extra.get("final_logit_softcapping"))
+        object.__setattr__(self, "attn_logit_softcapping", extra.get("attn_logit_softcapping"))
+        layers = kwargs.get("num_hidden_layers", 26)
+        layer_types = extra.get("layer_types")
+        if layer_types is None and _is_int(layers) and _is_int(pattern) and pattern > 0:
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        object.__setattr__(self, "layer_types", list(layer_types) if isinstance(layer_types, tuple) else layer_types)
+        super().__init__(**kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_activation not in TANH_GELU_NAMES:
+            raise ValueError(self._activation_error("hidden_activation", self.hidden_activation))
+        q = self.query_pre_attn_scalar
+        if not _is_real(q) or not math.isfinite(q) or q <= 0:
+            raise ValueError(f"query_pre_attn_scalar must be a positive number, {_got(q)}")
+        w = self.sliding_window
+        if w is not None and (not _is_int(w) or w <= 0):
+            raise ValueError(f"sliding_window must be a positive int or None, {_got(w)}")
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive float or None, {_got(value)}")
+        lt = self.layer_types
+        if not isinstance(lt, list) or len(lt) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in lt):
+            raise ValueError(
+                f"layer_types must list one of {list(_LAYER_TYPES)} for each of the {self.num_hidden_layers} "
+                f"layers, {_got(lt)}"
+            )
+
+    def layer_windows(self) -> List[int]:
+        """Per layer, the sliding window (0 for a global layer)."""
+        w = self.sliding_window or 0
+        return [w if t == "sliding_attention" else 0 for t in self.layer_types]
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        # Two more norms per layer than Gemma 1.
+        return super().num_parameters(include_embedding) + 2 * self.hidden_size * self.num_hidden_layers
+
+
+class Gemma2Config(_SlidingGemmaConfig):
+    """Configuration of a Gemma 2 model (``model_type="gemma2"``), read from transformers' files."""
+
+    model_type = "gemma2"
+    _generation = "Gemma 2"
+    _DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    _DEFAULT_PATTERN = 2
+
+
+class Gemma3TextConfig(_SlidingGemmaConfig):
+    """Configuration of a Gemma 3 text model (``model_type="gemma3_text"``): per-head q/k norms and
+    two RoPEs, ``rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}`` (the
+    older flat ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling`` keys are folded in as
+    transformers does). RoPE types "default" and "linear" are supported."""
+
+    model_type = "gemma3_text"
+    _generation = "Gemma 3"
+    _DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                     max_position_embeddings=131072)
+    _DEFAULT_PATTERN = 6
+    _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+
+    @staticmethod
+    def _standardize_rope(rope_parameters: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        # transformers' Gemma3TextConfig.convert_rope_params_to_dict.
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        params = copy.deepcopy(rope_parameters) if rope_parameters is not None else {}
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict keyed by layer type, {_got(params)}")
+        for layer_type in _LAYER_TYPES:
+            if params.get(layer_type) is None:
+                params[layer_type] = {"rope_type": "default"}
+            if not isinstance(params[layer_type], dict):
+                raise ValueError(f"rope_parameters[{layer_type!r}] must be a dict, {_got(params[layer_type])}")
+        if rope_scaling is not None:
+            if not isinstance(rope_scaling, dict):
+                raise ValueError(f"rope_scaling must be a dict, {_got(rope_scaling)}")
+            params["full_attention"].update(rope_scaling)
+        theta = kwargs.pop("rope_theta", None)
+        local = kwargs.pop("rope_local_base_freq", None)
+        params["full_attention"].setdefault("rope_theta", theta if theta is not None else 1_000_000.0)
+        params["sliding_attention"].setdefault("rope_theta", local if local is not None else 10_000.0)
+        for layer_type in _LAYER_TYPES:
+            p = params[layer_type]
+            p.setdefault("rope_type", p.get("type", "default"))
+            if _is_int(p["rope_theta"]):
+                p["rope_theta"] = float(p["rope_theta"])
+        return params
+
+    def _validate_rope(self) -> None:
+        params = self.rope_parameters
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict, {_got(params)}")
+        for layer_type in _LAYER_TYPES:
+            p = params.get(layer_type)
+            if not isinstance(p, dict):
+                raise ValueError(f"rope_parameters[{layer_type!r}] must be a dict, {_got(p)}")
+            kind = p.get("rope_type", "default")
+            if kind not in ("default", "linear"):
+                raise ValueError(
+                    f"rope_parameters[{layer_type!r}]['rope_type']={kind!r} is not supported: the engine "
+                    "implements 'default' and 'linear' RoPE"
+                )
+            theta = p.get("rope_theta")
+            if not _is_real(theta) or not math.isfinite(theta) or theta <= 0:
+                raise ValueError(f"rope_parameters[{layer_type!r}]['rope_theta'] must be a positive float, {_got(theta)}")
+            if kind == "linear":
+                factor = p.get("factor")
+                if not _is_real(factor) or not math.isfinite(factor) or factor <= 0:
+                    raise ValueError(
+                        f"rope_parameters[{layer_type!r}]['factor'] must be a positive float for linear RoPE, {_got(factor)}"
+                    )
+
+    def rope(self, layer_type: str) -> Tuple[float, float]:
+        """(base, linear scaling factor) of a layer type's RoPE."""
+        p = self.rope_parameters[layer_type]
+        factor = float(p.get("factor", 1.0)) if p.get("rope_type", "default") == "linear" else 1.0
+        return float(p["rope_theta"]), factor
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope("full_attention")[0]
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        # Per-head q and k norms.
+        return super().num_parameters(include_embedding) + 2 * self.head_dim * self.num_hidden_layers
+
+
+CONFIG_CLASSES = {"gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}
+
+
+def config_class(model_type: Any, where: str = "config.json") -> type:
+    """The config class of a model_type, or a ValueError naming the supported ones."""
+    if model_type in CONFIG_CLASSES:
+        return CONFIG_CLASSES[model_type]
+    hint = ""
+    if model_type == "gemma3":
+        hint = ("; this is a Gemma 3 multimodal checkpoint: gemma_cpp runs Gemma 3 text models "
+                "(model_type 'gemma3_text', e.g. gemma-3-270m and gemma-3-1b)")
+    raise ValueError(f"{where}: unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}{hint}")
+
+
+def load_config(pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> GemmaConfig:
+    """Reads a checkpoint's config.json with the class its model_type names (Gemma 1, 2 or 3)."""
+    path = os.fspath(pretrained_model_name_or_path)
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    model_type = "gemma"
+    if os.path.isfile(file):
+        try:
+            with open(file, encoding="utf-8") as reader:
+                data = json.load(reader)
+            if isinstance(data, dict):
+                model_type = data.get("model_type", "gemma")
+        except (OSError, ValueError):
+            pass  # GemmaConfig.from_pretrained reports the problem
+    return config_class(model_type, file).from_pretrained(path, **kwargs)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _C
 from ._dtypes import as_engine_dtype, as_float32, canonical_dtype, round_to
-from .config import GemmaConfig
+from .config import GemmaConfig, load_config
 from .convert import engine_format
 from .convert.hf import Checkpoint
 from .generation import GenerationConfig
@@ -40,22 +40,47 @@ _LAYER_TENSORS = {
     "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",
     "attn_norm": "input_layernorm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
 }
-_NORMS = ("attn_norm", "mlp_norm")
+# Gemma 1 norms the MLP's input with the tensor Gemma 2/3 use after the attention.
+_GEMMA1_NORMS = {"mlp_norm": "post_attention_layernorm.weight"}
+_SANDWICH_NORMS = {
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+_QK_NORMS = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+_NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
 # Heads' tensors: loaded by the class that has the head, ignored (as transformers warns
 # and ignores them) by the others.
 _HEAD_TENSORS = ("lm_head.weight", "score.weight", "score.bias")
 
 
-def _expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
+def layer_tensors(c: GemmaConfig) -> Dict[str, str]:
+    """A decoder layer's tensors for this config's generation: engine name -> transformers name."""
+    names = dict(_LAYER_TENSORS)
+    if c.model_type == "gemma":
+        names.update(_GEMMA1_NORMS)
+    else:
+        names.update(_SANDWICH_NORMS)
+    if c.model_type == "gemma3_text":
+        names.update(_QK_NORMS)
+    return names
+
+
+def layer_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
+    """Engine name -> shape of a decoder layer's tensors."""
     H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
     qd, kd = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    per_layer = {"q": (qd, H), "k": (kd, H), "v": (kd, H), "o": (H, qd), "gate": (F, H),
-                 "up": (F, H), "down": (H, F), "attn_norm": (H,), "mlp_norm": (H,)}
-    shapes = {"embed_tokens.weight": (c.vocab_size, H), "norm.weight": (H,)}
+    shapes = {"q": (qd, H), "k": (kd, H), "v": (kd, H), "o": (H, qd), "gate": (F, H), "up": (F, H),
+              "down": (H, F), "q_norm": (hd,), "k_norm": (hd,)}
+    return {short: shapes.get(short, (H,)) for short in layer_tensors(c)}
+
+
+def _expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
+    per_layer = layer_shapes(c)
+    shapes = {"embed_tokens.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
     for i in range(c.num_hidden_layers):
-        for short, name in _LAYER_TENSORS.items():
+        for short, name in layer_tensors(c).items():
             shapes[f"layers.{i}.{name}"] = per_layer[short]
     return shapes
 
@@ -139,7 +164,7 @@ def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt:
                              f"expected {(config.vocab_size, config.hidden_size)}")
         weights["lm_head"] = matrix("lm_head.weight", "lm_head")
     for i in range(config.num_hidden_layers):
-        for short, name in _LAYER_TENSORS.items():
+        for short, name in layer_tensors(config).items():
             base = f"layers.{i}.{name}"
             name = f"layers.{i}.{short}"
             weights[name] = norm(base) if short in _NORMS else matrix(base, name)
@@ -149,7 +174,7 @@ def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt:
 def engine_config(config: GemmaConfig, target: str) -> dict:
     """The engine's view of a config; target is the float weight dtype (the embedding scale is
     rounded to it, as transformers does)."""
-    return {
+    out = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -164,6 +189,22 @@ def engine_config(config: GemmaConfig, target: str) -> dict:
         "attn_scale": float(np.float32(config.head_dim ** -0.5)),
         "causal": not bool(getattr(config, "use_bidirectional_attention", False) or False),
     }
+    if config.model_type == "gemma":
+        return out
+    # Gemma 2 / 3.
+    out.update(
+        attn_scale=float(np.float32(config.query_pre_attn_scalar ** -0.5)),
+        attn_softcap=float(config.attn_logit_softcapping or 0.0),
+        final_softcap=float(config.final_logit_softcapping or 0.0),
+        sandwich_norms=True,
+        layer_windows=config.layer_windows(),
+    )
+    if config.model_type == "gemma3_text":
+        (theta, factor), (theta_local, factor_local) = (config.rope("full_attention"),
+                                                        config.rope("sliding_attention"))
+        out.update(rope_theta=theta, rope_factor=factor, rope_theta_local=theta_local,
+                   rope_factor_local=factor_local, qk_norm=True)
+    return out
 
 
 def _as_ids(x, name: str) -> np.ndarray:
@@ -227,7 +268,7 @@ class GemmaPreTrainedModel:
         if dtype is not None and dtype != "auto":
             canonical_dtype(dtype)  # fail on a bad name before reading gigabytes
         policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
-        config = config or GemmaConfig.from_pretrained(folder)
+        config = config or load_config(folder)
         if engine_format.is_engine_checkpoint(folder):
             weights, target, file_policy, heads = engine_format.load(folder, dtype, policy)
             policy = file_policy

@@ -63,7 +63,7 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
     """Convert a Hugging Face checkpoint folder to our format in folder `out`. Written under a
     temporary name beside it and renamed at the end; an existing `out` is replaced only with
     force=True."""
-    from ..config import GemmaConfig
+    from ..config import load_config
     from ..modeling import engine_weights
     from .hf import Checkpoint
 
@@ -73,7 +73,7 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such checkpoint folder")
     policy = resolve_policy(quantization)
-    config = GemmaConfig.from_pretrained(src)
+    config = load_config(src)
     weights, target, heads = engine_weights(src, config, dtype, Checkpoint(src), policy)
     tensors, formats = [], {}
     for name, v in weights.items():
