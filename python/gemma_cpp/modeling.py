@@ -14,6 +14,8 @@ from . import _C
 from ._dtypes import as_engine_dtype, as_float32, canonical_dtype, round_to
 from .config import GemmaConfig, load_config
 from .convert import engine_format
+from .convert import gguf_model
+from .convert.gguf import GGUFFile
 from .convert.hf import Checkpoint
 from .generation import GenerationConfig
 from .quant import format_for, resolve_policy
@@ -246,27 +248,46 @@ class GemmaPreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=None, config: Optional[GemmaConfig] = None,
-                        torch_dtype=None, quantization=None, kv_cache_dtype: str = "float32", **kwargs):
-        """Load a Hugging Face checkpoint folder (config.json + safetensors). dtype:
-        'float32', 'bfloat16', or None / 'auto' for the checkpoint's (float16 runs as float32).
-        bfloat16 weights are used in place from the file's memory map.
+                        torch_dtype=None, quantization="auto", kv_cache_dtype: str = "float32",
+                        gguf_file: Optional[str] = None, **kwargs):
+        """Load a Hugging Face checkpoint folder (config.json + safetensors), a folder that
+        `gemma-cpp convert` wrote, or a GGUF file (a path to it, or a folder and gguf_file=).
+
+        dtype: 'float32', 'bfloat16', or None / 'auto' for the checkpoint's (float16 runs as
+        float32). bfloat16 weights are used in place from the file's memory map.
 
         quantization: None, 'int8' or 'int4' (every linear layer and the embedding / LM head;
         norms stay float32), or a dict by group, e.g. {'layers': 'int4', 'embed': 'int8'}
         (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype.
+        'auto' (the default): none for a Hugging Face checkpoint; for a GGUF file, Q8_0
+        tensors load as int8 and Q4_0 as int4 without loss, float tensors stay float, and
+        other types (Q4_K, Q5_0, Q6_K, ...) are read exactly and quantized to int8. None
+        dequantizes a GGUF file to dtype (float32 by default).
 
         kv_cache_dtype: 'float32' (as transformers' float32 model) or 'bfloat16' (half the
         memory for long prompts; keys and values rounded to bf16)."""
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
-        folder = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no such folder (expected a checkpoint folder with config.json "
-                                    "and model.safetensors; gemma_cpp never downloads from a hub)")
+        path = os.fspath(pretrained_model_name_or_path)
+        if gguf_file is not None:
+            path = os.path.join(path, os.fspath(gguf_file))
         if dtype is None and torch_dtype is not None:
             dtype = torch_dtype
         if dtype is not None and dtype != "auto":
             canonical_dtype(dtype)  # fail on a bad name before reading gigabytes
+        if kv_cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        if os.path.isfile(path) and gguf_model.is_gguf(path):
+            return cls._from_gguf(path, dtype, config, quantization, kv_cache_dtype)
+        if gguf_file is not None:
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        folder = path
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no such folder or GGUF file (expected a checkpoint folder with "
+                                    "config.json and model.safetensors, or a .gguf file; gemma_cpp never "
+                                    "downloads from a hub)")
+        if isinstance(quantization, str) and quantization == "auto":
+            quantization = None
         policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
         config = config or load_config(folder)
         if engine_format.is_engine_checkpoint(folder):
@@ -274,12 +295,29 @@ class GemmaPreTrainedModel:
             policy = file_policy
         else:
             weights, target, heads = engine_weights(folder, config, dtype, Checkpoint(folder), policy)
-        if kv_cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
         ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
         model = cls(config, _C.Engine(ecfg, weights), target, folder, policy)
         model.kv_cache_dtype = kv_cache_dtype
         model._load_head(folder, heads)
+        return model
+
+    @classmethod
+    def _from_gguf(cls, path, dtype, config, quantization, kv_cache_dtype):
+        gguf_model.resolve_gguf_policy(quantization)  # fail on a bad name before reading the file
+        with GGUFFile(path) as g:
+            config = config or gguf_model.config_from_gguf(g)
+            weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
+            eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id or [])
+            eot = gguf_model.end_of_turn_id(g)
+            if eot is not None and eot not in eos:
+                eos.append(eot)
+        ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
+        model = cls(config, _C.Engine(ecfg, weights), target, None, policy)
+        model.name_or_path = path
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=config.pad_token_id,
+                                                   bos_token_id=config.bos_token_id)
+        model.kv_cache_dtype = kv_cache_dtype
+        model._load_head(path, {})
         return model
 
     def _load_head(self, folder, heads):
@@ -309,7 +347,8 @@ class GemmaPreTrainedModel:
         return self.config.num_parameters()
 
     def __repr__(self):
-        q = {k: v for k, v in self.quantization.items() if v}
+        q = self.quantization if isinstance(self.quantization, str) else \
+            {k: v for k, v in self.quantization.items() if v}
         c = self.config
         return (f"{type(self).__name__}({self.name_or_path!r}, dtype={self.dtype}, quantization={q or None}, "
                 f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, vocab={c.vocab_size})")

@@ -1,7 +1,8 @@
 """Gemma tokenizers with the Hugging Face transformers API.
 
 ``GemmaTokenizer`` runs on ``sentencepiece`` (a runtime dependency) and reads
-``tokenizer.model``; ``GemmaTokenizerFast`` runs on ``tokenizers`` (optional) and
+``tokenizer.model``, or a GGUF file's tokenizer metadata rebuilt as one
+(``convert/gguf_tokenizer.py``); ``GemmaTokenizerFast`` runs on ``tokenizers`` (optional) and
 reads ``tokenizer.json``, or builds one from ``tokenizer.model`` exactly as
 transformers does. Both give the token ids of transformers' ``GemmaTokenizer``
 (5.x, the tokenizers-backed class) on the same files.
@@ -1036,6 +1037,29 @@ def _ignore_decode_kwargs(kwargs: dict) -> None:
         raise ValueError(f"unsupported decode argument(s) {sorted(unknown)}")
 
 
+def _is_gguf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _read_model_bytes(vocab_file: str, kwargs: dict) -> bytes:
+    """The sentencepiece model in ``vocab_file``: a ``tokenizer.model``, or one rebuilt
+    from a GGUF file's tokenizer metadata, whose settings (special tokens, add_bos_token,
+    chat_template) then fill the ``kwargs`` the caller did not give."""
+    if not _is_gguf(vocab_file):
+        with open(vocab_file, "rb") as f:
+            return f.read()
+    from .convert.gguf_tokenizer import read_gguf_tokenizer
+
+    data, config = read_gguf_tokenizer(vocab_file)
+    for key, value in config.items():
+        kwargs.setdefault(key, value)
+    return data
+
+
 def _resolve_folder(path: str | os.PathLike, cls_name: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -1168,8 +1192,7 @@ class GemmaTokenizer(_GemmaTokenizerBase):
         vocab_file = os.fspath(vocab_file)
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"GemmaTokenizer: no sentencepiece model at {vocab_file!r}")
-        with open(vocab_file, "rb") as f:
-            data = f.read()
+        data = _read_model_bytes(vocab_file, kwargs)
         self.vocab_file = vocab_file
         self._model = _SpModelFile(data, vocab_file)
         self._sp = spm.SentencePieceProcessor()
@@ -1216,8 +1239,10 @@ class GemmaTokenizer(_GemmaTokenizerBase):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GemmaTokenizer":
         """Load from a folder with ``tokenizer.model`` (+ optional ``tokenizer_config.json``,
-        ``special_tokens_map.json``, ``added_tokens.json``, ``chat_template.jinja``) or from a
-        ``.model`` file. Keyword arguments override the config (e.g. ``padding_side="right"``)."""
+        ``special_tokens_map.json``, ``added_tokens.json``, ``chat_template.jinja``), from a
+        ``.model`` file, or from a GGUF file (its ``tokenizer.ggml.*`` metadata rebuilt as a
+        sentencepiece model; its settings are the config, files beside it are not read).
+        Keyword arguments override the config (e.g. ``padding_side="right"``)."""
         path = _resolve_folder(pretrained_model_name_or_path, cls.__name__)
         if os.path.isdir(path):
             folder = path
@@ -1228,12 +1253,20 @@ class GemmaTokenizer(_GemmaTokenizerBase):
                     " The folder has tokenizer.json: use GemmaTokenizerFast (needs `tokenizers`)."
                     if "tokenizer.json" in present else ""
                 )
+                ggufs = [name for name in present if name.endswith(".gguf")]
+                if ggufs:
+                    hint += f" To use a GGUF's tokenizer, pass the file: {os.path.join(path, ggufs[0])!r}."
                 raise FileNotFoundError(
                     f"GemmaTokenizer.from_pretrained: no tokenizer.model in {path!r} (found: {present[:20]}).{hint}"
                 )
         else:
             folder = os.path.dirname(path) or "."
             vocab_file = path
+        if _is_gguf(vocab_file):
+            # A GGUF is self-contained: its metadata is the config (see _read_model_bytes),
+            # and the JSON files beside it may belong to another model.
+            kwargs.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
+            return cls(vocab_file, **kwargs)
         config = cls._read_config(folder, kwargs)
         config.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
         return cls(vocab_file, **config)
@@ -1410,8 +1443,7 @@ class GemmaTokenizerFast(_GemmaTokenizerBase):
         else:
             if not os.path.isfile(self.vocab_file):
                 raise FileNotFoundError(f"GemmaTokenizerFast: no sentencepiece model at {self.vocab_file!r}")
-            with open(self.vocab_file, "rb") as f:
-                self._model = _SpModelFile(f.read(), self.vocab_file)
+            self._model = _SpModelFile(_read_model_bytes(self.vocab_file, kwargs), self.vocab_file)
             vocab = self._model.id_of
             base_size = len(self._model.pieces)
             probe = None
@@ -1471,7 +1503,7 @@ class GemmaTokenizerFast(_GemmaTokenizerBase):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GemmaTokenizerFast":
         """Load from a folder with ``tokenizer.json`` (or only ``tokenizer.model``) and the
-        optional configs, or from a ``.json`` / ``.model`` file."""
+        optional configs, or from a ``.json`` / ``.model`` / GGUF file."""
         path = _resolve_folder(pretrained_model_name_or_path, cls.__name__)
         tokenizer_file = vocab_file = None
         if os.path.isdir(path):
@@ -1487,6 +1519,9 @@ class GemmaTokenizerFast(_GemmaTokenizerBase):
                 )
         else:
             folder = os.path.dirname(path) or "."
+            if _is_gguf(path):
+                kwargs.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
+                return cls(vocab_file=path, **kwargs)
             if path.endswith(".model"):
                 vocab_file = path
             else:
@@ -1507,7 +1542,9 @@ class GemmaTokenizerFast(_GemmaTokenizerBase):
         written.append(json_path)
         if self.vocab_file is not None and os.path.isfile(self.vocab_file):
             model_path = os.path.join(folder, "tokenizer.model")
-            if os.path.abspath(model_path) != os.path.abspath(self.vocab_file):
+            if self._model is not None:  # the file's bytes, or the model rebuilt from a GGUF
+                _write_atomic(model_path, self._model.data)
+            elif os.path.abspath(model_path) != os.path.abspath(self.vocab_file):
                 with open(self.vocab_file, "rb") as f:
                     _write_atomic(model_path, f.read())
             written.append(model_path)
