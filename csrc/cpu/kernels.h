@@ -47,6 +47,20 @@ bool set_bf16_matmul_path(const std::string& name);
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate);
 const char* quant_matmul_path();                      // "avx512_vnni", "avx2" or "scalar"
+
+// One of several products of the same input: y (ldy apart) = x . w^T, or += with accumulate.
+struct MatmulTarget {
+  const Weight* w;
+  float* y;
+  int64_t ldy;
+  bool accumulate = false;
+};
+// Several matmuls of one input in one call (q, k and v; gate and up): quantized weights
+// with the same input size, in decode, share one quantization of x and one pass of the
+// thread pool. Returns false, having done nothing, when that does not apply.
+bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n);
+// matmul for each target, through matmul_quant_many where it applies.
+void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n);
 // Prefill with quantized weights on AMX: blocks dequantized to bf16 into the tiles (inputs
 // rounded to bf16, float32 sums, as the bf16 path). Computes the first rows (a multiple of
 // 32) and returns how many; 0 when AMX is not available (or the bf16 path is pinned).

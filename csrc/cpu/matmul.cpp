@@ -146,6 +146,11 @@ void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, i
     matmul_quant(x, T, ldx, w, y, ldy, accumulate);
 }
 
+void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n) {
+  if (matmul_quant_many(x, T, ldx, outs, n)) return;
+  for (int i = 0; i < n; ++i) matmul(x, T, ldx, *outs[i].w, outs[i].y, outs[i].ldy, outs[i].accumulate);
+}
+
 void weight_row(const Weight& w, int64_t r, float* out) {
   if (w.quantized()) {
     dequantize_row(w.dtype == DType::Int8 ? QFormat::Int8 : QFormat::Int4,

@@ -143,8 +143,10 @@ struct QActs {
   }
 };
 
-QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
-  QActs a;
+// Quantizes into the calling thread's buffers (reused from call to call: decode calls this
+// ~10 times per layer on short rows, where allocations would show).
+const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
+  thread_local QActs a;
   const int64_t nb = K / kQBlock;
   a.T = T;
   a.np = (nb + 1) / 2;
@@ -177,6 +179,9 @@ QActs quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
       for (int64_t t = t0; t < t1; ++t) row(t);
     });
   }
+  a.dxe.clear();
+  a.ux.clear();
+  a.corr.clear();
   if (T == 1) {
     a.dxe.resize(static_cast<size_t>(a.np * 16));
     a.ux.resize(static_cast<size_t>(a.np * 64));
@@ -270,6 +275,26 @@ bool set_quant_matmul_path(const std::string& name) {
   return false;
 }
 
+namespace {
+// Rows [n0, n1) of y = x . w^T on the best path, from activations quantized once.
+void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, int64_t ldy, bool accumulate,
+                int64_t n0, int64_t n1) {
+  if (n0 >= n1) return;
+  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.rows, w.cols, w.ld, w.dtype == DType::Int4};
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(8 * (w.cols / kQBlock + 1) + 16));
+  switch (quant_path()) {
+#ifdef GEMMA_QUANT_AVX512
+    case kAvx512Vnni: quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
+#endif
+#ifdef GEMMA_QUANT_AVX2
+    case kAvx2: quant_rows_avx2(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
+#endif
+    default: rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+  }
+}
+}  // namespace
+
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate) {
   // Prefill (many tokens) is bound by multiplies, not by reading W: where AMX exists its
@@ -287,24 +312,34 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
       return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate);  // rows < 32: integer path
     }
   }
-  const QActs a = quantize_acts(x, T, ldx, w.cols);
+  const QActs& a = quantize_acts(x, T, ldx, w.cols);
   const QActView av = a.view();
-  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.rows, w.cols, w.ld, w.dtype == DType::Int4};
   const int64_t N = w.rows;
-  const int path = quant_path();
   parallel_for((N + 3) / 4, [&](int64_t c0, int64_t c1) {
-    const int64_t n0 = c0 * 4, n1 = std::min(N, c1 * 4);
-    std::vector<float> scratch(static_cast<size_t>(8 * (w.cols / kQBlock + 1) + 16));
-    switch (path) {
-#ifdef GEMMA_QUANT_AVX512
-      case kAvx512Vnni: quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
-#endif
-#ifdef GEMMA_QUANT_AVX2
-      case kAvx2: quant_rows_avx2(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
-#endif
-      default: rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+    quant_rows(w, a, av, y, ldy, accumulate, c0 * 4, std::min(N, c1 * 4));
+  });
+}
+
+bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n) {
+  constexpr int64_t kAmxMinTokens = 16;
+  if (n <= 0 || T >= kAmxMinTokens) return false;
+  for (int i = 0; i < n; ++i)
+    if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate) return false;
+  const QActs& a = quantize_acts(x, T, ldx, outs[0].w->cols);
+  const QActView av = a.view();
+  // Chunks of 4 rows of every matrix, one after the other: one pass of the pool for all.
+  std::vector<int64_t> start(static_cast<size_t>(n) + 1, 0);
+  for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + 3) / 4;
+  parallel_for(start[n], [&](int64_t c0, int64_t c1) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t b = std::max(c0, start[i]), e = std::min(c1, start[i + 1]);
+      if (b >= e) continue;
+      const Weight& w = *outs[i].w;
+      quant_rows(w, a, av, outs[i].y, outs[i].ldy, false, (b - start[i]) * 4,
+                 std::min(w.rows, (e - start[i]) * 4));
     }
   });
+  return true;
 }
 
 }  // namespace gemma

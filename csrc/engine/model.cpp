@@ -255,9 +255,8 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      matmul(h.data(), M, H, L.q, q.data(), QD);
-      matmul(h.data(), M, H, L.k, k.data(), KD);
-      matmul(h.data(), M, H, L.v, v.data(), KD);
+      const MatmulTarget qkv[3] = {{&L.q, q.data(), QD}, {&L.k, k.data(), KD}, {&L.v, v.data(), KD}};
+      matmul_many(h.data(), M, H, qkv, 3);
     }
     {
       OpTimer timer(&OpProfile::rope_cache);
@@ -299,8 +298,8 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      matmul(h.data(), M, H, L.gate, g.data(), F);
-      matmul(h.data(), M, H, L.up, u.data(), F);
+      const MatmulTarget gate_up[2] = {{&L.gate, g.data(), F}, {&L.up, u.data(), F}};
+      matmul_many(h.data(), M, H, gate_up, 2);
     }
     {
       OpTimer timer(&OpProfile::activation);
