@@ -199,3 +199,21 @@ def test_unsupported_architecture_and_bad_files(tmp_path, tiny):
     ids, _ = random_batch(3, 1, 9, ref.config.vocab_size)
     with torch.no_grad():
         assert rel_err(m(ids).logits, ref(torch.tensor(ids)).logits.numpy()) <= 1e-4
+
+
+def test_convert_a_gguf_file_to_our_format(tiny, tmp_path):
+    """gemma-cpp convert model.gguf out: the same weights and logits, loaded by mmap; an
+    existing output is refused."""
+    from gemma_cpp.convert import engine_format
+
+    folder, ref = tiny("Gemma2ForCausalLM", "q32", arch="gemma2")
+    path = write_gguf(tmp_path / "m.gguf", ref, "gemma2", qtype=QT.Q8_0)
+    out = engine_format.save(path, str(tmp_path / "conv"), progress=lambda *a: None)
+    assert engine_format.is_engine_checkpoint(out)
+    direct = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
+    converted = gemma_cpp.GemmaForCausalLM.from_pretrained(out)
+    assert converted.quantization == "auto" and type(converted.config).__name__ == "Gemma2Config"
+    ids, _ = random_batch(4, 2, 20, ref.config.vocab_size)
+    np.testing.assert_array_equal(converted(ids).logits, direct(ids).logits)
+    with pytest.raises(FileExistsError):
+        engine_format.save(path, out, progress=lambda *a: None)

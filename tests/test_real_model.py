@@ -103,3 +103,20 @@ def test_generates_text_with_the_int8_default(path, tok):
     out = np.asarray(model.generate([ids], max_new_tokens=12))[0]
     text = tok.decode(out[len(ids):], skip_special_tokens=True)
     assert len(text.split()) >= 5 and all(ch.isprintable() or ch.isspace() for ch in text)
+
+
+def test_converted_folder_loads_by_mmap_with_the_same_results(path, tok, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g270"
+    res = subprocess.run([sys.executable, "-m", "gemma_cpp", "convert", path, str(out)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    converted = gemma_cpp.GemmaForCausalLM.from_pretrained(str(out))  # by mmap: load time is in the benchmark
+    direct = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
+    text = "Converted models keep every weight: <start_of_turn>user\nhi<end_of_turn>"
+    ids = tok(text)["input_ids"]
+    assert gemma_cpp.GemmaTokenizer.from_pretrained(str(out))(text)["input_ids"] == ids
+    np.testing.assert_array_equal(converted(np.array([ids])).logits, direct(np.array([ids])).logits)
+    assert converted.generation_config.eos_token_id == [1, 106]

