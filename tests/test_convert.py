@@ -92,9 +92,12 @@ def test_cli_convert_then_generate(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     run = lambda *a: subprocess.run([sys.executable, "-m", "gemma_cpp", *a], capture_output=True, text=True,
                                     timeout=120, env=env)
-    first = run("generate", "Hello", "--max-new-tokens", "5", "--quantization", "int4")
+    made = subprocess.run([sys.executable, "-c", "from gemma_cpp._tiny import tiny_model_path; print(tiny_model_path())"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert made.returncode == 0, made.stderr
+    tiny_folder = made.stdout.strip()
+    first = run("generate", tiny_folder, "Hello", "--max-new-tokens", "5", "--quantization", "int4")
     assert first.returncode == 0, first.stderr
-    tiny_folder = tmp_path / "cache" / "gemma_cpp" / "tiny-random-gemma"
     conv = run("convert", str(tiny_folder), str(tmp_path / "q4"), "--quantization", "int4")
     assert conv.returncode == 0, conv.stderr
     assert "#" in conv.stderr and "wrote" in conv.stderr  # a progress bar, then the summary
