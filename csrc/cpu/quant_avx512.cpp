@@ -74,7 +74,9 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
 //  int4: one broadcast load of 32 bytes, a per-half shift and a mask give the 64 nibbles
 //        (unsigned); dpbusd with the signed activations gives sum q*qx, and the -8 * sum qx
 //        term is taken once per row as sum_b dw_b * (8 dx_b sum qx_b) (corr below).
-//  int8: activations offset to unsigned (qx + 128, as ux); dpbusd(ux, q) - dpbusd(128, q).
+//  int8: the weights flipped to unsigned (q ^ 0x80 = q + 128) by one xor; dpbusd with the
+//        signed activations gives sum q*qx + 128 sum qx, and the 128 * sum qx term is taken
+//        once per row like int4's (16 times int4's correction).
 //  The two block scales of a pair reach their 8 lanes each by one permute.
 template <bool kInt4>
 void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float* corr, float* y, bool accumulate,
@@ -90,8 +92,7 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
   for (int r = 0; r < RW; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     const __m512 dxv = _mm512_loadu_ps(a.dxe + p * 16);
-    const void* xsrc = kInt4 ? static_cast<const void*>(a.q + p * 64) : static_cast<const void*>(a.ux + p * 64);
-    const __m512i xv = _mm512_loadu_si512(xsrc);
+    const __m512i xv = _mm512_loadu_si512(a.q + p * 64);
     const __mmask64 m = 2 * p + 1 < nb ? ~__mmask64{0} : __mmask64{0xffffffffu};
     for (int r = 0; r < RW; ++r) {
       const uint8_t* src = qw + r * w.ld;
@@ -105,8 +106,9 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
         const __m512i wv = _mm512_and_si512(_mm512_srlv_epi16(b, halves), low4);
         dp = _mm512_dpbusd_epi32(zero, wv, xv);
       } else {
-        const __m512i q = _mm512_maskz_loadu_epi8(m, src + p * 64);
-        dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, q), _mm512_dpbusd_epi32(zero, c128, q));
+        // A lone last block reads zeros past the row (masked) against zero activations.
+        const __m512i q = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + p * 64), c128);
+        dp = _mm512_dpbusd_epi32(zero, q, xv);
       }
       const __m512 d2 = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(reinterpret_cast<const double*>(
           dw + r * (nb + 1) + 2 * p))));
@@ -123,7 +125,7 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
   const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
   const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
   __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
-  if (kInt4) {  // - sum_b dw_b * 8 dx_b sum qx_b
+  {  // - sum_b dw_b * 8 dx_b sum qx_b (int4), 16 times that (int8's 128)
     alignas(32) float cs[RW];
     for (int r = 0; r < RW; ++r) {
       const float* d = dw + r * (nb + 1);
@@ -136,7 +138,7 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
       }
       cs[r] = _mm512_reduce_add_ps(c);
     }
-    sums = _mm256_sub_ps(sums, _mm256_load_ps(cs));
+    sums = _mm256_sub_ps(sums, kInt4 ? _mm256_load_ps(cs) : _mm256_mul_ps(_mm256_set1_ps(16.f), _mm256_load_ps(cs)));
   }
   float* o = y + n;
   _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), sums) : sums);
