@@ -16,6 +16,8 @@
 namespace py = pybind11;
 using namespace gemma;
 
+void register_cuda(py::module_& m);  // cuda_bindings.cpp: cuda_status and the CUDA test hooks
+
 namespace {
 
 using I32Array = py::array_t<int32_t, py::array::c_style>;
@@ -307,6 +309,7 @@ SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float tempera
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gemma_cpp compiled engine";
   m.attr("__version__") = GEMMA_CPP_VERSION;
+  register_cuda(m);
   m.def("cpu_isa", &cpu_isa, "The SIMD path this build runs: avx512, avx2 or scalar");
   m.def("bf16_matmul_path", &bf16_matmul_path, "bf16-weight matmuls: amx, avx512_bf16 or generic");
   m.def("set_bf16_matmul_path", [](const std::string& name) {

@@ -1,5 +1,6 @@
 """gemma_cpp: Gemma language models on a compiled C++ engine, with a transformers-shaped API."""
 from ._C import __version__, cpu_isa, get_num_threads, set_num_threads
+from .cuda import cuda_available, cuda_status
 from .config import GemmaConfig
 from .generation import GenerationConfig, TextStreamer
 from .tokenizer import GemmaTokenizer, GemmaTokenizerFast
@@ -7,7 +8,7 @@ from .modeling import (GemmaForCausalLM, GemmaForSequenceClassification, GemmaFo
                        GemmaModel, ModelOutput)
 
 __all__ = [
-    "__version__", "cpu_isa", "get_num_threads", "set_num_threads", "GemmaConfig", "GenerationConfig",
+    "__version__", "cpu_isa", "get_num_threads", "set_num_threads", "cuda_available", "cuda_status", "GemmaConfig", "GenerationConfig",
     "TextStreamer", "GemmaTokenizer", "GemmaTokenizerFast", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification",
     "GemmaForTokenClassification", "ModelOutput",
 ]
