@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import measure_bandwidth, run_child  # noqa: E402
 
 
 def make_checkpoint(folder: str, layers: int, seed: int = 0) -> None:
@@ -127,12 +128,8 @@ print("RESULT " + json.dumps(res))
 
 
 def run_row(engine, dtype, folder, threads, prompt_len, new_tokens, reps):
-    out = subprocess.run([sys.executable, "-c", ROW_SCRIPT, engine, dtype, folder, str(threads), str(prompt_len),
-                          str(new_tokens), str(reps)], capture_output=True, text=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode != 0 or not line:
-        raise RuntimeError(f"{engine} {dtype} failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[-1][7:])
+    return run_child([sys.executable, "-c", ROW_SCRIPT, engine, dtype, folder, str(threads), str(prompt_len),
+                      str(new_tokens), str(reps)], f"{engine} {dtype}")
 
 
 def weight_bytes(layers: int, dtype: str) -> float:
@@ -171,8 +168,7 @@ def main():
             fmt = spec.split(":")[1].split("@")[0]
             if not os.path.isdir(folder + "-" + fmt):
                 engine_format.save(folder, folder + "-" + fmt, quantization=fmt, progress=None)
-    gemma_cpp.set_num_threads(args.threads)
-    bw = gemma_cpp._C.read_bandwidth(1 << 30, 5)
+    bw = measure_bandwidth(args.threads)
     print(f"memory read bandwidth, {args.threads} threads: {bw / 1e9:.1f} GB/s; isa {gemma_cpp.cpu_isa()}")
     rows = []
     for spec in args.rows.split(","):
