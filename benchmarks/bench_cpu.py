@@ -4,7 +4,7 @@ Each row runs in a fresh subprocess (so peak RSS is that row's own), one after a
 with the same thread count. Prints a table; --json writes the rows.
 
   python benchmarks/bench_cpu.py                      # Gemma-2B shape, 2 threads
-  python benchmarks/bench_cpu.py --layers 4 --quick   # a smaller smoke run
+  python benchmarks/bench_cpu.py --layers 4 --new-tokens 8 --reps 1   # a smaller smoke run
 
 Decode tokens/s = new tokens / (time(generate N+1) - time(generate 1)), batch 1, a 16-token
 prompt; each time is the best of --reps runs, as is prefill's. Prefill tokens/s = prompt tokens / time of one forward over the prompt (logits of
