@@ -217,3 +217,22 @@ def test_convert_a_gguf_file_to_our_format(tiny, tmp_path):
     np.testing.assert_array_equal(converted(ids).logits, direct(ids).logits)
     with pytest.raises(FileExistsError):
         engine_format.save(path, out, progress=lambda *a: None)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_requantizing_in_bands_of_rows_equals_the_whole_tensor(tiny, tmp_path, monkeypatch, fmt):
+    """A large tensor is dequantized and quantized a band of rows at a time (bounded memory):
+    byte for byte what the whole tensor gives."""
+    from gemma_cpp.convert.gguf import GGUFFile
+
+    folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
+    path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=QT.Q6_K)
+    with GGUFFile(path) as g:
+        info = g.tensors["blk.0.ffn_down.weight"]
+        assert info.type_name == "Q6_K"
+        whole = gguf_model._requantize(g, "blk.0.ffn_down.weight", info, fmt)
+        monkeypatch.setattr(gguf_model, "_CHUNK_ELEMENTS", 3 * info.shape[1] + 5)  # bands of 3 rows
+        banded = gguf_model._requantize(g, "blk.0.ffn_down.weight", info, fmt)
+    assert whole[0] == banded[0] == fmt
+    np.testing.assert_array_equal(whole[1], banded[1])
+    np.testing.assert_array_equal(whole[2], banded[2])

@@ -17,7 +17,7 @@ from .. import _C
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
 from ..quant import FORMATS, format_for, resolve_policy
-from .gguf import GGUFFile
+from .gguf import GGUFFile, dequantize
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 GGML_Q4_0, GGML_Q5_0, GGML_Q8_0 = 2, 6, 8
@@ -191,6 +191,26 @@ def _import_q4_0(raw: np.ndarray, rows: int, cols: int, fmt: str):
     return "int4", np.ascontiguousarray(pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(rows, -1), d
 
 
+_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of float32 at a time
+
+
+def _requantize(g: GGUFFile, gname: str, info, fmt: str):
+    """Dequantize and quantize to fmt a band of rows at a time, so a large tensor (the 270M
+    model's 168M-weight embedding) never exists whole as float32."""
+    rows, cols = info.shape
+    if rows * cols <= _CHUNK_ELEMENTS:
+        return _C.quantize(np.ascontiguousarray(g.dequantize(gname), dtype=np.float32), fmt)
+    raw = g.raw(gname)
+    row_bytes = info.nbytes // rows
+    band = max(1, _CHUNK_ELEMENTS // cols)
+    parts = []
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        w = dequantize(raw[r0 * row_bytes: r1 * row_bytes], info.ggml_type, (r1 - r0, cols))
+        parts.append(_C.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt))
+    return fmt, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
 def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
     """None for "auto" (each tensor by its GGUF type), else quant.resolve_policy's dict."""
     if isinstance(quantization, str) and quantization == "auto":
@@ -243,10 +263,9 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
             return _import_q4_0(g.raw(gname), rows, cols, fmt)
         if fmt == "int8" and info.ggml_type == GGML_Q5_0:
             return _import_q5_0(g.raw(gname), rows, cols)
-        w = g.dequantize(gname)
         if fmt is None:
-            return as_engine_dtype(w, "float32", target)
-        return _C.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt)
+            return as_engine_dtype(g.dequantize(gname), "float32", target)
+        return _requantize(g, gname, info, fmt)
 
     def norm(gname: str, shape):
         tensor(gname, shape)
