@@ -16,12 +16,13 @@ namespace gemma {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+constexpr int64_t kPartsPerThread = 4;
 
 class Pool {
  public:
   explicit Pool(int n) : n_(n), pid_(getpid()) {
     try {
-      for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+      for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
     } catch (...) {
       shutdown();  // a thread could not start: stop the ones that did, then report
       throw;
@@ -34,25 +35,32 @@ class Pool {
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     // Two Python threads may each run an engine call with the GIL released: jobs queue here.
     std::lock_guard<std::mutex> job(run_mu_);
-    const int parts = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(workers_.size()) + 1, n));
-    if (parts <= 1) {
+    const int64_t threads = static_cast<int64_t>(workers_.size()) + 1;
+    if (threads <= 1 || n <= 1) {
       fn(0, n);
       return;
     }
+    // A few contiguous parts per thread, claimed in order by whoever is free: on a shared
+    // machine a worker the OS has descheduled costs its unclaimed parts, which the others
+    // take, instead of a whole time slice of waiting.
+    const int parts = static_cast<int>(std::min<int64_t>(threads * kPartsPerThread, n));
+    uint64_t gen;
     {
       std::lock_guard<std::mutex> lk(mu_);
       fn_ = &fn;
       total_ = n;
       parts_ = parts;
       error_ = nullptr;
-      pending_.store(parts - 1, std::memory_order_relaxed);
-      ++generation_;
+      done_.store(0, std::memory_order_relaxed);
+      gen = generation_.load(std::memory_order_relaxed) + 1;
+      claim_.store((gen & 0xffffffffu) << 32, std::memory_order_relaxed);
+      generation_.store(gen, std::memory_order_release);
     }
     cv_.notify_all();
-    do_part(fn, n, parts, 0);
-    // Always wait for every worker, even after an exception here: they read fn and the
-    // caller's stack. Spin briefly (chunks are short: a matmul slice), then yield.
-    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    work(fn, n, parts, gen);
+    // Wait until every part has finished: workers touch fn only inside a part they claimed,
+    // and nothing is left to claim now.
+    for (int spins = 0; done_.load(std::memory_order_acquire) != parts; ++spins) {
       if (spins > 2000) std::this_thread::yield();
     }
     if (error_) std::rethrow_exception(error_);
@@ -70,18 +78,28 @@ class Pool {
       if (t.joinable()) t.join();
   }
 
-  // Runs part p; an exception is kept (the first one wins) and rethrown by run().
-  void do_part(const std::function<void(int64_t, int64_t)>& fn, int64_t total, int parts, int p) {
-    const int64_t begin = total * p / parts, end = total * (p + 1) / parts;
-    try {
-      if (begin < end) fn(begin, end);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!error_) error_ = std::current_exception();
+  // Claims and runs parts of job `gen` until none is left. An exception is kept (the first
+  // one wins) and rethrown by run().
+  void work(const std::function<void(int64_t, int64_t)>& fn, int64_t total, int parts, uint64_t gen) {
+    for (;;) {
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      int64_t p;
+      do {
+        p = static_cast<int64_t>(c & 0xffffffffu);
+        if ((c >> 32) != (gen & 0xffffffffu) || p >= parts) return;  // another job's, or all claimed
+      } while (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire));
+      const int64_t begin = total * p / parts, end = total * (p + 1) / parts;
+      try {
+        if (begin < end) fn(begin, end);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      done_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 
-  void loop(int index) {
+  void loop() {
     uint64_t seen = 0;
     for (;;) {
       // Spin-then-sleep: decode calls the pool ~10 times a layer, so a worker that slept
@@ -97,17 +115,15 @@ class Pool {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_.load() != seen; });
         if (stop_) return;
-        // The job's parameters are read under the lock together with its generation, so
-        // a worker that wakes late works on the current job exactly once.
+        // The job's parameters are read under the lock together with its generation; parts
+        // are claimed only while the claim counter still carries that generation, so a
+        // worker that wakes late never runs a finished job.
         seen = generation_.load();
         fn = fn_;
         total = total_;
         parts = parts_;
       }
-      if (index < parts) {
-        do_part(*fn, total, parts, index);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      work(*fn, total, parts, seen);
     }
   }
 
@@ -117,7 +133,8 @@ class Pool {
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> claim_{0};  // low 32 bits of the generation << 32 | next part to claim
+  std::atomic<int> done_{0};        // parts of the current job finished
   bool stop_ = false;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t total_ = 0;

@@ -14,9 +14,11 @@ namespace gemma {
 int num_threads();
 void set_num_threads(int n);
 
-// Runs fn(i) for every i in [0, n). The calling thread takes part. Work is split into
-// contiguous chunks, one per thread, so a kernel sees adjacent i together. Not reentrant:
-// fn must not call parallel_for.
+// Runs fn(begin, end) over contiguous ranges that cover [0, n) once, so a kernel sees
+// adjacent i together. The calling thread takes part. The range is cut into a few parts per
+// thread, which the threads claim in order as they come free (a descheduled worker does not
+// hold the others up); one thread may run several parts. Not reentrant: fn must not call
+// parallel_for.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 }  // namespace gemma
