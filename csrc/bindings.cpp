@@ -31,14 +31,20 @@ std::string shape_str(const py::array& a) {
 QFormat qformat(const std::string& name) {
   if (name == "int8") return QFormat::Int8;
   if (name == "int4") return QFormat::Int4;
-  throw py::value_error("unknown quantization '" + name + "': expected 'int8' or 'int4'");
+  if (name == "int4m") return QFormat::Int4m;
+  throw py::value_error("unknown quantization '" + name + "': expected 'int8', 'int4' or 'int4m'");
 }
 
 // A quantized weight: (format, quants [rows, row bytes] uint8/int8, scales [rows, cols/32]
-// uint16 fp16 bits), as gemma_cpp.quant lays them out.
+// uint16 fp16 bits), and for int4m a fourth array, mins (as scales), as gemma_cpp.quant lays
+// them out.
 Weight as_quant_weight(const py::tuple& t, const std::string& name, int64_t rows, int64_t cols) {
-  if (t.size() != 3) throw py::value_error(name + ": a quantized weight is (format, quants, scales)");
+  if (t.size() < 1) throw py::value_error(name + ": a quantized weight is (format, quants, scales)");
   const QFormat f = qformat(t[0].cast<std::string>());
+  const size_t want = f == QFormat::Int4m ? 4 : 3;
+  if (t.size() != want)
+    throw py::value_error(name + (f == QFormat::Int4m ? ": an int4m weight is (format, quants, scales, mins)"
+                                                      : ": a quantized weight is (format, quants, scales)"));
   const py::array q = t[1].cast<py::array>(), d = t[2].cast<py::array>();
   if (cols % kQBlock != 0)
     throw py::value_error(name + ": quantized weights need an input size that is a multiple of 32, got " +
@@ -53,7 +59,15 @@ Weight as_quant_weight(const py::tuple& t, const std::string& name, int64_t rows
     throw py::value_error(name + ": scales must be a contiguous uint16 array of shape (" + std::to_string(rows) +
                           ", " + std::to_string(nb) + "), got " + shape_str(d));
   Weight w;
-  w.dtype = f == QFormat::Int8 ? DType::Int8 : DType::Int4;
+  if (f == QFormat::Int4m) {
+    const py::array m = t[3].cast<py::array>();
+    if (m.ndim() != 2 || m.shape(0) != rows || m.shape(1) != nb || !m.dtype().is(py::dtype::of<uint16_t>()) ||
+        !(m.flags() & py::array::c_style))
+      throw py::value_error(name + ": mins must be a contiguous uint16 array of shape (" + std::to_string(rows) +
+                            ", " + std::to_string(nb) + "), got " + shape_str(m));
+    w.mins = static_cast<const uint16_t*>(m.data());
+  }
+  w.dtype = f == QFormat::Int8 ? DType::Int8 : f == QFormat::Int4 ? DType::Int4 : DType::Int4m;
   w.data = q.data();
   w.scales = static_cast<const uint16_t*>(d.data());
   w.rows = rows;
@@ -194,7 +208,7 @@ class Engine {
       keep_.append(a);  // the engine reads this memory for its whole life
       return a;
     };
-    // A matrix: an array (float32 / bf16 bits) or a quantized (format, quants, scales) tuple.
+    // A matrix: an array (float32 / bf16 bits) or a quantized (format, quants, scales[, mins]) tuple.
     auto mat = [&](const std::string& key, int64_t rows, int64_t cols) -> Weight {
       if (!weights.contains(key.c_str())) throw py::value_error("engine weights: missing '" + key + "'");
       py::object o = weights[key.c_str()];
@@ -378,7 +392,7 @@ PYBIND11_MODULE(_C, m) {
     }
     return y;
   }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
-     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales) tuple");
+     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales[, mins]) tuple");
 
   m.def("bf16_to_f32", [](py::array_t<uint16_t, py::array::c_style> bits) {
     py::array_t<float> out(std::vector<py::ssize_t>(bits.shape(), bits.shape() + bits.ndim()));
@@ -401,19 +415,23 @@ PYBIND11_MODULE(_C, m) {
       throw py::value_error("quantize: the input size " + std::to_string(K) + " is not a multiple of 32");
     py::array_t<uint8_t> q({rows, quant_row_bytes(f, K)});
     py::array_t<uint16_t> d({rows, scale_row_count(K)});
+    py::array_t<uint16_t> m(f == QFormat::Int4m ? std::vector<py::ssize_t>{rows, scale_row_count(K)}
+                                                : std::vector<py::ssize_t>{0, 0});
     {
       py::gil_scoped_release nogil;
-      quantize_matrix(f, w.data(), bf16, rows, K, q.mutable_data(), d.mutable_data());
+      quantize_matrix(f, w.data(), bf16, rows, K, q.mutable_data(), d.mutable_data(), m.mutable_data());
     }
-    return py::make_tuple(fmt, q, d);
-  }, py::arg("w"), py::arg("format"), "(format, quants, scales) of a float32 / bf16 matrix, threaded");
+    if (f == QFormat::Int4m) return py::tuple(py::make_tuple(fmt, q, d, m));
+    return py::tuple(py::make_tuple(fmt, q, d));
+  }, py::arg("w"), py::arg("format"),
+     "(format, quants, scales), or for int4m (format, quants, scales, mins), of a float32 / bf16 matrix, threaded");
 
   m.def("dequantize", [](const py::tuple& t, int64_t K) {
     const Weight w = as_quant_weight(t, "w", t[1].cast<py::array>().shape(0), K);
     py::array_t<float> out({w.rows, K});
     for (int64_t r = 0; r < w.rows; ++r) weight_row(w, r, out.mutable_data() + r * K);
     return out;
-  }, py::arg("w"), py::arg("cols"), "float32 [rows, cols] of a quantized (format, quants, scales) tuple");
+  }, py::arg("w"), py::arg("cols"), "float32 [rows, cols] of a quantized (format, quants, scales[, mins]) tuple");
 
   m.def("quant_matmul_path", &quant_matmul_path, "Quantized matmuls: avx512_vnni, avx2 or scalar (chosen at import)");
   m.def("set_quant_matmul_path", [](const std::string& name) {

@@ -160,8 +160,9 @@ DevWeight upload_weight(const py::object& o, const std::string& name) {
   DevWeight d;
   if (py::isinstance<py::tuple>(o)) {
     const py::tuple t = o.cast<py::tuple>();
+    const std::string fmt = t.size() > 0 ? t[0].cast<std::string>() : std::string();
+    if (fmt == "int4m") throw py::value_error(name + ": int4m weights have no CUDA kernels yet (int8 and int4 do)");
     if (t.size() != 3) throw py::value_error(name + ": a quantized weight is (format, quants, scales)");
-    const std::string fmt = t[0].cast<std::string>();
     if (fmt != "int8" && fmt != "int4") throw py::value_error(name + ": unknown format '" + fmt + "'");
     const py::array q = t[1].cast<py::array>(), s = t[2].cast<py::array>();
     need<uint16_t>(s, name + " scales", 2);

@@ -1,14 +1,14 @@
-"""int8 / int4 weights: formats against the numpy mirror, kernels against float64, models
-against their float32 selves."""
+"""int8 / int4 / int4m weights: formats against the numpy mirror, kernels against float64,
+models against their float32 selves."""
 import numpy as np
 import pytest
 
 import gemma_cpp
 from gemma_cpp import _C
-from gemma_cpp.quant import dequantize, quantize, resolve_policy
+from gemma_cpp.quant import dequantize, quantize, resolve_policy, unpack_nibbles
 from conftest import available_paths, random_batch
 
-FORMATS = ["int8", "int4"]
+FORMATS = ["int8", "int4", "int4m"]
 
 
 def awkward_matrix(rows, K, seed):
@@ -31,8 +31,9 @@ def test_cpp_quantizer_matches_numpy_mirror_byte_for_byte(fmt, K):
     ours = _C.quantize(w, fmt)
     mirror = quantize(w, fmt)
     assert ours[0] == mirror[0] == fmt
-    np.testing.assert_array_equal(ours[1], mirror[1])
-    np.testing.assert_array_equal(ours[2], mirror[2])
+    assert len(ours) == len(mirror) == (4 if fmt == "int4m" else 3)
+    for a, b in zip(ours[1:], mirror[1:]):  # quants, scales (, mins)
+        np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(_C.dequantize(ours, K), dequantize(mirror, K))
     # bf16 input is quantized from its exact float32 values
     from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
@@ -40,26 +41,41 @@ def test_cpp_quantizer_matches_numpy_mirror_byte_for_byte(fmt, K):
     np.testing.assert_array_equal(_C.quantize(bits, fmt)[1], quantize(bf16_bits_to_f32(bits), fmt)[1])
 
 
-def test_values_are_gguf_q8_0_and_q4_0():
+def test_values_are_gguf_q8_0_q4_0_and_q4_1():
     """The `gguf` package's own quantizers (numpy ports of ggml's) give the same values."""
     gguf = pytest.importorskip("gguf")
     from gguf import quants
 
     w = awkward_matrix(6, 256, 7)
-    for fmt, qtype in (("int8", gguf.GGMLQuantizationType.Q8_0), ("int4", gguf.GGMLQuantizationType.Q4_0)):
+    for fmt, qtype in (("int8", gguf.GGMLQuantizationType.Q8_0), ("int4", gguf.GGMLQuantizationType.Q4_0),
+                       ("int4m", gguf.GGMLQuantizationType.Q4_1)):
         theirs = quants.dequantize(quants.quantize(w, qtype), qtype)
         np.testing.assert_array_equal(dequantize(quantize(w, fmt), 256), theirs)
 
 
-def quant_bound(x, wd):
+def quant_bound(x, wd, terms=None):
     """|y - x . wd^T| for the quantized kernel. Activations are rounded per block b of 32 to
     multiples of dx_b = amax_b / 127, an error of at most dx_b / 2 per element, so
     |error| <= sum_b dx_b / 2 * sum_{i in b} |w_i|; float32 sums of K terms add at most
-    K * 2^-23 * sum |x_i w_i| (a loose gamma_K)."""
+    K * 2^-23 * sum |x_i| t_i (a loose gamma_K), t_i the magnitude of what the kernel adds
+    for weight i: |w_i| (default), or |d q_i| + |m| for int4m (term_magnitudes), whose
+    products and offsets are summed apart and may cancel."""
     T, K = x.shape
     dx = np.abs(x.reshape(T, K // 32, 32)).max(axis=2).astype(np.float64) / 127
     wabs = np.abs(wd).reshape(wd.shape[0], K // 32, 32).sum(axis=2)
-    return dx / 2 @ wabs.T + K * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ np.abs(wd).T)
+    terms = np.abs(wd) if terms is None else terms
+    return dx / 2 @ wabs.T + K * 2.0 ** -23 * (np.abs(x).astype(np.float64) @ terms.T)
+
+
+def term_magnitudes(qw, K):
+    """|d q_i| + |m_b| of an int4m weight (float64 [rows, K]); |w| for the other formats."""
+    if qw[0] != "int4m":
+        return np.abs(dequantize(qw, K)).astype(np.float64)
+    rows, nb = qw[2].shape
+    d = qw[2].view(np.float16).astype(np.float64)[..., None]
+    m = qw[3].view(np.float16).astype(np.float64)[..., None]
+    q = unpack_nibbles(qw[1], nb).astype(np.float64)
+    return (np.abs(d * q) + np.abs(m) + np.zeros_like(q)).reshape(rows, K)
 
 
 def quant_paths():
@@ -81,7 +97,57 @@ def test_quantized_matmul_within_bound(path, fmt, T, K, N):
     finally:
         _C.set_quant_matmul_path("auto")
     assert np.isfinite(out).all()
-    assert np.all(np.abs(out - x.astype(np.float64) @ wd.T) <= quant_bound(x, wd))
+    assert np.all(np.abs(out - x.astype(np.float64) @ wd.T) <= quant_bound(x, wd, term_magnitudes(qw, K)))
+
+
+def offset_matrix(rows, K, seed):
+    """Rows with a shift of their own (-6..6) on top of unit noise: int4m blocks whose min
+    dominates their steps, as in Q4_1 tensors of real models."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, K)) * rng.uniform(0.05, 2, (rows, 1)) + rng.uniform(-6, 6, (rows, 1))
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("path", quant_paths())
+@pytest.mark.parametrize("K", [96, 640, 2080])  # 3, 20 and 65 blocks: a lone last block, and not
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 15, 16, 33])
+def test_int4m_matmul_every_path_within_bound(path, T, K):
+    """int4m on each integer path (pinned, so T >= 16 stays off AMX too): decode (T = 1: 8-row
+    groups, then the rows left over), the multi-token kernel (T 2..15) and T >= 16, against
+    float64 on the dequantized weights; N = 37 leaves 5 rows after the groups of 8 / 4."""
+    rng = np.random.default_rng(T * 131 + K)
+    x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    qw = quantize(offset_matrix(37, K, T + K), "int4m")
+    wd = dequantize(qw, K).astype(np.float64)
+    out = np.full((T, 37), np.nan, np.float32)
+    _C.set_quant_matmul_path(path)
+    try:
+        _C.matmul(x, qw, out)
+    finally:
+        _C.set_quant_matmul_path("auto")
+    assert np.isfinite(out).all()
+    assert np.all(np.abs(out - x.astype(np.float64) @ wd.T) <= quant_bound(x, wd, term_magnitudes(qw, K)))
+
+
+@pytest.mark.parametrize("path", quant_paths() + ["auto"])
+@pytest.mark.parametrize("T, K", [(1, 96), (1, 2080), (4, 640), (15, 2080), (16, 96), (40, 2080)])
+def test_int4_is_int4m_with_min_minus_8d(path, T, K):
+    """The kernels take int4 as int4m with the offset -8 d: the same matrix given as int4m with
+    mins = -8 d (exact in fp16) gives bit-identical outputs on every path (auto: AMX from 16
+    tokens where the CPU has it)."""
+    rng = np.random.default_rng(T + K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    q4 = quantize(rng.standard_normal((70, K)).astype(np.float32), "int4")
+    mins = (q4[2].view(np.float16) * np.float16(-8)).view(np.uint16)
+    as4m = ("int4m", q4[1], q4[2], mins)
+    np.testing.assert_array_equal(dequantize(as4m, K), dequantize(q4, K))
+    _C.set_quant_matmul_path(path)
+    try:
+        a, b = _C.matmul(x, q4), _C.matmul(x, as4m)
+    finally:
+        _C.set_quant_matmul_path("auto")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(_C.dequantize(as4m, K), _C.dequantize(q4, K))
 
 
 def cosine_rows(a, b):
@@ -90,10 +156,10 @@ def cosine_rows(a, b):
 
 
 # Measured on this random model (init 0.05, 384 positions): int8 worst-row cosine 0.9999,
-# int4 0.981; top-1 agreement 100% for both. Random weights keep much of each token's own
+# int4 0.981, int4m 0.983; top-1 agreement 100% for all three. Random weights keep much of each token's own
 # embedding in its output, which makes top-1 easy; test_2b_shaped_layer_int8 below checks
 # the layer's own contribution instead. int4 bounds leave margin under what we measured.
-BOUNDS = {"int8": (0.999, 0.99), "int4": (0.97, 0.95)}
+BOUNDS = {"int8": (0.999, 0.99), "int4": (0.97, 0.95), "int4m": (0.97, 0.95)}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -181,13 +247,18 @@ def test_bad_quantization_arguments(tiny):
         gemma_cpp.GemmaForCausalLM.from_pretrained(odd, quantization="int8")
     with pytest.raises(ValueError, match="multiple of 32"):
         _C.quantize(np.ones((2, 40), np.float32), "int8")
-    with pytest.raises(ValueError, match="expected 'int8' or 'int4'"):
+    with pytest.raises(ValueError, match="expected 'int8', 'int4' or 'int4m'"):
         _C.quantize(np.ones((2, 64), np.float32), "q5")
+    q = quantize(np.ones((2, 64), np.float32), "int4m")
+    with pytest.raises(ValueError, match=r"\(format, quants, scales, mins\)"):
+        _C.matmul(np.ones((1, 64), np.float32), q[:3])
+    with pytest.raises(ValueError, match="mins must be"):
+        _C.matmul(np.ones((1, 64), np.float32), q[:3] + (q[3][:, :1].copy(),))
     assert resolve_policy(None) == {"embed": None, "attention": None, "mlp": None}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T, K, N", [(16, 64, 32), (33, 256, 70), (64, 2048, 96)])
+@pytest.mark.parametrize("T, K, N", [(16, 64, 32), (33, 256, 70), (64, 2048, 96), (16, 96, 37), (40, 2080, 70)])
 def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
     """From 16 tokens on, where AMX exists, quantized weights are dequantized to bf16 into
     AMX tiles: the product is then of bf16(x) and bf16(d * q), summed in float32, so the
@@ -199,7 +270,8 @@ def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
 
     rng = np.random.default_rng(T + K + N)
     x = rng.standard_normal((T, K)).astype(np.float32)
-    qw = quantize(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    w = offset_matrix(N, K, T + K + N) if fmt == "int4m" else rng.standard_normal((N, K)).astype(np.float32)
+    qw = quantize(w, fmt)
     wd = dequantize(qw, K)
     out = np.full((T, N), np.nan, np.float32)
     _C.matmul(x, qw, out)
@@ -210,4 +282,5 @@ def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
     gamma = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
     assert np.all(np.abs(out[:, :n32] - xb @ wb.T) <= gamma * (np.abs(xb) @ np.abs(wb).T))
     rest = wd[n32:].astype(np.float64)
-    assert np.all(np.abs(out[:, n32:] - x.astype(np.float64) @ rest.T) <= quant_bound(x, rest))
+    bound = quant_bound(x, rest, term_magnitudes(qw, K)[n32:])
+    assert np.all(np.abs(out[:, n32:] - x.astype(np.float64) @ rest.T) <= bound)

@@ -6,17 +6,19 @@
 
 namespace gemma {
 
-enum class DType : int { F32 = 0, BF16 = 1, Int8 = 2, Int4 = 3 };
+enum class DType : int { F32 = 0, BF16 = 1, Int8 = 2, Int4 = 3, Int4m = 4 };
 
 // A weight matrix [rows = out features, cols = in features]. F32/BF16: row-major, rows ld
-// elements apart. Int8/Int4 (cpu/quant.h): data holds the quants, rows ld bytes apart, and
-// scales the fp16 block scales, [rows][cols / 32].
+// elements apart. Int8/Int4/Int4m (cpu/quant.h): data holds the quants, rows ld bytes apart,
+// scales the fp16 block scales, [rows][cols / 32], and (Int4m only) mins the fp16 block
+// mins, [rows][cols / 32].
 struct Weight {
   const void* data = nullptr;
   const uint16_t* scales = nullptr;
+  const uint16_t* mins = nullptr;
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0, ld = 0;
-  bool quantized() const { return dtype == DType::Int8 || dtype == DType::Int4; }
+  bool quantized() const { return dtype == DType::Int8 || dtype == DType::Int4 || dtype == DType::Int4m; }
 };
 
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs

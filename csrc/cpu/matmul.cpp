@@ -153,8 +153,10 @@ void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* out
 
 void weight_row(const Weight& w, int64_t r, float* out) {
   if (w.quantized()) {
-    dequantize_row(w.dtype == DType::Int8 ? QFormat::Int8 : QFormat::Int4,
-                   static_cast<const uint8_t*>(w.data) + r * w.ld, w.scales + r * (w.cols / kQBlock), w.cols, out);
+    const int64_t nb = w.cols / kQBlock;
+    const QFormat f = w.dtype == DType::Int8 ? QFormat::Int8 : w.dtype == DType::Int4 ? QFormat::Int4 : QFormat::Int4m;
+    dequantize_row(f, static_cast<const uint8_t*>(w.data) + r * w.ld, w.scales + r * nb,
+                   w.mins ? w.mins + r * nb : nullptr, w.cols, out);
   } else if (w.dtype == DType::F32) {
     std::memcpy(out, static_cast<const float*>(w.data) + r * w.ld, w.cols * sizeof(float));
   } else {

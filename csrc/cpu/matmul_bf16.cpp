@@ -221,27 +221,35 @@ inline void transpose16x16(const float* m, __m512 out[16]) {
 
 // Rows [n0, n1) (a multiple of 32 apart) of y for all T tokens.
 // 32 bf16 weights of row `row`, k block kb, into dst: copied from a bf16 matrix, or
-// dequantized from int8 / int4 (d * q, then rounded to bf16 like the activations).
+// dequantized from int8 (d q) / int4, int4m (d q + o with the unsigned nibble q and the
+// block's offset o: -8 d, or m), then rounded to bf16 like the activations. d q + o is a
+// product and a sum, each rounded (-ffp-contract=off), as quant.h's dequantize_row: for int4
+// both are exact, so this is (q - 8) d.
 inline void weight_block_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
   if (wt.dtype == DType::BF16) {
     _mm512_store_si512(dst, _mm512_loadu_si512(static_cast<const uint16_t*>(wt.data) + row * wt.ld + kb * 32));
     return;
   }
   const uint8_t* base = static_cast<const uint8_t*>(wt.data) + row * wt.ld;
-  const __m512 d = _mm512_set1_ps(_cvtsh_ss(wt.scales[row * (wt.cols / 32) + kb]));
-  __m512i lo, hi;
+  const int64_t blk = row * (wt.cols / 32) + kb;
+  const float ds = _cvtsh_ss(wt.scales[blk]);
+  const __m512 d = _mm512_set1_ps(ds);
+  __m512 flo, fhi;
   if (wt.dtype == DType::Int8) {
-    lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32)));
-    hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32 + 16)));
+    const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32)));
+    const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32 + 16)));
+    flo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
+    fhi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
   } else {
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (kb / 2) * 32));
     if (kb % 2) b = _mm256_srli_epi16(b, 4);
     b = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-    const __m512i eight = _mm512_set1_epi32(8);
-    lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(b)), eight);
-    hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1)), eight);
+    const __m512 o = _mm512_set1_ps(wt.dtype == DType::Int4m ? _cvtsh_ss(wt.mins[blk]) : -8.f * ds);
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
+    flo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), o);
+    fhi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), o);
   }
-  const __m512 flo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), fhi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
   _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(fhi, flo));
 }
 

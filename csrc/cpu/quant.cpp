@@ -3,6 +3,7 @@
 #include "cpu/quant.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -86,19 +87,49 @@ void quantize_row_int4_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d) {
   }
 }
 
-void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, int64_t K, float* out) {
+// ggml's quantize_row_q4_1_ref: d = (max - min) / 15, m = min,
+// q = min(15, trunc((x - min) / d + 0.5)). Packed in block pairs as int4 (quant.h).
+void quantize_row_int4m_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d, uint16_t* m) {
+  const int64_t nb = K / kQBlock;
+  std::memset(q, 0, static_cast<size_t>(quant_row_bytes(QFormat::Int4m, K)));
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQBlock;
+    float lo = FLT_MAX, hi = -FLT_MAX;
+    for (int j = 0; j < kQBlock; ++j) {
+      if (xb[j] < lo) lo = xb[j];
+      if (xb[j] > hi) hi = xb[j];
+    }
+    const float db = (hi - lo) / 15.f, id = db != 0.f ? 1.0f / db : 0.f;
+    d[b] = f32_to_f16(db);
+    m[b] = f32_to_f16(lo);
+    uint8_t* pair = q + (b / 2) * 32;
+    const int shift = (b % 2) * 4;
+    for (int j = 0; j < kQBlock; ++j) {
+      const float v = (xb[j] - lo) * id;
+      const int qi = std::min(15, static_cast<int>(static_cast<int8_t>(v + 0.5f)));
+      pair[j] = static_cast<uint8_t>(pair[j] | (qi << shift));
+    }
+  }
+}
+
+void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out) {
   for (int64_t b = 0; b < K / kQBlock; ++b) {
     const float db = f16_to_f32(d[b]);
+    if (f == QFormat::Int8) {
+      for (int j = 0; j < kQBlock; ++j) out[b * kQBlock + j] = static_cast<float>(static_cast<int8_t>(q[b * kQBlock + j])) * db;
+      continue;
+    }
+    const float mb = f == QFormat::Int4m ? f16_to_f32(m[b]) : 0.f;
     for (int j = 0; j < kQBlock; ++j) {
-      const int v = f == QFormat::Int8 ? static_cast<int8_t>(q[b * kQBlock + j])
-                                       : ((q[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF) - 8;
-      out[b * kQBlock + j] = static_cast<float>(v) * db;
+      const int v = (q[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF;
+      // int4: (q - 8) d, exact. int4m: d q + m, rounded twice (-ffp-contract=off keeps it so).
+      out[b * kQBlock + j] = f == QFormat::Int4 ? static_cast<float>(v - 8) * db : static_cast<float>(v) * db + mb;
     }
   }
 }
 
 void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, int64_t K, uint8_t* q,
-                     uint16_t* d) {
+                     uint16_t* d, uint16_t* m) {
   const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K);
   parallel_for(rows, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(K));
@@ -113,8 +144,10 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
       }
       if (f == QFormat::Int8)
         quantize_row_int8_ref(x, K, reinterpret_cast<int8_t*>(q + r * qb), d + r * nb);
-      else
+      else if (f == QFormat::Int4)
         quantize_row_int4_ref(x, K, q + r * qb, d + r * nb);
+      else
+        quantize_row_int4m_ref(x, K, q + r * qb, d + r * nb, m + r * nb);
     }
   });
 }
@@ -127,32 +160,42 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
 // (a lone last block pairs with zeros). With the weights' block pairs this gives, per pair,
 // one 64-byte integer dot product whose 16 int32 lanes hold 4 products each: lanes 0-7
 // belong to block 2p, lanes 8-15 to block 2p + 1, scaled by dx * dw of their block.
+//
+// Weights with an offset, w = d q + o per block (int4: o = -8 d; int4m: o = m; and int8
+// decode, which flips its weights to q + 128: o = -128 d), take the dot product of the
+// unsigned q and add sum_b o_b * xsum_b once per row and token, xsum_b = dx_b * sum of
+// block b's q: one nb-long dot product instead of work in every block pair.
 namespace {
 
 struct QActs {
   int64_t T = 0, np = 0;
   std::vector<int8_t> q;      // [T][np * 64]
   std::vector<float> dx;      // [T][np * 2]: the block scales
-  std::vector<int32_t> qsum;  // [T][np * 16]: per dot-product lane, the sum of its 4 q (int4's -8 term)
+  std::vector<float> xsum;    // [T][np * 2]: dx_b * sum of block b's q (the offsets' term)
   // One token (decode) only:
   std::vector<float> dxe;     // [np * 16]: the scale of each lane's block
   std::vector<uint8_t> ux;    // [np * 64]: q + 128, unsigned (int8 weights' dot products)
-  std::vector<float> corr;    // [np * 2]: 8 dx_b sum of block b's q (int4's -8 term)
-  QActView view() const {
-    return {T, np, q.data(), dx.data(), qsum.data(), dxe.data(), ux.data(), corr.data()};
-  }
+  QActView view() const { return {T, np, q.data(), dx.data(), xsum.data(), dxe.data(), ux.data()}; }
 };
+
+// A block's offset o (w = d q + o) for the nibble formats: m for int4m, -8 d for int4.
+inline float block_offset(const Weight& w, int64_t n, int64_t b, float db) {
+  return w.dtype == DType::Int4m ? f16_to_f32(w.mins[n * (w.cols / kQBlock) + b]) : -8.f * db;
+}
 
 // Quantizes into the calling thread's buffers (reused from call to call: decode calls this
 // ~10 times per layer on short rows, where allocations would show).
 const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
-  thread_local QActs a;
+  thread_local QActs buffers;
+  // A named reference, so that the pool's threads below write the caller's buffers: a lambda
+  // naming the thread_local itself would reach each worker's own (empty) instance.
+  QActs& a = buffers;
   const int64_t nb = K / kQBlock;
   a.T = T;
   a.np = (nb + 1) / 2;
   a.q.assign(static_cast<size_t>(T * a.np * 64), 0);
   a.dx.assign(static_cast<size_t>(T * a.np * 2), 0.f);
-  a.qsum.assign(static_cast<size_t>(T * a.np * 16), 0);
+  a.xsum.assign(static_cast<size_t>(T * a.np * 2), 0.f);
   auto row = [&](int64_t t) {
     const float* xr = x + t * ldx;
     int8_t* q = a.q.data() + t * a.np * 64;
@@ -161,15 +204,13 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
       for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(xr[b * kQBlock + j]));
       const float id = amax > 0.f ? 127.f / amax : 0.f;
       a.dx[t * a.np * 2 + b] = amax / 127.f;
+      int32_t qs = 0;
       for (int j = 0; j < kQBlock; ++j) {
         const float v = std::nearbyint(xr[b * kQBlock + j] * id);
         q[b * kQBlock + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+        qs += q[b * kQBlock + j];
       }
-    }
-    for (int64_t l = 0; l < a.np * 16; ++l) {
-      int32_t s = 0;
-      for (int i = 0; i < 4; ++i) s += q[l * 4 + i];
-      a.qsum[t * a.np * 16 + l] = s;
+      a.xsum[t * a.np * 2 + b] = a.dx[t * a.np * 2 + b] * static_cast<float>(qs);
     }
   };
   if (T * K < (int64_t{1} << 16)) {
@@ -181,18 +222,11 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
   }
   a.dxe.clear();
   a.ux.clear();
-  a.corr.clear();
   if (T == 1) {
     a.dxe.resize(static_cast<size_t>(a.np * 16));
     a.ux.resize(static_cast<size_t>(a.np * 64));
     for (int64_t l = 0; l < a.np * 16; ++l) a.dxe[l] = a.dx[(l / 16) * 2 + (l % 16) / 8];
     for (int64_t i = 0; i < a.np * 64; ++i) a.ux[i] = static_cast<uint8_t>(a.q[i] + 128);
-    a.corr.assign(static_cast<size_t>(a.np * 2), 0.f);
-    for (int64_t b = 0; b < K / kQBlock; ++b) {
-      int32_t qs = 0;
-      for (int i = 0; i < 8; ++i) qs += a.qsum[(b / 2) * 16 + (b % 2) * 8 + i];
-      a.corr[b] = 8.f * a.dx[b] * static_cast<float>(qs);
-    }
   }
   return a;
 }
@@ -212,14 +246,16 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
         // Separate loops with signed bytes for int8: GCC 12 vectorizes a uint8 load cast to
         // int8 inside a dot product into an unsigned VNNI multiply (wrong sign), seen here.
         int32_t isum = 0;
+        const float db = f16_to_f32(dr[b]);
         if (w.dtype == DType::Int8) {
           const int8_t* qs = reinterpret_cast<const int8_t*>(qr) + b * kQBlock;
           for (int j = 0; j < kQBlock; ++j) isum += static_cast<int32_t>(qs[j]) * qx[b * kQBlock + j];
-        } else {
+        } else {  // int4, int4m: sum q qx with the unsigned q, then the offset's term
           for (int j = 0; j < kQBlock; ++j)
-            isum += (((qr[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF) - 8) * qx[b * kQBlock + j];
+            isum += ((qr[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF) * qx[b * kQBlock + j];
+          s += block_offset(w, n, b, db) * a.xsum[t * a.np * 2 + b];
         }
-        s += static_cast<float>(isum) * a.dx[t * a.np * 2 + b] * f16_to_f32(dr[b]);
+        s += static_cast<float>(isum) * a.dx[t * a.np * 2 + b] * db;
       }
       float* o = y + t * ldy + n;
       *o = acc ? *o + s : s;
@@ -280,9 +316,10 @@ namespace {
 void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, int64_t ldy, bool accumulate,
                 int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
-  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.rows, w.cols, w.ld, w.dtype == DType::Int4};
+  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.dtype == DType::Int4m ? w.mins : nullptr,
+                       w.rows, w.cols, w.ld, w.dtype != DType::Int8};
   thread_local std::vector<float> scratch;
-  scratch.resize(static_cast<size_t>(8 * (w.cols / kQBlock + 1) + 16));
+  scratch.resize(static_cast<size_t>(16 * (w.cols / kQBlock + 1) + 16));
   switch (quant_path()) {
 #ifdef GEMMA_QUANT_AVX512
     case kAvx512Vnni: quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
@@ -308,6 +345,7 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
       Weight rest = w;
       rest.data = static_cast<const uint8_t*>(w.data) + done * w.ld;
       rest.scales = w.scales + done * (w.cols / kQBlock);
+      if (w.mins) rest.mins = w.mins + done * (w.cols / kQBlock);
       rest.rows = w.rows - done;
       return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate);  // rows < 32: integer path
     }

@@ -2,7 +2,8 @@
 // the CPU has them). One block of 32 is one 256-bit vector of bytes: vpmaddubsw multiplies
 // unsigned by signed bytes into pairs of int16 (|products| <= 2 * 127 * 127 < 2^15 with the
 // sign trick for int8, 2 * 15 * 127 for int4 nibbles: no saturation), vpmaddwd sums the pairs
-// into 8 int32 lanes, and one FMA scales them by dw * dx of the block. See quant_kernels.h.
+// into 8 int32 lanes, and one FMA scales them by dw * dx of the block. int4 / int4m add
+// their block offsets' term once per row and token (quant.cpp). See quant_kernels.h.
 #include <immintrin.h>
 
 #include "cpu/quant.h"
@@ -29,20 +30,35 @@ inline float hsum8(__m256 v) {
 void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                      int64_t n0, int64_t n1, float* scratch) {
   const int64_t nb = w.cols / kQBlock;
-  float* dw = scratch;  // one row's float scales
+  float* dw = scratch;           // one row's float scales
+  float* ow = scratch + nb + 1;  // and block offsets (int4: -8 d, int4m: m; w = d q + o)
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qr = w.q + n * w.ld;
+  auto widen = [nb](const uint16_t* src, float* dst) {
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8)
-      _mm256_storeu_ps(dw + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + n * nb + b))));
-    for (; b < nb; ++b) dw[b] = f16_to_f32(w.scales[n * nb + b]);
+      _mm256_storeu_ps(dst + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + b))));
+    for (; b < nb; ++b) dst[b] = f16_to_f32(src[b]);
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = w.q + n * w.ld;
+    widen(w.scales + n * nb, dw);
+    if (w.mins)
+      widen(w.mins + n * nb, ow);
+    else if (w.int4)
+      for (int64_t b = 0; b < nb; ++b) ow[b] = -8.f * dw[b];
     for (int64_t t = 0; t < a.T; ++t) {
       const int8_t* qx = a.q + t * a.np * 64;
       const float* dx = a.dx + t * a.np * 2;
-      const int32_t* qsum = a.qsum + t * a.np * 16;
       __m256 acc = _mm256_setzero_ps();
-      float corr = 0.f;  // int4: sum_b dw_b dx_b 8 sum(qx_b)
+      float offs = 0.f;  // int4/int4m: sum_b o_b xsum_b
+      if (w.int4) {
+        const float* xs = a.xsum + t * a.np * 2;
+        __m256 c = _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) c = _mm256_fmadd_ps(_mm256_loadu_ps(ow + b), _mm256_loadu_ps(xs + b), c);
+        offs = hsum8(c);
+        for (; b < nb; ++b) offs += ow[b] * xs[b];
+      }
       for (int64_t blk = 0; blk < nb; ++blk) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + blk * 32));
         __m256 d;
@@ -50,16 +66,13 @@ void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t 
           const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + (blk / 2) * 32));
           const __m256i nib = _mm256_and_si256(blk % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
           d = block_dot(nib, xv);
-          int32_t s = 0;
-          for (int i = 0; i < 8; ++i) s += qsum[(blk / 2) * 16 + (blk % 2) * 8 + i];
-          corr += dw[blk] * dx[blk] * 8.f * static_cast<float>(s);
         } else {
           const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + blk * 32));
           d = block_dot(_mm256_abs_epi8(qv), _mm256_sign_epi8(xv, qv));
         }
         acc = _mm256_fmadd_ps(d, _mm256_set1_ps(dw[blk] * dx[blk]), acc);
       }
-      const float s = hsum8(acc) - corr;
+      const float s = hsum8(acc) + offs;
       float* o = y + t * ldy + n;
       *o = accumulate ? *o + s : s;
     }

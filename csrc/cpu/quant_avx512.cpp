@@ -11,12 +11,26 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
+// sum_b o[b] * xs[b] over n blocks: the offsets' term of one row and token (quant.cpp).
+inline float offset_term(const float* o, const float* xs, int64_t n) {
+  __m512 c = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 16 <= n; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(o + b), _mm512_loadu_ps(xs + b), c);
+  if (b < n) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (n - b)) - 1);
+    c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, o + b), _mm512_maskz_loadu_ps(mk, xs + b), c);
+  }
+  return _mm512_reduce_add_ps(c);
+}
+
 
 // RW weight rows x RT tokens. Weight bytes of a pair are unpacked once per row (int8: |q| and
-// the sign mask; int4: the 64 nibbles) and reused by every token of the block.
+// the sign mask; int4/int4m: the 64 nibbles) and reused by every token of the block. The
+// nibble formats' offsets are added at the end, one offset_term per row and token.
 template <bool kInt4, int RW, int RT>
 void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0, float* y, int64_t ldy, bool accumulate,
-                 const float* dw /* [RW][nb + 1] float scales, 0 past the end */) {
+                 const float* dw /* [RW][nb + 1] float scales, 0 past the end */,
+                 const float* ow /* [RW][nb + 1] block offsets (int4/int4m) */) {
   const int64_t nb = w.cols / kQBlock, np = a.np;
   const uint8_t* qw = w.q + n * w.ld;
   __m512 acc[RW][RT];
@@ -47,12 +61,10 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
       const __m512i qx = _mm512_loadu_si512(a.q + (tt * np + p) * 64);
       const float* dx2 = a.dx + (tt * np + p) * 2;
       const __m512 dxv = _mm512_insertf32x8(_mm512_set1_ps(dx2[0]), _mm256_set1_ps(dx2[1]), 1);
-      __m512i qs;
-      if (kInt4) qs = _mm512_slli_epi32(_mm512_loadu_si512(a.qsum + (tt * np + p) * 16), 3);
       for (int r = 0; r < RW; ++r) {
         __m512i dp;
         if (kInt4) {
-          dp = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, wv[r], qx), qs);  // sum (q - 8) qx
+          dp = _mm512_dpbusd_epi32(zero, wv[r], qx);  // sum q qx, q unsigned
         } else {
           const __m512i sx = _mm512_mask_sub_epi8(qx, neg[r], zero, qx);  // qx * sign(qw)
           dp = _mm512_dpbusd_epi32(zero, wv[r], sx);                       // |qw| * that
@@ -63,7 +75,8 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
   }
   for (int r = 0; r < RW; ++r)
     for (int t = 0; t < RT; ++t) {
-      const float s = _mm512_reduce_add_ps(acc[r][t]);
+      float s = _mm512_reduce_add_ps(acc[r][t]);
+      if (kInt4) s += offset_term(ow + r * (nb + 1), a.xsum + (t0 + t) * np * 2, nb);
       float* o = y + (t0 + t) * ldy + n + r;
       *o = accumulate ? *o + s : s;
     }
@@ -71,16 +84,16 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
 
 // One token (decode), 8 weight rows at a time: bound by streaming the weights, so the work
 // per 64-weight block pair is cut to the bone (about 9 vector ops):
-//  int4: one broadcast load of 32 bytes, a per-half shift and a mask give the 64 nibbles
-//        (unsigned); dpbusd with the signed activations gives sum q*qx, and the -8 * sum qx
-//        term is taken once per row as sum_b dw_b * (8 dx_b sum qx_b) (corr below).
+//  int4/int4m: one broadcast load of 32 bytes, a per-half shift and a mask give the 64
+//        nibbles (unsigned); dpbusd with the signed activations gives sum q*qx, and the
+//        offsets' term (o = -8 d or m) is taken once per row as sum_b o_b * xsum_b.
 //  int8: the weights flipped to unsigned (q ^ 0x80 = q + 128) by one xor; dpbusd with the
 //        signed activations gives sum q*qx + 128 sum qx, and the 128 * sum qx term is taken
-//        once per row like int4's (16 times int4's correction).
+//        once per row the same way, as the offset o = -128 d.
 //  The two block scales of a pair reach their 8 lanes each by one permute.
 template <bool kInt4>
-void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float* corr, float* y, bool accumulate,
-                 const float* dw) {
+void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, float* y, bool accumulate, const float* dw,
+                 const float* ow) {
   constexpr int RW = 8;
   const int64_t nb = w.cols / kQBlock, np = a.np;
   const uint8_t* qw = w.q + n * w.ld;
@@ -125,20 +138,10 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
   const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
   const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
   __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
-  {  // - sum_b dw_b * 8 dx_b sum qx_b (int4), 16 times that (int8's 128)
+  {  // + sum_b o_b xsum_b
     alignas(32) float cs[RW];
-    for (int r = 0; r < RW; ++r) {
-      const float* d = dw + r * (nb + 1);
-      __m512 c = _mm512_setzero_ps();
-      int64_t b = 0;
-      for (; b + 16 <= nb; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(d + b), _mm512_loadu_ps(corr + b), c);
-      if (b < nb) {
-        const __mmask16 mk = static_cast<__mmask16>((1u << (nb - b)) - 1);
-        c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, d + b), _mm512_maskz_loadu_ps(mk, corr + b), c);
-      }
-      cs[r] = _mm512_reduce_add_ps(c);
-    }
-    sums = _mm256_sub_ps(sums, kInt4 ? _mm256_load_ps(cs) : _mm256_mul_ps(_mm256_set1_ps(16.f), _mm256_load_ps(cs)));
+    for (int r = 0; r < RW; ++r) cs[r] = offset_term(ow + r * (nb + 1), a.xsum, nb);
+    sums = _mm256_add_ps(sums, _mm256_load_ps(cs));
   }
   float* o = y + n;
   _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), sums) : sums);
@@ -146,12 +149,12 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, const float
 
 template <bool kInt4, int RW>
 void vnni_rt(int rt, const QWeightView& w, int64_t n, const QActView& a, int64_t t0, float* y, int64_t ldy, bool acc,
-             const float* dw) {
+             const float* dw, const float* ow) {
   switch (rt) {
-    case 4: vnni_kernel<kInt4, RW, 4>(w, n, a, t0, y, ldy, acc, dw); break;
-    case 3: vnni_kernel<kInt4, RW, 3>(w, n, a, t0, y, ldy, acc, dw); break;
-    case 2: vnni_kernel<kInt4, RW, 2>(w, n, a, t0, y, ldy, acc, dw); break;
-    default: vnni_kernel<kInt4, RW, 1>(w, n, a, t0, y, ldy, acc, dw); break;
+    case 4: vnni_kernel<kInt4, RW, 4>(w, n, a, t0, y, ldy, acc, dw, ow); break;
+    case 3: vnni_kernel<kInt4, RW, 3>(w, n, a, t0, y, ldy, acc, dw, ow); break;
+    case 2: vnni_kernel<kInt4, RW, 2>(w, n, a, t0, y, ldy, acc, dw, ow); break;
+    default: vnni_kernel<kInt4, RW, 1>(w, n, a, t0, y, ldy, acc, dw, ow); break;
   }
 }
 
@@ -162,36 +165,50 @@ void rows_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, b
   // One token (decode) streams 8 rows at once (8 memory streams per core); more tokens
   // reuse each unpacked row 4 times instead.
   const int64_t RW = a.T == 1 ? 8 : 4;
-  // float32 scales of the rows in flight, one zero past each row's end (a lone last block)
+  // float32 scales of the rows in flight, one zero past each row's end (a lone last block),
+  // and their block offsets o (w = d q + o): int4 -8 d, int4m m, int8 decode -128 d.
   float* dw = scratch;
+  float* ow = scratch + RW * (nb + 1);
   for (int64_t i = 0; i < RW * (nb + 1); ++i) dw[i] = 0.f;
+  auto widen = [nb](const uint16_t* src, float* dst) {
+    int64_t b = 0;
+    for (; b + 16 <= nb; b += 16)
+      _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b))));
+    if (b < nb) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << (nb - b)) - 1);
+      _mm512_mask_storeu_ps(dst + b, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, src + b)));
+    }
+  };
   for (int64_t n = n0; n < n1; n += RW) {
     const int rw = static_cast<int>(min64(RW, n1 - n));
+    const bool offsets = kInt4 || rw == 8;
     for (int r = 0; r < rw; ++r) {
-      const uint16_t* src = w.scales + (n + r) * nb;
-      float* dst = dw + r * (nb + 1);
-      int64_t b = 0;
-      for (; b + 16 <= nb; b += 16)
-        _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b))));
-      if (b < nb) {
-        const __mmask16 mk = static_cast<__mmask16>((1u << (nb - b)) - 1);
-        _mm512_mask_storeu_ps(dst + b, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, src + b)));
+      float* d = dw + r * (nb + 1);
+      widen(w.scales + (n + r) * nb, d);
+      if (!offsets) continue;
+      float* o = ow + r * (nb + 1);
+      if (w.mins) {
+        widen(w.mins + (n + r) * nb, o);
+      } else {
+        const float k = kInt4 ? -8.f : -128.f;
+        for (int64_t b = 0; b < nb; ++b) o[b] = k * d[b];
       }
     }
     if (rw == 8) {
-      vnni_decode<kInt4>(w, n, a, a.corr, y, acc, dw);
+      vnni_decode<kInt4>(w, n, a, y, acc, dw, ow);
       continue;
     }
     for (int r0 = 0; r0 < rw; r0 += 4) {  // groups of at most 4 rows
       const int g = min_int(4, rw - r0);
       const float* dwg = dw + r0 * (nb + 1);
+      const float* owg = ow + r0 * (nb + 1);
       for (int64_t t = 0; t < a.T; t += 4) {
         const int rt = static_cast<int>(min64(4, a.T - t));
         switch (g) {
-          case 4: vnni_rt<kInt4, 4>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          case 3: vnni_rt<kInt4, 3>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          case 2: vnni_rt<kInt4, 2>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
-          default: vnni_rt<kInt4, 1>(rt, w, n + r0, a, t, y, ldy, acc, dwg); break;
+          case 4: vnni_rt<kInt4, 4>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
+          case 3: vnni_rt<kInt4, 3>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
+          case 2: vnni_rt<kInt4, 2>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
+          default: vnni_rt<kInt4, 1>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
         }
       }
     }

@@ -12,20 +12,22 @@ struct QActView {
   int64_t T, np;
   const int8_t* q;       // [T][np * 64]
   const float* dx;       // [T][np * 2] block scales
-  const int32_t* qsum;   // [T][np * 16] per 4-byte lane, the sum of its q
+  const float* xsum;     // [T][np * 2] dx_b * sum of block b's q: y += sum_b o_b xsum_b for w = d q + o
   const float* dxe;      // [np * 16] (T == 1): each lane's block scale
   const uint8_t* ux;     // [np * 64] (T == 1): q + 128
-  const float* corr;     // [np * 2] (T == 1): 8 * dx_b * sum of block b's q (int4's -8 term)
 };
 
+// int4 and int4m share the nibble layout (int4: true) and differ in the block offset o of
+// w = d q + o: -8 d when mins is null (int4), else the fp16 mins [rows][cols / 32] (int4m).
 struct QWeightView {
   const uint8_t* q;
   const uint16_t* scales;
+  const uint16_t* mins;
   int64_t rows, cols, ld;
   bool int4;
 };
 
-// Rows [n0, n1) of y for all tokens. scratch: room for 8 * (cols / 32 + 1) + 16 floats.
+// Rows [n0, n1) of y for all tokens. scratch: room for 16 * (cols / 32 + 1) + 16 floats.
 void quant_rows_avx512vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                            int64_t n0, int64_t n1, float* scratch);
 void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,

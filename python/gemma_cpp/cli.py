@@ -183,11 +183,11 @@ def main(argv=None) -> int:
                     help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
     for p in (g, ch):
         p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-        p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default=None,
-                       help="int8 / int4: quantize every linear layer and the embedding on load; none: keep "
-                            "floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
-                            "checkpoint, for a GGUF file Q8_0/Q5_0 as int8 and Q4_0 as int4 unchanged, "
-                            "other quantized types re-quantized to int8")
+        p.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
+                       help="int8 / int4 / int4m: quantize every linear layer and the embedding on load; none: "
+                            "keep floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
+                            "checkpoint, for a GGUF file Q8_0/Q5_0 as int8, Q4_0 as int4 and Q4_1 as int4m "
+                            "unchanged, other quantized types re-quantized to int8")
         p.add_argument("--threads", type=int, default=None)
         _add_sampling(p)
     g.set_defaults(func=cmd_generate)
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     c.add_argument("src", help="a Hugging Face checkpoint folder, a .gguf file (or, with --from original, a "
                                "gemma_pytorch .ckpt)")
     c.add_argument("out", help="the folder to write (must not exist, unless --force)")
-    c.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default=None,
+    c.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
                    help="as for generate (a GGUF file: auto unless given)")
     c.add_argument("--dtype", default=None, help="float32 or bfloat16 for what is not quantized")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")

@@ -256,11 +256,11 @@ class GemmaPreTrainedModel:
         dtype: 'float32', 'bfloat16', or None / 'auto' for the checkpoint's (float16 runs as
         float32). bfloat16 weights are used in place from the file's memory map.
 
-        quantization: None, 'int8' or 'int4' (every linear layer and the embedding / LM head;
+        quantization: None, 'int8', 'int4' or 'int4m' (every linear layer and the embedding / LM head;
         norms stay float32), or a dict by group, e.g. {'layers': 'int4', 'embed': 'int8'}
         (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype.
         'auto' (the default): none for a Hugging Face checkpoint; for a GGUF file, Q8_0
-        tensors load as int8 and Q4_0 as int4 without loss, float tensors stay float, and
+        tensors load as int8, Q4_0 as int4 and Q4_1 as int4m without loss, float tensors stay float, and
         other types (Q4_K, Q5_0, Q6_K, ...) are read exactly and quantized to int8. None
         dequantizes a GGUF file to dtype (float32 by default).
 

@@ -1,12 +1,15 @@
-"""int8 and int4 weight formats: the numpy mirror of csrc/cpu/quant.h (the test oracle) and
-the policy of which tensors a model quantizes.
+"""int8, int4 and int4m weight formats: the numpy mirror of csrc/cpu/quant.h (the test oracle)
+and the policy of which tensors a model quantizes.
 
-int8 has the values of GGUF Q8_0 and int4 those of Q4_0: blocks of 32 weights along a row,
-one fp16 scale each; int8 w = d * q (q in [-127, 127]), int4 w = d * (q - 8) (q in [0, 15]).
-A quantized matrix is the tuple (format, quants, scales):
-  int8: quants int8-valued uint8 [rows, K], scales uint16 (fp16 bits) [rows, K / 32]
-  int4: quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
-        block 2p in its low nibble and of block 2p + 1 in its high nibble.
+int8 has the values of GGUF Q8_0, int4 those of Q4_0 and int4m those of Q4_1: blocks of 32
+weights along a row, one fp16 scale d each (int4m: and one fp16 min m); int8 w = d * q
+(q in [-127, 127]), int4 w = d * (q - 8), int4m w = d * q + m (q in [0, 15]; the product and
+the sum each rounded to float32, as ggml). int4 is int4m with m = -8 d.
+A quantized matrix is the tuple (format, quants, scales), or (format, quants, scales, mins):
+  int8:  quants int8-valued uint8 [rows, K], scales uint16 (fp16 bits) [rows, K / 32]
+  int4:  quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
+         block 2p in its low nibble and of block 2p + 1 in its high nibble.
+  int4m: quants as int4, scales as int4, mins uint16 (fp16 bits) [rows, K / 32].
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-FORMATS = ("int8", "int4")
+FORMATS = ("int8", "int4", "int4m")
 BLOCK = 32
-BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "bfloat16": 16, "float32": 32}
+BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32}
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:
@@ -49,30 +52,60 @@ def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
     d = (vmax / np.float32(-8)).astype(np.float32)
     v = ((x * _inverse(d)[..., None]).astype(np.float32) + np.float32(8.5)).astype(np.float32)
     q = np.minimum(15, np.trunc(v)).astype(np.uint8)
+    return "int4", pack_nibbles(q), d.astype(np.float16).view(np.uint16)
+
+
+def quantize_int4m(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """As ggml's quantize_row_q4_1_ref: d = (max - min) / 15, m = min,
+    q = min(15, trunc((x - min) / d + 0.5)), each step rounded to float32."""
+    x = _blocks(w)
+    lo, hi = x.min(axis=2), x.max(axis=2)
+    d = ((hi - lo) / np.float32(15)).astype(np.float32)
+    v = (((x - lo[..., None]).astype(np.float32) * _inverse(d)[..., None]).astype(np.float32) + np.float32(0.5))
+    q = np.minimum(15, np.trunc(v.astype(np.float32))).astype(np.uint8)
+    return ("int4m", pack_nibbles(q), d.astype(np.float16).view(np.uint16),
+            lo.astype(np.float16).view(np.uint16))
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """q [rows, nb, 32] in 0..15 -> int4's bytes [rows, ceil(nb / 2) * 32]: block 2p in the low
+    nibbles of pair p, block 2p + 1 in the high (a lone last block pairs with zeros)."""
+    rows, nb, _ = q.shape
     if nb % 2:
         q = np.concatenate([q, np.zeros((rows, 1, BLOCK), np.uint8)], axis=1)
     pairs = q.reshape(rows, -1, 2, BLOCK)
-    packed = (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(rows, -1)
-    return "int4", packed, d.astype(np.float16).view(np.uint16)
+    return np.ascontiguousarray(pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(rows, -1)
 
 
-def quantize(w: np.ndarray, fmt: str) -> Tuple[str, np.ndarray, np.ndarray]:
+def unpack_nibbles(q: np.ndarray, nb: int) -> np.ndarray:
+    """int4's bytes [rows, ceil(nb / 2) * 32] -> q [rows, nb, 32] uint8 in 0..15."""
+    pairs = q.reshape(q.shape[0], -1, BLOCK)
+    return np.stack([pairs & 0xF, pairs >> 4], axis=2).reshape(q.shape[0], -1, BLOCK)[:, :nb]
+
+
+def quantize(w: np.ndarray, fmt: str) -> tuple:
     if fmt == "int8":
         return quantize_int8(w)
     if fmt == "int4":
         return quantize_int4(w)
+    if fmt == "int4m":
+        return quantize_int4m(w)
     raise ValueError(f"unknown quantization {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
-def dequantize(qw: Tuple[str, np.ndarray, np.ndarray], cols: int) -> np.ndarray:
-    fmt, q, d = qw
+def dequantize(qw: tuple, cols: int) -> np.ndarray:
+    fmt, q, d = qw[:3]
     rows, nb = d.shape
     scale = d.view(np.float16).astype(np.float32)[..., None]
     if fmt == "int8":
         v = q.view(np.int8).reshape(rows, nb, BLOCK).astype(np.float32)
     elif fmt == "int4":
-        pairs = q.reshape(rows, -1, BLOCK)
-        v = np.stack([pairs & 0xF, pairs >> 4], axis=2).reshape(rows, -1, BLOCK)[:, :nb].astype(np.float32) - 8
+        v = unpack_nibbles(q, nb).astype(np.float32) - 8
+    elif fmt == "int4m":
+        if len(qw) != 4:
+            raise ValueError("an int4m weight is (format, quants, scales, mins)")
+        m = qw[3].view(np.float16).astype(np.float32)[..., None]
+        return (unpack_nibbles(q, nb).astype(np.float32) * scale + m).astype(np.float32).reshape(rows, cols)
     else:
         raise ValueError(f"unknown quantization {fmt!r}")
     return (v * scale).astype(np.float32).reshape(rows, cols)
@@ -90,7 +123,7 @@ def resolve_policy(quantization: PolicyLike) -> Dict[str, Optional[str]]:
     """{group: format or None} for the groups embed (the embedding, which is also the tied LM
     head), attention (q, k, v, o) and mlp (gate, up, down). Norms always stay float32.
 
-    "int8" / "int4" quantize every group; a dict sets groups one by one, e.g.
+    "int8" / "int4" / "int4m" quantize every group; a dict sets groups one by one, e.g.
     {"layers": "int4", "embed": "int8"} ("layers" means attention and mlp); groups it does not
     name stay in the model's float dtype."""
     if quantization is None:

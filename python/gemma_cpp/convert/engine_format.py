@@ -5,9 +5,10 @@ tokenizer files. `gemma-cpp convert` writes it; from_pretrained reads it.
 model.safetensors holds tensors under the engine's names (embed, lm_head, final_norm,
 layers.N.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}) and the heads' (score.weight, score.bias):
   float matrices as F32 or BF16; norms as F32 holding (1 + w), ready for the engine;
-  quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), see quant.py.
+  quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), and for int4m
+  NAME.mins (U16: fp16 bits), see quant.py.
 __metadata__ (strings): format "gemma_cpp", format_version, dtype (the float weight dtype),
-quantization (JSON policy), formats (JSON {name: int8 | int4}).
+quantization (JSON policy), formats (JSON {name: int8 | int4 | int4m}).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from ..quant import FORMATS, resolve_policy
 from .safetensors_reader import SafetensorsFile, write_safetensors
 
 FORMAT = "gemma_cpp"
-VERSION = "1"
+# Version 2 adds int4m tensors (NAME.mins); a file without them is written as version 1, which
+# older gemma_cpp releases read too.
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 WEIGHTS = "model.safetensors"
 # Files carried over from the source folder when present (config.json is rewritten).
 CARRY = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -122,16 +126,19 @@ def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
     tensors, formats = [], {}
     for name, v in weights.items():
         if isinstance(v, tuple):
-            fmt, q, d = v
+            fmt, q, d = v[:3]
             formats[name] = fmt
             tensors += [(name + ".quants", q, "U8"), (name + ".scales", d, "U16")]
+            if fmt == "int4m":
+                tensors.append((name + ".mins", v[3], "U16"))
         else:
             tensors.append((name, v, "BF16" if v.dtype == np.uint16 else "F32"))
     for name, (arr, dt) in heads.items():
         from .._dtypes import as_float32
 
         tensors.append((name, np.ascontiguousarray(as_float32(arr, dt)), "F32"))
-    metadata = {"format": FORMAT, "format_version": VERSION, "dtype": target,
+    version = VERSION if "int4m" in formats.values() else "1"
+    metadata = {"format": FORMAT, "format_version": version, "dtype": target,
                 "quantization": json.dumps(policy), "formats": json.dumps(formats)}
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -153,9 +160,9 @@ def load(folder: str, dtype=None, requested_policy=None):
     f = SafetensorsFile(path)
     meta = f.metadata
     version = meta.get("format_version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"{path}: gemma_cpp format version {version!r} is not one this gemma_cpp reads "
-                         f"({VERSION!r}); convert the original checkpoint again")
+                         f"({', '.join(READABLE_VERSIONS)}); convert the original checkpoint again")
     try:
         target = canonical_dtype(meta["dtype"])
         policy = json.loads(meta["quantization"])
@@ -172,13 +179,17 @@ def load(folder: str, dtype=None, requested_policy=None):
     weights, heads = {}, {}
     names = set(f.names())
     for name in sorted(names):
-        if name.endswith(".scales"):
+        if name.endswith((".scales", ".mins")):
             continue
         if name.endswith(".quants"):
             base = name[: -len(".quants")]
             if base not in formats or base + ".scales" not in names:
                 raise ValueError(f"{path}: tensor {name!r} has no format or no scales")
             weights[base] = (formats[base], f.get(name), f.get(base + ".scales"))
+            if formats[base] == "int4m":
+                if base + ".mins" not in names:
+                    raise ValueError(f"{path}: int4m tensor {base!r} has no {base + '.mins'!r}")
+                weights[base] += (f.get(base + ".mins"),)
         elif name.startswith("score."):
             heads[name] = (f.get(name), f.dtype_of(name))
         else:

@@ -1,10 +1,10 @@
 """A Gemma model from a GGUF file: the config from its metadata, the engine's weights from
 its tensors.
 
-Q8_0 tensors become our int8 and Q4_0 our int4 without loss (same values: one fp16 scale per
-block of 32); Q4_0 and Q5_0 also become int8 without loss (q - 8 and q - 16 fit). Every other type is read
-exactly (dequantized) and then quantized to the format the policy names, or kept as float32
-/ bfloat16 when it names none. GGUF norm weights already hold 1 + w, which is what the engine
+Q8_0 tensors become our int8, Q4_0 our int4 and Q4_1 our int4m without loss (same values: one
+fp16 scale per block of 32, and Q4_1's fp16 min); Q4_0 and Q5_0 also become int8 without loss
+(q - 8 and q - 16 fit). Every other type is read exactly (dequantized) and then quantized to
+the format the policy names, or kept as float32 / bfloat16 when it names none. GGUF norm weights already hold 1 + w, which is what the engine
 takes."""
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import numpy as np
 from .. import _C
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
-from ..quant import FORMATS, format_for, resolve_policy
+from ..quant import format_for, pack_nibbles, resolve_policy
 from .gguf import GGUFFile, dequantize
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
-GGML_Q4_0, GGML_Q5_0, GGML_Q8_0 = 2, 6, 8
+GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # Engine tensor name (under layers.N.) -> GGUF name (under blk.N.), by architecture.
@@ -184,11 +184,18 @@ def _import_q4_0(raw: np.ndarray, rows: int, cols: int, fmt: str):
     q, d = _nibbles_q4_0(raw, rows, cols)
     if fmt == "int8":  # d * (q - 8) with q - 8 in [-8, 7]: the same values as int8
         return "int8", (q.astype(np.int16) - 8).astype(np.int8).view(np.uint8).reshape(rows, cols), d
-    nb = q.shape[1]
-    if nb % 2:
-        q = np.concatenate([q, np.zeros((rows, 1, 32), np.uint8)], axis=1)
-    pairs = q.reshape(rows, -1, 2, 32)
-    return "int4", np.ascontiguousarray(pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(rows, -1), d
+    return "int4", pack_nibbles(q), d
+
+
+def _import_q4_1(raw: np.ndarray, rows: int, cols: int):
+    """Q4_1 blocks (fp16 d, fp16 m, 16 bytes: element j low nibble, j + 16 high; w = d * q + m)
+    -> int4m: the same d, m and q, the nibbles repacked into int4's block pairs."""
+    nb = cols // 32
+    b = raw.reshape(rows, nb, 20)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.uint16).reshape(rows, nb)
+    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.uint16).reshape(rows, nb)
+    qs = b[:, :, 4:]
+    return "int4m", pack_nibbles(np.concatenate([qs & 0xF, qs >> 4], axis=2)), d, m
 
 
 _CHUNK_ELEMENTS = 1 << 23  # 32 MiB of float32 at a time
@@ -208,7 +215,7 @@ def _requantize(g: GGUFFile, gname: str, info, fmt: str):
         r1 = min(rows, r0 + band)
         w = dequantize(raw[r0 * row_bytes: r1 * row_bytes], info.ggml_type, (r1 - r0, cols))
         parts.append(_C.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt))
-    return fmt, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    return (fmt,) + tuple(np.concatenate([p[i] for p in parts]) for i in range(1, len(parts[0])))
 
 
 def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
@@ -220,13 +227,14 @@ def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
 
 def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[str], quantization="auto",
                              progress=None):
-    """{engine name: array or (format, quants, scales)}, the float dtype, and the policy used
-    (a dict of group -> format, "auto" when chosen per tensor).
+    """{engine name: array or (format, quants, scales[, mins])}, the float dtype, and the policy
+    used (a dict of group -> format, "auto" when chosen per tensor).
 
-    quantization "auto": Q8_0 -> int8 and Q4_0 -> int4 unchanged, Q5_0 -> int8 unchanged;
-    float tensors stay float; other types (Q4_K, Q6_K, ...) become int8. A format name or a policy dict chooses
-    the format of every matrix (None: float); Q8_0 and Q4_0 are imported without loss where
-    the format holds their values."""
+    quantization "auto": Q8_0 -> int8, Q4_0 -> int4 and Q4_1 -> int4m unchanged, Q5_0 -> int8
+    unchanged; float tensors stay float; other types (Q4_K, Q6_K, ...) become int8. A format
+    name or a policy dict chooses the format of every matrix (None: float); Q8_0, Q4_0, Q4_1
+    and Q5_0 are imported without loss where the format holds their values, and re-quantized
+    where it does not."""
     policy = resolve_gguf_policy(quantization)
     target = "float32" if dtype in (None, "auto") else canonical_dtype(dtype)
     arch = g.architecture()
@@ -249,7 +257,7 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
         info = tensor(gname, shape)
         rows, cols = shape
         if policy is None:  # auto
-            fmt = {GGML_Q8_0: "int8", GGML_Q4_0: "int4"}.get(info.ggml_type)
+            fmt = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m"}.get(info.ggml_type)
             if fmt is None and info.type_name not in _FLOAT_TYPES:
                 fmt = "int8"
         else:
@@ -257,10 +265,12 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
         if fmt is not None and cols % 32:
             raise ValueError(f"{g.path}: cannot quantize {gname!r} to {fmt}: its rows of {cols} are not a "
                              "multiple of 32")
-        if fmt in FORMATS and info.ggml_type == GGML_Q8_0 and fmt == "int8":
+        if fmt == "int8" and info.ggml_type == GGML_Q8_0:
             return _import_q8_0(g.raw(gname), rows, cols)
-        if fmt in FORMATS and info.ggml_type == GGML_Q4_0:
+        if fmt in ("int8", "int4") and info.ggml_type == GGML_Q4_0:
             return _import_q4_0(g.raw(gname), rows, cols, fmt)
+        if fmt == "int4m" and info.ggml_type == GGML_Q4_1:
+            return _import_q4_1(g.raw(gname), rows, cols)
         if fmt == "int8" and info.ggml_type == GGML_Q5_0:
             return _import_q5_0(g.raw(gname), rows, cols)
         if fmt is None:
