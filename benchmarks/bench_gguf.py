@@ -129,14 +129,20 @@ def child_gemma_cpp(a: dict) -> dict:
         out = m.generate(p_ttft, max_new_tokens=k, do_sample=False, eos_token_id=[])
         assert out.shape[1] == p_ttft.shape[1] + k, out.shape
 
+    time_phases(res, lambda n: m(ids[:, :n], logits_to_keep=1), gen, a)
+    res["peak_rss"] = peak_rss()
+    return res
+
+
+def time_phases(res: dict, prefill, gen, a: dict) -> None:
+    """prefill(n) for each prompt length, then time to first token (gen(1)) and decode
+    (gen(new_tokens + 1) less the first token), each warmed up, best of a["reps"]."""
     for n in a["prompts"]:
-        warm_up(lambda: m(ids[:, :n], logits_to_keep=1))
-        res[f"prefill_{n}_s"] = best_of(lambda: m(ids[:, :n], logits_to_keep=1), a["reps"])
+        warm_up(lambda: prefill(n))
+        res[f"prefill_{n}_s"] = best_of(lambda: prefill(n), a["reps"])
     warm_up(lambda: gen(4))
     res["ttft_s"] = best_of(lambda: gen(1), a["reps"])
     res["decode_s"] = best_of(lambda: gen(a["new_tokens"] + 1), a["reps"]) - res["ttft_s"]
-    res["peak_rss"] = peak_rss()
-    return res
 
 
 def child_transformers(a: dict) -> dict:
@@ -170,12 +176,7 @@ def child_transformers(a: dict) -> dict:
                                  min_new_tokens=k, do_sample=False, pad_token_id=0)
                 assert out.shape[1] == p_ttft.shape[1] + k, out.shape
 
-            for n in a["prompts"]:
-                warm_up(lambda: m(ids[:, :n], logits_to_keep=1))
-                res[f"prefill_{n}_s"] = best_of(lambda: m(ids[:, :n], logits_to_keep=1), a["reps"])
-            warm_up(lambda: gen(4))
-            res["ttft_s"] = best_of(lambda: gen(1), a["reps"])
-            res["decode_s"] = best_of(lambda: gen(a["new_tokens"] + 1), a["reps"]) - res["ttft_s"]
+            time_phases(res, lambda n: m(ids[:, :n], logits_to_keep=1), gen, a)
         res["peak_rss"] = peak_rss()
         rows[dtype] = res
     return rows
@@ -218,12 +219,7 @@ def child_llama_cpp(a: dict) -> dict:
             tok = int(np.argmax(last_logits()))
 
     prefill(prompt[:16])
-    for n in a["prompts"]:
-        warm_up(lambda: prefill(prompt[:n]))
-        res[f"prefill_{n}_s"] = best_of(lambda: prefill(prompt[:n]), a["reps"])
-    warm_up(lambda: gen(4))
-    res["ttft_s"] = best_of(lambda: gen(1), a["reps"])
-    res["decode_s"] = best_of(lambda: gen(a["new_tokens"] + 1), a["reps"]) - res["ttft_s"]
+    time_phases(res, lambda n: prefill(prompt[:n]), gen, a)
     res["peak_rss"] = peak_rss()
     res["version"] = llama_cpp.__version__
     res["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()

@@ -10,6 +10,22 @@ constexpr int kGemvWarps = 8;  // rows per block: one warp per output row
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// The end of a GEMV warp's row n: each token's partial sums reduced across the warp, one lane
+// per token storing (or adding) the result.
+template <int TT>
+__device__ __forceinline__ void store_row(const float (&acc)[TT], int T, int lane, float* y, int64_t ldy, int64_t n,
+                                          bool accumulate) {
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    if (t >= T) break;
+    const float s = warp_sum(acc[t]);
+    if (lane == t % 32) {
+      float* o = y + t * ldy + n;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
 // Quantized activations of T tokens, K inputs, padded to Kp = round_up(K, 64) with zeros
 // (a lone last int4 block reads a zero half): qx int8 [T][Kp], dx float [T][Kp / 32] (the
 // block scales amax / 127), xs int32 [T][Kp / 16] (sum of each 16 consecutive q).

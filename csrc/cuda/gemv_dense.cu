@@ -96,15 +96,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       acc[t] = fmaf(wk, xk, acc[t]);
     }
   }
-#pragma unroll
-  for (int t = 0; t < TT; ++t) {
-    if (t >= T) break;
-    const float s = warp_sum(acc[t]);
-    if (lane == t % 32) {
-      float* o = y + t * ldy + n;
-      *o = accumulate ? *o + s : s;
-    }
-  }
+  store_row<TT>(acc, T, lane, y, ldy, n, accumulate);
 }
 
 template <int TT>
