@@ -15,10 +15,9 @@ int num_threads();
 void set_num_threads(int n);
 
 // Runs fn(begin, end) over contiguous ranges that cover [0, n) once, so a kernel sees
-// adjacent i together. The calling thread takes part. The range is cut into a few parts per
-// thread, which the threads claim in order as they come free (a descheduled worker does not
-// hold the others up); one thread may run several parts. Not reentrant: fn must not call
-// parallel_for.
+// adjacent i together. The calling thread takes part. The range is cut into parts that the
+// threads claim in order as they come free (a worker that has not woken yet does not hold the
+// others up); one thread may run several parts. Not reentrant: fn must not call parallel_for.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 }  // namespace gemma
