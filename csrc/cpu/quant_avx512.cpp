@@ -30,7 +30,7 @@ inline float offset_term(const float* o, const float* xs, int64_t n) {
 template <bool kInt4, int RW, int RT>
 void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0, float* y, int64_t ldy, bool accumulate,
                  const float* dw /* [RW][nb + 1] float scales, 0 past the end */,
-                 const float* ow /* [RW][nb + 1] block offsets (int4/int4m) */) {
+                 const float* ow /* [RW][nb + 1] block offsets (int4m), nullptr for -8 d */) {
   const int64_t nb = w.cols / kQBlock, np = a.np;
   const uint8_t* qw = w.q + n * w.ld;
   __m512 acc[RW][RT];
@@ -76,7 +76,10 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
   for (int r = 0; r < RW; ++r)
     for (int t = 0; t < RT; ++t) {
       float s = _mm512_reduce_add_ps(acc[r][t]);
-      if (kInt4) s += offset_term(ow + r * (nb + 1), a.xsum + (t0 + t) * np * 2, nb);
+      if (kInt4) {  // int4m: its mins; int4: -8 d, one dot over the scales
+        const float* xs = a.xsum + (t0 + t) * np * 2;
+        s += ow ? offset_term(ow + r * (nb + 1), xs, nb) : -8.f * offset_term(dw + r * (nb + 1), xs, nb);
+      }
       float* o = y + (t0 + t) * ldy + n + r;
       *o = accumulate ? *o + s : s;
     }
@@ -140,7 +143,9 @@ void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, float* y, b
   __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
   {  // + sum_b o_b xsum_b
     alignas(32) float cs[RW];
-    for (int r = 0; r < RW; ++r) cs[r] = offset_term(ow + r * (nb + 1), a.xsum, nb);
+    constexpr float k = kInt4 ? -8.f : -128.f;  // o = k d when the format has no mins
+    for (int r = 0; r < RW; ++r)
+      cs[r] = ow ? offset_term(ow + r * (nb + 1), a.xsum, nb) : k * offset_term(dw + r * (nb + 1), a.xsum, nb);
     sums = _mm256_add_ps(sums, _mm256_load_ps(cs));
   }
   float* o = y + n;
@@ -181,27 +186,21 @@ void rows_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, b
   };
   for (int64_t n = n0; n < n1; n += RW) {
     const int rw = static_cast<int>(min64(RW, n1 - n));
-    const bool offsets = kInt4 || rw == 8;
+    // Offsets o are kept only for int4m (its mins); int4's -8 d and int8 decode's -128 d are
+    // taken from the scales by the kernels (ow = nullptr).
     for (int r = 0; r < rw; ++r) {
-      float* d = dw + r * (nb + 1);
-      widen(w.scales + (n + r) * nb, d);
-      if (!offsets) continue;
-      float* o = ow + r * (nb + 1);
-      if (w.mins) {
-        widen(w.mins + (n + r) * nb, o);
-      } else {
-        const float k = kInt4 ? -8.f : -128.f;
-        for (int64_t b = 0; b < nb; ++b) o[b] = k * d[b];
-      }
+      widen(w.scales + (n + r) * nb, dw + r * (nb + 1));
+      if (w.mins) widen(w.mins + (n + r) * nb, ow + r * (nb + 1));
     }
+    const float* owp = w.mins ? ow : nullptr;
     if (rw == 8) {
-      vnni_decode<kInt4>(w, n, a, y, acc, dw, ow);
+      vnni_decode<kInt4>(w, n, a, y, acc, dw, owp);
       continue;
     }
     for (int r0 = 0; r0 < rw; r0 += 4) {  // groups of at most 4 rows
       const int g = min_int(4, rw - r0);
       const float* dwg = dw + r0 * (nb + 1);
-      const float* owg = ow + r0 * (nb + 1);
+      const float* owg = owp ? owp + r0 * (nb + 1) : nullptr;
       for (int64_t t = 0; t < a.T; t += 4) {
         const int rt = static_cast<int>(min64(4, a.T - t));
         switch (g) {
