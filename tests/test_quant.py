@@ -88,9 +88,15 @@ def quant_paths():
 def test_quantized_matmul_within_bound(path, fmt, T, K, N):
     rng = np.random.default_rng(T * 7 + K + N)
     x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
-    qw = quantize(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    check_within_bound(path, x, quantize(rng.standard_normal((N, K)).astype(np.float32), fmt))
+
+
+def check_within_bound(path, x, qw):
+    """x . qw^T on the pinned path, every output written (poisoned first) and within the bound
+    of the float64 product on the dequantized weights."""
+    T, K = x.shape
     wd = dequantize(qw, K).astype(np.float64)
-    out = np.full((T, N), np.nan, np.float32)  # poisoned: every element must be written
+    out = np.full((T, wd.shape[0]), np.nan, np.float32)
     _C.set_quant_matmul_path(path)
     try:
         _C.matmul(x, qw, out)
@@ -117,16 +123,7 @@ def test_int4m_matmul_every_path_within_bound(path, T, K):
     float64 on the dequantized weights; N = 37 leaves 5 rows after the groups of 8 / 4."""
     rng = np.random.default_rng(T * 131 + K)
     x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
-    qw = quantize(offset_matrix(37, K, T + K), "int4m")
-    wd = dequantize(qw, K).astype(np.float64)
-    out = np.full((T, 37), np.nan, np.float32)
-    _C.set_quant_matmul_path(path)
-    try:
-        _C.matmul(x, qw, out)
-    finally:
-        _C.set_quant_matmul_path("auto")
-    assert np.isfinite(out).all()
-    assert np.all(np.abs(out - x.astype(np.float64) @ wd.T) <= quant_bound(x, wd, term_magnitudes(qw, K)))
+    check_within_bound(path, x, quantize(offset_matrix(37, K, T + K), "int4m"))
 
 
 @pytest.mark.parametrize("path", quant_paths() + ["auto"])
