@@ -299,7 +299,7 @@ def test_num_parameters_vs_transformers_meta(hf, name):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_num_parameters_vs_tiny_model(hf, tied):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     ours = GemmaConfig(**TINY, tie_word_embeddings=tied)
     model = hf.GemmaForCausalLM(hf.GemmaConfig(**ours.to_dict()))
     assert ours.num_parameters() == sum(p.numel() for p in model.parameters())
