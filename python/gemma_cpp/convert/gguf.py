@@ -201,6 +201,28 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise self.fail(field, f"string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
+    def _strings(self, n: int, field: str) -> list:
+        """n strings, as string() reads them but without building a field name per element
+        (a vocabulary holds 262k): on any problem, string() rereads that element and raises
+        its error."""
+        buf, size, pos, out = self.buf, self.size, self.pos, []
+        unpack = struct.unpack_from
+        for i in range(n):
+            if size - pos >= 8:
+                (m,) = unpack("<Q", buf, pos)
+                if m <= size - pos - 8:
+                    try:
+                        out.append(buf[pos + 8:pos + 8 + m].decode("utf-8"))
+                        pos += 8 + m
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            self.pos = pos
+            self.string(f"{field}[{i}]")  # raises: truncated, lying length or bad UTF-8
+            raise AssertionError("unreachable")  # pragma: no cover
+        self.pos = pos
+        return out
+
     def count(self, n: int, min_bytes: int, field: str) -> None:
         """Reject a count whose elements cannot possibly fit in the rest of the file."""
         left = self.size - self.pos
@@ -233,7 +255,7 @@ class _Cursor:
             return (a != 0 if etype == 7 else a), etype
         self.count(n, _MIN_ELEMENT_BYTES[etype], f"{field} array count")
         if etype == _T_STRING:
-            return [self.string(f"{field}[{i}]") for i in range(n)], etype
+            return self._strings(n, field), etype
         out = []
         for i in range(n):
             inner = self.u32(f"{field}[{i}] array element type")

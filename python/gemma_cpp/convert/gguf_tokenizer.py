@@ -100,6 +100,23 @@ def _piece_message(piece: str, score: float, ptype: int) -> bytes:
     return _PIECE_TAG + _varint(len(body)) + body
 
 
+def _piece_messages(pieces, scores, types) -> list:
+    """Every piece's message. Most pieces are short: their varints are one byte each, so
+    their messages are assembled from bytes directly (the same bytes _piece_message writes;
+    262k pieces build in a fraction of the time)."""
+    score_bytes = np.asarray(scores, dtype="<f4").tobytes()
+    out = []
+    for i, (piece, ptype) in enumerate(zip(pieces, types)):
+        raw = piece.encode("utf-8")
+        body = 2 + len(raw) + 5 + 2  # piece tag + length, the piece, score tag + 4 bytes, type tag + type
+        if len(raw) < 128 and 0 <= ptype < 128 and body < 128:
+            out.append(b"".join((_PIECE_TAG, bytes((body,)), _PIECE_TAG, bytes((len(raw),)), raw, _SCORE_TAG,
+                                 score_bytes[4 * i: 4 * i + 4], _TYPE_TAG, bytes((ptype,)))))
+        else:
+            out.append(_piece_message(piece, float(scores[i]), ptype))
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Reading and checking the metadata
 # --------------------------------------------------------------------------------------
@@ -308,7 +325,7 @@ def sentencepiece_model_from_gguf(metadata: Mapping[str, Any], source: str = "GG
     add_prefix = _get(metadata, "add_space_prefix", source, required=False)
     add_prefix = False if add_prefix is None else _as_bool(add_prefix, _KEY + "add_space_prefix", source)
 
-    out = [_piece_message(p, s, t) for p, s, t in zip(pieces, scores, types)]
+    out = _piece_messages(pieces, scores, types)
 
     trainer = [
         _int_field(3, _BPE),
