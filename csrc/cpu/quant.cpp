@@ -360,13 +360,14 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
 
 bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n) {
   constexpr int64_t kAmxMinTokens = 16;
-  if (n <= 0 || T >= kAmxMinTokens) return false;
+  constexpr int kMaxTargets = 8;
+  if (n <= 0 || n > kMaxTargets || T >= kAmxMinTokens) return false;
   for (int i = 0; i < n; ++i)
     if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate) return false;
   const QActs& a = quantize_acts(x, T, ldx, outs[0].w->cols);
   const QActView av = a.view();
   // Chunks of 4 rows of every matrix, one after the other: one pass of the pool for all.
-  std::vector<int64_t> start(static_cast<size_t>(n) + 1, 0);
+  int64_t start[kMaxTargets + 1] = {0};
   for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + 3) / 4;
   parallel_for(start[n], [&](int64_t c0, int64_t c1) {
     for (int i = 0; i < n; ++i) {

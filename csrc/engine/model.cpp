@@ -208,11 +208,21 @@ void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>&
   });
 }
 
-void Model::add_normed(float* y, const float* norm, float* x, int64_t M) {
-  OpTimer timer(&OpProfile::norm);
+void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
+                         int64_t M) {
   const int64_t H = cfg_.hidden_size;
-  rmsnorm(y, norm, y, M, H, cfg_.rms_norm_eps);
-  for (int64_t i = 0; i < M * H; ++i) x[i] += y[i];
+  if (!cfg_.sandwich_norms) {
+    OpTimer timer(&OpProfile::matmul);
+    matmul(in, M, K, w, x, H, /*accumulate=*/true);
+    return;
+  }
+  {
+    OpTimer timer(&OpProfile::matmul);
+    matmul(in, M, K, w, tmp, H);
+  }
+  OpTimer timer(&OpProfile::norm);
+  rmsnorm(tmp, post_norm, tmp, M, H, cfg_.rms_norm_eps);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += tmp[i];
 }
 
 void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
@@ -226,19 +236,21 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   std::vector<float> x(M * H), h(M * H), q(M * QD), k(M * KD), v(M * KD), att(M * QD);
   std::vector<float> g(M * F), u(M * F);
   // cos / sin of every token's position: full-attention layers' table, then the sliding
-  // layers' one (the same numbers when both use one base).
-  std::vector<float> cs(2 * M * half), sn(2 * M * half);
+  // layers' own one only when their RoPE differs (Gemma 3).
+  const bool local_table = inv_freq_local_ != inv_freq_;
+  const int64_t n_tables = local_table ? 2 : 1;
+  std::vector<float> cs(n_tables * M * half), sn(n_tables * M * half);
 
   for (int64_t m = 0; m < M; ++m) {
     weight_row(w_.embed, ids[m], x.data() + m * H);
     for (int64_t i = 0; i < H; ++i) x[m * H + i] *= cfg_.embed_scale;
-    for (int64_t i = 0; i < half; ++i) {
-      const float f = static_cast<float>(pos[m]) * inv_freq_[i];
-      const float fl = static_cast<float>(pos[m]) * inv_freq_local_[i];
-      cs[m * half + i] = std::cos(f);
-      sn[m * half + i] = std::sin(f);
-      cs[(M + m) * half + i] = std::cos(fl);
-      sn[(M + m) * half + i] = std::sin(fl);
+    for (int64_t tb = 0; tb < n_tables; ++tb) {
+      const float* freq = tb == 0 ? inv_freq_.data() : inv_freq_local_.data();
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(pos[m]) * freq[i];
+        cs[(tb * M + m) * half + i] = std::cos(f);
+        sn[(tb * M + m) * half + i] = std::sin(f);
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r)
@@ -266,7 +278,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       }
       const int64_t window = cfg_.layer_window(l);
       if (window > 0) cache.make_room(l, slot0, T, window);
-      const int64_t table = window > 0 ? M * half : 0;
+      const int64_t table = window > 0 && local_table ? M * half : 0;
       for (int64_t m = 0; m < M; ++m) {
         const float* c = &cs[table + m * half];
         const float* sv = &sn[table + m * half];
@@ -282,15 +294,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       OpTimer timer(&OpProfile::attention);
       attention(cache, l, rows, slot0, T, q.data(), att.data());
     }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      if (cfg_.sandwich_norms) {
-        matmul(att.data(), M, QD, L.o, h.data(), H);
-      } else {
-        matmul(att.data(), M, QD, L.o, x.data(), H, /*accumulate=*/true);
-      }
-    }
-    if (cfg_.sandwich_norms) add_normed(h.data(), L.post_attn_norm, x.data(), M);
+    block_output(att.data(), QD, L.o, L.post_attn_norm, h.data(), x.data(), M);
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
@@ -305,15 +309,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       OpTimer timer(&OpProfile::activation);
       gelu_tanh_mul(g.data(), u.data(), M * F);
     }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      if (cfg_.sandwich_norms) {
-        matmul(g.data(), M, F, L.down, h.data(), H);
-      } else {
-        matmul(g.data(), M, F, L.down, x.data(), H, /*accumulate=*/true);
-      }
-    }
-    if (cfg_.sandwich_norms) add_normed(h.data(), L.post_mlp_norm, x.data(), M);
+    block_output(g.data(), F, L.down, L.post_mlp_norm, h.data(), x.data(), M);
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x.data());
   }
   rmsnorm(x.data(), w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);

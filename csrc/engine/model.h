@@ -133,8 +133,10 @@ class Model {
   void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
                  int64_t T, const float* q, float* out);
   void logits(const float* hidden, int64_t n, float* out);
-  // Sandwich norms: x += rmsnorm(y) (y is normed in place), M rows.
-  void add_normed(float* y, const float* norm, float* x, int64_t M);
+  // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
+  // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).
+  void block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
+                    int64_t M);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -307,10 +307,7 @@ class GemmaPreTrainedModel:
         with GGUFFile(path) as g:
             config = config or gguf_model.config_from_gguf(g)
             weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
-            eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id or [])
-            eot = gguf_model.end_of_turn_id(g)
-            if eot is not None and eot not in eos:
-                eos.append(eot)
+            eos = gguf_model.stop_ids(g, config)
         ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
         model = cls(config, _C.Engine(ecfg, weights), target, None, policy)
         model.name_or_path = path

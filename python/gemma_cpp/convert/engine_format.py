@@ -104,10 +104,7 @@ def _save_gguf(src, out, dtype, quantization, progress) -> str:
     with GGUFFile(src) as g:
         config = gguf_model.config_from_gguf(g)
         weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
-        eos = [config.eos_token_id]
-        eot = gguf_model.end_of_turn_id(g)
-        if eot is not None and eot not in eos:
-            eos.append(eot)
+        eos = gguf_model.stop_ids(g, config)
         has_vocab = "tokenizer.ggml.tokens" in g.metadata
     tok = GemmaTokenizer.from_pretrained(src) if has_vocab else None
 

@@ -49,22 +49,18 @@ def is_gguf(path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _meta(g: GGUFFile, key: str, kind, default=None, required: bool = True):
+def _meta(g: GGUFFile, key: str, kind, default=None):
+    """A numeric metadata value as kind (int or float); default when absent, an error naming
+    the key when absent without a default or of the wrong type."""
     if key not in g.metadata:
-        if default is not None or not required:
-            return default
-        raise ValueError(f"{g.path}: GGUF metadata has no {key!r}")
+        if default is None:
+            raise ValueError(f"{g.path}: GGUF metadata has no {key!r}")
+        return default
     value = g.metadata[key]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if isinstance(value, np.integer):
-        value, ok = int(value), kind in (int, float)
-    if isinstance(value, np.floating):
-        value, ok = float(value), kind is float
-    if not ok:
+    numeric = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numeric):
         raise ValueError(f"{g.path}: GGUF metadata {key!r} must be {kind.__name__}, got {value!r}")
-    return value
+    return kind(value)
 
 
 def _token_id(g: GGUFFile, name: str, default: Optional[int]) -> Optional[int]:
@@ -81,6 +77,16 @@ def end_of_turn_id(g: GGUFFile) -> Optional[int]:
         except ValueError:
             return None
     return None
+
+
+def stop_ids(g: GGUFFile, config: GemmaConfig) -> list:
+    """The config's eos ids and the vocabulary's `<end_of_turn>`: where generation stops."""
+    eos = config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eot = end_of_turn_id(g)
+    if eot is not None and eot not in ids:
+        ids.append(eot)
+    return ids
 
 
 def config_from_gguf(g: GGUFFile) -> GemmaConfig:
