@@ -172,8 +172,14 @@ DevWeight upload_weight(const py::object& o, const std::string& name) {
     const int64_t rows = q.shape(0), K = s.shape(1) * kQBlock;
     need_dim(s, name + " scales", 0, rows);
     need_dim(q, name + " quants", 1, quant_row_bytes(f, K));
-    d.data = up(q);
-    d.scales = up(s);
+    // The CUDA kernels read plain rows: the CPU's interleaved groups (quant.h) are undone here.
+    const int64_t qb = quant_row_bytes(f, K), nb = K / kQBlock;
+    py::array_t<uint8_t> qp({rows, qb});
+    py::array_t<uint16_t> sp({rows, nb});
+    interleave_rows(rows, qb, nb, static_cast<const uint8_t*>(q.data()), static_cast<const uint16_t*>(s.data()),
+                    nullptr, qp.mutable_data(), sp.mutable_data(), nullptr, false);
+    d.data = up(qp);
+    d.scales = up(sp);
     d.w.dtype = f == QFormat::Int8 ? DType::Int8 : DType::Int4;
     d.w.rows = rows;
     d.w.cols = K;

@@ -80,12 +80,48 @@ def test_unknown_version_truncated_and_conflicting_loads_are_clear_errors(tiny, 
     _rewrite_metadata(weights, lambda m: m.update(format_version="9"))
     with pytest.raises(ValueError, match="format version '9'"):
         gemma_cpp.GemmaForCausalLM.from_pretrained(out)
-    _rewrite_metadata(weights, lambda m: m.update(format_version="1"))
+    _rewrite_metadata(weights, lambda m: m.update(format_version=engine_format.VERSION))
     gemma_cpp.GemmaForCausalLM.from_pretrained(out)  # restored
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) - 100)
     with pytest.raises(ValueError, match="outside the data section"):
         gemma_cpp.GemmaForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("quantization, version", [("int8", "1"), ("int4m", "2")])
+def test_older_files_with_plain_rows_load_the_same(tiny, tmp_path, quantization, version):
+    """Versions 1 and 2 stored quantized rows in plain order: such a file (made here by undoing
+    the interleaving of a version 3 file) loads into the engine's order, with the same logits."""
+    from gemma_cpp.convert.safetensors_reader import SafetensorsFile, write_safetensors
+    from gemma_cpp.quant import deinterleave
+
+    folder, ref = tiny("GemmaForCausalLM", "q32", initializer_range=0.05)
+    new = engine_format.save(folder, tmp_path / "new", quantization=quantization, progress=None)
+    f = SafetensorsFile(os.path.join(new, engine_format.WEIGHTS))
+    assert f.metadata["format_version"] == "3"
+    formats = json.loads(f.metadata["formats"])
+    tensors = []
+    for name in f.names():
+        base, _, part = name.rpartition(".")
+        arr = f.get(name)
+        if base in formats and part in ("quants", "scales", "mins"):
+            parts = [f.get(base + "." + p) for p in ("quants", "scales", "mins") if base + "." + p in set(f.names())]
+            plain = deinterleave((formats[base],) + tuple(parts))
+            arr = plain[1 + ("quants", "scales", "mins").index(part)]
+            assert arr.shape[0] < 16 or not np.array_equal(arr, f.get(name))  # the order really differs
+        assert f.dtype_of(name) in ("uint8", "uint16", "float32")  # float32 model: no bf16 bits to tell apart
+        tensors.append((name, np.ascontiguousarray(arr), {"uint8": "U8", "uint16": "U16", "float32": "F32"}[f.dtype_of(name)]))
+    old = tmp_path / "old"
+    old.mkdir()
+    for item in os.listdir(new):
+        if item != engine_format.WEIGHTS:
+            with open(os.path.join(new, item), "rb") as src, open(old / item, "wb") as dst:
+                dst.write(src.read())
+    write_safetensors(str(old / engine_format.WEIGHTS), tensors, dict(f.metadata, format_version=version))
+    ids, mask = random_batch(52, 2, 9, ref.config.vocab_size, pad_left=[0, 2])
+    a = gemma_cpp.GemmaForCausalLM.from_pretrained(new)(ids, attention_mask=mask).logits
+    b = gemma_cpp.GemmaForCausalLM.from_pretrained(str(old))(ids, attention_mask=mask).logits
+    np.testing.assert_array_equal(a, b)
 
 
 def test_cli_convert_then_generate(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import gemma_cpp
 from gemma_cpp import _C
 from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
-from gemma_cpp.quant import quantize
+from gemma_cpp.quant import deinterleave, quantize
 
 STATUS = gemma_cpp.cuda_status()
 BUILT = STATUS["built"]
@@ -155,8 +155,9 @@ def attention_ref(q, K, V, valid, q_slots, n_heads, scale, softcap=0.0, window=0
 
 def quant_ints(w, K):
     """(quants as integers [rows, K], scales as float64 [rows, K / 32]) of a quantized tuple,
-    from the layout in gemma_cpp.quant (int4: low nibbles block 2p, high nibbles 2p + 1)."""
-    fmt, q, d = w
+    from the layout in gemma_cpp.quant (int4: low nibbles block 2p, high nibbles 2p + 1), rows
+    in plain order."""
+    fmt, q, d = deinterleave(w)
     rows, nb = d.shape
     if fmt == "int8":
         qi = q.view(np.int8).astype(np.int64)

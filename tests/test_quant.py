@@ -5,7 +5,7 @@ import pytest
 
 import gemma_cpp
 from gemma_cpp import _C
-from gemma_cpp.quant import dequantize, quantize, resolve_policy, unpack_nibbles
+from gemma_cpp.quant import deinterleave, dequantize, interleave, quantize, resolve_policy, unpack_nibbles
 from conftest import available_paths, random_batch
 
 FORMATS = ["int8", "int4", "int4m"]
@@ -41,6 +41,35 @@ def test_cpp_quantizer_matches_numpy_mirror_byte_for_byte(fmt, K):
     np.testing.assert_array_equal(_C.quantize(bits, fmt)[1], quantize(bf16_bits_to_f32(bits), fmt)[1])
 
 
+@pytest.mark.parametrize("fmt, rows, K", [("int8", 37, 96), ("int4", 48, 160), ("int4m", 16, 64), ("int8", 5, 64)])
+def test_rows_are_interleaved_in_groups_of_16(fmt, rows, K):
+    """quant.h's row order, checked position by position from its definition: in a whole group
+    g, quant word c (4 bytes) of row 16 g + i sits at byte 64 c + 4 i of the group, scale b at
+    16 b + i; rows after the last whole group are plain. deinterleave undoes it."""
+    plain = quantize(awkward_matrix(rows, K, rows + K), fmt)
+    plain = (fmt,) + deinterleave(plain)[1:]
+    ours = _C.quantize(awkward_matrix(rows, K, rows + K), fmt)
+    q, d = plain[1], plain[2]
+    qb, nb, full = q.shape[1], d.shape[1], rows // 16 * 16
+    flat_q, flat_d = ours[1].reshape(-1), ours[2].reshape(-1)
+    for r in range(rows):
+        g, i = divmod(r, 16)
+        for c in range(qb // 4):
+            at = g * 16 * qb + 64 * c + 4 * i if r < full else r * qb + 4 * c
+            np.testing.assert_array_equal(flat_q[at: at + 4], q[r, 4 * c: 4 * c + 4])
+        for b in range(nb):
+            assert flat_d[g * 16 * nb + 16 * b + i if r < full else r * nb + b] == d[r, b]
+    if fmt == "int4m":
+        flat_m = ours[3].reshape(-1)
+        for r in range(full):
+            g, i = divmod(r, 16)
+            assert all(flat_m[g * 16 * nb + 16 * b + i] == plain[3][r, b] for b in range(nb))
+    for a, b in zip(interleave(plain)[1:], ours[1:]):
+        np.testing.assert_array_equal(a, b)
+    # One row back (the embedding lookup) and the whole matrix, from the interleaved bytes.
+    np.testing.assert_array_equal(_C.dequantize(ours, K), dequantize(ours, K))
+
+
 def test_values_are_gguf_q8_0_q4_0_and_q4_1():
     """The `gguf` package's own quantizers (numpy ports of ggml's) give the same values."""
     gguf = pytest.importorskip("gguf")
@@ -71,6 +100,7 @@ def term_magnitudes(qw, K):
     """|d q_i| + |m_b| of an int4m weight (float64 [rows, K]); |w| for the other formats."""
     if qw[0] != "int4m":
         return np.abs(dequantize(qw, K)).astype(np.float64)
+    qw = deinterleave(qw)
     rows, nb = qw[2].shape
     d = qw[2].view(np.float16).astype(np.float64)[..., None]
     m = qw[3].view(np.float16).astype(np.float64)[..., None]
@@ -84,7 +114,9 @@ def quant_paths():
 
 @pytest.mark.parametrize("path", quant_paths())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T, K, N", [(1, 32, 3), (1, 2048, 37), (2, 96, 10), (4, 640, 8), (7, 256, 9), (33, 128, 5)])
+@pytest.mark.parametrize("T, K, N", [(1, 32, 3), (1, 2048, 37), (2, 96, 10), (4, 640, 8), (7, 256, 9), (33, 128, 5),
+                                     # 16-row groups: 4 side by side (decode), single ones, then the tail
+                                     (1, 640, 200), (1, 2080, 80), (1, 96, 16), (3, 2080, 67), (5, 96, 48)])
 def test_quantized_matmul_within_bound(path, fmt, T, K, N):
     rng = np.random.default_rng(T * 7 + K + N)
     x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)

@@ -10,6 +10,7 @@
 //    in L2) is reused for every token block before moving on, so W is read from memory
 //    once per call and x is re-read from cache.
 #include <algorithm>
+#include <vector>
 
 #if defined(__SSE__)
 #include <xmmintrin.h>  // _mm_prefetch
@@ -155,8 +156,14 @@ void weight_row(const Weight& w, int64_t r, float* out) {
   if (w.quantized()) {
     const int64_t nb = w.cols / kQBlock;
     const QFormat f = w.dtype == DType::Int8 ? QFormat::Int8 : w.dtype == DType::Int4 ? QFormat::Int4 : QFormat::Int4m;
-    dequantize_row(f, static_cast<const uint8_t*>(w.data) + r * w.ld, w.scales + r * nb,
-                   w.mins ? w.mins + r * nb : nullptr, w.cols, out);
+    // The row in plain order first (quant.h interleaves rows in groups of 16).
+    thread_local std::vector<uint8_t> q;
+    thread_local std::vector<uint16_t> dm;
+    q.resize(static_cast<size_t>(w.ld));
+    dm.resize(static_cast<size_t>(2 * nb));
+    gather_row(QMatrix{static_cast<const uint8_t*>(w.data), w.scales, w.mins, w.rows, w.ld, nb}, r, q.data(),
+               dm.data(), dm.data() + nb);
+    dequantize_row(f, q.data(), dm.data(), w.mins ? dm.data() + nb : nullptr, w.cols, out);
   } else if (w.dtype == DType::F32) {
     std::memcpy(out, static_cast<const float*>(w.data) + r * w.ld, w.cols * sizeof(float));
   } else {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 #include "cpu/simd.h"
 #include "engine/threadpool.h"
 
@@ -230,18 +231,31 @@ inline void weight_block_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_
     _mm512_store_si512(dst, _mm512_loadu_si512(static_cast<const uint16_t*>(wt.data) + row * wt.ld + kb * 32));
     return;
   }
-  const uint8_t* base = static_cast<const uint8_t*>(wt.data) + row * wt.ld;
-  const int64_t blk = row * (wt.cols / 32) + kb;
+  // The block's 32 quant bytes (int4: its pair's), and its scale's index, in the row order of
+  // quant.h: 8 words 64 bytes apart inside an interleaved group, else a plain row.
+  const int64_t nb = wt.cols / 32, w0 = (wt.dtype == DType::Int8 ? kb : kb / 2) * 8;
+  alignas(32) uint8_t bytes[32];
+  int64_t blk;
+  if (row < tiled_rows(wt.rows)) {
+    const int64_t g = row / kQTile, i = row % kQTile;
+    const uint8_t* base = static_cast<const uint8_t*>(wt.data) + g * kQTile * wt.ld + w0 * 64 + i * 4;
+    const __m256i idx = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 1));
+    blk = g * kQTile * nb + kb * kQTile + i;
+  } else {
+    std::memcpy(bytes, static_cast<const uint8_t*>(wt.data) + row * wt.ld + w0 * 4, 32);
+    blk = row * nb + kb;
+  }
   const float ds = _cvtsh_ss(wt.scales[blk]);
   const __m512 d = _mm512_set1_ps(ds);
   __m512 flo, fhi;
   if (wt.dtype == DType::Int8) {
-    const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32)));
-    const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kb * 32 + 16)));
+    const __m512i lo = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i hi = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
     flo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
     fhi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
   } else {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (kb / 2) * 32));
+    __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
     if (kb % 2) b = _mm256_srli_epi16(b, 4);
     b = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
     const __m512 o = _mm512_set1_ps(wt.dtype == DType::Int4m ? _cvtsh_ss(wt.mins[blk]) : -8.f * ds);

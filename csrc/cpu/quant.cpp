@@ -128,26 +128,88 @@ void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16
   }
 }
 
+namespace {
+// One group of 16 rows (or the plain tail): 4-byte quant words and 2-byte scales move
+// between row order and the interleaved order of quant.h.
+void interleave_group(int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m, uint8_t* qo,
+                      uint16_t* dout, uint16_t* mout, bool to_tiled) {
+  const int64_t words = qb / 4;
+  for (int64_t r = 0; r < kQTile; ++r) {
+    for (int64_t c = 0; c < words; ++c) {
+      const int64_t plain = r * qb + c * 4, tiled = c * 64 + r * 4;
+      std::memcpy(qo + (to_tiled ? tiled : plain), q + (to_tiled ? plain : tiled), 4);
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t plain = r * nb + b, tiled = b * kQTile + r;
+      dout[to_tiled ? tiled : plain] = d[to_tiled ? plain : tiled];
+      if (m) mout[to_tiled ? tiled : plain] = m[to_tiled ? plain : tiled];
+    }
+  }
+}
+}  // namespace
+
+void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_tiled) {
+  const int64_t full = tiled_rows(rows);
+  parallel_for(full / kQTile, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      interleave_group(qb, nb, q + g * kQTile * qb, d + g * kQTile * nb, m ? m + g * kQTile * nb : nullptr,
+                       qo + g * kQTile * qb, dout + g * kQTile * nb, m ? mout + g * kQTile * nb : nullptr, to_tiled);
+  });
+  std::memcpy(qo + full * qb, q + full * qb, static_cast<size_t>((rows - full) * qb));
+  std::memcpy(dout + full * nb, d + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
+  if (m) std::memcpy(mout + full * nb, m + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
+}
+
+void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* m) {
+  if (r >= tiled_rows(w.rows)) {
+    std::memcpy(q, w.q + r * w.qb, static_cast<size_t>(w.qb));
+    std::memcpy(d, w.d + r * w.nb, static_cast<size_t>(w.nb) * 2);
+    if (w.m) std::memcpy(m, w.m + r * w.nb, static_cast<size_t>(w.nb) * 2);
+    return;
+  }
+  const int64_t g = r / kQTile, i = r % kQTile;
+  const uint8_t* qg = w.q + g * kQTile * w.qb;
+  for (int64_t c = 0; c < w.qb / 4; ++c) std::memcpy(q + c * 4, qg + c * 64 + i * 4, 4);
+  for (int64_t b = 0; b < w.nb; ++b) {
+    d[b] = w.d[g * kQTile * w.nb + b * kQTile + i];
+    if (w.m) m[b] = w.m[g * kQTile * w.nb + b * kQTile + i];
+  }
+}
+
 void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, int64_t K, uint8_t* q,
                      uint16_t* d, uint16_t* m) {
-  const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K);
-  parallel_for(rows, [&](int64_t r0, int64_t r1) {
+  const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K), full = tiled_rows(rows);
+  parallel_for((rows + kQTile - 1) / kQTile, [&](int64_t g0, int64_t g1) {
     std::vector<float> row(static_cast<size_t>(K));
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x;
-      if (src_bf16) {
-        const uint16_t* s = static_cast<const uint16_t*>(src) + r * K;
-        for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(s[k]);
-        x = row.data();
-      } else {
-        x = static_cast<const float*>(src) + r * K;
+    // A whole group is quantized in row order here, then interleaved into place.
+    std::vector<uint8_t> gq(static_cast<size_t>(kQTile * qb));
+    std::vector<uint16_t> gd(static_cast<size_t>(kQTile * nb)), gm(static_cast<size_t>(kQTile * nb));
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = g * kQTile, r1 = std::min(rows, r0 + kQTile);
+      const bool tiled = r1 <= full;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* x;
+        if (src_bf16) {
+          const uint16_t* s = static_cast<const uint16_t*>(src) + r * K;
+          for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(s[k]);
+          x = row.data();
+        } else {
+          x = static_cast<const float*>(src) + r * K;
+        }
+        uint8_t* qr = tiled ? gq.data() + (r - r0) * qb : q + r * qb;
+        uint16_t* dr = tiled ? gd.data() + (r - r0) * nb : d + r * nb;
+        uint16_t* mr = tiled ? gm.data() + (r - r0) * nb : (m ? m + r * nb : nullptr);
+        if (f == QFormat::Int8)
+          quantize_row_int8_ref(x, K, reinterpret_cast<int8_t*>(qr), dr);
+        else if (f == QFormat::Int4)
+          quantize_row_int4_ref(x, K, qr, dr);
+        else
+          quantize_row_int4m_ref(x, K, qr, dr, mr);
       }
-      if (f == QFormat::Int8)
-        quantize_row_int8_ref(x, K, reinterpret_cast<int8_t*>(q + r * qb), d + r * nb);
-      else if (f == QFormat::Int4)
-        quantize_row_int4_ref(x, K, q + r * qb, d + r * nb);
-      else
-        quantize_row_int4m_ref(x, K, q + r * qb, d + r * nb, m + r * nb);
+      if (tiled)
+        interleave_group(qb, nb, gq.data(), gd.data(), f == QFormat::Int4m ? gm.data() : nullptr, q + r0 * qb,
+                         d + r0 * nb, f == QFormat::Int4m ? m + r0 * nb : nullptr, true);
     }
   });
 }
@@ -312,23 +374,46 @@ bool set_quant_matmul_path(const std::string& name) {
 }
 
 namespace {
-// Rows [n0, n1) of y = x . w^T on the best path, from activations quantized once.
+// Rows [n0, n1) of y = x . w^T on the best path, from activations quantized once. n0 is a
+// multiple of 16 (the interleaved groups of quant.h) or past the last whole group.
 void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, int64_t ldy, bool accumulate,
                 int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
-  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.dtype == DType::Int4m ? w.mins : nullptr,
-                       w.rows, w.cols, w.ld, w.dtype != DType::Int8};
+  auto view = [](const Weight& v) {
+    return QWeightView{static_cast<const uint8_t*>(v.data), v.scales, v.dtype == DType::Int4m ? v.mins : nullptr,
+                       v.rows, v.cols, v.ld, v.dtype != DType::Int8};
+  };
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(16 * (w.cols / kQBlock + 1) + 16));
-  switch (quant_path()) {
+  const int path = quant_path();
 #ifdef GEMMA_QUANT_AVX512
-    case kAvx512Vnni: quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
+  if (path == kAvx512Vnni) return quant_rows_avx512vnni(view(w), av, y, ldy, accumulate, n0, n1, scratch.data());
 #endif
+  // The other paths run rows in plain order: each interleaved group through a copy.
+  auto run = [&](const Weight& v, float* yv, int64_t r0, int64_t r1) {
 #ifdef GEMMA_QUANT_AVX2
-    case kAvx2: quant_rows_avx2(wv, av, y, ldy, accumulate, n0, n1, scratch.data()); return;
+    if (path == kAvx2) return quant_rows_avx2(view(v), av, yv, ldy, accumulate, r0, r1, scratch.data());
 #endif
-    default: rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+    rows_scalar(v, a, yv, ldy, accumulate, r0, r1);
+  };
+  const int64_t full = tiled_rows(w.rows), nb = w.cols / kQBlock;
+  thread_local std::vector<uint8_t> gq;
+  thread_local std::vector<uint16_t> gd, gm;
+  gq.resize(static_cast<size_t>(kQTile * w.ld));
+  gd.resize(static_cast<size_t>(kQTile * nb));
+  gm.resize(static_cast<size_t>(kQTile * nb));
+  const uint8_t* q = static_cast<const uint8_t*>(w.data);
+  for (int64_t g = n0 / kQTile; g * kQTile < std::min(n1, full); ++g) {
+    interleave_group(w.ld, nb, q + g * kQTile * w.ld, w.scales + g * kQTile * nb,
+                     w.mins ? w.mins + g * kQTile * nb : nullptr, gq.data(), gd.data(), gm.data(), false);
+    Weight wg = w;
+    wg.data = gq.data();
+    wg.scales = gd.data();
+    wg.mins = w.mins ? gm.data() : nullptr;
+    wg.rows = kQTile;
+    run(wg, y + g * kQTile, 0, kQTile);
   }
+  if (n1 > full) run(w, y, std::max(n0, full), n1);
 }
 }  // namespace
 
@@ -353,8 +438,8 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
   const QActs& a = quantize_acts(x, T, ldx, w.cols);
   const QActView av = a.view();
   const int64_t N = w.rows;
-  parallel_for((N + 3) / 4, [&](int64_t c0, int64_t c1) {
-    quant_rows(w, a, av, y, ldy, accumulate, c0 * 4, std::min(N, c1 * 4));
+  parallel_for((N + kQTile - 1) / kQTile, [&](int64_t c0, int64_t c1) {
+    quant_rows(w, a, av, y, ldy, accumulate, c0 * kQTile, std::min(N, c1 * kQTile));
   });
 }
 
@@ -366,16 +451,17 @@ bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarge
     if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate) return false;
   const QActs& a = quantize_acts(x, T, ldx, outs[0].w->cols);
   const QActView av = a.view();
-  // Chunks of 4 rows of every matrix, one after the other: one pass of the pool for all.
+  // Chunks of 16 rows (one interleaved group) of every matrix, one after the other: one pass
+  // of the pool for all.
   int64_t start[kMaxTargets + 1] = {0};
-  for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + 3) / 4;
+  for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + kQTile - 1) / kQTile;
   parallel_for(start[n], [&](int64_t c0, int64_t c1) {
     for (int i = 0; i < n; ++i) {
       const int64_t b = std::max(c0, start[i]), e = std::min(c1, start[i + 1]);
       if (b >= e) continue;
       const Weight& w = *outs[i].w;
-      quant_rows(w, a, av, outs[i].y, outs[i].ldy, false, (b - start[i]) * 4,
-                 std::min(w.rows, (e - start[i]) * 4));
+      quant_rows(w, a, av, outs[i].y, outs[i].ldy, false, (b - start[i]) * kQTile,
+                 std::min(w.rows, (e - start[i]) * kQTile));
     }
   });
   return true;

@@ -17,6 +17,15 @@
 //   int4 is int4m with m = -8 d: the kernels take either as w = d * q + o, with a per-block
 //   offset o (-8 d or m) applied through the activations' block sums. w = d * q + m is two
 //   float32 roundings (product, then sum), as ggml's and gguf-py's dequantize_row_q4_1.
+//
+// Row order in memory (all three formats): rows go in groups of 16. In each whole group the
+// 16 rows are interleaved 4 bytes at a time: the quants are [row bytes / 4][16 rows][4 bytes]
+// (so a 64-byte line holds the same 4 bytes of 16 rows: int8 block b is lines 8b..8b+7,
+// int4 block pair p lines 8p..8p+7), and the scales (and mins) are [K / 32][16 rows]. The
+// rows past the last whole group (rows % 16) follow as plain rows. Arrays keep the shape
+// [rows, row bytes] and [rows, K / 32]: only the order inside a group changes. A decode
+// kernel then takes one 64-byte line with one broadcast activation word into 16 rows' sums,
+// and the 16 scales of a block with one load: no horizontal sums, no scale shuffles.
 // K must be a multiple of 32. Quantization rounds exactly as ggml's quantize_row_q8_0_ref /
 // quantize_row_q4_0_ref / quantize_row_q4_1_ref (scale computed in float32, stored as fp16
 // round-to-nearest-even).
@@ -33,6 +42,23 @@ inline int64_t quant_row_bytes(QFormat f, int64_t K) {
   return f == QFormat::Int8 ? K : (K + 63) / 64 * 32;
 }
 inline int64_t scale_row_count(int64_t K) { return K / kQBlock; }
+
+constexpr int64_t kQTile = 16;  // rows per interleaved group
+inline int64_t tiled_rows(int64_t rows) { return rows / kQTile * kQTile; }
+
+// A quantized matrix's three arrays (mins null but for int4m).
+struct QMatrix {
+  const uint8_t* q;
+  const uint16_t* d;
+  const uint16_t* m;
+  int64_t rows, qb, nb;  // rows, quant bytes per row, blocks per row
+};
+
+// Row r in plain order: qb quant bytes, nb scales and (if the matrix has them) nb mins.
+void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* m);
+// Whole matrix, plain rows <-> interleaved groups (out of place; m arrays may be null).
+void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_tiled);
 
 // IEEE half <-> float, round to nearest even (as numpy's astype(float16) and F16C).
 uint16_t f32_to_f16(float f);

@@ -10,6 +10,10 @@ A quantized matrix is the tuple (format, quants, scales), or (format, quants, sc
   int4:  quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
          block 2p in its low nibble and of block 2p + 1 in its high nibble.
   int4m: quants as int4, scales as int4, mins uint16 (fp16 bits) [rows, K / 32].
+Rows go in groups of 16 (csrc/cpu/quant.h): inside each whole group the rows are interleaved,
+the quants 4 bytes at a time ([row bytes / 4][16][4]) and the scales and mins per block
+([K / 32][16]); the rows % 16 rows after the last whole group stay plain. `interleave` and
+`deinterleave` move between that order and plain rows; the shapes do not change.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 
 FORMATS = ("int8", "int4", "int4m")
 BLOCK = 32
+GROUP = 16  # rows per interleaved group
 BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32}
 
 
@@ -40,7 +45,8 @@ def quantize_int8(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
     d = (np.abs(x).max(axis=2) / np.float32(127)).astype(np.float32)
     v = (x * _inverse(d)[..., None]).astype(np.float32)
     q = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)  # half away from zero, exactly
-    return "int8", q.astype(np.int8).view(np.uint8).reshape(w.shape[0], -1), d.astype(np.float16).view(np.uint16)
+    return interleave(("int8", q.astype(np.int8).view(np.uint8).reshape(w.shape[0], -1),
+                       d.astype(np.float16).view(np.uint16)))
 
 
 def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
@@ -52,7 +58,7 @@ def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
     d = (vmax / np.float32(-8)).astype(np.float32)
     v = ((x * _inverse(d)[..., None]).astype(np.float32) + np.float32(8.5)).astype(np.float32)
     q = np.minimum(15, np.trunc(v)).astype(np.uint8)
-    return "int4", pack_nibbles(q), d.astype(np.float16).view(np.uint16)
+    return interleave(("int4", pack_nibbles(q), d.astype(np.float16).view(np.uint16)))
 
 
 def quantize_int4m(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -63,8 +69,40 @@ def quantize_int4m(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray, np.ndarr
     d = ((hi - lo) / np.float32(15)).astype(np.float32)
     v = (((x - lo[..., None]).astype(np.float32) * _inverse(d)[..., None]).astype(np.float32) + np.float32(0.5))
     q = np.minimum(15, np.trunc(v.astype(np.float32))).astype(np.uint8)
-    return ("int4m", pack_nibbles(q), d.astype(np.float16).view(np.uint16),
-            lo.astype(np.float16).view(np.uint16))
+    return interleave(("int4m", pack_nibbles(q), d.astype(np.float16).view(np.uint16),
+                       lo.astype(np.float16).view(np.uint16)))
+
+
+def _regroup(a: np.ndarray, unit: int, to_groups: bool) -> np.ndarray:
+    """Rows of `a` (2-D; bytes or uint16) between plain order and 16-row groups interleaved
+    `unit` elements at a time; the rows % 16 after the last whole group are kept as they are."""
+    a = np.ascontiguousarray(a)
+    rows, cols = a.shape
+    full, n = rows // GROUP * GROUP, cols // unit
+    out = np.empty_like(a)
+    out[full:] = a[full:]
+    plain, grouped = (full // GROUP, GROUP, n, unit), (full // GROUP, n, GROUP, unit)
+    src, dst = (plain, grouped) if to_groups else (grouped, plain)
+    out[:full].reshape(dst)[...] = a[:full].reshape(src).transpose(0, 2, 1, 3)
+    return out
+
+
+def _move(qw: tuple, to_groups: bool) -> tuple:
+    fmt, q, d = qw[:3]
+    if q.ndim != 2 or d.ndim != 2 or q.shape[0] != d.shape[0] or q.shape[1] % 4:
+        raise ValueError(f"a quantized weight's quants and scales must be [rows, bytes] and [rows, blocks], "
+                         f"got {q.shape} and {d.shape}")
+    return (fmt, _regroup(q, 4, to_groups)) + tuple(_regroup(a, 1, to_groups) for a in qw[2:])
+
+
+def interleave(qw: tuple) -> tuple:
+    """A quantized tuple in plain row order -> the engine's order (16-row groups)."""
+    return _move(qw, True)
+
+
+def deinterleave(qw: tuple) -> tuple:
+    """A quantized tuple in the engine's order -> plain rows (row r is quants[r], scales[r])."""
+    return _move(qw, False)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -94,6 +132,7 @@ def quantize(w: np.ndarray, fmt: str) -> tuple:
 
 
 def dequantize(qw: tuple, cols: int) -> np.ndarray:
+    qw = deinterleave(qw)
     fmt, q, d = qw[:3]
     rows, nb = d.shape
     scale = d.view(np.float16).astype(np.float32)[..., None]

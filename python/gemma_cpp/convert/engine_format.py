@@ -6,7 +6,7 @@ model.safetensors holds tensors under the engine's names (embed, lm_head, final_
 layers.N.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}) and the heads' (score.weight, score.bias):
   float matrices as F32 or BF16; norms as F32 holding (1 + w), ready for the engine;
   quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), and for int4m
-  NAME.mins (U16: fp16 bits), see quant.py.
+  NAME.mins (U16: fp16 bits), rows in the engine's 16-row interleaved groups, see quant.py.
 __metadata__ (strings): format "gemma_cpp", format_version, dtype (the float weight dtype),
 quantization (JSON policy), formats (JSON {name: int8 | int4 | int4m}).
 """
@@ -21,14 +21,16 @@ import tempfile
 import numpy as np
 
 from .._dtypes import canonical_dtype
-from ..quant import FORMATS, resolve_policy
+from ..quant import FORMATS, interleave, resolve_policy
 from .safetensors_reader import SafetensorsFile, write_safetensors
 
 FORMAT = "gemma_cpp"
-# Version 2 adds int4m tensors (NAME.mins); a file without them is written as version 1, which
-# older gemma_cpp releases read too.
-VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+# Version 2 added int4m tensors (NAME.mins). Version 3 stores quantized rows in the engine's
+# 16-row interleaved groups (quant.py); versions 1 and 2 held plain rows, which load by a copy
+# into that order. A file without quantized tensors is written as version 1, which every
+# release reads.
+VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 WEIGHTS = "model.safetensors"
 # Files carried over from the source folder when present (config.json is rewritten).
 CARRY = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -134,7 +136,7 @@ def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
         from .._dtypes import as_float32
 
         tensors.append((name, np.ascontiguousarray(as_float32(arr, dt)), "F32"))
-    version = VERSION if "int4m" in formats.values() else "1"
+    version = VERSION if formats else "1"
     metadata = {"format": FORMAT, "format_version": version, "dtype": target,
                 "quantization": json.dumps(policy), "formats": json.dumps(formats)}
     parent = os.path.dirname(out)
@@ -187,6 +189,8 @@ def load(folder: str, dtype=None, requested_policy=None):
                 if base + ".mins" not in names:
                     raise ValueError(f"{path}: int4m tensor {base!r} has no {base + '.mins'!r}")
                 weights[base] += (f.get(base + ".mins"),)
+            if version in ("1", "2"):  # plain rows: into the engine's order (a copy, not a view)
+                weights[base] = interleave(weights[base])
         elif name.startswith("score."):
             heads[name] = (f.get(name), f.dtype_of(name))
         else:

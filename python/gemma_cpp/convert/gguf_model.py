@@ -16,7 +16,7 @@ import numpy as np
 from .. import _C
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
-from ..quant import format_for, pack_nibbles, resolve_policy
+from ..quant import GROUP, format_for, interleave, pack_nibbles, resolve_policy
 from .gguf import GGUFFile, dequantize
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -215,7 +215,8 @@ def _requantize(g: GGUFFile, gname: str, info, fmt: str):
         return _C.quantize(np.ascontiguousarray(g.dequantize(gname), dtype=np.float32), fmt)
     raw = g.raw(gname)
     row_bytes = info.nbytes // rows
-    band = max(1, _CHUNK_ELEMENTS // cols)
+    # Whole 16-row groups per band, so the bands' interleaved rows concatenate unchanged.
+    band = max(GROUP, _CHUNK_ELEMENTS // cols // GROUP * GROUP)
     parts = []
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
@@ -271,14 +272,15 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
         if fmt is not None and cols % 32:
             raise ValueError(f"{g.path}: cannot quantize {gname!r} to {fmt}: its rows of {cols} are not a "
                              "multiple of 32")
+        # The lossless imports give plain rows; the engine takes them in its row order.
         if fmt == "int8" and info.ggml_type == GGML_Q8_0:
-            return _import_q8_0(g.raw(gname), rows, cols)
+            return interleave(_import_q8_0(g.raw(gname), rows, cols))
         if fmt in ("int8", "int4") and info.ggml_type == GGML_Q4_0:
-            return _import_q4_0(g.raw(gname), rows, cols, fmt)
+            return interleave(_import_q4_0(g.raw(gname), rows, cols, fmt))
         if fmt == "int4m" and info.ggml_type == GGML_Q4_1:
-            return _import_q4_1(g.raw(gname), rows, cols)
+            return interleave(_import_q4_1(g.raw(gname), rows, cols))
         if fmt == "int8" and info.ggml_type == GGML_Q5_0:
-            return _import_q5_0(g.raw(gname), rows, cols)
+            return interleave(_import_q5_0(g.raw(gname), rows, cols))
         if fmt is None:
             return as_engine_dtype(g.dequantize(gname), "float32", target)
         return _requantize(g, gname, info, fmt)
