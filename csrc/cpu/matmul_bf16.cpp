@@ -220,51 +220,80 @@ inline void transpose16x16(const float* m, __m512 out[16]) {
   }
 }
 
-// Rows [n0, n1) (a multiple of 32 apart) of y for all T tokens.
-// 32 bf16 weights of row `row`, k block kb, into dst: copied from a bf16 matrix, or
-// dequantized from int8 (d q) / int4, int4m (d q + o with the unsigned nibble q and the
-// block's offset o: -8 d, or m), then rounded to bf16 like the activations. d q + o is a
-// product and a sum, each rounded (-ffp-contract=off), as quant.h's dequantize_row: for int4
-// both are exact, so this is (q - 8) d.
-inline void weight_block_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
-  if (wt.dtype == DType::BF16) {
-    _mm512_store_si512(dst, _mm512_loadu_si512(static_cast<const uint16_t*>(wt.data) + row * wt.ld + kb * 32));
-    return;
-  }
-  // The block's 32 quant bytes (int4: its pair's), and its scale's index, in the row order of
-  // quant.h: 8 words 64 bytes apart inside an interleaved group, else a plain row.
-  const int64_t nb = wt.cols / 32, w0 = (wt.dtype == DType::Int8 ? kb : kb / 2) * 8;
-  alignas(32) uint8_t bytes[32];
-  int64_t blk;
-  if (row < tiled_rows(wt.rows)) {
-    const int64_t g = row / kQTile, i = row % kQTile;
-    const uint8_t* base = static_cast<const uint8_t*>(wt.data) + g * kQTile * wt.ld + w0 * 64 + i * 4;
-    const __m256i idx = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 1));
-    blk = g * kQTile * nb + kb * kQTile + i;
-  } else {
-    std::memcpy(bytes, static_cast<const uint8_t*>(wt.data) + row * wt.ld + w0 * 4, 32);
-    blk = row * nb + kb;
-  }
-  const float ds = _cvtsh_ss(wt.scales[blk]);
+// 32 bf16 weights of one row's k block kb into dst, dequantized from the row's 32 quant bytes
+// of the block (int4/int4m: of its block pair) in plain order: int8 d q, int4/int4m d q + o
+// with the unsigned nibble q and the block's offset o (-8 d, or m), then rounded to bf16 like
+// the activations. d q + o is a product and a sum, each rounded (-ffp-contract=off), as
+// quant.h's dequantize_row: for int4 both are exact, so this is (q - 8) d.
+inline void block_bf16(DType dt, const uint8_t* bytes, int64_t kb, float ds, float o_m, uint16_t* dst) {
   const __m512 d = _mm512_set1_ps(ds);
   __m512 flo, fhi;
-  if (wt.dtype == DType::Int8) {
-    const __m512i lo = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
-    const __m512i hi = _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
+  if (dt == DType::Int8) {
+    const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
     flo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
     fhi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
   } else {
-    __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
     if (kb % 2) b = _mm256_srli_epi16(b, 4);
     b = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-    const __m512 o = _mm512_set1_ps(wt.dtype == DType::Int4m ? _cvtsh_ss(wt.mins[blk]) : -8.f * ds);
+    const __m512 o = _mm512_set1_ps(dt == DType::Int4m ? o_m : -8.f * ds);
     const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(b));
     const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1));
     flo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), o);
     fhi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), o);
   }
   _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(fhi, flo));
+}
+
+// Rows [row, row + 16) of k block kb into dst (row i at dst + 32 i): bf16 copied, or
+// dequantized (block_bf16) from plain rows or from one interleaved group (quant.h), whose 8
+// lines of the block (16 rows x 4 bytes each) are transposed into the rows' 32 bytes first.
+void rows16_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
+  if (wt.dtype == DType::BF16) {
+    for (int i = 0; i < 16; ++i)
+      _mm512_store_si512(dst + 32 * i,
+                         _mm512_loadu_si512(static_cast<const uint16_t*>(wt.data) + (row + i) * wt.ld + kb * 32));
+    return;
+  }
+  const int64_t nb = wt.cols / 32, line0 = (wt.dtype == DType::Int8 ? kb : kb / 2) * 8;
+  const uint8_t* q = static_cast<const uint8_t*>(wt.data);
+  auto one = [&](int64_t i, const uint8_t* bytes, int64_t blk) {
+    block_bf16(wt.dtype, bytes, kb, _cvtsh_ss(wt.scales[blk]), wt.dtype == DType::Int4m ? _cvtsh_ss(wt.mins[blk]) : 0.f,
+               dst + 32 * i);
+  };
+  if (row + 16 > tiled_rows(wt.rows)) {  // plain rows
+    for (int64_t i = 0; i < 16 && row + i < wt.rows; ++i) one(i, q + (row + i) * wt.ld + line0 * 4, (row + i) * nb + kb);
+    return;
+  }
+  const uint8_t* base = q + row * wt.ld + line0 * 64;  // row is a group's first row
+  __m512i L[8], A[8], B[8];
+  for (int c = 0; c < 8; ++c) L[c] = _mm512_loadu_si512(base + 64 * c);
+  // Dword transpose: per 128-bit lane j, A[2a + e] ends with rows 4j + (2e or 2e + 1)...
+  for (int c = 0; c < 8; c += 2) {
+    A[c] = _mm512_unpacklo_epi32(L[c], L[c + 1]);      // lane j: L_c[4j], L_c+1[4j], L_c[4j+1], L_c+1[4j+1]
+    A[c + 1] = _mm512_unpackhi_epi32(L[c], L[c + 1]);  // ... [4j+2], [4j+3]
+  }
+  // B[h * 4 + a]: lane j holds row 4j + a, lines 4h..4h+3.
+  for (int h = 0; h < 2; ++h) {
+    B[h * 4 + 0] = _mm512_unpacklo_epi64(A[4 * h], A[4 * h + 2]);
+    B[h * 4 + 1] = _mm512_unpackhi_epi64(A[4 * h], A[4 * h + 2]);
+    B[h * 4 + 2] = _mm512_unpacklo_epi64(A[4 * h + 1], A[4 * h + 3]);
+    B[h * 4 + 3] = _mm512_unpackhi_epi64(A[4 * h + 1], A[4 * h + 3]);
+  }
+  // Row 4j + a = lane j of B[a] (lines 0-3), then lane j of B[4 + a] (lines 4-7).
+  const __m512i lo_rows = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi_rows = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  alignas(64) uint8_t rows[16][32];
+  for (int a = 0; a < 4; ++a) {
+    const __m512i r01 = _mm512_permutex2var_epi64(B[a], lo_rows, B[4 + a]);  // rows a, 4 + a
+    const __m512i r23 = _mm512_permutex2var_epi64(B[a], hi_rows, B[4 + a]);  // rows 8 + a, 12 + a
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[a]), _mm512_castsi512_si256(r01));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[4 + a]), _mm512_extracti64x4_epi64(r01, 1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[8 + a]), _mm512_castsi512_si256(r23));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[12 + a]), _mm512_extracti64x4_epi64(r23, 1));
+  }
+  const int64_t s0 = row * nb + kb * kQTile;  // the group's scales: [block][16 rows]
+  for (int i = 0; i < 16; ++i) one(i, rows[i], s0 + i);
 }
 
 void amx_rows(const Weight& wt, const uint16_t* xp, int64_t T, int64_t K, float* y,
@@ -303,8 +332,7 @@ void amx_rows(const Weight& wt, const uint16_t* xp, int64_t T, int64_t K, float*
       const bool packed = TP > 1 || wt.dtype != DType::BF16;
       if (packed)
         for (int64_t kb = kc0; kb < kc1; ++kb)
-          for (int r = 0; r < 32; ++r)
-            weight_block_bf16(wt, n + r, kb, apack + ((kb - kc0) * 2 + r / 16) * 512 + (r % 16) * 32);
+          for (int h = 0; h < 2; ++h) rows16_bf16(wt, n + 16 * h, kb, apack + ((kb - kc0) * 2 + h) * 512);
       for (int64_t tp = 0; tp < TP; ++tp) {
         const int64_t tb = 2 * tp;
         const bool two = tb + 1 < TB;

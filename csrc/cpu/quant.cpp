@@ -389,13 +389,11 @@ void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, i
 #ifdef GEMMA_QUANT_AVX512
   if (path == kAvx512Vnni) return quant_rows_avx512vnni(view(w), av, y, ldy, accumulate, n0, n1, scratch.data());
 #endif
-  // The other paths run rows in plain order: each interleaved group through a copy.
-  auto run = [&](const Weight& v, float* yv, int64_t r0, int64_t r1) {
 #ifdef GEMMA_QUANT_AVX2
-    if (path == kAvx2) return quant_rows_avx2(view(v), av, yv, ldy, accumulate, r0, r1, scratch.data());
+  if (path == kAvx2) return quant_rows_avx2(view(w), av, y, ldy, accumulate, n0, n1, scratch.data());
 #endif
-    rows_scalar(v, a, yv, ldy, accumulate, r0, r1);
-  };
+  // The scalar path (the reference) runs rows in plain order: each interleaved group through
+  // a copy.
   const int64_t full = tiled_rows(w.rows), nb = w.cols / kQBlock;
   thread_local std::vector<uint8_t> gq;
   thread_local std::vector<uint16_t> gd, gm;
@@ -411,9 +409,9 @@ void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, i
     wg.scales = gd.data();
     wg.mins = w.mins ? gm.data() : nullptr;
     wg.rows = kQTile;
-    run(wg, y + g * kQTile, 0, kQTile);
+    rows_scalar(wg, a, y + g * kQTile, ldy, accumulate, 0, kQTile);
   }
-  if (n1 > full) run(w, y, std::max(n0, full), n1);
+  if (n1 > full) rows_scalar(w, a, y, ldy, accumulate, std::max(n0, full), n1);
 }
 }  // namespace
 

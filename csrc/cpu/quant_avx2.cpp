@@ -6,6 +6,8 @@
 // their block offsets' term once per row and token (quant.cpp). See quant_kernels.h.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "cpu/quant.h"
 #include "cpu/quant_kernels.h"
 
@@ -25,11 +27,69 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// One interleaved group of 16 rows (quant.h) for one token: each 64-byte line is two vectors
+// of 8 rows' 4 bytes, multiplied with the matching 4 activation bytes broadcast, summed in
+// int32 per block, and scaled by the block's 8 + 8 scales from one load each.
+void group_avx2(const QWeightView& w, int64_t g, const QActView& a, int64_t t, float* y, bool accumulate) {
+  const int64_t nb = w.cols / kQBlock, np = a.np, steps = w.int4 ? np : nb;
+  const uint8_t* qg = w.q + g * kQTile * w.ld;
+  const uint16_t* sg = w.scales + g * kQTile * nb;
+  const uint16_t* mg = w.mins ? w.mins + g * kQTile * nb : nullptr;
+  const int8_t* qx = a.q + t * np * 64;
+  const float* dx = a.dx + t * np * 2;
+  const float* xs = a.xsum + t * np * 2;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, off[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  auto word = [](const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  };
+  for (int64_t b = 0; b < steps; ++b) {
+    const uint8_t* src = qg + b * 512;
+    for (int h = 0; h < 2; ++h) {  // rows 0-7, then 8-15
+      __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * c + 32 * h));
+        if (w.int4) {
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          const int8_t* x = qx + b * 64 + 4 * c;
+          d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, word(x)), ones));
+          d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, word(x + 32)), ones));
+        } else {
+          const __m256i x = word(qx + b * 32 + 4 * c);
+          d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v)), ones));
+        }
+      }
+      // Blocks of this step: int8 b; int4 2b and 2b + 1 (none past a lone last block).
+      const int64_t blk = w.int4 ? 2 * b : b;
+      const int nblk = w.int4 && 2 * b + 1 < nb ? 2 : 1;
+      for (int k = 0; k < nblk; ++k) {
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + (blk + k) * kQTile + 8 * h)));
+        const __m256 ov = mg ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + (blk + k) * kQTile + 8 * h)))
+                             : dv;
+        acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(k ? d1 : d0), _mm256_set1_ps(dx[blk + k])), dv, acc[h]);
+        if (w.int4) off[h] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xs[blk + k]), off[h]);
+      }
+    }
+  }
+  const __m256 kf = _mm256_set1_ps(w.mins ? 1.f : -8.f);  // int4m: o = m; int4: o = -8 d
+  float* o = y + g * kQTile;
+  for (int h = 0; h < 2; ++h) {
+    const __m256 r = _mm256_fmadd_ps(off[h], kf, acc[h]);
+    _mm256_storeu_ps(o + 8 * h, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o + 8 * h), r) : r);
+  }
+}
+
 }  // namespace
 
 void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                      int64_t n0, int64_t n1, float* scratch) {
   const int64_t nb = w.cols / kQBlock;
+  // Whole interleaved groups first (n0 is a multiple of 16 there), then the plain tail rows.
+  const int64_t full = tiled_rows(w.rows);
+  for (; n0 < n1 && n0 < full; n0 += kQTile)
+    for (int64_t t = 0; t < a.T; ++t) group_avx2(w, n0 / kQTile, a, t, y + t * ldy, accumulate);
   float* dw = scratch;           // one row's float scales
   float* ow = scratch + nb + 1;  // and block offsets (int4: -8 d, int4m: m; w = d q + o)
   const __m256i low4 = _mm256_set1_epi8(0x0F);
