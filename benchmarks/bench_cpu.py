@@ -7,10 +7,12 @@ with the same thread count. Prints a table; --json writes the rows.
   python benchmarks/bench_cpu.py --layers 4 --new-tokens 8 --reps 1   # a smaller smoke run
 
 Decode tokens/s = new tokens / (time(generate N+1) - time(generate 1)), batch 1, a 16-token
-prompt; each time is the best of --reps runs, as is prefill's. Prefill tokens/s = prompt tokens / time of one forward over the prompt (logits of
-the last position). The memory-bandwidth bound of decode is weight bytes read per token
-(every matrix once, the tied embedding once as the LM head) over the read bandwidth this
-script measures with the engine's threads.
+prompt; each time is the best of 2 x --reps runs. Prefill tokens/s = prompt tokens / time of
+one forward over the prompt (logits of the last position; best of --reps). The memory-bandwidth
+bound of decode is weight bytes read per token (every matrix once, the tied embedding once as
+the LM head) over the read bandwidth measured with the engine's threads in the row's own
+process, between its decode timings (best of --reps): the machine is shared, and a bandwidth
+measured minutes apart can differ by a third.
 """
 from __future__ import annotations
 
@@ -121,8 +123,18 @@ else:
             m.generate(st, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             return time.perf_counter() - t
 t1 = min(gen(1) for _ in range(REPS))
-res["decode_s"] = min(gen(new_tokens + 1) for _ in range(REPS)) - t1
-res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+tn = [gen(new_tokens + 1) for _ in range(REPS)]
+res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probe's buffer
+# The bound's bandwidth, measured in this process between more decode timings: on a shared
+# machine a bandwidth measured minutes earlier can be a third off. Best of each.
+import gemma_cpp
+gemma_cpp.set_num_threads(threads)
+bws = []
+for _ in range(REPS):
+    bws.append(gemma_cpp._C.read_bandwidth(1 << 30, 3))
+    tn.append(gen(new_tokens + 1))
+res["decode_s"] = min(tn) - t1
+res["bandwidth"] = max(bws)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -176,23 +188,24 @@ def main():
         r = run_row(engine, dtype, folder, args.threads, args.prompt, args.new_tokens, args.reps)
         r.update(engine=engine, dtype=dtype, prefill_tps=args.prompt / r["prefill_s"],
                  decode_tps=args.new_tokens / r["decode_s"])
-        bound = bw / weight_bytes(args.layers, dtype)
-        r["bound_fraction"] = r["decode_tps"] / bound
+        r["bound_fraction"] = r["decode_tps"] * weight_bytes(args.layers, dtype) / r["bandwidth"]
         rows.append(r)
-        print(f"  done {engine} {dtype}: decode {r['decode_tps']:.2f} tok/s, prefill {r['prefill_tps']:.1f} tok/s",
-              flush=True)
+        print(f"  done {engine} {dtype}: decode {r['decode_tps']:.2f} tok/s, prefill {r['prefill_tps']:.1f} tok/s, "
+              f"bandwidth beside it {r['bandwidth'] / 1e9:.1f} GB/s", flush=True)
     ref = {r["dtype"]: r for r in rows if r["engine"] == "transformers"}
     print()
     print(f"{'engine':13s} {'dtype':15s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
-          f"{'of BW bound':>11s} {'peak RSS GB':>11s} {'decode x':>9s} {'prefill x':>9s}")
+          f"{'of BW bound':>11s} {'BW GB/s':>8s} {'peak RSS GB':>11s} {'decode x':>9s} {'prefill x':>9s}")
     for r in rows:
         base = ref.get(r["dtype"], ref.get("bfloat16"))  # int8/int4 rows: against transformers bf16
         dx = r["decode_tps"] / base["decode_tps"] if base else float("nan")
         px = r["prefill_tps"] / base["prefill_tps"] if base else float("nan")
         print(f"{r['engine']:13s} {r['dtype']:15s} {r['load_s']:7.2f} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} "
-              f"{r['bound_fraction']:10.0%} {r['peak_rss'] / 1e9:11.2f} {dx:9.2f} {px:9.2f}")
+              f"{r['bound_fraction']:10.0%} {r['bandwidth'] / 1e9:8.1f} {r['peak_rss'] / 1e9:11.2f} {dx:9.2f} {px:9.2f}")
     print("(x: ratio to transformers eager in the same dtype, int8/int4 to its bfloat16, measured in this run; "
-          f"prompt {args.prompt} tokens, decode {args.new_tokens} tokens at batch 1, {args.threads} threads)")
+          f"prompt {args.prompt} tokens, decode {args.new_tokens} tokens at batch 1, {args.threads} threads; "
+          "of BW bound: decode tok/s x weight bytes per token / the read bandwidth measured in the row's own "
+          "process between its decode timings (BW))")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bw, rows=rows, args=vars(args)), f, indent=1)

@@ -413,10 +413,10 @@ PYBIND11_MODULE(_C, m) {
     const int64_t rows = w.shape(0), K = w.shape(1);
     if (K % kQBlock != 0)
       throw py::value_error("quantize: the input size " + std::to_string(K) + " is not a multiple of 32");
+    // (numpy puts arrays this large on 2 MiB pages itself: madvise, where the OS offers it.)
     py::array_t<uint8_t> q({rows, quant_row_bytes(f, K)});
     py::array_t<uint16_t> d({rows, scale_row_count(K)});
-    py::array_t<uint16_t> m(f == QFormat::Int4m ? std::vector<py::ssize_t>{rows, scale_row_count(K)}
-                                                : std::vector<py::ssize_t>{0, 0});
+    py::array_t<uint16_t> m({f == QFormat::Int4m ? rows : 0, scale_row_count(K)});
     {
       py::gil_scoped_release nogil;
       quantize_matrix(f, w.data(), bf16, rows, K, q.mutable_data(), d.mutable_data(), m.mutable_data());
@@ -425,6 +425,26 @@ PYBIND11_MODULE(_C, m) {
     return py::tuple(py::make_tuple(fmt, q, d));
   }, py::arg("w"), py::arg("format"),
      "(format, quants, scales), or for int4m (format, quants, scales, mins), of a float32 / bf16 matrix, threaded");
+
+  m.def("interleave", [](const py::tuple& t, bool to_groups) {
+    // Shapes as the engine checks them (a plain-row tuple has the same shapes).
+    const py::array q = t[1].cast<py::array>(), d = t[2].cast<py::array>();
+    if (d.ndim() != 2) throw py::value_error("interleave: scales must be 2-D, got " + shape_str(d));
+    const Weight w = as_quant_weight(t, "w", q.ndim() == 2 ? q.shape(0) : -1, d.shape(1) * kQBlock);
+    const int64_t nb = w.cols / kQBlock;
+    py::array_t<uint8_t> qo({w.rows, w.ld});
+    py::array_t<uint16_t> dout({w.rows, nb});
+    py::array_t<uint16_t> mout({w.mins ? w.rows : int64_t{0}, nb});
+    {
+      py::gil_scoped_release nogil;
+      interleave_rows(w.rows, w.ld, nb, static_cast<const uint8_t*>(w.data), w.scales, w.mins, qo.mutable_data(),
+                      dout.mutable_data(), w.mins ? mout.mutable_data() : nullptr, to_groups);
+    }
+    if (w.mins) return py::tuple(py::make_tuple(t[0], qo, dout, mout));
+    return py::tuple(py::make_tuple(t[0], qo, dout));
+  }, py::arg("w"), py::arg("to_groups") = true,
+     "A quantized tuple's rows from plain order into the engine's 16-row groups (to_groups=False: back), "
+     "threaded; gemma_cpp.quant.interleave is its numpy mirror");
 
   m.def("dequantize", [](const py::tuple& t, int64_t K) {
     const Weight w = as_quant_weight(t, "w", t[1].cast<py::array>().shape(0), K);

@@ -64,7 +64,11 @@ def test_rows_are_interleaved_in_groups_of_16(fmt, rows, K):
         for r in range(full):
             g, i = divmod(r, 16)
             assert all(flat_m[g * 16 * nb + 16 * b + i] == plain[3][r, b] for b in range(nb))
-    for a, b in zip(interleave(plain)[1:], ours[1:]):
+    # The numpy mirror and the engine's threaded version (GGUF imports, older files), both ways.
+    for a, b, c in zip(interleave(plain)[1:], _C.interleave(plain)[1:], ours[1:]):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+    for a, b in zip(_C.interleave(ours, to_groups=False)[1:], plain[1:]):
         np.testing.assert_array_equal(a, b)
     # One row back (the embedding lookup) and the whole matrix, from the interleaved bytes.
     np.testing.assert_array_equal(_C.dequantize(ours, K), dequantize(ours, K))

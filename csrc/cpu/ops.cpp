@@ -4,6 +4,10 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 #include "engine/threadpool.h"
@@ -202,13 +206,51 @@ void rope_apply(float* x, int n_heads, int head_dim, const float* cos, const flo
   }
 }
 
+namespace {
+// The probe's buffer, on 2 MiB pages where the OS grants them (Linux transparent huge pages
+// in "madvise" mode), as numpy allocates the large weight arrays: a bound measured on 4 KiB
+// pages, with a page walk every 4 KiB, would be lower than what the weights can stream at.
+struct ProbeBuffer {
+  float* p = nullptr;
+  size_t bytes = 0;
+  bool mapped = false;
+  explicit ProbeBuffer(int64_t n) : bytes(static_cast<size_t>(n) * sizeof(float)) {
+#if defined(__unix__) || defined(__APPLE__)
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m != MAP_FAILED) {
+#ifdef MADV_HUGEPAGE
+      madvise(m, bytes, MADV_HUGEPAGE);  // advice only
+#endif
+      p = static_cast<float*>(m);
+      mapped = true;
+      return;
+    }
+#endif
+    p = new float[static_cast<size_t>(n)];
+  }
+  ~ProbeBuffer() {
+#if defined(__unix__) || defined(__APPLE__)
+    if (mapped) {
+      munmap(p, bytes);
+      return;
+    }
+#endif
+    delete[] p;
+  }
+  ProbeBuffer(const ProbeBuffer&) = delete;
+  ProbeBuffer& operator=(const ProbeBuffer&) = delete;
+};
+}  // namespace
+
 double read_bandwidth(int64_t bytes, int reps) {
   // Each task reads kStreams regions of the buffer side by side, as a matmul reads several
   // weight rows at once: one sequential stream per core underuses the memory system.
   constexpr int kStreams = 8;
   constexpr int64_t kChunk = 1 << 14;  // floats per stream per task (64 KiB)
   const int64_t n = std::max<int64_t>(bytes / 4, kStreams * kChunk) / (kStreams * kChunk) * (kStreams * kChunk);
-  std::vector<float> buf(static_cast<size_t>(n), 1.0f);
+  ProbeBuffer mem(n);
+  float* buf = mem.p;
+  std::fill(buf, buf + n, 1.0f);
   const int64_t tasks = n / (kStreams * kChunk), stride = n / kStreams;
   std::vector<float> sink(static_cast<size_t>(tasks));
   double best = 0;

@@ -21,7 +21,8 @@ import tempfile
 import numpy as np
 
 from .._dtypes import canonical_dtype
-from ..quant import FORMATS, interleave, resolve_policy
+from .. import _C
+from ..quant import FORMATS, resolve_policy
 from .safetensors_reader import SafetensorsFile, write_safetensors
 
 FORMAT = "gemma_cpp"
@@ -190,7 +191,7 @@ def load(folder: str, dtype=None, requested_policy=None):
                     raise ValueError(f"{path}: int4m tensor {base!r} has no {base + '.mins'!r}")
                 weights[base] += (f.get(base + ".mins"),)
             if version in ("1", "2"):  # plain rows: into the engine's order (a copy, not a view)
-                weights[base] = interleave(weights[base])
+                weights[base] = _C.interleave(weights[base])
         elif name.startswith("score."):
             heads[name] = (f.get(name), f.dtype_of(name))
         else:

@@ -16,7 +16,7 @@ import numpy as np
 from .. import _C
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
-from ..quant import GROUP, format_for, interleave, pack_nibbles, resolve_policy
+from ..quant import GROUP, format_for, pack_nibbles, resolve_policy
 from .gguf import GGUFFile, dequantize
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -274,13 +274,13 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
                              "multiple of 32")
         # The lossless imports give plain rows; the engine takes them in its row order.
         if fmt == "int8" and info.ggml_type == GGML_Q8_0:
-            return interleave(_import_q8_0(g.raw(gname), rows, cols))
+            return _C.interleave(_import_q8_0(g.raw(gname), rows, cols))
         if fmt in ("int8", "int4") and info.ggml_type == GGML_Q4_0:
-            return interleave(_import_q4_0(g.raw(gname), rows, cols, fmt))
+            return _C.interleave(_import_q4_0(g.raw(gname), rows, cols, fmt))
         if fmt == "int4m" and info.ggml_type == GGML_Q4_1:
-            return interleave(_import_q4_1(g.raw(gname), rows, cols))
+            return _C.interleave(_import_q4_1(g.raw(gname), rows, cols))
         if fmt == "int8" and info.ggml_type == GGML_Q5_0:
-            return interleave(_import_q5_0(g.raw(gname), rows, cols))
+            return _C.interleave(_import_q5_0(g.raw(gname), rows, cols))
         if fmt is None:
             return as_engine_dtype(g.dequantize(gname), "float32", target)
         return _requantize(g, gname, info, fmt)
