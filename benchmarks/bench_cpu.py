@@ -93,7 +93,7 @@ if engine == "gemma_cpp":
     t = time.perf_counter()
     if dtype.endswith("@converted"):  # our format, written beforehand by gemma-cpp convert
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder + "-" + dtype.split("@")[0])
-    elif dtype in ("int8", "int4"):
+    elif dtype in ("int8", "int4", "int4m"):
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization=dtype)
     else:
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -145,7 +145,8 @@ def run_row(engine, dtype, folder, threads, prompt_len, new_tokens, reps):
 
 
 def weight_bytes(layers: int, dtype: str) -> float:
-    per = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32}[dtype.split("@")[0]]  # scales included
+    per = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32,  # scales (and mins) included
+           "int4m": 20 / 32}[dtype.split("@")[0]]
     H, F, hd, nH = 2048, 16384, 256, 8
     layer = (nH * hd * H) * 2 + 2 * hd * H + 3 * F * H
     return (layers * layer + 256000 * H) * per
@@ -159,7 +160,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", default="gemma_cpp:float32,gemma_cpp:bfloat16,gemma_cpp:int8,gemma_cpp:int4,"
-                                      "gemma_cpp:int4@converted,transformers:float32,transformers:bfloat16",
+                                      "gemma_cpp:int4m,gemma_cpp:int4@converted,transformers:float32,"
+                                      "transformers:bfloat16",
                     help="engine:dtype pairs; dtype int8@converted / int4@converted loads our own format "
                          "(converted once, beside the checkpoint) instead of quantizing on load")
     ap.add_argument("--reps", type=int, default=2,
@@ -197,12 +199,12 @@ def main():
     print(f"{'engine':13s} {'dtype':15s} {'load s':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
           f"{'of BW bound':>11s} {'BW GB/s':>8s} {'peak RSS GB':>11s} {'decode x':>9s} {'prefill x':>9s}")
     for r in rows:
-        base = ref.get(r["dtype"], ref.get("bfloat16"))  # int8/int4 rows: against transformers bf16
+        base = ref.get(r["dtype"], ref.get("bfloat16"))  # quantized rows: against transformers bf16
         dx = r["decode_tps"] / base["decode_tps"] if base else float("nan")
         px = r["prefill_tps"] / base["prefill_tps"] if base else float("nan")
         print(f"{r['engine']:13s} {r['dtype']:15s} {r['load_s']:7.2f} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} "
               f"{r['bound_fraction']:10.0%} {r['bandwidth'] / 1e9:8.1f} {r['peak_rss'] / 1e9:11.2f} {dx:9.2f} {px:9.2f}")
-    print("(x: ratio to transformers eager in the same dtype, int8/int4 to its bfloat16, measured in this run; "
+    print("(x: ratio to transformers eager in the same dtype, quantized rows to its bfloat16, measured in this run; "
           f"prompt {args.prompt} tokens, decode {args.new_tokens} tokens at batch 1, {args.threads} threads; "
           "of BW bound: decode tok/s x weight bytes per token / the read bandwidth measured in the row's own "
           "process between its decode timings (BW))")
