@@ -26,9 +26,6 @@ inline float offset_term(const float* o, const float* xs, int64_t n) {
 }
 
 
-// RW weight rows x RT tokens. Weight bytes of a pair are unpacked once per row (int8: |q| and
-// the sign mask; int4/int4m: the 64 nibbles) and reused by every token of the block. The
-// nibble formats' offsets are added at the end, one offset_term per row and token.
 // Interleaved groups (quant.h): S groups of 16 rows x RT tokens. Each 64-byte line holds
 // the same 4 bytes of 16 rows; one dpbusd with the matching 4 activation bytes broadcast
 // adds them into the 16 rows' int32 sums (int8: weights flipped to unsigned with one xor,
@@ -54,8 +51,9 @@ void tiled_kernel(const QWeightView& w, int64_t g, const QActView& a, int64_t t0
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       const uint8_t* src = w.q + (g + s) * gbytes + b * 512;
-      // Several groups side by side are several memory streams; fetching 4 steps ahead keeps
-      // each stream's next lines in flight (the hardware prefetcher alone reaches ~70%).
+      // Several groups side by side are several memory streams, and fetching 4 steps ahead
+      // keeps each one's next lines in flight (a standalone test here: 4 streams read 23 GB/s
+      // without it, 25.5 with it, of a plain read's 29-30).
       if (RT == 1)
 #pragma GCC unroll 8
         for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(src + 2048 + 64 * l), _MM_HINT_T0);
@@ -152,6 +150,10 @@ void groups_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy,
     }
 }
 
+// The plain rows after the last whole group (fewer than 16) take the kernels below.
+// RW weight rows x RT tokens. Weight bytes of a pair are unpacked once per row (int8: |q| and
+// the sign mask; int4/int4m: the 64 nibbles) and reused by every token of the block. The
+// nibble formats' offsets are added at the end, one offset_term per row and token.
 template <bool kInt4, int RW, int RT>
 void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0, float* y, int64_t ldy, bool accumulate,
                  const float* dw /* [RW][nb + 1] float scales, 0 past the end */,
