@@ -280,19 +280,26 @@ def test_convert_a_gguf_file_to_our_format(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_requantizing_in_bands_of_rows_equals_the_whole_tensor(tiny, tmp_path, monkeypatch, fmt):
+@pytest.mark.parametrize("rows", [53, 128])
+def test_requantizing_in_bands_of_rows_equals_the_whole_tensor(tmp_path, monkeypatch, fmt, rows):
     """A large tensor is dequantized and quantized a band of rows at a time (bounded memory):
-    byte for byte what the whole tensor gives."""
+    byte for byte what the whole tensor gives, interleaved 16-row groups and the plain tail
+    rows of the last band included (53 rows: bands 32 + 21, a group and 5 plain rows)."""
     from gemma_cpp.convert.gguf import GGUFFile
 
-    folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
-    path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=QT.Q6_K)
+    path = str(tmp_path / "one.gguf")
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_tensor("t.weight", random_k_blocks(rows, 512, QT.Q6_K), raw_dtype=QT.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with GGUFFile(path) as g:
-        info = g.tensors["blk.0.ffn_down.weight"]
-        assert info.type_name == "Q6_K"
-        whole = gguf_model._requantize(g, "blk.0.ffn_down.weight", info, fmt)
-        monkeypatch.setattr(gguf_model, "_CHUNK_ELEMENTS", 3 * info.shape[1] + 5)  # bands of 3 rows
-        banded = gguf_model._requantize(g, "blk.0.ffn_down.weight", info, fmt)
+        info = g.tensors["t.weight"]
+        assert info.type_name == "Q6_K" and tuple(info.shape) == (rows, 512)
+        whole = gguf_model._requantize(g, "t.weight", info, fmt)
+        monkeypatch.setattr(gguf_model, "_CHUNK_ELEMENTS", 40 * 512 + 5)  # bands of 32 rows (2 groups)
+        banded = gguf_model._requantize(g, "t.weight", info, fmt)
     assert whole[0] == banded[0] == fmt
     np.testing.assert_array_equal(whole[1], banded[1])
     np.testing.assert_array_equal(whole[2], banded[2])

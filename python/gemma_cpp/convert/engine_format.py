@@ -155,7 +155,9 @@ def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
 
 
 def load(folder: str, dtype=None, requested_policy=None):
-    """(engine weights as views into the file's memory map, float dtype, policy, heads)."""
+    """(engine weights as views into the file's memory map, float dtype, policy, heads). Quantized
+    tensors of version 1 and 2 files (plain rows) are copies in the engine's row order instead:
+    converting such a file again makes it load by mmap."""
     path = os.path.join(folder, WEIGHTS)
     f = SafetensorsFile(path)
     meta = f.metadata
