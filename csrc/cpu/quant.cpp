@@ -240,11 +240,6 @@ struct QActs {
   QActView view() const { return {T, np, q.data(), dx.data(), xsum.data(), dxe.data(), ux.data()}; }
 };
 
-// A block's offset o (w = d q + o) for the nibble formats: m for int4m, -8 d for int4.
-inline float block_offset(const Weight& w, int64_t n, int64_t b, float db) {
-  return w.dtype == DType::Int4m ? f16_to_f32(w.mins[n * (w.cols / kQBlock) + b]) : -8.f * db;
-}
-
 // Quantizes into the calling thread's buffers (reused from call to call: decode calls this
 // ~10 times per layer on short rows, where allocations would show).
 const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
@@ -294,11 +289,55 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
 }
 
 // The scalar path: integer dot product per block, scaled per block. The reference the SIMD
-// path is tested against (both against float64 with a bound in the tests).
+// path is tested against (both against float64 with a bound in the tests). Both row orders
+// of quant.h, read in place: a plain row's block is 32 bytes in a row; in an interleaved
+// group, the 16 rows of a block are 8 lines of [16 rows][4 bytes], taken a line at a time
+// for all 16 rows (loops the compiler can vectorize, as it did the plain rows').
+template <bool kInt8>
+inline void line_dot(const uint8_t* line, int shift, const int8_t* x, int32_t* isum /* [16] */) {
+  for (int i = 0; i < 16; ++i)
+    for (int e = 0; e < 4; ++e) {
+      const int32_t q = kInt8 ? static_cast<int32_t>(reinterpret_cast<const int8_t*>(line)[4 * i + e])
+                              : (line[4 * i + e] >> shift) & 0xF;
+      isum[i] += q * x[e];
+    }
+}
+
 void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
-  const int64_t K = w.cols, nb = K / kQBlock;
+  const int64_t K = w.cols, nb = K / kQBlock, full = tiled_rows(w.rows);
+  const bool int8 = w.dtype == DType::Int8;
   const uint8_t* qw = static_cast<const uint8_t*>(w.data);
-  for (int64_t n = n0; n < n1; ++n) {
+  // The block's offset o (w = d q + o): m for int4m, -8 d for int4 (none for int8).
+  auto offset = [&](int64_t idx, float db) { return w.dtype == DType::Int4m ? f16_to_f32(w.mins[idx]) : -8.f * db; };
+  int64_t n = n0;
+  for (; n < n1 && n < full; n += kQTile) {  // whole groups (n is a group's first row here)
+    const uint8_t* qg = qw + n * w.ld;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int8_t* qx = a.q.data() + t * a.np * 64;
+      float s[kQTile] = {};
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t isum[kQTile] = {};
+        for (int64_t c = 0; c < 8; ++c) {
+          const int8_t* x = qx + b * kQBlock + 4 * c;
+          if (int8)
+            line_dot<true>(qg + (8 * b + c) * 64, 0, x, isum);
+          else
+            line_dot<false>(qg + (8 * (b / 2) + c) * 64, (b % 2) * 4, x, isum);
+        }
+        const int64_t sb = n * nb + b * kQTile;  // the group's block b: [16 rows]
+        for (int64_t i = 0; i < kQTile; ++i) {
+          const float db = f16_to_f32(w.scales[sb + i]);
+          s[i] += static_cast<float>(isum[i]) * a.dx[t * a.np * 2 + b] * db;
+          if (!int8) s[i] += offset(sb + i, db) * a.xsum[t * a.np * 2 + b];
+        }
+      }
+      for (int64_t i = 0; i < kQTile; ++i) {
+        float* o = y + t * ldy + n + i;
+        *o = acc ? *o + s[i] : s[i];
+      }
+    }
+  }
+  for (; n < n1; ++n) {  // plain rows
     const uint8_t* qr = qw + n * w.ld;
     const uint16_t* dr = w.scales + n * nb;
     for (int64_t t = 0; t < a.T; ++t) {
@@ -309,13 +348,13 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
         // int8 inside a dot product into an unsigned VNNI multiply (wrong sign), seen here.
         int32_t isum = 0;
         const float db = f16_to_f32(dr[b]);
-        if (w.dtype == DType::Int8) {
+        if (int8) {
           const int8_t* qs = reinterpret_cast<const int8_t*>(qr) + b * kQBlock;
           for (int j = 0; j < kQBlock; ++j) isum += static_cast<int32_t>(qs[j]) * qx[b * kQBlock + j];
         } else {  // int4, int4m: sum q qx with the unsigned q, then the offset's term
           for (int j = 0; j < kQBlock; ++j)
             isum += ((qr[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF) * qx[b * kQBlock + j];
-          s += block_offset(w, n, b, db) * a.xsum[t * a.np * 2 + b];
+          s += offset(n * nb + b, db) * a.xsum[t * a.np * 2 + b];
         }
         s += static_cast<float>(isum) * a.dx[t * a.np * 2 + b] * db;
       }
@@ -324,8 +363,6 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
     }
   }
 }
-
-
 
 // Paths, best last. Chosen once, at first use, from what this CPU supports (and what this
 // build compiled: GEMMA_QUANT_AVX512 / GEMMA_QUANT_AVX2 come from CMakeLists.txt).
@@ -379,39 +416,20 @@ namespace {
 void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, int64_t ldy, bool accumulate,
                 int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
-  auto view = [](const Weight& v) {
-    return QWeightView{static_cast<const uint8_t*>(v.data), v.scales, v.dtype == DType::Int4m ? v.mins : nullptr,
-                       v.rows, v.cols, v.ld, v.dtype != DType::Int8};
-  };
+#if defined(GEMMA_QUANT_AVX512) || defined(GEMMA_QUANT_AVX2)
+  const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.dtype == DType::Int4m ? w.mins : nullptr,
+                       w.rows, w.cols, w.ld, w.dtype != DType::Int8};
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(16 * (w.cols / kQBlock + 1) + 16));
   const int path = quant_path();
+#endif
 #ifdef GEMMA_QUANT_AVX512
-  if (path == kAvx512Vnni) return quant_rows_avx512vnni(view(w), av, y, ldy, accumulate, n0, n1, scratch.data());
+  if (path == kAvx512Vnni) return quant_rows_avx512vnni(wv, av, y, ldy, accumulate, n0, n1, scratch.data());
 #endif
 #ifdef GEMMA_QUANT_AVX2
-  if (path == kAvx2) return quant_rows_avx2(view(w), av, y, ldy, accumulate, n0, n1, scratch.data());
+  if (path == kAvx2) return quant_rows_avx2(wv, av, y, ldy, accumulate, n0, n1, scratch.data());
 #endif
-  // The scalar path (the reference) runs rows in plain order: each interleaved group through
-  // a copy.
-  const int64_t full = tiled_rows(w.rows), nb = w.cols / kQBlock;
-  thread_local std::vector<uint8_t> gq;
-  thread_local std::vector<uint16_t> gd, gm;
-  gq.resize(static_cast<size_t>(kQTile * w.ld));
-  gd.resize(static_cast<size_t>(kQTile * nb));
-  gm.resize(static_cast<size_t>(kQTile * nb));
-  const uint8_t* q = static_cast<const uint8_t*>(w.data);
-  for (int64_t g = n0 / kQTile; g * kQTile < std::min(n1, full); ++g) {
-    interleave_group(w.ld, nb, q + g * kQTile * w.ld, w.scales + g * kQTile * nb,
-                     w.mins ? w.mins + g * kQTile * nb : nullptr, gq.data(), gd.data(), gm.data(), false);
-    Weight wg = w;
-    wg.data = gq.data();
-    wg.scales = gd.data();
-    wg.mins = w.mins ? gm.data() : nullptr;
-    wg.rows = kQTile;
-    rows_scalar(wg, a, y + g * kQTile, ldy, accumulate, 0, kQTile);
-  }
-  if (n1 > full) rows_scalar(w, a, y, ldy, accumulate, std::max(n0, full), n1);
+  rows_scalar(w, a, y, ldy, accumulate, n0, n1);
 }
 }  // namespace
 
