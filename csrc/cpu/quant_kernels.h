@@ -19,6 +19,9 @@ struct QActView {
 
 // int4 and int4m share the nibble layout (int4: true) and differ in the block offset o of
 // w = d q + o: -8 d when mins is null (int4), else the fp16 mins [rows][cols / 32] (int4m).
+// All three arrays hold the rows in quant.h's order: whole 16-row groups interleaved, then the
+// rows % 16 plain rows; `rows` (the whole matrix's) tells where the groups end. Row ranges
+// given to the kernels start on a group's first row or inside the plain tail.
 struct QWeightView {
   const uint8_t* q;
   const uint16_t* scales;
