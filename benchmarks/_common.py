@@ -87,4 +87,4 @@ def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> flo
     import gemma_cpp
 
     gemma_cpp.set_num_threads(threads)
-    return gemma_cpp._C.read_bandwidth(nbytes, reps)
+    return gemma_cpp._C._testing.read_bandwidth(nbytes, reps)

@@ -131,7 +131,7 @@ import gemma_cpp
 gemma_cpp.set_num_threads(threads)
 bws = []
 for _ in range(REPS):
-    bws.append(gemma_cpp._C.read_bandwidth(1 << 30, 3))
+    bws.append(gemma_cpp._C._testing.read_bandwidth(1 << 30, 3))
     tn.append(gen(new_tokens + 1))
 res["decode_s"] = min(tn) - t1
 res["bandwidth"] = max(bws)

@@ -274,7 +274,7 @@ def main():
     bw = measure_bandwidth(args.threads)
     wbytes = weight_bytes_per_token(path)
     print(f"memory read bandwidth, {args.threads} threads: {bw / 1e9:.1f} GB/s; isa {gemma_cpp.cpu_isa()}; "
-          f"quant matmul path {gemma_cpp._C.quant_matmul_path()}", flush=True)
+          f"quant matmul path {gemma_cpp._C._testing.quant_matmul_path()}", flush=True)
 
     common = dict(path=path, prompt=prompt, prompts=prompts, new_tokens=args.new_tokens, reps=args.reps,
                   threads=args.threads)

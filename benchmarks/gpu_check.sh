@@ -108,7 +108,7 @@ if not st["available"]:
     print("no usable GPU:", st["reason"])
     sys.exit(1)
 print(st["reason"])
-copy_ms = _C.cuda_bench_copy(1 << 30, 20)
+copy_ms = _C._testing.cuda_bench_copy(1 << 30, 20)
 copy_bw = 2 * (1 << 30) / (copy_ms * 1e-3)  # read + write
 print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write counted)")
 
@@ -119,7 +119,7 @@ except Exception:  # torch is optional here
     torch, tdev = None, None
 
 def torch_ms(N, K, T, iters=50, rotate_bytes=256 << 20):
-    """torch's bf16 F.linear, cycling through copies of W as _C.cuda_bench_gemv does."""
+    """torch's bf16 F.linear, cycling through copies of W as _C._testing.cuda_bench_gemv does."""
     if tdev is None:
         return float("nan")
     copies = max(1, min(64, -(-rotate_bytes // (2 * N * K))))
@@ -161,7 +161,7 @@ for name, N, K, per_layer in shapes:
     for fmt in ("bfloat16", "int8", "int4"):
         w = weight(fmt, N, K)
         for T in (1, 16):
-            r = _C.cuda_bench_gemv(w, T, 50)
+            r = _C._testing.cuda_bench_gemv(w, T, 50)
             bw = r["weight_bytes"] / (r["ms"] * 1e-3)
             rows.append(dict(matrix=name, N=N, K=K, fmt=fmt, T=T, us=r["ms"] * 1e3, weight_bytes=r["weight_bytes"],
                              gbs=bw / 1e9, frac_hbm=bw / hbm, frac_copy=bw / copy_bw, torch_bf16_us=t_ms[T] * 1e3))

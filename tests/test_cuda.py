@@ -16,6 +16,7 @@ import pytest
 
 import gemma_cpp
 from gemma_cpp import _C
+from gemma_cpp._C import _testing
 from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from gemma_cpp.quant import deinterleave, quantize
 
@@ -256,12 +257,12 @@ def test_cuda_status_gives_a_reason_and_the_cpu_engine_runs():
         assert s["built"] or "without CUDA" in s["reason"]
         if s["built"]:  # the hooks refuse with the same reason instead of crashing
             with pytest.raises(RuntimeError, match="CUDA is not available"):
-                _C.cuda_op_rmsnorm(np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-6)
+                _testing.cuda_op_rmsnorm(np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-6)
     # The CPU engine, whatever the GPU status: a kernel and a two-layer model end to end.
     rng = rng_for("cpu")
     x, w = rng.standard_normal((3, 64)).astype(np.float32), rng.standard_normal((5, 64)).astype(np.float32)
     ref, bound = dense_ref(x, w)
-    assert_within(_C.matmul(x, w), ref, bound, "cpu matmul")
+    assert_within(_testing.matmul(x, w), ref, bound, "cpu matmul")
     engine, _ = tiny_engine(rng)
     ids = rng.integers(0, 50, (2, 6)).astype(np.int32)
     pos = np.tile(np.arange(6, dtype=np.int32), (2, 1))
@@ -330,29 +331,29 @@ def test_references_match_the_cpu_kernels():
     x = (rng.standard_normal((5, 2048)) * rng.uniform(0.1, 10, (5, 1))).astype(np.float32)
     w = (1 + rng.standard_normal(2048) * 0.3).astype(np.float32)
     ref, bound = rmsnorm_ref(x, w, 1e-6)
-    assert_within(_C.cpu_op_rmsnorm(x, w, 1e-6), ref, bound, "cpu rmsnorm")
+    assert_within(_testing.cpu_op_rmsnorm(x, w, 1e-6), ref, bound, "cpu rmsnorm")
 
     a = (rng.standard_normal(5000) * 3).astype(np.float32)
     b = rng.standard_normal(5000).astype(np.float32)
     ref, bound = geglu_ref(a, b)
-    assert_within(_C.cpu_op_geglu(a, b), ref, bound, "cpu geglu")
+    assert_within(_testing.cpu_op_geglu(a, b), ref, bound, "cpu geglu")
 
     hd, nh = 64, 3
     q = rng.standard_normal((7, nh * hd)).astype(np.float32)
     pos = rng.integers(0, 8192, 7).astype(np.int32)
     inv = inv_freq_table(hd)
     ref, bound = rope_ref(q, pos, inv, nh)
-    assert_within(_C.cpu_op_rope(q, nh, pos, inv), ref, bound, "cpu rope")
+    assert_within(_testing.cpu_op_rope(q, nh, pos, inv), ref, bound, "cpu rope")
 
     for fmt in ("int8", "int4"):
         xq = (rng.standard_normal((3, 96)) * 4).astype(np.float32)
         wq = quantize(rng.standard_normal((11, 96)).astype(np.float32), fmt)
         ref, bound = gemv_quant_ref(xq, wq)
-        _C.set_quant_matmul_path("scalar")  # the integer path (AMX dequantizes to bf16 instead)
+        _testing.set_quant_matmul_path("scalar")  # the integer path (AMX dequantizes to bf16 instead)
         try:
-            assert_within(_C.matmul(xq, wq), ref, bound, f"cpu {fmt} matmul")
+            assert_within(_testing.matmul(xq, wq), ref, bound, f"cpu {fmt} matmul")
         finally:
-            _C.set_quant_matmul_path("auto")
+            _testing.set_quant_matmul_path("auto")
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.7, top_k=5), dict(top_p=0.6), dict(temperature=1.5, min_p=0.2),
@@ -364,7 +365,7 @@ def test_kept_set_reference_contains_cpu_draws(params):
     logits = (rng.standard_normal(300) * 2).astype(np.float32)
     p = _C.SamplingParams(1, True, params.get("temperature", 1.0), params.get("top_k", 0), params.get("top_p", 1.0),
                           params.get("min_p", 0.0), 1.0, [], 0, 7)
-    draws = _C.sample(logits, 300, p)
+    draws = _testing.sample(logits, 300, p)
     _, keep, _ = kept_ref(logits, **params)
     assert keep[draws].all()
 
@@ -372,7 +373,7 @@ def test_kept_set_reference_contains_cpu_draws(params):
 @built
 def test_sample_uniform_matches_python_mirror():
     for seed, stream, step in [(0, 0, 0), (1, 2, 3), (2 ** 63 + 5, 7, 10 ** 9), (123, 2 ** 40, 2 ** 64 - 1)]:
-        assert _C.cuda_sample_uniform(seed, stream, step) == uniform_ref(seed, stream, step)
+        assert _testing.cuda_sample_uniform(seed, stream, step) == uniform_ref(seed, stream, step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def weight_of(fmt, rows, K, rng):
 def rows_of(w, K):
     """The float32 rows of a table as the CPU reads them (weight_row)."""
     if isinstance(w, tuple):
-        return _C.dequantize(w, K)
+        return _testing.dequantize(w, K)
     return bf16_bits_to_f32(w) if w.dtype == np.uint16 else w
 
 
@@ -403,7 +404,7 @@ def test_embed(fmt):
     table = weight_of(fmt, V, H, rng)
     ids = np.concatenate([[0, V - 1], rng.integers(0, V, 13)]).astype(np.int32)
     scale = 55.5
-    out = _C.cuda_op_embed(table, ids, scale)
+    out = _testing.cuda_op_embed(table, ids, scale)
     cpu = (rows_of(table, H)[ids] * np.float32(scale)).astype(np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out, cpu)
@@ -416,9 +417,9 @@ def test_rmsnorm(T, H):
     x = (rng.standard_normal((T, H)) * rng.uniform(0.01, 100, (T, 1))).astype(np.float32)
     w = (1 + rng.standard_normal(H) * 0.3).astype(np.float32)
     ref, bound = rmsnorm_ref(x, w, 1e-6)
-    out = _C.cuda_op_rmsnorm(x, w, 1e-6)
+    out = _testing.cuda_op_rmsnorm(x, w, 1e-6)
     assert_within(out, ref, bound, "rmsnorm vs float64")
-    assert_within(out, _C.cpu_op_rmsnorm(x, w, 1e-6).astype(np.float64), 2 * bound, "rmsnorm vs cpu")
+    assert_within(out, _testing.cpu_op_rmsnorm(x, w, 1e-6).astype(np.float64), 2 * bound, "rmsnorm vs cpu")
 
 
 @gpu
@@ -439,13 +440,13 @@ def test_add_rmsnorm(sandwich):
         yn, yb = y.astype(np.float64), np.zeros((T, H))
     x_ref = x.astype(np.float64) + yn
     x_bound = yb + U * np.abs(x_ref) + 1e-38
-    x_out, out = _C.cuda_op_add_rmsnorm(y, w_post, x, w_next, 1e-6)
+    x_out, out = _testing.cuda_op_add_rmsnorm(y, w_post, x, w_next, 1e-6)
     assert_within(x_out, x_ref, x_bound, "residual")
     ref, bound = rmsnorm_ref(x_ref, w_next, 1e-6)
     rms = np.sqrt((x_ref ** 2).mean(axis=1, keepdims=True))
     moved = x_bound / rms * np.abs(w_next) + np.abs(ref) * (np.abs(x_ref) * x_bound).sum(1, keepdims=True) / (H * rms ** 2)
     assert_within(out, ref, bound + 1.01 * moved, "normed")
-    cpu_x = (x + (_C.cpu_op_rmsnorm(y, w_post, 1e-6) if sandwich else y)).astype(np.float32)
+    cpu_x = (x + (_testing.cpu_op_rmsnorm(y, w_post, 1e-6) if sandwich else y)).astype(np.float32)
     assert_within(x_out, cpu_x.astype(np.float64), 2 * x_bound, "residual vs cpu")
 
 
@@ -456,9 +457,9 @@ def test_geglu(n):
     a = (rng.standard_normal(n) * 3).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     ref, bound = geglu_ref(a, b)
-    out = _C.cuda_op_geglu(a, b)
+    out = _testing.cuda_op_geglu(a, b)
     assert_within(out, ref, bound, "geglu vs float64")
-    assert_within(out, _C.cpu_op_geglu(a, b).astype(np.float64), 2 * bound, "geglu vs cpu")
+    assert_within(out, _testing.cpu_op_geglu(a, b).astype(np.float64), 2 * bound, "geglu vs cpu")
 
 
 @gpu
@@ -479,12 +480,12 @@ def test_rope_kv(cache_dtype, hd, qk_norm):
     inv = inv_freq_table(hd, theta=1e6, factor=8.0)
     qn = (1 + rng.standard_normal(hd) * 0.3).astype(np.float32) if qk_norm else None
     kn = (1 + rng.standard_normal(hd) * 0.3).astype(np.float32) if qk_norm else None
-    q_out, kc, vc, valid = _C.cuda_op_rope_kv(q, k, v, pos, inv, qn, kn, 1e-6, n_heads, n_kv, cache_dtype, rows, cap,
+    q_out, kc, vc, valid = _testing.cuda_op_rope_kv(q, k, v, pos, inv, qn, kn, 1e-6, n_heads, n_kv, cache_dtype, rows, cap,
                                               cache_row, slot, valid_in)
     q_ref, q_bound = rope_ref(q, pos, inv, n_heads, qn)
     assert_within(q_out, q_ref, q_bound, "q")
     if not qk_norm:
-        assert_within(q_out, _C.cpu_op_rope(q, n_heads, pos, inv).astype(np.float64), 2 * q_bound, "q vs cpu")
+        assert_within(q_out, _testing.cpu_op_rope(q, n_heads, pos, inv).astype(np.float64), 2 * q_bound, "q vs cpu")
     k_ref, k_bound = rope_ref(k, pos, inv, n_kv, kn)
     bf16 = cache_dtype == "bfloat16"
     widen = (lambda a: bf16_bits_to_f32(a)) if bf16 else (lambda a: a)
@@ -523,19 +524,19 @@ def test_gemv(fmt, T, K, N, accumulate):
     y0 = rng.standard_normal((T, N)).astype(np.float32) if accumulate else None
     if isinstance(w, tuple):
         ref, bound = gemv_quant_ref(x, w)
-        _C.set_quant_matmul_path("scalar")  # the CPU's integer path at every T (AMX rounds to bf16)
+        _testing.set_quant_matmul_path("scalar")  # the CPU's integer path at every T (AMX rounds to bf16)
         try:
-            cpu = _C.matmul(x, w)
+            cpu = _testing.matmul(x, w)
         finally:
-            _C.set_quant_matmul_path("auto")
+            _testing.set_quant_matmul_path("auto")
     else:
         ref, bound = dense_ref(x, w)
-        cpu = _C.matmul(x, w)
+        cpu = _testing.matmul(x, w)
     if accumulate:
         ref = ref + y0
         bound = bound + 2 * U * (np.abs(ref) + np.abs(y0))
         cpu = cpu + y0
-    out = _C.cuda_op_gemv(x, w, y0)
+    out = _testing.cuda_op_gemv(x, w, y0)
     assert_within(out, ref, bound, f"{fmt} gemv vs float64")
     assert_within(out, cpu.astype(np.float64), 2 * bound, f"{fmt} gemv vs cpu")
 
@@ -553,11 +554,11 @@ def test_gemm_bf16(M, K, N, accumulate):
     y0 = rng.standard_normal((M, N)).astype(np.float32) if accumulate else None
     ref, bound = dense_ref(x, w)
     bound = bound / gamma(K) * 2 * (K + 16) * U
-    cpu = _C.matmul(x, w)
+    cpu = _testing.matmul(x, w)
     if accumulate:
         ref, cpu = ref + y0, cpu + y0
         bound = bound + 2 * U * (np.abs(ref) + np.abs(y0))
-    out = _C.cuda_op_gemm_bf16(x, w, y0)
+    out = _testing.cuda_op_gemm_bf16(x, w, y0)
     assert_within(out, ref, bound, "gemm vs float64")
     assert_within(out, cpu.astype(np.float64), 2 * bound, "gemm vs cpu")
 
@@ -595,7 +596,7 @@ def test_attention_decode(cache_dtype, n_heads, n_kv, hd, S, softcap, window):
                                   poison_from=[q_slot[list(cache_row).index(r)] + 1 for r in range(rows)])
     q = rng.standard_normal((3, n_heads * hd)).astype(np.float32)
     scale = float(np.float32(hd ** -0.5))
-    out = _C.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window)
+    out = _testing.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window)
     for r in range(3):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r:r + 1], Kf[cr], Vf[cr], valid[cr], [q_slot[r]], n_heads, scale, softcap, window)
@@ -619,7 +620,7 @@ def test_attention_prefill(cache_dtype, n_heads, n_kv, hd, causal, window, softc
     Kc, Vc, Kf, Vf = random_cache(rng, rows, n_kv, S, hd, cache_dtype, valid, poison_from=[slot0 + T] * rows)
     q = rng.standard_normal((rows, T, n_heads * hd)).astype(np.float32)
     scale = float(np.float32(40 ** -0.5))
-    out = _C.cuda_op_attention_prefill(q, Kc, Vc, valid, cache_row, slot0, n_heads, scale, softcap, window, causal)
+    out = _testing.cuda_op_attention_prefill(q, Kc, Vc, valid, cache_row, slot0, n_heads, scale, softcap, window, causal)
     for r in range(rows):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r], Kf[cr], Vf[cr], valid[cr], slot0 + np.arange(T), n_heads, scale, softcap,
@@ -627,7 +628,7 @@ def test_attention_prefill(cache_dtype, n_heads, n_kv, hd, causal, window, softc
         assert_within(out[r], ref, bound, f"prefill row {r}")
     if causal:  # the last query of the chunk is a decode step: both kernels agree
         last = np.full(rows, slot0 + T - 1, np.int32)
-        dec = _C.cuda_op_attention_decode(np.ascontiguousarray(q[:, -1]), Kc, Vc, valid, cache_row, last, slot0 + T,
+        dec = _testing.cuda_op_attention_decode(np.ascontiguousarray(q[:, -1]), Kc, Vc, valid, cache_row, last, slot0 + T,
                                           n_heads, scale, softcap, window)
         for r in range(rows):
             cr = cache_row[r]
@@ -642,7 +643,7 @@ def test_softcap():
     rng = rng_for("softcap")
     x = (rng.standard_normal(100003) * 60).astype(np.float32)
     ref = 30.0 * np.tanh(x.astype(np.float64) / 30.0)
-    assert_within(_C.cuda_op_softcap(x, 30.0), ref, 1.01 * (np.abs(x) + 5 * np.abs(ref)) * U + 1e-38, "softcap")
+    assert_within(_testing.cuda_op_softcap(x, 30.0), ref, 1.01 * (np.abs(x) + 5 * np.abs(ref)) * U + 1e-38, "softcap")
 
 
 @gpu
@@ -656,12 +657,12 @@ def test_argmax_matches_cpu(V):
     x[3] = -np.inf                            # all -inf: index 0
     x[4] = np.nan                             # all NaN: index 0
     x[5, V - 1] = np.inf
-    out = _C.cuda_op_argmax(x)
+    out = _testing.cuda_op_argmax(x)
     greedy = _C.SamplingParams(1, False, 1.0, 0, 1.0, 0.0, 1.0, [], 0, 0)
-    cpu = [int(_C.sample(np.ascontiguousarray(row), 1, greedy)[0]) for row in x]
+    cpu = [int(_testing.sample(np.ascontiguousarray(row), 1, greedy)[0]) for row in x]
     np.testing.assert_array_equal(out, cpu)
     assert list(out[1:6]) == [17, 11, 0, 0, V - 1]
-    np.testing.assert_array_equal(_C.cuda_op_sample(x, False), cpu)  # do_sample=False is argmax
+    np.testing.assert_array_equal(_testing.cuda_op_sample(x, False), cpu)  # do_sample=False is argmax
 
 
 SAMPLE_PARAMS = [dict(), dict(temperature=0.7, top_k=50), dict(temperature=1.3, top_p=0.9),
@@ -680,7 +681,7 @@ def test_sample_draw_is_exact(params, V):
     logits = (rng.standard_normal((B, V)) * 3).astype(np.float32)
     seed, step = 1234, 17
     streams = rng.integers(0, 2 ** 40, B).astype(np.uint64)
-    out = _C.cuda_op_sample(logits, True, seed=seed, step=step, stream_ids=streams,
+    out = _testing.cuda_op_sample(logits, True, seed=seed, step=step, stream_ids=streams,
                             **{k: params.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0),
                                                                 ("min_p", 0.0))})
     for b in range(B):
@@ -691,7 +692,7 @@ def test_sample_draw_is_exact(params, V):
         before = p[:t].sum()
         assert before - 1e-6 <= u <= before + p[t] + 1e-6, (b, t, u, before, p[t])
     # The same (seed, stream, step) draws the same token in another batch composition.
-    again = _C.cuda_op_sample(np.ascontiguousarray(logits[::-1]), True, seed=seed, step=step,
+    again = _testing.cuda_op_sample(np.ascontiguousarray(logits[::-1]), True, seed=seed, step=step,
                               stream_ids=np.ascontiguousarray(streams[::-1]),
                               **{k: params.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0),
                                                                   ("min_p", 0.0))})
@@ -707,7 +708,7 @@ def test_sample_frequencies_follow_the_distribution():
     n = 4000
     rows = np.ascontiguousarray(np.tile(logits, (n, 1)))
     counts = np.zeros(40)
-    out = _C.cuda_op_sample(rows, True, seed=99, step=0, stream_ids=np.arange(n, dtype=np.uint64))
+    out = _testing.cuda_op_sample(rows, True, seed=99, step=0, stream_ids=np.arange(n, dtype=np.uint64))
     np.add.at(counts, out, 1)
     _, _, p = kept_ref(logits)
     sigma = np.sqrt(n * p * (1 - p))
@@ -723,7 +724,7 @@ def test_repetition_penalty():
     history = rng.integers(-5, V + 5, (B, 12)).astype(np.int32)
     history[0, :4] = 7  # duplicates
     lengths = np.array([12, 5, 0], np.int32)
-    out = _C.cuda_op_repetition_penalty(logits, history, lengths, 1.3)
+    out = _testing.cuda_op_repetition_penalty(logits, history, lengths, 1.3)
     ref = logits.copy()
     pen = np.float32(1.3)
     for b in range(B):

@@ -5,6 +5,7 @@ import torch
 
 import gemma_cpp
 from gemma_cpp import _C
+from gemma_cpp._C import _testing
 from conftest import random_batch
 
 N_NEW = 32
@@ -117,7 +118,7 @@ def test_sampled_frequencies_follow_softmax_of_scaled_logits():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal(8).astype(np.float32) * 2
     n = 200_000
-    draws = _C.sample(logits, n, _params(temperature=0.7))
+    draws = _testing.sample(logits, n, _params(temperature=0.7))
     freq = np.bincount(draws, minlength=8) / n
     expect = _softmax(logits.astype(np.float64) / 0.7)
     assert np.abs(freq - expect).max() < 0.006
@@ -131,15 +132,15 @@ def test_top_p_and_min_p_never_leave_their_set():
     # top-p 0.6: the smallest prefix (by descending probability) whose mass reaches 0.6.
     above = np.concatenate([[0], np.cumsum(p[order])[:-1]])
     top_p_set = set(order[above < 0.6].tolist())
-    draws = _C.sample(logits, 20000, _params(top_p=0.6))
+    draws = _testing.sample(logits, 20000, _params(top_p=0.6))
     assert set(draws.tolist()) <= top_p_set
     assert len(set(draws.tolist())) == len(top_p_set)  # and every member is reachable
     # min-p 0.2: tokens with probability >= 0.2 * the largest.
     min_p_set = set(np.nonzero(p >= 0.2 * p.max())[0].tolist())
-    draws = _C.sample(logits, 20000, _params(min_p=0.2))
+    draws = _testing.sample(logits, 20000, _params(min_p=0.2))
     assert set(draws.tolist()) <= min_p_set
     # top-k 3 keeps exactly the three largest.
-    draws = _C.sample(logits, 20000, _params(top_k=3))
+    draws = _testing.sample(logits, 20000, _params(top_k=3))
     assert set(draws.tolist()) == set(order[:3].tolist())
 
 
@@ -152,11 +153,11 @@ def test_repetition_penalty_matches_transformers_processor():
     proc = RepetitionPenaltyLogitsProcessor(penalty=1.7)
     penalized = proc(torch.tensor([history]), torch.tensor(logits[None].copy()))[0].numpy()
     # Greedy after the penalty picks transformers' argmax...
-    got = _C.sample(logits, 1, _params(do_sample=False, repetition_penalty=1.7), history)
+    got = _testing.sample(logits, 1, _params(do_sample=False, repetition_penalty=1.7), history)
     assert got[0] == int(np.argmax(penalized))
     # ...and sampling follows the penalized distribution (same 5-sd bound as above).
     n = 100_000
-    freq = np.bincount(_C.sample(logits, n, _params(repetition_penalty=1.7), history), minlength=30) / n
+    freq = np.bincount(_testing.sample(logits, n, _params(repetition_penalty=1.7), history), minlength=30) / n
     assert np.abs(freq - _softmax(penalized.astype(np.float64))).max() < 0.01
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from gemma_cpp import _C
+from gemma_cpp._C import _testing
 from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from conftest import available_paths
 
@@ -15,7 +16,7 @@ SHAPES = [(1, 64, 10), (1, 1000, 37), (3, 100, 7), (4, 2048, 64), (5, 17, 5), (9
 
 def bf16_paths():
     """Every bf16 matmul path this CPU and build have: AMX, AVX512-BF16, generic."""
-    return available_paths(_C.set_bf16_matmul_path, ("generic", "avx512_bf16", "amx"))
+    return available_paths(_testing.set_bf16_matmul_path, ("generic", "avx512_bf16", "amx"))
 
 
 def _check(y, xv, wv):
@@ -40,7 +41,7 @@ def _operands(T, K, N):
 @pytest.mark.parametrize("T, K, N", SHAPES)
 def test_matmul_f32_matches_float64(T, K, N):
     x, w = _operands(T, K, N)
-    _check(_C.matmul(x, w), x.astype(np.float64), w.astype(np.float64))
+    _check(_testing.matmul(x, w), x.astype(np.float64), w.astype(np.float64))
 
 
 @pytest.mark.parametrize("path", bf16_paths())
@@ -51,28 +52,28 @@ def test_matmul_bf16_matches_float64(T, K, N, path):
     x, w32 = _operands(T, K, N)
     w = f32_to_bf16_bits(w32)
     xv = bf16_bits_to_f32(f32_to_bf16_bits(x)).astype(np.float64)
-    _C.set_bf16_matmul_path(path)
+    _testing.set_bf16_matmul_path(path)
     try:
-        y = _C.matmul(x, w)
+        y = _testing.matmul(x, w)
     finally:
-        _C.set_bf16_matmul_path("auto")
+        _testing.set_bf16_matmul_path("auto")
     _check(y, xv, bf16_bits_to_f32(w).astype(np.float64))
 
 
 def test_bf16_paths_include_the_best_this_cpu_has():
-    assert _C.bf16_matmul_path() in bf16_paths()
+    assert _testing.bf16_matmul_path() in bf16_paths()
     with pytest.raises(ValueError, match="not available"):
-        _C.set_bf16_matmul_path("tpu")
+        _testing.set_bf16_matmul_path("tpu")
 
 
 def test_matmul_rejects_bad_weights():
     x = np.ones((2, 8), np.float32)
     with pytest.raises(ValueError, match="float32 or uint16"):
-        _C.matmul(x, np.ones((3, 8), np.float64))
+        _testing.matmul(x, np.ones((3, 8), np.float64))
     with pytest.raises(ValueError, match="expected shape"):
-        _C.matmul(x, np.ones((3, 9), np.float32))
+        _testing.matmul(x, np.ones((3, 9), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
-        _C.matmul(x, np.ones((8, 3), np.float32).T)
+        _testing.matmul(x, np.ones((8, 3), np.float32).T)
 
 
 def test_bf16_rounding_matches_torch():

@@ -5,6 +5,7 @@ import pytest
 
 import gemma_cpp
 from gemma_cpp import _C
+from gemma_cpp._C import _testing
 from gemma_cpp.quant import deinterleave, dequantize, interleave, quantize, resolve_policy, unpack_nibbles
 from conftest import available_paths, random_batch
 
@@ -34,7 +35,7 @@ def test_cpp_quantizer_matches_numpy_mirror_byte_for_byte(fmt, K):
     assert len(ours) == len(mirror) == (4 if fmt == "int4m" else 3)
     for a, b in zip(ours[1:], mirror[1:]):  # quants, scales (, mins)
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(_C.dequantize(ours, K), dequantize(mirror, K))
+    np.testing.assert_array_equal(_testing.dequantize(ours, K), dequantize(mirror, K))
     # bf16 input is quantized from its exact float32 values
     from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
     bits = f32_to_bf16_bits(w)
@@ -71,7 +72,7 @@ def test_rows_are_interleaved_in_groups_of_16(fmt, rows, K):
     for a, b in zip(_C.interleave(ours, to_groups=False)[1:], plain[1:]):
         np.testing.assert_array_equal(a, b)
     # One row back (the embedding lookup) and the whole matrix, from the interleaved bytes.
-    np.testing.assert_array_equal(_C.dequantize(ours, K), dequantize(ours, K))
+    np.testing.assert_array_equal(_testing.dequantize(ours, K), dequantize(ours, K))
 
 
 def test_values_are_gguf_q8_0_q4_0_and_q4_1():
@@ -113,7 +114,7 @@ def term_magnitudes(qw, K):
 
 
 def quant_paths():
-    return available_paths(_C.set_quant_matmul_path, ("scalar", "avx2", "avx512_vnni"))
+    return available_paths(_testing.set_quant_matmul_path, ("scalar", "avx2", "avx512_vnni"))
 
 
 @pytest.mark.parametrize("path", quant_paths())
@@ -133,11 +134,11 @@ def check_within_bound(path, x, qw):
     T, K = x.shape
     wd = dequantize(qw, K).astype(np.float64)
     out = np.full((T, wd.shape[0]), np.nan, np.float32)
-    _C.set_quant_matmul_path(path)
+    _testing.set_quant_matmul_path(path)
     try:
-        _C.matmul(x, qw, out)
+        _testing.matmul(x, qw, out)
     finally:
-        _C.set_quant_matmul_path("auto")
+        _testing.set_quant_matmul_path("auto")
     assert np.isfinite(out).all()
     assert np.all(np.abs(out - x.astype(np.float64) @ wd.T) <= quant_bound(x, wd, term_magnitudes(qw, K)))
 
@@ -174,13 +175,13 @@ def test_int4_is_int4m_with_min_minus_8d(path, T, K):
     mins = (q4[2].view(np.float16) * np.float16(-8)).view(np.uint16)
     as4m = ("int4m", q4[1], q4[2], mins)
     np.testing.assert_array_equal(dequantize(as4m, K), dequantize(q4, K))
-    _C.set_quant_matmul_path(path)
+    _testing.set_quant_matmul_path(path)
     try:
-        a, b = _C.matmul(x, q4), _C.matmul(x, as4m)
+        a, b = _testing.matmul(x, q4), _testing.matmul(x, as4m)
     finally:
-        _C.set_quant_matmul_path("auto")
+        _testing.set_quant_matmul_path("auto")
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(_C.dequantize(as4m, K), _C.dequantize(q4, K))
+    np.testing.assert_array_equal(_testing.dequantize(as4m, K), _testing.dequantize(q4, K))
 
 
 def cosine_rows(a, b):
@@ -284,9 +285,9 @@ def test_bad_quantization_arguments(tiny):
         _C.quantize(np.ones((2, 64), np.float32), "q5")
     q = quantize(np.ones((2, 64), np.float32), "int4m")
     with pytest.raises(ValueError, match=r"\(format, quants, scales, mins\)"):
-        _C.matmul(np.ones((1, 64), np.float32), q[:3])
+        _testing.matmul(np.ones((1, 64), np.float32), q[:3])
     with pytest.raises(ValueError, match="mins must be"):
-        _C.matmul(np.ones((1, 64), np.float32), q[:3] + (q[3][:, :1].copy(),))
+        _testing.matmul(np.ones((1, 64), np.float32), q[:3] + (q[3][:, :1].copy(),))
     assert resolve_policy(None) == {"embed": None, "attention": None, "mlp": None}
 
 
@@ -298,7 +299,7 @@ def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
     AMX tiles: the product is then of bf16(x) and bf16(d * q), summed in float32, so the
     reference is float64 on exactly those values and the bound is gamma_K (rows past the
     last multiple of 32 take the integer path: the activation-rounding bound)."""
-    if _C.bf16_matmul_path() != "amx":
+    if _testing.bf16_matmul_path() != "amx":
         pytest.skip("this CPU has no AMX: quantized prefill runs on the integer kernels tested above")
     from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 
@@ -308,7 +309,7 @@ def test_quantized_prefill_on_amx_within_bound(fmt, T, K, N):
     qw = quantize(w, fmt)
     wd = dequantize(qw, K)
     out = np.full((T, N), np.nan, np.float32)
-    _C.matmul(x, qw, out)
+    _testing.matmul(x, qw, out)
     assert np.isfinite(out).all()
     n32 = N - N % 32
     xb = bf16_bits_to_f32(f32_to_bf16_bits(x)).astype(np.float64)

@@ -72,13 +72,38 @@ def test_float32_logits_match_transformers(path, prose_ids, reference_logits):
     assert (ours.argmax(-1) == reference_logits.argmax(-1)).mean() >= 0.99
 
 
+def _prefill_paths():
+    """Quantized prefill paths this CPU has: the integer kernels everywhere, and AMX tiles
+    (blocks dequantized to bf16) where the CPU has AMX."""
+    from gemma_cpp._C import _testing
+
+    return ["integer"] + (["amx"] if _testing.bf16_matmul_path() == "amx" else [])
+
+
+@pytest.mark.parametrize("prefill", _prefill_paths())
 @pytest.mark.parametrize("quantization", ["auto", "int8"])
-def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization):
-    """int8: Q8_0 and Q5_0 tensors import without loss, Q4_K and Q6_K are re-quantized, and
-    activations are quantized per block of 32. Measured: 99.6% of 484 positions of prose."""
-    ours = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=quantization)(prose_ids).logits
-    agree = (ours.argmax(-1) == reference_logits.argmax(-1)).mean()
-    assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
+def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization, prefill):
+    """int8: Q8_0 and Q5_0 tensors import without loss, Q4_K and Q6_K are re-quantized. On AMX
+    a prompt's activations are rounded to bf16; on the integer kernels they are quantized per
+    block of 32 to int8 as well, which moves the logits more (RMS 0.17 here). Measured on 484
+    positions of prose: 99.6% top-1 agreement on AMX, 97.3% on the integer kernels (AVX2 and
+    scalar alike), where every disagreement is a near-tie: the reference's logit of our token
+    is within 0.28 of its best. Allowed: 0.99 / 0.97, and near-ties of up to 0.5 (three times
+    the logits' RMS error); a real disagreement is several logits away."""
+    from gemma_cpp._C import _testing
+
+    if prefill == "integer":  # pin the best integer kernel: AMX stays out of the prefill
+        _testing.set_quant_matmul_path(_testing.quant_matmul_path())
+    try:
+        ours = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=quantization)(prose_ids).logits
+    finally:
+        _testing.set_quant_matmul_path("auto")
+    ref = reference_logits[0]
+    mine = ours[0].argmax(-1)
+    agree = (mine == ref.argmax(-1)).mean()
+    gap = ref.max(-1) - ref[np.arange(len(mine)), mine]
+    assert agree >= (0.99 if prefill == "amx" else 0.97), f"top-1 agreement {agree:.4f}"
+    assert gap.max() <= 0.5, f"a disagreement {gap.max():.3f} logits from the reference's best"
 
 
 def test_greedy_continuations_match_transformers(path, reference, tok):

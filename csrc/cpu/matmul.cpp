@@ -19,7 +19,7 @@
 #include "cpu/kernels.h"
 #include "cpu/quant.h"
 #include "cpu/simd.h"
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 namespace gemma {
 using simd::VecF;

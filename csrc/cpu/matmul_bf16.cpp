@@ -19,7 +19,7 @@
 #include "cpu/kernels.h"
 #include "cpu/quant.h"
 #include "cpu/simd.h"
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -262,7 +262,7 @@ void rows16_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
     block_bf16(wt.dtype, bytes, kb, _cvtsh_ss(wt.scales[blk]), wt.dtype == DType::Int4m ? _cvtsh_ss(wt.mins[blk]) : 0.f,
                dst + 32 * i);
   };
-  if (row + 16 > tiled_rows(wt.rows)) {  // plain rows
+  if (row + 16 > grouped_rows(wt.rows)) {  // plain rows
     for (int64_t i = 0; i < 16 && row + i < wt.rows; ++i) one(i, q + (row + i) * wt.ld + line0 * 4, (row + i) * nb + kb);
     return;
   }
@@ -292,7 +292,7 @@ void rows16_bf16(const Weight& wt, int64_t row, int64_t kb, uint16_t* dst) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(rows[8 + a]), _mm512_castsi512_si256(r23));
     _mm256_store_si256(reinterpret_cast<__m256i*>(rows[12 + a]), _mm512_extracti64x4_epi64(r23, 1));
   }
-  const int64_t s0 = row * nb + kb * kQTile;  // the group's scales: [block][16 rows]
+  const int64_t s0 = row * nb + kb * kQGroup;  // the group's scales: [block][16 rows]
   for (int i = 0; i < 16; ++i) one(i, rows[i], s0 + i);
 }
 

@@ -10,62 +10,12 @@
 
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 namespace gemma {
 using simd::VecF;
 
 namespace {
-
-// exp on VecF::N lanes. Range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
-// polynomial for e^r (Cephes expf coefficients), then scale by 2^n. Inputs below -87.3
-// flush to 0 and above 88.7 saturate to inf, as expf does. Relative error ~1.5e-7.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-inline __m512 exp_vec(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-inline VecF exp_v(VecF x) { return {exp_vec(x.v)}; }
-inline VecF div_v(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
-#elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp_vec(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  // 2^n in two steps (n in [-126, 128]) so that 2^128 and denormal results stay right.
-  __m256i ni = _mm256_cvtps_epi32(n);
-  __m256i half = _mm256_srai_epi32(ni, 1);
-  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-  __m256 s2 = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-}
-inline VecF exp_v(VecF x) { return {exp_vec(x.v)}; }
-inline VecF div_v(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
-#else
-inline VecF exp_v(VecF x) { return {std::exp(x.v)}; }
-inline VecF div_v(VecF a, VecF b) { return {a.v / b.v}; }
-#endif
 
 constexpr int64_t kElemChunk = 4096;  // elements per parallel task in element-wise ops
 
@@ -87,7 +37,7 @@ inline void map_inplace(float* x, int64_t n, Fn f) {
   }
 }
 
-void exp_inplace(float* x, int64_t n) { map_inplace(x, n, exp_v); }
+void exp_inplace(float* x, int64_t n) { map_inplace(x, n, [](VecF v) { return simd::exp(v); }); }
 
 void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n) {
   constexpr int64_t kChunk = 1 << 16;
@@ -175,7 +125,7 @@ void gelu_tanh_mul(float* a, const float* b, int64_t n) {
   const VecF one = VecF::set1(1.0f);
   auto gelu = [&](VecF x) {
     const VecF z = simd::mul(x, simd::fma(c3, simd::mul(x, x), c1));  // -2u
-    return div_v(x, simd::add(one, exp_v(z)));
+    return simd::div(x, simd::add(one, simd::exp(z)));
   };
   auto body = [&](int64_t lo, int64_t hi) {
     map_inplace(a + lo, hi - lo, gelu);

@@ -12,7 +12,7 @@
 #include "cpu/kernels.h"
 #include "cpu/quant_kernels.h"
 #include "cpu/simd.h"
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 namespace gemma {
 
@@ -132,29 +132,29 @@ namespace {
 // One group of 16 rows (or the plain tail): 4-byte quant words and 2-byte scales move
 // between row order and the interleaved order of quant.h.
 void interleave_group(int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m, uint8_t* qo,
-                      uint16_t* dout, uint16_t* mout, bool to_tiled) {
+                      uint16_t* dout, uint16_t* mout, bool to_groups) {
   const int64_t words = qb / 4;
-  for (int64_t r = 0; r < kQTile; ++r) {
+  for (int64_t r = 0; r < kQGroup; ++r) {
     for (int64_t c = 0; c < words; ++c) {
-      const int64_t plain = r * qb + c * 4, tiled = c * 64 + r * 4;
-      std::memcpy(qo + (to_tiled ? tiled : plain), q + (to_tiled ? plain : tiled), 4);
+      const int64_t plain = r * qb + c * 4, grouped = c * 64 + r * 4;
+      std::memcpy(qo + (to_groups ? grouped : plain), q + (to_groups ? plain : grouped), 4);
     }
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t plain = r * nb + b, tiled = b * kQTile + r;
-      dout[to_tiled ? tiled : plain] = d[to_tiled ? plain : tiled];
-      if (m) mout[to_tiled ? tiled : plain] = m[to_tiled ? plain : tiled];
+      const int64_t plain = r * nb + b, grouped = b * kQGroup + r;
+      dout[to_groups ? grouped : plain] = d[to_groups ? plain : grouped];
+      if (m) mout[to_groups ? grouped : plain] = m[to_groups ? plain : grouped];
     }
   }
 }
 }  // namespace
 
 void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m,
-                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_tiled) {
-  const int64_t full = tiled_rows(rows);
-  parallel_for(full / kQTile, [&](int64_t g0, int64_t g1) {
+                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_groups) {
+  const int64_t full = grouped_rows(rows);
+  parallel_for(full / kQGroup, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      interleave_group(qb, nb, q + g * kQTile * qb, d + g * kQTile * nb, m ? m + g * kQTile * nb : nullptr,
-                       qo + g * kQTile * qb, dout + g * kQTile * nb, m ? mout + g * kQTile * nb : nullptr, to_tiled);
+      interleave_group(qb, nb, q + g * kQGroup * qb, d + g * kQGroup * nb, m ? m + g * kQGroup * nb : nullptr,
+                       qo + g * kQGroup * qb, dout + g * kQGroup * nb, m ? mout + g * kQGroup * nb : nullptr, to_groups);
   });
   std::memcpy(qo + full * qb, q + full * qb, static_cast<size_t>((rows - full) * qb));
   std::memcpy(dout + full * nb, d + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
@@ -162,32 +162,32 @@ void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, con
 }
 
 void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* m) {
-  if (r >= tiled_rows(w.rows)) {
+  if (r >= grouped_rows(w.rows)) {
     std::memcpy(q, w.q + r * w.qb, static_cast<size_t>(w.qb));
     std::memcpy(d, w.d + r * w.nb, static_cast<size_t>(w.nb) * 2);
     if (w.m) std::memcpy(m, w.m + r * w.nb, static_cast<size_t>(w.nb) * 2);
     return;
   }
-  const int64_t g = r / kQTile, i = r % kQTile;
-  const uint8_t* qg = w.q + g * kQTile * w.qb;
+  const int64_t g = r / kQGroup, i = r % kQGroup;
+  const uint8_t* qg = w.q + g * kQGroup * w.qb;
   for (int64_t c = 0; c < w.qb / 4; ++c) std::memcpy(q + c * 4, qg + c * 64 + i * 4, 4);
   for (int64_t b = 0; b < w.nb; ++b) {
-    d[b] = w.d[g * kQTile * w.nb + b * kQTile + i];
-    if (w.m) m[b] = w.m[g * kQTile * w.nb + b * kQTile + i];
+    d[b] = w.d[g * kQGroup * w.nb + b * kQGroup + i];
+    if (w.m) m[b] = w.m[g * kQGroup * w.nb + b * kQGroup + i];
   }
 }
 
 void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, int64_t K, uint8_t* q,
                      uint16_t* d, uint16_t* m) {
-  const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K), full = tiled_rows(rows);
-  parallel_for((rows + kQTile - 1) / kQTile, [&](int64_t g0, int64_t g1) {
+  const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K), full = grouped_rows(rows);
+  parallel_for((rows + kQGroup - 1) / kQGroup, [&](int64_t g0, int64_t g1) {
     std::vector<float> row(static_cast<size_t>(K));
     // A whole group is quantized in row order here, then interleaved into place.
-    std::vector<uint8_t> gq(static_cast<size_t>(kQTile * qb));
-    std::vector<uint16_t> gd(static_cast<size_t>(kQTile * nb)), gm(static_cast<size_t>(kQTile * nb));
+    std::vector<uint8_t> gq(static_cast<size_t>(kQGroup * qb));
+    std::vector<uint16_t> gd(static_cast<size_t>(kQGroup * nb)), gm(static_cast<size_t>(kQGroup * nb));
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t r0 = g * kQTile, r1 = std::min(rows, r0 + kQTile);
-      const bool tiled = r1 <= full;
+      const int64_t r0 = g * kQGroup, r1 = std::min(rows, r0 + kQGroup);
+      const bool grouped = r1 <= full;
       for (int64_t r = r0; r < r1; ++r) {
         const float* x;
         if (src_bf16) {
@@ -197,9 +197,9 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
         } else {
           x = static_cast<const float*>(src) + r * K;
         }
-        uint8_t* qr = tiled ? gq.data() + (r - r0) * qb : q + r * qb;
-        uint16_t* dr = tiled ? gd.data() + (r - r0) * nb : d + r * nb;
-        uint16_t* mr = tiled ? gm.data() + (r - r0) * nb : (m ? m + r * nb : nullptr);
+        uint8_t* qr = grouped ? gq.data() + (r - r0) * qb : q + r * qb;
+        uint16_t* dr = grouped ? gd.data() + (r - r0) * nb : d + r * nb;
+        uint16_t* mr = grouped ? gm.data() + (r - r0) * nb : (m ? m + r * nb : nullptr);
         if (f == QFormat::Int8)
           quantize_row_int8_ref(x, K, reinterpret_cast<int8_t*>(qr), dr);
         else if (f == QFormat::Int4)
@@ -207,7 +207,7 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
         else
           quantize_row_int4m_ref(x, K, qr, dr, mr);
       }
-      if (tiled)
+      if (grouped)
         interleave_group(qb, nb, gq.data(), gd.data(), f == QFormat::Int4m ? gm.data() : nullptr, q + r0 * qb,
                          d + r0 * nb, f == QFormat::Int4m ? m + r0 * nb : nullptr, true);
     }
@@ -304,19 +304,19 @@ inline void line_dot(const uint8_t* line, int shift, const int8_t* x, int32_t* i
 }
 
 void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
-  const int64_t K = w.cols, nb = K / kQBlock, full = tiled_rows(w.rows);
+  const int64_t K = w.cols, nb = K / kQBlock, full = grouped_rows(w.rows);
   const bool int8 = w.dtype == DType::Int8;
   const uint8_t* qw = static_cast<const uint8_t*>(w.data);
   // The block's offset o (w = d q + o): m for int4m, -8 d for int4 (none for int8).
   auto offset = [&](int64_t idx, float db) { return w.dtype == DType::Int4m ? f16_to_f32(w.mins[idx]) : -8.f * db; };
   int64_t n = n0;
-  for (; n < n1 && n < full; n += kQTile) {  // whole groups (n is a group's first row here)
+  for (; n < n1 && n < full; n += kQGroup) {  // whole groups (n is a group's first row here)
     const uint8_t* qg = qw + n * w.ld;
     for (int64_t t = 0; t < a.T; ++t) {
       const int8_t* qx = a.q.data() + t * a.np * 64;
-      float s[kQTile] = {};
+      float s[kQGroup] = {};
       for (int64_t b = 0; b < nb; ++b) {
-        int32_t isum[kQTile] = {};
+        int32_t isum[kQGroup] = {};
         for (int64_t c = 0; c < 8; ++c) {
           const int8_t* x = qx + b * kQBlock + 4 * c;
           if (int8)
@@ -324,14 +324,14 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
           else
             line_dot<false>(qg + (8 * (b / 2) + c) * 64, (b % 2) * 4, x, isum);
         }
-        const int64_t sb = n * nb + b * kQTile;  // the group's block b: [16 rows]
-        for (int64_t i = 0; i < kQTile; ++i) {
+        const int64_t sb = n * nb + b * kQGroup;  // the group's block b: [16 rows]
+        for (int64_t i = 0; i < kQGroup; ++i) {
           const float db = f16_to_f32(w.scales[sb + i]);
           s[i] += static_cast<float>(isum[i]) * a.dx[t * a.np * 2 + b] * db;
           if (!int8) s[i] += offset(sb + i, db) * a.xsum[t * a.np * 2 + b];
         }
       }
-      for (int64_t i = 0; i < kQTile; ++i) {
+      for (int64_t i = 0; i < kQGroup; ++i) {
         float* o = y + t * ldy + n + i;
         *o = acc ? *o + s[i] : s[i];
       }
@@ -454,8 +454,8 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
   const QActs& a = quantize_acts(x, T, ldx, w.cols);
   const QActView av = a.view();
   const int64_t N = w.rows;
-  parallel_for((N + kQTile - 1) / kQTile, [&](int64_t c0, int64_t c1) {
-    quant_rows(w, a, av, y, ldy, accumulate, c0 * kQTile, std::min(N, c1 * kQTile));
+  parallel_for((N + kQGroup - 1) / kQGroup, [&](int64_t c0, int64_t c1) {
+    quant_rows(w, a, av, y, ldy, accumulate, c0 * kQGroup, std::min(N, c1 * kQGroup));
   });
 }
 
@@ -470,14 +470,14 @@ bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarge
   // Chunks of 16 rows (one interleaved group) of every matrix, one after the other: one pass
   // of the pool for all.
   int64_t start[kMaxTargets + 1] = {0};
-  for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + kQTile - 1) / kQTile;
+  for (int i = 0; i < n; ++i) start[i + 1] = start[i] + (outs[i].w->rows + kQGroup - 1) / kQGroup;
   parallel_for(start[n], [&](int64_t c0, int64_t c1) {
     for (int i = 0; i < n; ++i) {
       const int64_t b = std::max(c0, start[i]), e = std::min(c1, start[i + 1]);
       if (b >= e) continue;
       const Weight& w = *outs[i].w;
-      quant_rows(w, a, av, outs[i].y, outs[i].ldy, false, (b - start[i]) * kQTile,
-                 std::min(w.rows, (e - start[i]) * kQTile));
+      quant_rows(w, a, av, outs[i].y, outs[i].ldy, false, (b - start[i]) * kQGroup,
+                 std::min(w.rows, (e - start[i]) * kQGroup));
     }
   });
   return true;

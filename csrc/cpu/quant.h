@@ -43,8 +43,8 @@ inline int64_t quant_row_bytes(QFormat f, int64_t K) {
 }
 inline int64_t scale_row_count(int64_t K) { return K / kQBlock; }
 
-constexpr int64_t kQTile = 16;  // rows per interleaved group
-inline int64_t tiled_rows(int64_t rows) { return rows / kQTile * kQTile; }
+constexpr int64_t kQGroup = 16;  // rows per interleaved group
+inline int64_t grouped_rows(int64_t rows) { return rows / kQGroup * kQGroup; }
 
 // A quantized matrix's three arrays (mins null but for int4m).
 struct QMatrix {
@@ -58,7 +58,7 @@ struct QMatrix {
 void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* m);
 // Whole matrix, plain rows <-> interleaved groups (out of place; m arrays may be null).
 void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m,
-                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_tiled);
+                     uint8_t* qo, uint16_t* dout, uint16_t* mout, bool to_groups);
 
 // IEEE half <-> float, round to nearest even (as numpy's astype(float16) and F16C).
 uint16_t f32_to_f16(float f);

@@ -32,9 +32,9 @@ inline float hsum8(__m256 v) {
 // int32 per block, and scaled by the block's 8 + 8 scales from one load each.
 void group_avx2(const QWeightView& w, int64_t g, const QActView& a, int64_t t, float* y, bool accumulate) {
   const int64_t nb = w.cols / kQBlock, np = a.np, steps = w.int4 ? np : nb;
-  const uint8_t* qg = w.q + g * kQTile * w.ld;
-  const uint16_t* sg = w.scales + g * kQTile * nb;
-  const uint16_t* mg = w.mins ? w.mins + g * kQTile * nb : nullptr;
+  const uint8_t* qg = w.q + g * kQGroup * w.ld;
+  const uint16_t* sg = w.scales + g * kQGroup * nb;
+  const uint16_t* mg = w.mins ? w.mins + g * kQGroup * nb : nullptr;
   const int8_t* qx = a.q + t * np * 64;
   const float* dx = a.dx + t * np * 2;
   const float* xs = a.xsum + t * np * 2;
@@ -65,8 +65,8 @@ void group_avx2(const QWeightView& w, int64_t g, const QActView& a, int64_t t, f
       const int64_t blk = w.int4 ? 2 * b : b;
       const int nblk = w.int4 && 2 * b + 1 < nb ? 2 : 1;
       for (int k = 0; k < nblk; ++k) {
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + (blk + k) * kQTile + 8 * h)));
-        const __m256 ov = mg ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + (blk + k) * kQTile + 8 * h)))
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + (blk + k) * kQGroup + 8 * h)));
+        const __m256 ov = mg ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + (blk + k) * kQGroup + 8 * h)))
                              : dv;
         acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(k ? d1 : d0), _mm256_set1_ps(dx[blk + k])), dv, acc[h]);
         if (w.int4) off[h] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xs[blk + k]), off[h]);
@@ -74,7 +74,7 @@ void group_avx2(const QWeightView& w, int64_t g, const QActView& a, int64_t t, f
     }
   }
   const __m256 kf = _mm256_set1_ps(w.mins ? 1.f : -8.f);  // int4m: o = m; int4: o = -8 d
-  float* o = y + g * kQTile;
+  float* o = y + g * kQGroup;
   for (int h = 0; h < 2; ++h) {
     const __m256 r = _mm256_fmadd_ps(off[h], kf, acc[h]);
     _mm256_storeu_ps(o + 8 * h, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o + 8 * h), r) : r);
@@ -87,9 +87,9 @@ void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t 
                      int64_t n0, int64_t n1, float* scratch) {
   const int64_t nb = w.cols / kQBlock;
   // Whole interleaved groups first (n0 is a multiple of 16 there), then the plain tail rows.
-  const int64_t full = tiled_rows(w.rows);
-  for (; n0 < n1 && n0 < full; n0 += kQTile)
-    for (int64_t t = 0; t < a.T; ++t) group_avx2(w, n0 / kQTile, a, t, y + t * ldy, accumulate);
+  const int64_t full = grouped_rows(w.rows);
+  for (; n0 < n1 && n0 < full; n0 += kQGroup)
+    for (int64_t t = 0; t < a.T; ++t) group_avx2(w, n0 / kQGroup, a, t, y + t * ldy, accumulate);
   float* dw = scratch;           // one row's float scales
   float* ow = scratch + nb + 1;  // and block offsets (int4: -8 d, int4m: m; w = d q + o)
   const __m256i low4 = _mm256_set1_epi8(0x0F);

@@ -33,10 +33,10 @@ inline float offset_term(const float* o, const float* xs, int64_t n) {
 // 16 scales come in one load, and the offsets' term (w = d q + o: int8 -128 d, int4 -8 d,
 // int4m m) is one multiply-add of o with the block's activation sum.
 template <bool kInt4, bool kMins, int S, int RT>
-void tiled_kernel(const QWeightView& w, int64_t g, const QActView& a, int64_t t0, float* y, int64_t ldy,
+void group_kernel(const QWeightView& w, int64_t g, const QActView& a, int64_t t0, float* y, int64_t ldy,
                   bool accumulate) {
   const int64_t nb = w.cols / kQBlock, np = a.np, steps = kInt4 ? np : nb;
-  const int64_t gbytes = kQTile * w.ld, gscales = kQTile * nb;
+  const int64_t gbytes = kQGroup * w.ld, gscales = kQGroup * nb;
   const __m512i low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(-128);
   __m512 acc[S][RT], off[S][RT];
 #pragma GCC unroll 8
@@ -89,15 +89,15 @@ void tiled_kernel(const QWeightView& w, int64_t g, const QActView& a, int64_t t0
           }
         }
       }
-      const uint16_t* sc = w.scales + (g + s) * gscales + blk * kQTile;
+      const uint16_t* sc = w.scales + (g + s) * gscales + blk * kQGroup;
       const __m512 dv0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
       const __m512 ov0 = kMins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                     w.mins + (g + s) * gscales + blk * kQTile)))
+                                     w.mins + (g + s) * gscales + blk * kQGroup)))
                                : dv0;
       __m512 dv1 = dv0, ov1 = ov0;
       if (kInt4) {
-        dv1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(second, sc + kQTile));
-        ov1 = kMins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(second, w.mins + (g + s) * gscales + (blk + 1) * kQTile))
+        dv1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(second, sc + kQGroup));
+        ov1 = kMins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(second, w.mins + (g + s) * gscales + (blk + 1) * kQGroup))
                     : dv1;
       }
 #pragma GCC unroll 4
@@ -125,7 +125,7 @@ void tiled_kernel(const QWeightView& w, int64_t g, const QActView& a, int64_t t0
 #pragma GCC unroll 4
     for (int t = 0; t < RT; ++t) {
       const __m512 r = _mm512_fmadd_ps(off[s][t], k, acc[s][t]);
-      float* o = y + (t0 + t) * ldy + (g + s) * kQTile;
+      float* o = y + (t0 + t) * ldy + (g + s) * kQGroup;
       _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), r) : r);
     }
 }
@@ -135,17 +135,17 @@ template <bool kInt4, bool kMins>
 void groups_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool acc, int64_t g0, int64_t g1) {
   if (a.T == 1) {
     int64_t g = g0;
-    for (; g + 4 <= g1; g += 4) tiled_kernel<kInt4, kMins, 4, 1>(w, g, a, 0, y, ldy, acc);
-    for (; g < g1; ++g) tiled_kernel<kInt4, kMins, 1, 1>(w, g, a, 0, y, ldy, acc);
+    for (; g + 4 <= g1; g += 4) group_kernel<kInt4, kMins, 4, 1>(w, g, a, 0, y, ldy, acc);
+    for (; g < g1; ++g) group_kernel<kInt4, kMins, 1, 1>(w, g, a, 0, y, ldy, acc);
     return;
   }
   for (int64_t g = g0; g < g1; ++g)
     for (int64_t t = 0; t < a.T; t += 4) {
       switch (min64(4, a.T - t)) {
-        case 4: tiled_kernel<kInt4, kMins, 1, 4>(w, g, a, t, y, ldy, acc); break;
-        case 3: tiled_kernel<kInt4, kMins, 1, 3>(w, g, a, t, y, ldy, acc); break;
-        case 2: tiled_kernel<kInt4, kMins, 1, 2>(w, g, a, t, y, ldy, acc); break;
-        default: tiled_kernel<kInt4, kMins, 1, 1>(w, g, a, t, y, ldy, acc); break;
+        case 4: group_kernel<kInt4, kMins, 1, 4>(w, g, a, t, y, ldy, acc); break;
+        case 3: group_kernel<kInt4, kMins, 1, 3>(w, g, a, t, y, ldy, acc); break;
+        case 2: group_kernel<kInt4, kMins, 1, 2>(w, g, a, t, y, ldy, acc); break;
+        default: group_kernel<kInt4, kMins, 1, 1>(w, g, a, t, y, ldy, acc); break;
       }
     }
 }
@@ -345,14 +345,14 @@ void rows_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, b
 void quant_rows_avx512vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                            int64_t n0, int64_t n1, float* scratch) {
   // Whole interleaved groups first (n0 is a multiple of 16 there), then the plain tail rows.
-  const int64_t full = tiled_rows(w.rows), g1 = min64(n1, full) / kQTile;
+  const int64_t full = grouped_rows(w.rows), g1 = min64(n1, full) / kQGroup;
   if (n0 < full) {
     if (w.mins)
-      groups_vnni<true, true>(w, a, y, ldy, accumulate, n0 / kQTile, g1);
+      groups_vnni<true, true>(w, a, y, ldy, accumulate, n0 / kQGroup, g1);
     else if (w.int4)
-      groups_vnni<true, false>(w, a, y, ldy, accumulate, n0 / kQTile, g1);
+      groups_vnni<true, false>(w, a, y, ldy, accumulate, n0 / kQGroup, g1);
     else
-      groups_vnni<false, false>(w, a, y, ldy, accumulate, n0 / kQTile, g1);
+      groups_vnni<false, false>(w, a, y, ldy, accumulate, n0 / kQGroup, g1);
     n0 = full;
   }
   if (n0 >= n1) return;

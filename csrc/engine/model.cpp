@@ -8,7 +8,7 @@
 #include <stdexcept>
 
 #include "cpu/simd.h"
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 namespace gemma {
 
@@ -29,6 +29,13 @@ struct OpTimer {
     if (slot) *slot += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 };
+
+// v grown to at least n elements (never shrunk: the workspace keeps its largest size).
+template <typename T>
+T* grown(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
 
 // Tokens per forward chunk across the batch: bounds the activation buffers (the MLP's two
 // [M, intermediate] float32 buffers are 64 MiB each at M = 512 on Gemma-2B) while keeping
@@ -110,7 +117,23 @@ Weight KVCache::values(int64_t layer, int64_t row, int64_t head, int64_t first, 
   return w;
 }
 
+void ModelConfig::validate() const {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("engine config: " + what); };
+  if (vocab_size <= 0 || hidden_size <= 0 || intermediate_size <= 0 || num_layers <= 0 || num_heads <= 0 ||
+      num_kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || num_heads % num_kv_heads != 0)
+    fail("sizes must be positive, head_dim even, and heads a multiple of kv heads");
+  if (!window.empty() && static_cast<int64_t>(window.size()) != num_layers)
+    fail("layer_windows needs one entry per layer");
+  for (int64_t w : window)
+    if (w < 0) fail("a sliding window must be >= 0");
+  if (!(rope_theta > 0.f) || !(rope_factor > 0.f) || !(rope_factor_local > 0.f) || rope_theta_local < 0.f ||
+      attn_softcap < 0.f || final_softcap < 0.f)
+    fail("RoPE bases and factors must be positive, soft-caps >= 0");
+}
+
 Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_(std::move(weights)) {
+  cfg_.validate();
+  if (cfg_.rope_theta_local == 0.f) cfg_.rope_theta_local = cfg_.rope_theta;
   // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
   // Linear scaling divides the frequencies by the factor (positions / factor).
   const int64_t half = cfg_.head_dim / 2;
@@ -233,16 +256,23 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   const int64_t R = static_cast<int64_t>(rows.size()), M = R * T;
   const int64_t QD = nH * hd, KD = nKV * hd;
 
-  std::vector<float> x(M * H), h(M * H), q(M * QD), k(M * KD), v(M * KD), att(M * QD);
-  std::vector<float> g(M * F), u(M * F);
+  float* x = grown(ws_.x, M * H);
+  float* h = grown(ws_.h, M * H);
+  float* q = grown(ws_.q, M * QD);
+  float* k = grown(ws_.k, M * KD);
+  float* v = grown(ws_.v, M * KD);
+  float* att = grown(ws_.att, M * QD);
+  float* g = grown(ws_.g, M * F);
+  float* u = grown(ws_.u, M * F);
   // cos / sin of every token's position: full-attention layers' table, then the sliding
   // layers' own one only when their RoPE differs (Gemma 3).
   const bool local_table = inv_freq_local_ != inv_freq_;
   const int64_t n_tables = local_table ? 2 : 1;
-  std::vector<float> cs(n_tables * M * half), sn(n_tables * M * half);
+  float* cs = grown(ws_.cs, n_tables * M * half);
+  float* sn = grown(ws_.sn, n_tables * M * half);
 
   for (int64_t m = 0; m < M; ++m) {
-    weight_row(w_.embed, ids[m], x.data() + m * H);
+    weight_row(w_.embed, ids[m], x + m * H);
     for (int64_t i = 0; i < H; ++i) x[m * H + i] *= cfg_.embed_scale;
     for (int64_t tb = 0; tb < n_tables; ++tb) {
       const float* freq = tb == 0 ? inv_freq_.data() : inv_freq_local_.data();
@@ -256,25 +286,25 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   for (int64_t r = 0; r < R; ++r)
     for (int64_t t = 0; t < T; ++t)
       cache.valid[rows[r] * cache.capacity + slot0 + t] = valid[r * T + t];
-  if (layer_sink) layer_sink(0, x.data());
+  if (layer_sink) layer_sink(0, x);
 
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
     // Attention block.
     {
       OpTimer timer(&OpProfile::norm);
-      rmsnorm(x.data(), L.attn_norm, h.data(), M, H, cfg_.rms_norm_eps);
+      rmsnorm(x, L.attn_norm, h, M, H, cfg_.rms_norm_eps);
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      const MatmulTarget qkv[3] = {{&L.q, q.data(), QD}, {&L.k, k.data(), KD}, {&L.v, v.data(), KD}};
-      matmul_many(h.data(), M, H, qkv, 3);
+      const MatmulTarget qkv[3] = {{&L.q, q, QD}, {&L.k, k, KD}, {&L.v, v, KD}};
+      matmul_many(h, M, H, qkv, 3);
     }
     {
       OpTimer timer(&OpProfile::rope_cache);
       if (cfg_.qk_norm) {  // in place: one row per head
-        rmsnorm(q.data(), L.q_norm, q.data(), M * nH, hd, cfg_.rms_norm_eps);
-        rmsnorm(k.data(), L.k_norm, k.data(), M * nKV, hd, cfg_.rms_norm_eps);
+        rmsnorm(q, L.q_norm, q, M * nH, hd, cfg_.rms_norm_eps);
+        rmsnorm(k, L.k_norm, k, M * nKV, hd, cfg_.rms_norm_eps);
       }
       const int64_t window = cfg_.layer_window(l);
       if (window > 0) cache.make_room(l, slot0, T, window);
@@ -282,8 +312,8 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       for (int64_t m = 0; m < M; ++m) {
         const float* c = &cs[table + m * half];
         const float* sv = &sn[table + m * half];
-        rope_apply(q.data() + m * QD, static_cast<int>(nH), static_cast<int>(hd), c, sv);
-        rope_apply(k.data() + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, sv);
+        rope_apply(q + m * QD, static_cast<int>(nH), static_cast<int>(hd), c, sv);
+        rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, sv);
         const int64_t r = m / T, t = m % T;
         for (int64_t kh = 0; kh < nKV; ++kh) {
           cache.store(l, rows[r], kh, slot0 + t, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
@@ -292,27 +322,27 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::attention);
-      attention(cache, l, rows, slot0, T, q.data(), att.data());
+      attention(cache, l, rows, slot0, T, q, att);
     }
-    block_output(att.data(), QD, L.o, L.post_attn_norm, h.data(), x.data(), M);
+    block_output(att, QD, L.o, L.post_attn_norm, h, x, M);
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
-      rmsnorm(x.data(), L.mlp_norm, h.data(), M, H, cfg_.rms_norm_eps);
+      rmsnorm(x, L.mlp_norm, h, M, H, cfg_.rms_norm_eps);
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      const MatmulTarget gate_up[2] = {{&L.gate, g.data(), F}, {&L.up, u.data(), F}};
-      matmul_many(h.data(), M, H, gate_up, 2);
+      const MatmulTarget gate_up[2] = {{&L.gate, g, F}, {&L.up, u, F}};
+      matmul_many(h, M, H, gate_up, 2);
     }
     {
       OpTimer timer(&OpProfile::activation);
-      gelu_tanh_mul(g.data(), u.data(), M * F);
+      gelu_tanh_mul(g, u, M * F);
     }
-    block_output(g.data(), F, L.down, L.post_mlp_norm, h.data(), x.data(), M);
-    if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x.data());
+    block_output(g, F, L.down, L.post_mlp_norm, h, x, M);
+    if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
-  rmsnorm(x.data(), w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
 }
 
@@ -361,6 +391,7 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
 std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* attention_mask,
                                   const int32_t* positions, int64_t B, int64_t L, Output output,
                                   bool last_only, std::vector<float>* hidden_states) {
+  std::lock_guard<std::mutex> lock(mu_);
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   const int64_t D = output == Output::Logits ? V : H;
   const int64_t out_L = last_only ? 1 : L;
@@ -368,22 +399,32 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
   if (hidden_states) hidden_states->assign(static_cast<size_t>((cfg_.num_layers + 1) * B * L * H), 0.f);
 
   KVCache cache(cfg_, B, L, chunk_tokens(B, L));
-  std::vector<float> lg;
+  std::vector<float> sel, lg;
   prefill(cache, input_ids, attention_mask, positions, B, L, hidden_states,
           [&](int64_t c0, int64_t T, const float* hid) {
             // Keep what this call returns: the last position only, or the whole chunk.
             if (last_only && c0 + T != L) return;
             const int64_t keep_t0 = last_only ? T - 1 : 0, keep_T = last_only ? 1 : T;
-            std::vector<float> sel(B * keep_T * H);
-            for (int64_t b = 0; b < B; ++b)
-              std::memcpy(&sel[b * keep_T * H], &hid[(b * T + keep_t0) * H], keep_T * H * sizeof(float));
-            const float* src = sel.data();
+            const int64_t dst_t0 = last_only ? 0 : c0;
+            const float* src = hid;
+            if (keep_T != T) {
+              sel.resize(static_cast<size_t>(B * keep_T * H));
+              for (int64_t b = 0; b < B; ++b)
+                std::memcpy(&sel[b * keep_T * H], &hid[(b * T + keep_t0) * H], keep_T * H * sizeof(float));
+              src = sel.data();
+            }
+            // The chunk's rows [B, keep_T] are contiguous in out when they are all of its
+            // rows (one chunk, or one row): logits go there directly, no chunk-sized copy.
+            const bool in_place = B == 1 || keep_T == out_L;
+            if (output == Output::Logits && in_place) {
+              logits(src, B * keep_T, &out[dst_t0 * V]);
+              return;
+            }
             if (output == Output::Logits) {
-              lg.resize(B * keep_T * V);
-              logits(sel.data(), B * keep_T, lg.data());
+              lg.resize(static_cast<size_t>(B * keep_T * V));
+              logits(src, B * keep_T, lg.data());
               src = lg.data();
             }
-            const int64_t dst_t0 = last_only ? 0 : c0;
             for (int64_t b = 0; b < B; ++b)
               std::memcpy(&out[(b * out_L + dst_t0) * D], src + b * keep_T * D, keep_T * D * sizeof(float));
           });
@@ -392,6 +433,7 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
 
 GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
                                int64_t L, const SamplingParams& p, const StepCallback& on_step) {
+  std::lock_guard<std::mutex> lock(mu_);
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   GenerateResult res;
   if (p.max_new_tokens <= 0) return res;

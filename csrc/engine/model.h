@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,7 @@ struct ModelConfig {
   float rms_norm_eps = 1e-6f;
   float rope_theta = 10000.f;        // RoPE base of full-attention layers
   float rope_factor = 1.f;           // linear RoPE scaling of full-attention layers (positions / factor)
-  float rope_theta_local = 10000.f;  // the same two for sliding-window layers
+  float rope_theta_local = 0.f;      // the same two for sliding-window layers (theta 0: rope_theta)
   float rope_factor_local = 1.f;
   float embed_scale = 1.f;   // sqrt(hidden_size), already rounded to the weight dtype
   float attn_scale = 1.f;    // head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5)
@@ -38,6 +39,10 @@ struct ModelConfig {
   // Per layer: the sliding window (a key is visible iff q - window < k <= q), 0 = global.
   std::vector<int64_t> window;
   int64_t layer_window(int64_t l) const { return window.empty() ? 0 : window[l]; }
+  // std::invalid_argument naming what is wrong: sizes not positive, head_dim odd, heads not a
+  // multiple of kv heads, a window list of the wrong length, RoPE bases or factors not
+  // positive, negative soft-caps.
+  void validate() const;
 };
 
 struct LayerWeights {
@@ -101,14 +106,23 @@ struct GenerateResult {
 // Called once per step with the new token of every row (pad for finished rows).
 using StepCallback = std::function<void(const std::vector<int32_t>&)>;
 
+// step()'s activation buffers: sized for the largest chunk seen and kept for the model's
+// life, so that a decode step allocates nothing.
+struct Workspace {
+  std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
+};
+
+// forward() and generate() may be called from several threads: one runs at a time (they
+// share the workspace, and the thread pool serialises their matmuls anyway).
 class Model {
  public:
-  Model(const ModelConfig& config, ModelWeights weights);
+  Model(const ModelConfig& config, ModelWeights weights);  // validates config
   const ModelConfig& config() const { return cfg_; }
 
   // input_ids, attention_mask, positions: [B, L] row-major. Returns float32
-  // [B, last_only ? 1 : L, hidden or vocab]. hidden_states (optional): every layer's input
-  // and the final normed output, [num_layers + 1, B, L, hidden].
+  // [B, last_only ? 1 : L, hidden or vocab] (the buffer the output was computed in: callers
+  // take it over without a copy). hidden_states (optional): every layer's input and the
+  // final normed output, [num_layers + 1, B, L, hidden].
   std::vector<float> forward(const int32_t* input_ids, const int32_t* attention_mask,
                              const int32_t* positions, int64_t B, int64_t L, Output output,
                              bool last_only, std::vector<float>* hidden_states = nullptr);
@@ -140,6 +154,8 @@ class Model {
 
   ModelConfig cfg_;
   ModelWeights w_;
+  Workspace ws_;
+  std::mutex mu_;  // held by forward() and generate(): ws_ is theirs
   // head_dim / 2 rotary frequencies, float32 as transformers: full-attention layers, then
   // sliding-window layers.
   std::vector<float> inv_freq_, inv_freq_local_;

@@ -5,7 +5,9 @@ int8 has the values of GGUF Q8_0, int4 those of Q4_0 and int4m those of Q4_1: bl
 weights along a row, one fp16 scale d each (int4m: and one fp16 min m); int8 w = d * q
 (q in [-127, 127]), int4 w = d * (q - 8), int4m w = d * q + m (q in [0, 15]; the product and
 the sum each rounded to float32, as ggml). int4 is int4m with m = -8 d.
-A quantized matrix is the tuple (format, quants, scales), or (format, quants, scales, mins):
+A quantized matrix is a QuantizedWeight: the tuple (format, quants, scales), or
+(format, quants, scales, mins), with names for its parts (the engine takes any such tuple;
+csrc/bindings/common.h reads it):
   int8:  quants int8-valued uint8 [rows, K], scales uint16 (fp16 bits) [rows, K / 32]
   int4:  quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
          block 2p in its low nibble and of block 2p + 1 in its high nibble.
@@ -27,6 +29,47 @@ GROUP = 16  # rows per interleaved group
 BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32}
 
 
+class QuantizedWeight(tuple):
+    """(format, quants, scales[, mins]): a quantized matrix in the engine's layout, with names.
+
+    A tuple, so that it crosses into the engine as it is and unpacks as (fmt, q, d[, m]);
+    `mins` is int4m's and None otherwise. `shape` is the (rows, cols) of the matrix it holds."""
+
+    __slots__ = ()
+
+    def __new__(cls, format: str, quants: np.ndarray, scales: np.ndarray, mins: Optional[np.ndarray] = None):
+        if format not in FORMATS:
+            raise ValueError(f"unknown quantization {format!r}: expected one of {', '.join(FORMATS)}")
+        if (mins is None) == (format == "int4m"):
+            raise ValueError("an int4m weight is (format, quants, scales, mins); int8 and int4 have no mins")
+        parts = (format, quants, scales) if mins is None else (format, quants, scales, mins)
+        return super().__new__(cls, parts)
+
+    @classmethod
+    def of(cls, parts) -> "QuantizedWeight":
+        """A QuantizedWeight from any (format, quants, scales[, mins]) sequence."""
+        return parts if isinstance(parts, cls) else cls(*parts)
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    format = property(lambda self: self[0])
+    quants = property(lambda self: self[1])
+    scales = property(lambda self: self[2])
+    mins = property(lambda self: self[3] if len(self) == 4 else None)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.scales.shape[0], self.scales.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self[1:])
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.format!r}, shape={self.shape})"
+
+
 def _blocks(w: np.ndarray) -> np.ndarray:
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or w.shape[1] % BLOCK:
@@ -39,17 +82,17 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
 
 
-def quantize_int8(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
+def quantize_int8(w: np.ndarray) -> QuantizedWeight:
     """As ggml's quantize_row_q8_0_ref: d = amax / 127 (float32), q = roundf(x / d)."""
     x = _blocks(w)
     d = (np.abs(x).max(axis=2) / np.float32(127)).astype(np.float32)
     v = (x * _inverse(d)[..., None]).astype(np.float32)
     q = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)  # half away from zero, exactly
-    return interleave(("int8", q.astype(np.int8).view(np.uint8).reshape(w.shape[0], -1),
-                       d.astype(np.float16).view(np.uint16)))
+    return interleave(QuantizedWeight("int8", q.astype(np.int8).view(np.uint8).reshape(w.shape[0], -1),
+                                      d.astype(np.float16).view(np.uint16)))
 
 
-def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
+def quantize_int4(w: np.ndarray) -> QuantizedWeight:
     """As ggml's quantize_row_q4_0_ref: d = (value of largest magnitude) / -8,
     q = min(15, trunc(x / d + 8.5)), each step rounded to float32."""
     x = _blocks(w)
@@ -58,10 +101,10 @@ def quantize_int4(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray]:
     d = (vmax / np.float32(-8)).astype(np.float32)
     v = ((x * _inverse(d)[..., None]).astype(np.float32) + np.float32(8.5)).astype(np.float32)
     q = np.minimum(15, np.trunc(v)).astype(np.uint8)
-    return interleave(("int4", pack_nibbles(q), d.astype(np.float16).view(np.uint16)))
+    return interleave(QuantizedWeight("int4", pack_nibbles(q), d.astype(np.float16).view(np.uint16)))
 
 
-def quantize_int4m(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def quantize_int4m(w: np.ndarray) -> QuantizedWeight:
     """As ggml's quantize_row_q4_1_ref: d = (max - min) / 15, m = min,
     q = min(15, trunc((x - min) / d + 0.5)), each step rounded to float32."""
     x = _blocks(w)
@@ -69,8 +112,8 @@ def quantize_int4m(w: np.ndarray) -> Tuple[str, np.ndarray, np.ndarray, np.ndarr
     d = ((hi - lo) / np.float32(15)).astype(np.float32)
     v = (((x - lo[..., None]).astype(np.float32) * _inverse(d)[..., None]).astype(np.float32) + np.float32(0.5))
     q = np.minimum(15, np.trunc(v.astype(np.float32))).astype(np.uint8)
-    return interleave(("int4m", pack_nibbles(q), d.astype(np.float16).view(np.uint16),
-                       lo.astype(np.float16).view(np.uint16)))
+    return interleave(QuantizedWeight("int4m", pack_nibbles(q), d.astype(np.float16).view(np.uint16),
+                                      lo.astype(np.float16).view(np.uint16)))
 
 
 def _regroup(a: np.ndarray, unit: int, to_groups: bool) -> np.ndarray:
@@ -87,21 +130,23 @@ def _regroup(a: np.ndarray, unit: int, to_groups: bool) -> np.ndarray:
     return out
 
 
-def _move(qw: tuple, to_groups: bool) -> tuple:
-    fmt, q, d = qw[:3]
+def _move(qw, to_groups: bool) -> QuantizedWeight:
+    qw = QuantizedWeight.of(qw)
+    q, d = qw.quants, qw.scales
     if q.ndim != 2 or d.ndim != 2 or q.shape[0] != d.shape[0] or q.shape[1] % 4:
         raise ValueError(f"a quantized weight's quants and scales must be [rows, bytes] and [rows, blocks], "
                          f"got {q.shape} and {d.shape}")
-    return (fmt, _regroup(q, 4, to_groups)) + tuple(_regroup(a, 1, to_groups) for a in qw[2:])
+    return QuantizedWeight(qw.format, _regroup(q, 4, to_groups),
+                           *(_regroup(a, 1, to_groups) for a in qw[2:]))
 
 
-def interleave(qw: tuple) -> tuple:
-    """A quantized tuple in plain row order -> the engine's order (16-row groups)."""
+def interleave(qw) -> QuantizedWeight:
+    """A quantized weight in plain row order -> the engine's order (16-row groups)."""
     return _move(qw, True)
 
 
-def deinterleave(qw: tuple) -> tuple:
-    """A quantized tuple in the engine's order -> plain rows (row r is quants[r], scales[r])."""
+def deinterleave(qw) -> QuantizedWeight:
+    """A quantized weight in the engine's order -> plain rows (row r is quants[r], scales[r])."""
     return _move(qw, False)
 
 
@@ -121,7 +166,8 @@ def unpack_nibbles(q: np.ndarray, nb: int) -> np.ndarray:
     return np.stack([pairs & 0xF, pairs >> 4], axis=2).reshape(q.shape[0], -1, BLOCK)[:, :nb]
 
 
-def quantize(w: np.ndarray, fmt: str) -> tuple:
+def quantize(w: np.ndarray, fmt: str) -> QuantizedWeight:
+    """The numpy mirror of the engine's quantizer (_C.quantize): the same bytes."""
     if fmt == "int8":
         return quantize_int8(w)
     if fmt == "int4":
@@ -131,7 +177,7 @@ def quantize(w: np.ndarray, fmt: str) -> tuple:
     raise ValueError(f"unknown quantization {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
-def dequantize(qw: tuple, cols: int) -> np.ndarray:
+def dequantize(qw, cols: int) -> np.ndarray:
     qw = deinterleave(qw)
     fmt, q, d = qw[:3]
     rows, nb = d.shape
@@ -140,13 +186,9 @@ def dequantize(qw: tuple, cols: int) -> np.ndarray:
         v = q.view(np.int8).reshape(rows, nb, BLOCK).astype(np.float32)
     elif fmt == "int4":
         v = unpack_nibbles(q, nb).astype(np.float32) - 8
-    elif fmt == "int4m":
-        if len(qw) != 4:
-            raise ValueError("an int4m weight is (format, quants, scales, mins)")
-        m = qw[3].view(np.float16).astype(np.float32)[..., None]
+    else:  # int4m: w = d q + m, the product and the sum each rounded to float32
+        m = qw.mins.view(np.float16).astype(np.float32)[..., None]
         return (unpack_nibbles(q, nb).astype(np.float32) * scale + m).astype(np.float32).reshape(rows, cols)
-    else:
-        raise ValueError(f"unknown quantization {fmt!r}")
     return (v * scale).astype(np.float32).reshape(rows, cols)
 
 

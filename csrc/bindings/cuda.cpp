@@ -1,7 +1,7 @@
-// The CUDA part of gemma_cpp._C: the device status, and (in a CUDA build) one test hook per
-// kernel: numpy in, copied to the GPU, one op, copied back. Thin, as bindings.cpp: checks
-// dtypes and shapes, computes nothing. The device outputs are filled with NaN bytes (0xff)
-// before each op, so an element a kernel fails to write comes back NaN.
+// The CUDA part of gemma_cpp._C: the device status, and (in a CUDA build) one hook per
+// kernel in _testing: numpy in, copied to the GPU, one op, copied back. Thin, as the module:
+// checks dtypes and shapes, computes nothing. The device outputs are filled with NaN bytes
+// (0xff) before each op, so an element a kernel fails to write comes back NaN.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/common.h"
 #include "cpu/kernels.h"
 
 #ifdef GEMMA_CPP_HAVE_CUDA
@@ -26,58 +27,11 @@ namespace py = pybind11;
 #define GEMMA_CPP_CUDA_OFF_REASON "GEMMA_CPP_CUDA=OFF"
 #endif
 
-namespace {
-
-using F32Array = py::array_t<float, py::array::c_style>;
-
-// The CPU twins of the CUDA ops that bindings.cpp does not expose (the GPU tests compare
-// against them; on a machine without a GPU they check the tests' float64 references).
-void register_cpu_twins(py::module_& m) {
-  m.def("cpu_op_rmsnorm", [](const F32Array& x, const F32Array& w, float eps) {
-    if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1))
-      throw py::value_error("cpu_op_rmsnorm: x [T, H] and w [H]");
-    F32Array out({x.shape(0), x.shape(1)});
-    gemma::rmsnorm(x.data(), w.data(), out.mutable_data(), x.shape(0), x.shape(1), eps);
-    return out;
-  }, py::arg("x"), py::arg("w"), py::arg("eps"));
-  m.def("cpu_op_geglu", [](const F32Array& gate, const F32Array& up) {
-    if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0))
-      throw py::value_error("cpu_op_geglu: gate and up [n]");
-    F32Array out({gate.shape(0)});
-    std::copy_n(gate.data(), gate.shape(0), out.mutable_data());
-    gemma::gelu_tanh_mul(out.mutable_data(), up.data(), gate.shape(0));
-    return out;
-  }, py::arg("gate"), py::arg("up"));
-  // RoPE as Model::step applies it: cos / sin of float(pos) * inv_freq in float32.
-  m.def("cpu_op_rope", [](const F32Array& x, int64_t n_heads, const py::array_t<int32_t, py::array::c_style>& pos,
-                          const F32Array& inv_freq) {
-    if (x.ndim() != 2 || n_heads <= 0 || x.shape(1) % n_heads != 0 || pos.ndim() != 1 || pos.shape(0) != x.shape(0))
-      throw py::value_error("cpu_op_rope: x [M, n_heads * head_dim], pos [M]");
-    const int64_t M = x.shape(0), hd = x.shape(1) / n_heads, half = hd / 2;
-    if (hd % 2 != 0 || inv_freq.ndim() != 1 || inv_freq.shape(0) != half)
-      throw py::value_error("cpu_op_rope: head_dim must be even and inv_freq [head_dim / 2]");
-    F32Array out({x.shape(0), x.shape(1)});
-    std::copy_n(x.data(), x.size(), out.mutable_data());
-    std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float f = static_cast<float>(pos.data()[m]) * inv_freq.data()[i];
-        cs[i] = std::cos(f);
-        sn[i] = std::sin(f);
-      }
-      gemma::rope_apply(out.mutable_data() + m * x.shape(1), static_cast<int>(n_heads), static_cast<int>(hd),
-                        cs.data(), sn.data());
-    }
-    return out;
-  }, py::arg("x"), py::arg("n_heads"), py::arg("pos"), py::arg("inv_freq"));
-}
-
-}  // namespace
+namespace gemma::bind {
 
 #ifndef GEMMA_CPP_HAVE_CUDA
 
-void register_cuda(py::module_& m) {
-  register_cpu_twins(m);
+void register_cuda(py::module_& m, py::module_& testing) {
   m.def("cuda_status", []() {
     py::dict d;
     d["available"] = false;
@@ -96,37 +50,12 @@ void register_cuda(py::module_& m) {
 
 namespace {
 
-using namespace gemma;
 using gemma::cuda::check;
 using gemma::cuda::DeviceBuffer;
-
-std::string shape_str(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
 
 void require_gpu() {
   const auto& s = cuda::device_status();
   if (!s.available) throw std::runtime_error("CUDA is not available: " + s.reason);
-}
-
-// a must be C-contiguous, of dtype T and ndim dimensions; returns it.
-template <typename T>
-const py::array& need(const py::array& a, const std::string& name, int ndim) {
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::value_error(name + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " +
-                          std::string(py::str(a.dtype())));
-  if (a.ndim() != ndim)
-    throw py::value_error(name + ": expected " + std::to_string(ndim) + " dimensions, got shape " + shape_str(a));
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(name + ": must be C-contiguous");
-  return a;
-}
-
-void need_dim(const py::array& a, const std::string& name, int axis, int64_t n) {
-  if (a.shape(axis) != n)
-    throw py::value_error(name + ": axis " + std::to_string(axis) + " must be " + std::to_string(n) + ", got shape " +
-                          shape_str(a));
 }
 
 DeviceBuffer up(const py::array& a) { return DeviceBuffer(a.data(), static_cast<size_t>(a.nbytes())); }
@@ -150,7 +79,7 @@ void run(cudaError_t launched, const char* what) {
   check(cudaDeviceSynchronize(), what);
 }
 
-// A weight on the device: float32 / bf16-bits array [rows, K], or (format, quants, scales).
+// A weight on the device: float32 / bf16-bits array [rows, K], or a QuantizedWeight.
 struct DevWeight {
   DeviceBuffer data, scales;
   Weight w;
@@ -159,45 +88,25 @@ struct DevWeight {
 DevWeight upload_weight(const py::object& o, const std::string& name) {
   DevWeight d;
   if (py::isinstance<py::tuple>(o)) {
-    const py::tuple t = o.cast<py::tuple>();
-    const std::string fmt = t.size() > 0 ? t[0].cast<std::string>() : std::string();
-    if (fmt == "int4m") throw py::value_error(name + ": int4m weights have no CUDA kernels yet (int8 and int4 do)");
-    if (t.size() != 3) throw py::value_error(name + ": a quantized weight is (format, quants, scales)");
-    if (fmt != "int8" && fmt != "int4") throw py::value_error(name + ": unknown format '" + fmt + "'");
-    const py::array q = t[1].cast<py::array>(), s = t[2].cast<py::array>();
-    need<uint16_t>(s, name + " scales", 2);
-    if (q.ndim() != 2 || q.itemsize() != 1 || !(q.flags() & py::array::c_style))
-      throw py::value_error(name + ": quants must be a contiguous 2-D array of bytes, got " + shape_str(q));
-    const QFormat f = fmt == "int8" ? QFormat::Int8 : QFormat::Int4;
-    const int64_t rows = q.shape(0), K = s.shape(1) * kQBlock;
-    need_dim(s, name + " scales", 0, rows);
-    need_dim(q, name + " quants", 1, quant_row_bytes(f, K));
+    const QuantizedWeight qw = QuantizedWeight::from(o, name);
+    if (qw.format == QFormat::Int4m)
+      throw py::value_error(name + ": int4m weights have no CUDA kernels yet (int8 and int4 do)");
+    const Weight src = qw.view();
     // The CUDA kernels read plain rows: the CPU's interleaved groups (quant.h) are undone here.
-    const int64_t qb = quant_row_bytes(f, K), nb = K / kQBlock;
+    const int64_t rows = src.rows, qb = src.ld, nb = src.cols / kQBlock;
     py::array_t<uint8_t> qp({rows, qb});
     py::array_t<uint16_t> sp({rows, nb});
-    interleave_rows(rows, qb, nb, static_cast<const uint8_t*>(q.data()), static_cast<const uint16_t*>(s.data()),
-                    nullptr, qp.mutable_data(), sp.mutable_data(), nullptr, false);
+    interleave_rows(rows, qb, nb, static_cast<const uint8_t*>(src.data), src.scales, nullptr, qp.mutable_data(),
+                    sp.mutable_data(), nullptr, false);
     d.data = up(qp);
     d.scales = up(sp);
-    d.w.dtype = f == QFormat::Int8 ? DType::Int8 : DType::Int4;
-    d.w.rows = rows;
-    d.w.cols = K;
-    d.w.ld = quant_row_bytes(f, K);
+    d.w = src;
     d.w.scales = d.scales.as<uint16_t>();
   } else {
     const py::array a = o.cast<py::array>();
-    if (a.dtype().is(py::dtype::of<float>()))
-      d.w.dtype = DType::F32;
-    else if (a.dtype().is(py::dtype::of<uint16_t>()))
-      d.w.dtype = DType::BF16;
-    else
-      throw py::value_error(name + ": weights must be float32 or uint16 (bf16 bits), got " + std::string(py::str(a.dtype())));
-    if (a.ndim() != 2 || !(a.flags() & py::array::c_style))
-      throw py::value_error(name + ": expected a C-contiguous 2-D array, got " + shape_str(a));
+    if (a.ndim() != 2) throw py::value_error(name + ": expected a 2-D array, got " + shape_str(a));
+    d.w = as_weight(a, name, -1, a.shape(1));
     d.data = up(a);
-    d.w.rows = a.shape(0);
-    d.w.cols = d.w.ld = a.shape(1);
   }
   d.w.data = d.data.get();
   return d;
@@ -259,8 +168,7 @@ double time_ms(Fn fn, int warmup, int iters) {
 
 }  // namespace
 
-void register_cuda(py::module_& m) {
-  register_cpu_twins(m);
+void register_cuda(py::module_& m, py::module_& testing) {
   m.def("cuda_status", []() {
     const auto& s = cuda::device_status();
     py::dict d;
@@ -275,12 +183,12 @@ void register_cuda(py::module_& m) {
     return d;
   }, "The CUDA build and device status (see gemma_cpp.cuda_status)");
 
-  m.def("cuda_sample_uniform", &cuda::sample_uniform, py::arg("seed"), py::arg("stream"), py::arg("step"),
+  testing.def("cuda_sample_uniform", &cuda::sample_uniform, py::arg("seed"), py::arg("stream"), py::arg("step"),
         "The GPU sampler's uniform draw for (seed, stream, step), computed on the host");
 
   // ---- Test hooks: one op each --------------------------------------------------------
 
-  m.def("cuda_op_embed", [](const py::object& table, const py::array& ids, float scale) {
+  testing.def("cuda_op_embed", [](const py::object& table, const py::array& ids, float scale) {
     require_gpu();
     need<int32_t>(ids, "ids", 1);
     DevWeight t = upload_weight(table, "table");
@@ -291,7 +199,7 @@ void register_cuda(py::module_& m) {
     return down<float>(out, {T, H});
   }, py::arg("table"), py::arg("ids"), py::arg("scale"));
 
-  m.def("cuda_op_rmsnorm", [](const py::array& x, const py::array& w, float eps) {
+  testing.def("cuda_op_rmsnorm", [](const py::array& x, const py::array& w, float eps) {
     require_gpu();
     need<float>(x, "x", 2);
     need<float>(w, "w", 1);
@@ -302,7 +210,7 @@ void register_cuda(py::module_& m) {
     return down<float>(out, {T, H});
   }, py::arg("x"), py::arg("w"), py::arg("eps"));
 
-  m.def("cuda_op_add_rmsnorm", [](const py::array& y, const py::object& w_post, const py::array& x,
+  testing.def("cuda_op_add_rmsnorm", [](const py::array& y, const py::object& w_post, const py::array& x,
                                   const py::array& w_next, float eps) {
     require_gpu();
     need<float>(y, "y", 2);
@@ -326,7 +234,7 @@ void register_cuda(py::module_& m) {
   }, py::arg("y"), py::arg("w_post"), py::arg("x"), py::arg("w_next"), py::arg("eps"),
      "(x + (rmsnorm(y, w_post) or y), rmsnorm(of that, w_next))");
 
-  m.def("cuda_op_rope_kv", [](const py::array& q, const py::array& k, const py::array& v, const py::array& pos,
+  testing.def("cuda_op_rope_kv", [](const py::array& q, const py::array& k, const py::array& v, const py::array& pos,
                               const py::array& inv_freq, const py::object& q_norm, const py::object& k_norm, float eps,
                               int64_t n_heads, int64_t n_kv, const std::string& cache_dtype, int64_t rows,
                               int64_t capacity, const py::array& cache_row, const py::array& slot,
@@ -389,7 +297,7 @@ void register_cuda(py::module_& m) {
      py::arg("capacity"), py::arg("cache_row"), py::arg("slot"), py::arg("valid_in") = py::none(),
      "(q rotated, k cache, v cache, valid) from a cache poisoned with 0xff bytes");
 
-  m.def("cuda_op_geglu", [](const py::array& gate, const py::array& up_) {
+  testing.def("cuda_op_geglu", [](const py::array& gate, const py::array& up_) {
     require_gpu();
     need<float>(gate, "gate", 1);
     need<float>(up_, "up", 1);
@@ -400,7 +308,7 @@ void register_cuda(py::module_& m) {
     return down<float>(out, {n});
   }, py::arg("gate"), py::arg("up"));
 
-  m.def("cuda_op_gemv", [](const py::array& x, const py::object& w, const py::object& y0) {
+  testing.def("cuda_op_gemv", [](const py::array& x, const py::object& w, const py::object& y0) {
     require_gpu();
     need<float>(x, "x", 2);
     DevWeight dw = upload_weight(w, "w");
@@ -419,7 +327,7 @@ void register_cuda(py::module_& m) {
   }, py::arg("x"), py::arg("w"), py::arg("y0") = py::none(),
      "x @ W.T by the decode GEMV (y0 given: y0 + x @ W.T, the accumulate path)");
 
-  m.def("cuda_op_gemm_bf16", [](const py::array& x, const py::array& w, const py::object& y0) {
+  testing.def("cuda_op_gemm_bf16", [](const py::array& x, const py::array& w, const py::object& y0) {
     require_gpu();
     need<float>(x, "x", 2);
     need<uint16_t>(w, "w", 2);
@@ -438,7 +346,7 @@ void register_cuda(py::module_& m) {
     return down<float>(y, {M, N});
   }, py::arg("x"), py::arg("w"), py::arg("y0") = py::none());
 
-  m.def("cuda_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
+  testing.def("cuda_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                        const py::array& valid, const py::array& cache_row, const py::array& q_slot,
                                        int64_t n_slots, int64_t n_heads, float scale, float softcap, int64_t window) {
     require_gpu();
@@ -463,7 +371,7 @@ void register_cuda(py::module_& m) {
   }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("q_slot"),
      py::arg("n_slots"), py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0);
 
-  m.def("cuda_op_attention_prefill", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
+  testing.def("cuda_op_attention_prefill", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                         const py::array& valid, const py::array& cache_row, int64_t slot0,
                                         int64_t n_heads, float scale, float softcap, int64_t window, bool causal) {
     require_gpu();
@@ -483,7 +391,7 @@ void register_cuda(py::module_& m) {
   }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("slot0"),
      py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0, py::arg("causal") = true);
 
-  m.def("cuda_op_softcap", [](const py::array& x, float cap) {
+  testing.def("cuda_op_softcap", [](const py::array& x, float cap) {
     require_gpu();
     need<float>(x, "x", 1);
     DeviceBuffer d = up(x);
@@ -491,7 +399,7 @@ void register_cuda(py::module_& m) {
     return down<float>(d, {x.shape(0)});
   }, py::arg("x"), py::arg("cap"));
 
-  m.def("cuda_op_argmax", [](const py::array& logits) {
+  testing.def("cuda_op_argmax", [](const py::array& logits) {
     require_gpu();
     need<float>(logits, "logits", 2);
     const int64_t B = logits.shape(0), V = logits.shape(1);
@@ -500,7 +408,7 @@ void register_cuda(py::module_& m) {
     return down<int32_t>(out, {B});
   }, py::arg("logits"));
 
-  m.def("cuda_op_sample", [](const py::array& logits, bool do_sample, float temperature, int64_t top_k, float top_p,
+  testing.def("cuda_op_sample", [](const py::array& logits, bool do_sample, float temperature, int64_t top_k, float top_p,
                              float min_p, uint64_t seed, uint64_t step, const py::object& stream_ids) {
     require_gpu();
     need<float>(logits, "logits", 2);
@@ -528,7 +436,7 @@ void register_cuda(py::module_& m) {
      py::arg("top_p") = 1.f, py::arg("min_p") = 0.f, py::arg("seed") = 0, py::arg("step") = 0,
      py::arg("stream_ids") = py::none());
 
-  m.def("cuda_op_repetition_penalty", [](const py::array& logits, const py::array& history, const py::array& lengths,
+  testing.def("cuda_op_repetition_penalty", [](const py::array& logits, const py::array& history, const py::array& lengths,
                                          float penalty) {
     require_gpu();
     need<float>(logits, "logits", 2);
@@ -551,7 +459,7 @@ void register_cuda(py::module_& m) {
 
   // ---- Timing (benchmarks/gpu_check.sh) ------------------------------------------------
 
-  m.def("cuda_bench_gemv", [](const py::object& w, int64_t T, int iters, int64_t rotate_bytes) {
+  testing.def("cuda_bench_gemv", [](const py::object& w, int64_t T, int iters, int64_t rotate_bytes) {
     require_gpu();
     DevWeight dw = upload_weight(w, "w");
     const int64_t K = dw.w.cols, N = dw.w.rows;
@@ -595,7 +503,7 @@ void register_cuda(py::module_& m) {
      "Milliseconds per gemv() call with the weight resident on the GPU (cycling through copies that "
      "total rotate_bytes, so that each call reads HBM), and the bytes of one copy");
 
-  m.def("cuda_bench_copy", [](int64_t bytes, int iters) {
+  testing.def("cuda_bench_copy", [](int64_t bytes, int iters) {
     require_gpu();
     DeviceBuffer a(static_cast<size_t>(bytes)), b(static_cast<size_t>(bytes));
     a.fill(1);
@@ -608,3 +516,5 @@ void register_cuda(py::module_& m) {
 }
 
 #endif  // GEMMA_CPP_HAVE_CUDA
+
+}  // namespace gemma::bind

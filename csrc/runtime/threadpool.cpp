@@ -1,4 +1,4 @@
-#include "engine/threadpool.h"
+#include "runtime/threadpool.h"
 
 #include <sched.h>
 #include <unistd.h>

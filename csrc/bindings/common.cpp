@@ -1,0 +1,116 @@
+#include "bindings/common.h"
+
+namespace gemma::bind {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void need_dim(const py::array& a, const std::string& name, int axis, int64_t n) {
+  if (a.shape(axis) != n)
+    throw py::value_error(name + ": axis " + std::to_string(axis) + " must be " + std::to_string(n) + ", got shape " +
+                          shape_str(a));
+}
+
+QFormat parse_format(const std::string& name) {
+  if (name == "int8") return QFormat::Int8;
+  if (name == "int4") return QFormat::Int4;
+  if (name == "int4m") return QFormat::Int4m;
+  throw py::value_error("unknown quantization '" + name + "': expected 'int8', 'int4' or 'int4m'");
+}
+
+const char* format_name(QFormat f) { return f == QFormat::Int8 ? "int8" : f == QFormat::Int4 ? "int4" : "int4m"; }
+
+namespace {
+bool is_u16_matrix(const py::array& a) {
+  return a.ndim() == 2 && a.dtype().is(py::dtype::of<uint16_t>()) && (a.flags() & py::array::c_style);
+}
+std::string dims(int64_t rows, int64_t cols) { return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")"; }
+}  // namespace
+
+QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::array d, py::object m,
+                                 const std::string& name)
+    : format(parse_format(fmt)), quants(std::move(q)), scales(std::move(d)), mins(std::move(m)) {
+  if (format == QFormat::Int4m && mins.is_none())
+    throw py::value_error(name + ": an int4m weight is (format, quants, scales, mins)");
+  if (format != QFormat::Int4m && !mins.is_none())
+    throw py::value_error(name + ": a quantized weight is (format, quants, scales); only int4m has mins");
+  if (!is_u16_matrix(scales))
+    throw py::value_error(name + ": scales must be a contiguous 2-D uint16 array (fp16 bits), got " +
+                          std::string(py::str(scales.dtype())) + " " + shape_str(scales));
+  const int64_t rows = scales.shape(0), nb = scales.shape(1), qb = quant_row_bytes(format, nb * kQBlock);
+  if (quants.ndim() != 2 || quants.shape(0) != rows || quants.shape(1) != qb || quants.itemsize() != 1 ||
+      !(quants.flags() & py::array::c_style))
+    throw py::value_error(name + ": quants must be a contiguous 1-byte array of shape " + dims(rows, qb) + ", got " +
+                          shape_str(quants));
+  if (format == QFormat::Int4m) {
+    const py::array ma = mins.cast<py::array>();
+    if (!is_u16_matrix(ma) || ma.shape(0) != rows || ma.shape(1) != nb)
+      throw py::value_error(name + ": mins must be a contiguous uint16 array of shape " + dims(rows, nb) + ", got " +
+                            shape_str(ma));
+    mins = ma;
+  }
+}
+
+Weight QuantizedWeight::view() const {
+  Weight w;
+  w.dtype = format == QFormat::Int8 ? DType::Int8 : format == QFormat::Int4 ? DType::Int4 : DType::Int4m;
+  w.data = quants.data();
+  w.scales = static_cast<const uint16_t*>(scales.data());
+  if (format == QFormat::Int4m) w.mins = static_cast<const uint16_t*>(mins.cast<py::array>().data());
+  w.rows = rows();
+  w.cols = cols();
+  w.ld = quants.shape(1);
+  return w;
+}
+
+py::tuple QuantizedWeight::to_tuple() const {
+  if (format == QFormat::Int4m) return py::make_tuple(format_name(format), quants, scales, mins);
+  return py::make_tuple(format_name(format), quants, scales);
+}
+
+QuantizedWeight QuantizedWeight::from(const py::handle& o, const std::string& name) {
+  if (!py::isinstance<py::tuple>(o))
+    throw py::value_error(name + ": expected a quantized weight, (format, quants, scales[, mins]), got " +
+                          std::string(py::str(py::type::of(o))));
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(o);
+  if (t.size() < 3 || t.size() > 4)
+    throw py::value_error(name + ": a quantized weight is (format, quants, scales), or for int4m "
+                                 "(format, quants, scales, mins)");
+  return QuantizedWeight(t[0].cast<std::string>(), t[1].cast<py::array>(), t[2].cast<py::array>(),
+                         t.size() == 4 ? py::object(t[3]) : py::object(py::none()), name);
+}
+
+Weight as_weight(const py::handle& o, const std::string& name, int64_t rows, int64_t cols) {
+  if (py::isinstance<py::tuple>(o)) {
+    if (cols % kQBlock != 0)
+      throw py::value_error(name + ": quantized weights need an input size that is a multiple of 32, got " +
+                            std::to_string(cols));
+    const Weight w = QuantizedWeight::from(o, name).view();
+    if ((rows >= 0 && w.rows != rows) || w.cols != cols)
+      throw py::value_error(name + ": expected a " + dims(rows >= 0 ? rows : w.rows, cols) +
+                            " matrix, got a quantized " + dims(w.rows, w.cols) + " one");
+    return w;
+  }
+  const py::array a = py::reinterpret_borrow<py::object>(o).cast<py::array>();
+  if (a.ndim() != 2 || (rows >= 0 && a.shape(0) != rows) || a.shape(1) != cols)
+    throw py::value_error(name + ": expected shape " + dims(rows >= 0 ? rows : a.ndim() ? a.shape(0) : 0, cols) +
+                          ", got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(name + ": weight array must be C-contiguous");
+  Weight w;
+  if (a.dtype().is(py::dtype::of<float>()))
+    w.dtype = DType::F32;
+  else if (a.dtype().is(py::dtype::of<uint16_t>()))
+    w.dtype = DType::BF16;
+  else
+    throw py::value_error(name + ": weights must be float32 or uint16 (bfloat16 bits), got " +
+                          std::string(py::str(a.dtype())));
+  w.data = a.data();
+  w.rows = a.shape(0);
+  w.cols = w.ld = cols;
+  return w;
+}
+
+}  // namespace gemma::bind

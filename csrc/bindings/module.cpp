@@ -1,0 +1,357 @@
+// The pybind11 module gemma_cpp._C: the engine and what loading needs (quantize, interleave,
+// bf16 widening), with named types across the boundary: EngineConfig, SamplingParams, and
+// quantized weights as bindings/common.h's QuantizedWeight. It checks what Python hands over
+// (dtypes, shapes, contiguity, id ranges), releases the GIL, and calls the engine. No model
+// logic here. Kernel and op hooks live in the _testing submodule (testing.cpp, cuda.cpp).
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "bindings/common.h"
+#include "cpu/kernels.h"
+#include "cpu/quant.h"
+#include "engine/model.h"
+#include "runtime/threadpool.h"
+
+namespace py = pybind11;
+using namespace gemma;
+using namespace gemma::bind;
+
+namespace {
+
+using I32Array = py::array_t<int32_t, py::array::c_style>;
+
+void check_ids(const I32Array& ids, int64_t vocab, const char* what) {
+  if (ids.ndim() != 2) throw py::value_error(std::string(what) + " must be 2-D [batch, length]");
+  const int32_t* p = ids.data();
+  for (py::ssize_t i = 0; i < ids.size(); ++i)
+    if (p[i] < 0 || p[i] >= vocab)
+      throw py::value_error(std::string(what) + ": token id " + std::to_string(p[i]) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+void check_same_shape(const I32Array& a, const I32Array& ids, const char* what) {
+  if (a.ndim() != 2 || a.shape(0) != ids.shape(0) || a.shape(1) != ids.shape(1))
+    throw py::value_error(std::string(what) + " must have the shape of input_ids " +
+                          shape_str(ids) + ", got " + shape_str(a));
+}
+
+// Checked copies of a batch's token ids and mask: another Python thread may write to the
+// caller's arrays once the GIL is released.
+struct TokenBatch {
+  int64_t B = 0, L = 0;
+  std::vector<int32_t> ids, mask;
+  const int32_t* mask_or_null() const { return mask.empty() ? nullptr : mask.data(); }
+};
+
+TokenBatch token_batch(const I32Array& input_ids, const py::object& attention_mask, int64_t vocab) {
+  check_ids(input_ids, vocab, "input_ids");
+  TokenBatch t;
+  t.B = input_ids.shape(0);
+  t.L = input_ids.shape(1);
+  if (t.L == 0) throw py::value_error("input_ids: sequences must hold at least one token");
+  t.ids.assign(input_ids.data(), input_ids.data() + t.B * t.L);
+  if (!attention_mask.is_none()) {
+    const I32Array mask = attention_mask.cast<I32Array>();
+    check_same_shape(mask, input_ids, "attention_mask");
+    t.mask.assign(mask.data(), mask.data() + t.B * t.L);
+  }
+  return t;
+}
+
+// EngineConfig: the engine's ModelConfig under the Python names the loaders give it (those of
+// transformers' configs where one exists). Each field is declared once, in
+// register_engine_config: its property and the keyword the constructor takes come from the
+// same line.
+using ConfigSetter = std::function<void(ModelConfig&, const py::handle&)>;
+std::map<std::string, ConfigSetter>& config_setters() {
+  static std::map<std::string, ConfigSetter> setters;
+  return setters;
+}
+
+template <typename T>
+void config_field(py::class_<ModelConfig>& cls, const char* name, T ModelConfig::*member, const char* doc) {
+  cls.def_readwrite(name, member, doc);
+  config_setters()[name] = [member](ModelConfig& c, const py::handle& v) { c.*member = v.cast<T>(); };
+}
+
+// A config from keyword arguments: every key must be a field.
+ModelConfig make_config(const py::dict& kw) {
+  ModelConfig c;
+  for (const auto& item : kw) {
+    const std::string key = py::str(item.first);
+    const auto it = config_setters().find(key);
+    if (it == config_setters().end()) throw py::type_error("EngineConfig has no field '" + key + "'");
+    it->second(c, item.second);
+  }
+  return c;
+}
+
+std::string kv_cache_dtype(const ModelConfig& c) { return c.kv_bf16 ? "bfloat16" : "float32"; }
+void set_kv_cache_dtype(ModelConfig& c, const std::string& kv) {
+  if (kv != "float32" && kv != "bfloat16")
+    throw py::value_error("kv_cache_dtype must be 'float32' or 'bfloat16', got '" + kv + "'");
+  c.kv_bf16 = kv == "bfloat16";
+}
+
+void register_engine_config(py::module_& m) {
+  py::class_<ModelConfig> cls(m, "EngineConfig",
+                              "The engine's view of a model config: sizes, norms, RoPE, attention rules. "
+                              "EngineConfig(**fields); an unknown field is an error.");
+  config_field(cls, "vocab_size", &ModelConfig::vocab_size, "rows of the embedding");
+  config_field(cls, "hidden_size", &ModelConfig::hidden_size, "");
+  config_field(cls, "intermediate_size", &ModelConfig::intermediate_size, "the MLP's width");
+  config_field(cls, "num_hidden_layers", &ModelConfig::num_layers, "");
+  config_field(cls, "num_attention_heads", &ModelConfig::num_heads, "");
+  config_field(cls, "num_key_value_heads", &ModelConfig::num_kv_heads, "");
+  config_field(cls, "head_dim", &ModelConfig::head_dim, "even (RoPE rotates halves)");
+  config_field(cls, "max_position_embeddings", &ModelConfig::max_positions, "");
+  config_field(cls, "rms_norm_eps", &ModelConfig::rms_norm_eps, "");
+  config_field(cls, "rope_theta", &ModelConfig::rope_theta, "RoPE base of full-attention layers");
+  config_field(cls, "rope_factor", &ModelConfig::rope_factor, "linear RoPE scaling of full-attention layers");
+  config_field(cls, "rope_theta_local", &ModelConfig::rope_theta_local,
+               "RoPE base of sliding-window layers (0: rope_theta)");
+  config_field(cls, "rope_factor_local", &ModelConfig::rope_factor_local,
+               "linear RoPE scaling of sliding-window layers");
+  config_field(cls, "embed_scale", &ModelConfig::embed_scale, "sqrt(hidden_size), rounded to the weight dtype");
+  config_field(cls, "attn_scale", &ModelConfig::attn_scale, "scores are scaled by it");
+  config_field(cls, "attn_softcap", &ModelConfig::attn_softcap, "scores -> cap * tanh(scores / cap); 0: none");
+  config_field(cls, "final_softcap", &ModelConfig::final_softcap, "the same on the logits");
+  config_field(cls, "causal", &ModelConfig::causal, "False: bidirectional attention");
+  config_field(cls, "sandwich_norms", &ModelConfig::sandwich_norms, "Gemma 2/3: norms after attention and MLP too");
+  config_field(cls, "qk_norm", &ModelConfig::qk_norm, "Gemma 3: per-head norms of queries and keys");
+  config_field(cls, "layer_windows", &ModelConfig::window, "per layer: the sliding window, 0 for global");
+  cls.def_property("kv_cache_dtype", &kv_cache_dtype, &set_kv_cache_dtype, "'float32' or 'bfloat16'");
+  config_setters()["kv_cache_dtype"] = [](ModelConfig& c, const py::handle& v) {
+    set_kv_cache_dtype(c, py::str(v));
+  };
+  cls.def(py::init([](const py::kwargs& kw) { return make_config(kw); }));
+}
+
+// An EngineConfig, or a dict of its fields.
+ModelConfig engine_config(const py::object& o) {
+  if (py::isinstance<ModelConfig>(o)) return o.cast<ModelConfig>();
+  if (py::isinstance<py::dict>(o)) return make_config(o.cast<py::dict>());
+  throw py::type_error("config must be an EngineConfig or a dict of its fields");
+}
+
+class Engine {
+ public:
+  Engine(const py::object& config, const py::dict& weights) {
+    const ModelConfig c = engine_config(config);
+    c.validate();  // before the sizes below index anything
+    // A matrix: an array (float32 / bf16 bits) or a QuantizedWeight; the engine reads its
+    // memory for its whole life, so the object is kept.
+    auto item = [&](const std::string& key) -> py::object {
+      if (!weights.contains(key.c_str())) throw py::value_error("engine weights: missing '" + key + "'");
+      py::object o = weights[key.c_str()];
+      keep_.append(o);
+      return o;
+    };
+    auto mat = [&](const std::string& key, int64_t rows, int64_t cols) { return as_weight(item(key), key, rows, cols); };
+    auto vec = [&](const std::string& key, int64_t n) {
+      const py::array a = item(key).cast<py::array>();
+      if (a.ndim() != 1 || a.shape(0) != n || !a.dtype().is(py::dtype::of<float>()) ||
+          !(a.flags() & py::array::c_style))
+        throw py::value_error(key + ": expected a contiguous float32 vector of length " + std::to_string(n) +
+                              ", got " + std::string(py::str(a.dtype())) + " " + shape_str(a));
+      return static_cast<const float*>(a.data());
+    };
+    const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+    ModelWeights w;
+    w.embed = mat("embed", c.vocab_size, H);
+    if (weights.contains("lm_head")) w.lm_head = mat("lm_head", c.vocab_size, H);
+    w.final_norm = vec("final_norm", H);
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      LayerWeights L;
+      L.q = mat(p + "q", c.num_heads * hd, H);
+      L.k = mat(p + "k", c.num_kv_heads * hd, H);
+      L.v = mat(p + "v", c.num_kv_heads * hd, H);
+      L.o = mat(p + "o", H, c.num_heads * hd);
+      L.gate = mat(p + "gate", F, H);
+      L.up = mat(p + "up", F, H);
+      L.down = mat(p + "down", H, F);
+      L.attn_norm = vec(p + "attn_norm", H);
+      L.mlp_norm = vec(p + "mlp_norm", H);
+      if (c.sandwich_norms) {
+        L.post_attn_norm = vec(p + "post_attn_norm", H);
+        L.post_mlp_norm = vec(p + "post_mlp_norm", H);
+      }
+      if (c.qk_norm) {
+        L.q_norm = vec(p + "q_norm", hd);
+        L.k_norm = vec(p + "k_norm", hd);
+      }
+      w.layers.push_back(L);
+    }
+    model_ = std::make_unique<Model>(c, std::move(w));
+  }
+
+  const ModelConfig& config() const { return model_->config(); }
+
+  py::tuple forward(const I32Array& input_ids, const py::object& attention_mask,
+                    const I32Array& position_ids, const std::string& output, bool last_only,
+                    bool output_hidden_states) {
+    const ModelConfig& c = model_->config();
+    const TokenBatch in = token_batch(input_ids, attention_mask, c.vocab_size);
+    check_same_shape(position_ids, input_ids, "position_ids");
+    const int64_t B = in.B, L = in.L;
+    Output out_kind;
+    if (output == "logits") out_kind = Output::Logits;
+    else if (output == "hidden") out_kind = Output::Hidden;
+    else throw py::value_error("output must be 'logits' or 'hidden', got '" + output + "'");
+    const std::vector<int32_t> pos(position_ids.data(), position_ids.data() + B * L);
+    std::vector<float> out, states;
+    {
+      py::gil_scoped_release nogil;
+      out = model_->forward(in.ids.data(), in.mask_or_null(), pos.data(), B, L, out_kind, last_only,
+                            output_hidden_states ? &states : nullptr);
+    }
+    const int64_t D = out_kind == Output::Logits ? c.vocab_size : c.hidden_size;
+    py::object res = to_numpy(std::move(out), {B, last_only ? int64_t{1} : L, D});
+    py::object hs = py::none();
+    if (output_hidden_states) hs = to_numpy(std::move(states), {c.num_layers + 1, B, L, c.hidden_size});
+    return py::make_tuple(res, hs);
+  }
+
+  py::array_t<int32_t> generate(const I32Array& input_ids, const py::object& attention_mask,
+                                const SamplingParams& params, const py::object& callback) {
+    const TokenBatch in = token_batch(input_ids, attention_mask, model_->config().vocab_size);
+    StepCallback cb;
+    if (!callback.is_none()) {
+      cb = [callback](const std::vector<int32_t>& toks) {
+        py::gil_scoped_acquire gil;
+        callback(py::array_t<int32_t>(static_cast<py::ssize_t>(toks.size()), toks.data()));
+      };
+    }
+    GenerateResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = model_->generate(in.ids.data(), in.mask_or_null(), in.B, in.L, params, cb);
+    }
+    return to_numpy(std::move(r.tokens), {in.B, r.steps});
+  }
+
+ private:
+  py::list keep_;
+  std::unique_ptr<Model> model_;
+};
+
+SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float temperature, int64_t top_k,
+                           float top_p, float min_p, float repetition_penalty,
+                           std::vector<int32_t> eos_token_ids, int32_t pad_token_id, uint64_t seed) {
+  SamplingParams p;
+  p.max_new_tokens = max_new_tokens;
+  p.do_sample = do_sample;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p;
+  p.repetition_penalty = repetition_penalty;
+  p.eos_token_ids = std::move(eos_token_ids);
+  p.pad_token_id = pad_token_id;
+  p.seed = seed;
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gemma_cpp compiled engine";
+  m.attr("__version__") = GEMMA_CPP_VERSION;
+  py::module_ testing = m.def_submodule(
+      "_testing", "Kernel and op hooks for tests and benchmarks: not part of gemma_cpp's API");
+
+  m.def("cpu_isa", &cpu_isa, "The SIMD path this build runs: avx512, avx2 or scalar");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &num_threads);
+
+  register_engine_config(m);
+
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init(&make_params), py::arg("max_new_tokens"), py::arg("do_sample"),
+           py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+           py::arg("repetition_penalty"), py::arg("eos_token_ids"), py::arg("pad_token_id"),
+           py::arg("seed"));
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init<const py::object&, const py::dict&>(), py::arg("config"), py::arg("weights"),
+           "config: an EngineConfig (or a dict of its fields); weights: {engine name: array or "
+           "(format, quants, scales[, mins])}")
+      .def_property_readonly("config", &Engine::config)
+      .def("forward", &Engine::forward, py::arg("input_ids"), py::arg("attention_mask"),
+           py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
+           py::arg("output_hidden_states"))
+      .def("generate", &Engine::generate, py::arg("input_ids"), py::arg("attention_mask"),
+           py::arg("params"), py::arg("callback"));
+
+  m.def("bf16_to_f32", [](py::array_t<uint16_t, py::array::c_style> bits) {
+    py::array_t<float> out(std::vector<py::ssize_t>(bits.shape(), bits.shape() + bits.ndim()));
+    {
+      py::gil_scoped_release nogil;
+      bf16_to_f32_array(bits.data(), out.mutable_data(), bits.size());
+    }
+    return out;
+  }, py::arg("bits"), "float32 array of bfloat16 bits (uint16), widened on the thread pool");
+
+  m.def("quantize", [](const py::array& w, const std::string& fmt) {
+    const QFormat f = parse_format(fmt);
+    if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
+      throw py::value_error("quantize: expected a contiguous 2-D array");
+    const bool bf16 = w.dtype().is(py::dtype::of<uint16_t>());
+    if (!bf16 && !w.dtype().is(py::dtype::of<float>()))
+      throw py::value_error("quantize: weights must be float32 or uint16 (bfloat16 bits)");
+    const int64_t rows = w.shape(0), K = w.shape(1);
+    if (K % kQBlock != 0)
+      throw py::value_error("quantize: the input size " + std::to_string(K) + " is not a multiple of 32");
+    // (numpy puts arrays this large on 2 MiB pages itself: madvise, where the OS offers it.)
+    py::array_t<uint8_t> q({rows, quant_row_bytes(f, K)});
+    py::array_t<uint16_t> d({rows, scale_row_count(K)});
+    py::object m = py::none();
+    uint16_t* mp = nullptr;
+    if (f == QFormat::Int4m) {
+      py::array_t<uint16_t> ma({rows, scale_row_count(K)});
+      mp = ma.mutable_data();
+      m = ma;
+    }
+    {
+      py::gil_scoped_release nogil;
+      quantize_matrix(f, w.data(), bf16, rows, K, q.mutable_data(), d.mutable_data(), mp);
+    }
+    return QuantizedWeight(fmt, q, d, m, "quantize").to_tuple();
+  }, py::arg("w"), py::arg("format"),
+     "(format, quants, scales[, mins]) of a float32 / bf16-bits matrix, threaded (gemma_cpp.quant.QuantizedWeight)");
+
+  m.def("interleave", [](const py::object& o, bool to_groups) {
+    // Plain rows have the same shapes as interleaved ones: the same checks apply.
+    const QuantizedWeight src = QuantizedWeight::from(o, "interleave");
+    const Weight w = src.view();
+    const int64_t nb = w.cols / kQBlock;
+    py::array_t<uint8_t> qo({w.rows, w.ld});
+    py::array_t<uint16_t> dout({w.rows, nb});
+    py::object mout = py::none();
+    uint16_t* mp = nullptr;
+    if (w.mins) {
+      py::array_t<uint16_t> ma({w.rows, nb});
+      mp = ma.mutable_data();
+      mout = ma;
+    }
+    {
+      py::gil_scoped_release nogil;
+      interleave_rows(w.rows, w.ld, nb, static_cast<const uint8_t*>(w.data), w.scales, w.mins, qo.mutable_data(),
+                      dout.mutable_data(), mp, to_groups);
+    }
+    return QuantizedWeight(format_name(src.format), qo, dout, mout, "interleave").to_tuple();
+  }, py::arg("w"), py::arg("to_groups") = true,
+     "A quantized weight's rows from plain order into the engine's 16-row groups (to_groups=False: back), "
+     "threaded; gemma_cpp.quant.interleave is its numpy mirror");
+
+  register_cuda(m, testing);
+  register_testing(testing);
+}

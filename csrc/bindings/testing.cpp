@@ -1,0 +1,152 @@
+// gemma_cpp._C._testing, the CPU half: the kernels one at a time (against numpy in the tests),
+// the switches that pin an instruction-set path, and the benchmarks' probes. Thin, as the
+// module: checks, then one call.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "bindings/common.h"
+#include "cpu/kernels.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "runtime/threadpool.h"
+
+namespace gemma::bind {
+namespace {
+
+using F32Array = py::array_t<float, py::array::c_style>;
+
+void register_paths(py::module_& t) {
+  t.def("bf16_matmul_path", &bf16_matmul_path, "bf16-weight matmuls: amx, avx512_bf16 or generic");
+  t.def("set_bf16_matmul_path", [](const std::string& name) {
+    if (!set_bf16_matmul_path(name))
+      throw py::value_error("bf16 matmul path '" + name + "' is not available on this CPU/build (now: " +
+                            bf16_matmul_path() + ")");
+  }, py::arg("name"), "Pin the bf16 matmul path; 'auto' restores the best");
+  t.def("quant_matmul_path", &quant_matmul_path, "Quantized matmuls: avx512_vnni, avx2 or scalar (chosen at import)");
+  t.def("set_quant_matmul_path", [](const std::string& name) {
+    if (!set_quant_matmul_path(name))
+      throw py::value_error("quantized matmul path '" + name + "' is not available (now: " + quant_matmul_path() + ")");
+  }, py::arg("name"), "Pin the integer kernels' path (AMX then stays out of quantized prefill); 'auto' restores");
+}
+
+void register_probes(py::module_& t) {
+  t.def("profile", [](py::object enable) {
+    OpProfile& p = op_profile();
+    py::dict d;
+    d["matmul"] = p.matmul;
+    d["attention"] = p.attention;
+    d["norm"] = p.norm;
+    d["rope_cache"] = p.rope_cache;
+    d["activation"] = p.activation;
+    d["lm_head"] = p.lm_head;
+    if (!enable.is_none()) p = OpProfile{enable.cast<bool>()};
+    return d;
+  }, py::arg("enable") = py::none(),
+     "Seconds per op kind so far; profile(True/False) also resets and turns timing on/off");
+  t.def("read_bandwidth", [](int64_t bytes, int reps) {
+    py::gil_scoped_release nogil;
+    return read_bandwidth(bytes, reps);
+  }, py::arg("bytes") = int64_t{1} << 30, py::arg("reps") = 5,
+     "Memory read bandwidth (bytes/s) with the pool's threads: the decode yardstick");
+}
+
+void register_kernels(py::module_& t) {
+  t.def("matmul", [](F32Array x, const py::object& w, py::object out) {
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D");
+    const Weight wt = as_weight(w, "w", -1, x.shape(1));
+    F32Array y;
+    if (out.is_none()) {
+      y = F32Array({x.shape(0), static_cast<py::ssize_t>(wt.rows)});
+    } else {
+      y = out.cast<F32Array>();
+      if (y.ndim() != 2 || y.shape(0) != x.shape(0) || y.shape(1) != wt.rows || !y.writeable())
+        throw py::value_error("out must be a writable float32 array of shape (T, N)");
+    }
+    {
+      py::gil_scoped_release nogil;
+      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), wt.rows);
+    }
+    return y;
+  }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
+     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales[, mins])");
+
+  t.def("dequantize", [](const py::object& o, int64_t K) {
+    const Weight w = as_weight(o, "w", -1, K);
+    py::array_t<float> out({w.rows, K});
+    for (int64_t r = 0; r < w.rows; ++r) weight_row(w, r, out.mutable_data() + r * K);
+    return out;
+  }, py::arg("w"), py::arg("cols"), "float32 [rows, cols] of a quantized weight, row by row as the embedding reads it");
+
+  t.def("sample", [](F32Array logits, int64_t n, const SamplingParams& p, std::vector<int32_t> history) {
+    if (logits.ndim() != 1) throw py::value_error("logits must be 1-D");
+    const int64_t V = logits.shape(0);
+    py::array_t<int32_t> out(n);
+    {
+      py::gil_scoped_release nogil;
+      Sampler s(p, 0);
+      std::vector<float> work(V);
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy_n(logits.data(), V, work.data());
+        out.mutable_data()[i] = s.next(work.data(), V, history);
+      }
+    }
+    return out;
+  }, py::arg("logits"), py::arg("n"), py::arg("params"), py::arg("history") = std::vector<int32_t>{},
+     "n draws of one seeded sampler stream from the same logits");
+
+  // The CPU twins of the CUDA ops (the GPU tests compare against them; without a GPU they
+  // check the tests' float64 references).
+  t.def("cpu_op_rmsnorm", [](const F32Array& x, const F32Array& w, float eps) {
+    if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1))
+      throw py::value_error("cpu_op_rmsnorm: x [T, H] and w [H]");
+    F32Array out({x.shape(0), x.shape(1)});
+    rmsnorm(x.data(), w.data(), out.mutable_data(), x.shape(0), x.shape(1), eps);
+    return out;
+  }, py::arg("x"), py::arg("w"), py::arg("eps"));
+  t.def("cpu_op_geglu", [](const F32Array& gate, const F32Array& up) {
+    if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0))
+      throw py::value_error("cpu_op_geglu: gate and up [n]");
+    F32Array out({gate.shape(0)});
+    std::copy_n(gate.data(), gate.shape(0), out.mutable_data());
+    gelu_tanh_mul(out.mutable_data(), up.data(), gate.shape(0));
+    return out;
+  }, py::arg("gate"), py::arg("up"));
+  // RoPE as Model::step applies it: cos / sin of float(pos) * inv_freq in float32.
+  t.def("cpu_op_rope", [](const F32Array& x, int64_t n_heads, const py::array_t<int32_t, py::array::c_style>& pos,
+                          const F32Array& inv_freq) {
+    if (x.ndim() != 2 || n_heads <= 0 || x.shape(1) % n_heads != 0 || pos.ndim() != 1 || pos.shape(0) != x.shape(0))
+      throw py::value_error("cpu_op_rope: x [M, n_heads * head_dim], pos [M]");
+    const int64_t M = x.shape(0), hd = x.shape(1) / n_heads, half = hd / 2;
+    if (hd % 2 != 0 || inv_freq.ndim() != 1 || inv_freq.shape(0) != half)
+      throw py::value_error("cpu_op_rope: head_dim must be even and inv_freq [head_dim / 2]");
+    F32Array out({x.shape(0), x.shape(1)});
+    std::copy_n(x.data(), x.size(), out.mutable_data());
+    std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(pos.data()[m]) * inv_freq.data()[i];
+        cs[i] = std::cos(f);
+        sn[i] = std::sin(f);
+      }
+      rope_apply(out.mutable_data() + m * x.shape(1), static_cast<int>(n_heads), static_cast<int>(hd), cs.data(),
+                 sn.data());
+    }
+    return out;
+  }, py::arg("x"), py::arg("n_heads"), py::arg("pos"), py::arg("inv_freq"));
+}
+
+}  // namespace
+
+void register_testing(py::module_& testing) {
+  register_paths(testing);
+  register_probes(testing);
+  register_kernels(testing);
+}
+
+}  // namespace gemma::bind
