@@ -175,7 +175,7 @@ def main():
     print(f"checkpoint: {folder} ({os.path.getsize(os.path.join(folder, 'model.safetensors')) / 2**30:.2f} GiB bf16, "
           f"{args.layers} layers; made/checked in {time.perf_counter() - t:.0f} s)")
     import gemma_cpp
-    from gemma_cpp.convert import engine_format
+    from gemma_cpp.loading import engine_format
 
     for spec in args.rows.split(","):
         if spec.endswith("@converted"):

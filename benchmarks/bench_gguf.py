@@ -87,7 +87,7 @@ def prompt_ids(path: str, n: int) -> list:
 def weight_bytes_per_token(path: str) -> dict:
     """Bytes of weights read per decoded token, by row: every 2-D tensor of the file once (the
     tied token_embd once, as the LM head; the embedding lookup reads one row)."""
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     per = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 18 / 32}
     out = {k: 0.0 for k in ("gemma_cpp/float32", "gemma_cpp/int8 (auto)", "gemma_cpp/int8", "gemma_cpp/int4",
@@ -97,7 +97,7 @@ def weight_bytes_per_token(path: str) -> dict:
             if len(info.shape) != 2:
                 continue  # norms: kilobytes
             n = info.shape[0] * info.shape[1]
-            # quantization="auto", as gguf_model.engine_weights_from_gguf decides it per tensor
+            # quantization="auto", as gemma_cpp.loading.gguf decides it per tensor
             auto = "int4" if info.type_name == "Q4_0" else "float32" if info.type_name in ("F32", "F16", "BF16") \
                 else "int8"
             for fmt in ("float32", "int8", "int4"):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import gemma_cpp
-from gemma_cpp._tiny_tokenizer import train_tiny_tokenizer
+from tiny_tokenizer import train_tiny_tokenizer
 
 
 def run_cli(*args, env_extra=None, timeout=120):
@@ -123,7 +123,7 @@ def test_console_script_is_installed():
 
 
 def test_generate_quantized_on_load():
-    from gemma_cpp._tiny import tiny_model_path
+    from tiny_model import tiny_model_path
 
     folder = tiny_model_path()
     for q in ("int8", "int4"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gemma_cpp
-from gemma_cpp.convert import engine_format
+from gemma_cpp.loading import engine_format
 from conftest import random_batch
 
 
@@ -92,7 +92,7 @@ def test_unknown_version_truncated_and_conflicting_loads_are_clear_errors(tiny, 
 def test_older_files_with_plain_rows_load_the_same(tiny, tmp_path, quantization, version):
     """Versions 1 and 2 stored quantized rows in plain order: such a file (made here by undoing
     the interleaving of a version 3 file) loads into the engine's order, with the same logits."""
-    from gemma_cpp.convert.safetensors_reader import SafetensorsFile, write_safetensors
+    from gemma_cpp.formats.safetensors import SafetensorsFile, write_safetensors
     from gemma_cpp.quant import deinterleave
 
     folder, ref = tiny("GemmaForCausalLM", "q32", initializer_range=0.05)
@@ -128,10 +128,9 @@ def test_cli_convert_then_generate(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     run = lambda *a: subprocess.run([sys.executable, "-m", "gemma_cpp", *a], capture_output=True, text=True,
                                     timeout=120, env=env)
-    made = subprocess.run([sys.executable, "-c", "from gemma_cpp._tiny import tiny_model_path; print(tiny_model_path())"],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert made.returncode == 0, made.stderr
-    tiny_folder = made.stdout.strip()
+    from tiny_model import make_tiny_model
+
+    tiny_folder = make_tiny_model(str(tmp_path / "tiny"))
     first = run("generate", tiny_folder, "Hello", "--max-new-tokens", "5", "--quantization", "int4")
     assert first.returncode == 0, first.stderr
     conv = run("convert", str(tiny_folder), str(tmp_path / "q4"), "--quantization", "int4")
@@ -151,7 +150,7 @@ def test_converted_int8_loads_by_mmap_without_copies(tmp_path):
         import json, os, numpy as np, psutil
         from safetensors.numpy import save_file
         import gemma_cpp
-        from gemma_cpp.convert import engine_format
+        from gemma_cpp.loading import engine_format
         src = {str(tmp_path / 'src')!r}
         os.makedirs(src)
         H, F, V, L = 1024, 4096, 32000, 4

@@ -1,4 +1,4 @@
-"""The GGUF reader (gemma_cpp.convert.gguf) against independent references: files written by
+"""The GGUF reader (gemma_cpp.formats.gguf) against independent references: files written by
 the `gguf` package's GGUFWriter, values compared bit for bit with gguf.quants.dequantize;
 hostile files built byte by byte; a hypothesis fuzz of the header and metadata."""
 import struct
@@ -10,9 +10,9 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT, GGUFWriter  # noqa: E402
 from gguf.quants import dequantize as ref_dequantize, quantize as ref_quantize  # noqa: E402
 
-from gemma_cpp.convert.gguf import (  # noqa: E402
+from gemma_cpp.formats.gguf import (  # noqa: E402
     BLOCK_DTYPES, GGML_BLOCK_SIZES, GGML_TYPES, GGUFError, GGUFFile, TensorInfo, dequantize,
-    quantized_blocks, split_q4_0, split_q4_1, split_q8_0,
+    quantized_blocks,
 )
 
 SUPPORTED = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
@@ -241,6 +241,28 @@ def test_larger_tensors_bit_exact():
         raw = random_blocks(rng, qt, rows * cols // block)
         want = ref_dequantize(raw.reshape(rows, -1), qt)
         assert bits_equal(dequantize(raw, int(qt), (rows, cols)), want), qt.name
+
+
+# The block layouts (BLOCK_DTYPES, through quantized_blocks) split into scales and quants:
+# w = scales * q (Q8_0), scales * (q - 8) (Q4_0), scales * q + mins (Q4_1), exactly.
+
+def _nibbles(qs):
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def split_q8_0(raw, rows, cols):
+    b = quantized_blocks(raw, 8, rows, cols)
+    return b["d"].astype(np.float32), np.ascontiguousarray(b["qs"]).reshape(rows, cols)
+
+
+def split_q4_0(raw, rows, cols):
+    b = quantized_blocks(raw, 2, rows, cols)
+    return b["d"].astype(np.float32), _nibbles(b["qs"]).reshape(rows, cols)
+
+
+def split_q4_1(raw, rows, cols):
+    b = quantized_blocks(raw, 3, rows, cols)
+    return b["d"].astype(np.float32), b["m"].astype(np.float32), _nibbles(b["qs"]).reshape(rows, cols)
 
 
 def test_split_helpers_are_lossless():

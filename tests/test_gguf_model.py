@@ -7,7 +7,7 @@ import torch
 
 import gemma_cpp
 from gemma_cpp import quant
-from gemma_cpp.convert import gguf_model
+from gemma_cpp.loading import gguf as gguf_model
 from conftest import rel_err, random_batch
 
 gguf = pytest.importorskip("gguf")
@@ -135,11 +135,10 @@ def test_block_formats_import_without_loss(tiny, tmp_path, qtype, policy, fmt):
     """The engine's weights after import hold exactly the values gguf dequantizes to."""
     folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=qtype)
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     with GGUFFile(path) as g:
-        cfg = gguf_model.config_from_gguf(g)
-        weights, _, _ = gguf_model.engine_weights_from_gguf(g, cfg, None, policy)
+        weights = gguf_model.load(g, None, policy).weights
         for gname, ename in [("token_embd.weight", "embed"), ("blk.0.attn_q.weight", "layers.0.q"),
                              ("blk.1.ffn_down.weight", "layers.1.down")]:
             info = g.tensors[gname]
@@ -156,11 +155,10 @@ def test_q4_1_is_requantized_under_an_explicit_format(tiny, tmp_path, fmt):
     """Q4_1 under an int8 / int4 policy: read exactly, then quantized to that format."""
     folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=QT.Q4_1)
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     with GGUFFile(path) as g:
-        cfg = gguf_model.config_from_gguf(g)
-        weights, _, _ = gguf_model.engine_weights_from_gguf(g, cfg, None, fmt)
+        weights = gguf_model.load(g, None, fmt).weights
         got = weights["layers.0.q"]
         want = quant.quantize(g.dequantize("blk.0.attn_q.weight"), fmt)
     assert got[0] == fmt and len(got) == 3
@@ -173,8 +171,8 @@ def test_q4_1_model_runs_as_int4m(tiny, tmp_path):
     as float32 (the same weight values) up to the int8 rounding of the activations (measured
     worst-row cosine 0.99998); greedy generation completes; and a convert round trip keeps int4m,
     bit for bit."""
-    from gemma_cpp.convert import engine_format
-    from gemma_cpp.convert.safetensors_reader import SafetensorsFile
+    from gemma_cpp.loading import engine_format
+    from gemma_cpp.formats.safetensors import SafetensorsFile
 
     folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=QT.Q4_1)
@@ -191,12 +189,13 @@ def test_q4_1_model_runs_as_int4m(tiny, tmp_path):
     conv = engine_format.save(path, str(tmp_path / "conv"), progress=lambda *a: None)
     f = SafetensorsFile(f"{conv}/model.safetensors")
     assert "layers.0.q.mins" in set(f.names()) and "embed.mins" in set(f.names())
-    weights, _, policy, _ = engine_format.load(conv)
+    loaded = engine_format.load(conv)
+    weights, policy = loaded.weights, loaded.quantization
     assert policy == "auto" and weights["layers.0.q"][0] == "int4m" and len(weights["layers.0.q"]) == 4
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     with GGUFFile(path) as g:
-        direct, _, _ = gguf_model.engine_weights_from_gguf(g, gguf_model.config_from_gguf(g), None, "auto")
+        direct = gguf_model.load(g, None, "auto").weights
         for name, v in direct.items():
             if isinstance(v, tuple):
                 assert v[0] == "int4m"
@@ -211,12 +210,12 @@ def test_q4_1_model_runs_as_int4m(tiny, tmp_path):
 def test_auto_policy_by_tensor_type(tiny, tmp_path, qtype):
     folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=qtype)
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     with GGUFFile(path) as g:
-        cfg = gguf_model.config_from_gguf(g)
         types = {n: t.type_name for n, t in g.tensors.items()}
-        weights, _, used = gguf_model.engine_weights_from_gguf(g, cfg, None, "auto")
+        loaded = gguf_model.load(g, None, "auto")
+        weights, used = loaded.weights, loaded.quantization
         assert used == "auto"
         # A K type (ffn_down: rows of 256, one super-block) is re-quantized to int8, within half
         # an int8 step of its exact values; F32 tensors (rows of 128 cannot be Q4_K) stay float.
@@ -264,7 +263,7 @@ def test_unsupported_architecture_and_bad_files(tmp_path, tiny):
 def test_convert_a_gguf_file_to_our_format(tiny, tmp_path):
     """gemma-cpp convert model.gguf out: the same weights and logits, loaded by mmap; an
     existing output is refused."""
-    from gemma_cpp.convert import engine_format
+    from gemma_cpp.loading import engine_format
 
     folder, ref = tiny("Gemma2ForCausalLM", "q32", arch="gemma2")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma2", qtype=QT.Q8_0)
@@ -285,7 +284,7 @@ def test_requantizing_in_bands_of_rows_equals_the_whole_tensor(tmp_path, monkeyp
     """A large tensor is dequantized and quantized a band of rows at a time (bounded memory):
     byte for byte what the whole tensor gives, interleaved 16-row groups and the plain tail
     rows of the last band included (53 rows: bands 32 + 21, a group and 5 plain rows)."""
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     path = str(tmp_path / "one.gguf")
     w = gguf.GGUFWriter(path, "gemma3")

@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 import pytest
 
-from gemma_cpp._tiny_tokenizer import train_tiny_tokenizer
-from gemma_cpp.convert.gguf_tokenizer import sentencepiece_model_from_gguf, tokenizer_config_from_gguf
+from tiny_tokenizer import train_tiny_tokenizer
+from gemma_cpp.tokenizer.gguf import sentencepiece_model_from_gguf, tokenizer_config_from_gguf
 from gemma_cpp.tokenizer import GemmaTokenizer, GemmaTokenizerFast
 
 spm = pytest.importorskip("sentencepiece")
@@ -254,7 +254,7 @@ def test_model_proto_from_synthetic_gguf(tiny, tiny_metadata):
     assert [p.type for p in extra.pieces[-2:]] == [NORMAL, NORMAL]
     assert extra.pieces[-1].score < extra.pieces[-2].score < scores[normal].min()
     # Our GGUF reader hands over the same metadata as the gguf package's.
-    from gemma_cpp.convert.gguf import GGUFFile
+    from gemma_cpp.formats.gguf import GGUFFile
 
     with GGUFFile(tiny[1]) as f:
         assert sentencepiece_model_from_gguf(f.metadata) == sentencepiece_model_from_gguf(tiny_metadata)

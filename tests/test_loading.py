@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gemma_cpp
-from gemma_cpp.convert.safetensors_reader import SafetensorsFile
+from gemma_cpp.formats.safetensors import SafetensorsFile
 from conftest import rel_err, random_batch
 
 

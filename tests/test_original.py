@@ -10,8 +10,8 @@ import torch
 import transformers
 
 import gemma_cpp
-from gemma_cpp._tiny_tokenizer import train_tiny_tokenizer
-from gemma_cpp.convert import original
+from tiny_tokenizer import train_tiny_tokenizer
+from gemma_cpp.loading import original
 from conftest import rel_err, random_batch
 
 

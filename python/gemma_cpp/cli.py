@@ -118,11 +118,11 @@ def cmd_info(args) -> int:
 
     folder = args.model
     if os.path.isfile(folder):
-        from .convert import gguf_model
-        from .convert.gguf import GGUFFile
+        from .formats.gguf import GGUFFile
+        from .loading.gguf import config_from_gguf
 
         with GGUFFile(folder) as g:
-            cfg = gguf_model.config_from_gguf(g)
+            cfg = config_from_gguf(g)
             types = {}
             for t in g.tensors.values():
                 types[t.type_name] = types.get(t.type_name, 0) + t.nbytes
@@ -151,13 +151,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import engine_format, original
+    from .loading import engine_format, original
 
     if args.from_ == "original":
         out = original.convert(args.src, args.out, size=args.size, config_path=args.config, tokenizer=args.tokenizer,
                                to=args.to or "hf", dtype=args.dtype,
                                quantization=None if args.quantization in ("auto", "none") else args.quantization,
-                               force=args.force, progress=engine_format._progress_bar)
+                               force=args.force, progress=engine_format.progress_bar)
         if (args.to or "hf") == "hf":
             print(f"wrote {out} (Hugging Face folder)", file=sys.stderr)
             return 0

@@ -6,19 +6,15 @@ with the GIL released."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from . import _C
-from ._dtypes import as_engine_dtype, as_float32, canonical_dtype, round_to
-from .config import GemmaConfig, load_config
-from .convert import engine_format
-from .convert import gguf_model
-from .convert.gguf import GGUFFile
-from .convert.hf import Checkpoint
+from ._dtypes import as_float32
+from .config import GemmaConfig
 from .generation import GenerationConfig
-from .quant import format_for, resolve_policy
+from .loading import LoadedModel, engine_config, load
 
 
 class ModelOutput(dict):
@@ -30,183 +26,6 @@ class ModelOutput(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-# Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
-_LAYER_TENSORS = {
-    "q": "self_attn.q_proj.weight",
-    "k": "self_attn.k_proj.weight",
-    "v": "self_attn.v_proj.weight",
-    "o": "self_attn.o_proj.weight",
-    "gate": "mlp.gate_proj.weight",
-    "up": "mlp.up_proj.weight",
-    "down": "mlp.down_proj.weight",
-    "attn_norm": "input_layernorm.weight",
-}
-# Gemma 1 norms the MLP's input with the tensor Gemma 2/3 use after the attention.
-_GEMMA1_NORMS = {"mlp_norm": "post_attention_layernorm.weight"}
-_SANDWICH_NORMS = {
-    "post_attn_norm": "post_attention_layernorm.weight",
-    "mlp_norm": "pre_feedforward_layernorm.weight",
-    "post_mlp_norm": "post_feedforward_layernorm.weight",
-}
-_QK_NORMS = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
-_NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
-# Heads' tensors: loaded by the class that has the head, ignored (as transformers warns
-# and ignores them) by the others.
-_HEAD_TENSORS = ("lm_head.weight", "score.weight", "score.bias")
-
-
-def layer_tensors(c: GemmaConfig) -> Dict[str, str]:
-    """A decoder layer's tensors for this config's generation: engine name -> transformers name."""
-    names = dict(_LAYER_TENSORS)
-    if c.model_type == "gemma":
-        names.update(_GEMMA1_NORMS)
-    else:
-        names.update(_SANDWICH_NORMS)
-    if c.model_type == "gemma3_text":
-        names.update(_QK_NORMS)
-    return names
-
-
-def layer_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
-    """Engine name -> shape of a decoder layer's tensors."""
-    H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    qd, kd = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    shapes = {"q": (qd, H), "k": (kd, H), "v": (kd, H), "o": (H, qd), "gate": (F, H), "up": (F, H),
-              "down": (H, F), "q_norm": (hd,), "k_norm": (hd,)}
-    return {short: shapes.get(short, (H,)) for short in layer_tensors(c)}
-
-
-def _expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
-    per_layer = layer_shapes(c)
-    shapes = {"embed_tokens.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
-    for i in range(c.num_hidden_layers):
-        for short, name in layer_tensors(c).items():
-            shapes[f"layers.{i}.{name}"] = per_layer[short]
-    return shapes
-
-
-def engine_weights(folder: str, config: GemmaConfig, dtype: Optional[str], ckpt: Checkpoint,
-                   policy: Optional[Dict[str, Optional[str]]] = None):
-    """Checks a Hugging Face checkpoint's names and shapes against the config and gives the
-    engine's weights: {engine name: array, or (format, quants, scales)}, norms as (1 + w).
-    policy: quant.resolve_policy's {group: format}. Returns (weights, float weight dtype,
-    the head tensors found)."""
-    policy = policy or resolve_policy(None)
-    if config.activation != "gelu_pytorch_tanh":
-        raise ValueError(f"{folder}: activation {config.activation!r} is not supported (Gemma uses gelu_pytorch_tanh)")
-    expected = _expected_shapes(config)
-    # Accept both a base-model checkpoint (embed_tokens.weight) and a head's (model.embed_tokens.weight).
-    names = {}
-    unexpected, heads = [], {}
-    for name in ckpt.names():
-        if name in _HEAD_TENSORS:
-            heads[name] = name
-            continue
-        base = name[len("model."):] if name.startswith("model.") else name
-        if base in expected:
-            names[base] = name
-        elif base.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer older transformers saved; recomputed here
-        else:
-            unexpected.append(name)
-    missing = [n for n in expected if n not in names]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-        if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-        raise ValueError(f"{folder}: checkpoint does not match its config.json ({'; '.join(parts)})")
-    for base, name in names.items():
-        shape = ckpt.shape_of(name)
-        if tuple(shape) != expected[base]:
-            raise ValueError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(shape)}, "
-                             f"expected {expected[base]} from config.json")
-        _, dt = ckpt.get(name)
-        if dt not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {dt}; "
-                             "expected float32, bfloat16 or float16")
-
-    embed_dtype = ckpt.get(names["embed_tokens.weight"])[1]
-    if dtype is None or dtype == "auto":
-        target = "bfloat16" if embed_dtype == "bfloat16" else "float32"
-    else:
-        target = canonical_dtype(dtype)
-
-    def matrix(base, engine_name):
-        name = names.get(base, base)
-        a, dt = ckpt.get(name)
-        fmt = format_for(policy, engine_name)
-        if fmt is None:
-            out = as_engine_dtype(a, dt, target)
-        else:
-            if a.shape[1] % 32:
-                raise ValueError(f"{folder}: cannot quantize {base!r} to {fmt}: its input size {a.shape[1]} is not "
-                                 "a multiple of 32 (the block size); leave that group unquantized")
-            src = a if dt == "bfloat16" else np.ascontiguousarray(as_float32(a, dt))
-            out = _C.quantize(np.ascontiguousarray(src), fmt)  # bf16 bits are read as bf16
-        if not (isinstance(out, np.ndarray) and np.may_share_memory(out, a)):
-            ckpt.release(name)  # converted: the file's pages need not stay resident
-        return out
-
-    def norm(base):
-        a, dt = ckpt.get(names[base])
-        return np.ascontiguousarray(as_float32(a, dt) + np.float32(1.0))  # HF stores w; the engine takes 1 + w
-
-    weights = {"embed": matrix("embed_tokens.weight", "embed"), "final_norm": norm("norm.weight")}
-    if not config.tie_word_embeddings:
-        if "lm_head.weight" not in heads:
-            raise ValueError(f"{folder}: config.json says tie_word_embeddings=false but the checkpoint "
-                             "has no lm_head.weight")
-        shape = tuple(ckpt.shape_of("lm_head.weight"))
-        if shape != (config.vocab_size, config.hidden_size):
-            raise ValueError(f"{ckpt.file_of('lm_head.weight')}: tensor 'lm_head.weight' has shape {shape}, "
-                             f"expected {(config.vocab_size, config.hidden_size)}")
-        weights["lm_head"] = matrix("lm_head.weight", "lm_head")
-    for i in range(config.num_hidden_layers):
-        for short, name in layer_tensors(config).items():
-            base = f"layers.{i}.{name}"
-            name = f"layers.{i}.{short}"
-            weights[name] = norm(base) if short in _NORMS else matrix(base, name)
-    return weights, target, {k: ckpt.get(k) for k in heads if k != "lm_head.weight"}
-
-
-def engine_config(config: GemmaConfig, target: str) -> dict:
-    """The engine's view of a config; target is the float weight dtype (the embedding scale is
-    rounded to it, as transformers does)."""
-    out = {
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": float(config.rms_norm_eps),
-        "rope_theta": float(config.rope_theta),
-        "embed_scale": round_to(config.hidden_size ** 0.5, target),
-        "attn_scale": float(np.float32(config.head_dim ** -0.5)),
-        "causal": not bool(getattr(config, "use_bidirectional_attention", False) or False),
-    }
-    if config.model_type == "gemma":
-        return out
-    # Gemma 2 / 3.
-    out.update(
-        attn_scale=float(np.float32(config.query_pre_attn_scalar ** -0.5)),
-        attn_softcap=float(config.attn_logit_softcapping or 0.0),
-        final_softcap=float(config.final_logit_softcapping or 0.0),
-        sandwich_norms=True,
-        layer_windows=config.layer_windows(),
-    )
-    if config.model_type == "gemma3_text":
-        (theta, factor), (theta_local, factor_local) = (config.rope("full_attention"),
-                                                        config.rope("sliding_attention"))
-        out.update(rope_theta=theta, rope_factor=factor, rope_theta_local=theta_local,
-                   rope_factor_local=factor_local, qk_norm=True)
-    return out
 
 
 def _as_ids(x, name: str) -> np.ndarray:
@@ -235,16 +54,17 @@ def _as_ids(x, name: str) -> np.ndarray:
 class GemmaPreTrainedModel:
     """Shared loading and the engine's forward; the subclasses add their head."""
 
-    _head = None  # names of head tensors this class loads
-
-    def __init__(self, config: GemmaConfig, engine, dtype: str, folder: Optional[str] = None,
-                 quantization: Optional[Dict[str, Optional[str]]] = None):
-        self.config = config
-        self.dtype = dtype
-        self.quantization = quantization or resolve_policy(None)
-        self.name_or_path = folder
-        self._engine = engine
-        self.generation_config = GenerationConfig.from_pretrained(folder) if folder else GenerationConfig()
+    def __init__(self, loaded: LoadedModel, kv_cache_dtype: str = "float32"):
+        if kv_cache_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        self.config: GemmaConfig = loaded.config
+        self.dtype = loaded.dtype
+        self.quantization = loaded.quantization
+        self.name_or_path = loaded.name_or_path
+        self.generation_config: GenerationConfig = loaded.generation_config
+        self.kv_cache_dtype = kv_cache_dtype
+        self._engine = _C.Engine(engine_config(loaded.config, loaded.dtype, kv_cache_dtype), loaded.weights)
+        self._load_head(loaded.name_or_path, loaded.heads)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=None, config: Optional[GemmaConfig] = None,
@@ -268,56 +88,15 @@ class GemmaPreTrainedModel:
         memory for long prompts; keys and values rounded to bf16)."""
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
-        path = os.fspath(pretrained_model_name_or_path)
-        if gguf_file is not None:
-            path = os.path.join(path, os.fspath(gguf_file))
         if dtype is None and torch_dtype is not None:
             dtype = torch_dtype
-        if dtype is not None and dtype != "auto":
-            canonical_dtype(dtype)  # fail on a bad name before reading gigabytes
         if kv_cache_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
-        if os.path.isfile(path) and gguf_model.is_gguf(path):
-            return cls._from_gguf(path, dtype, config, quantization, kv_cache_dtype)
-        if gguf_file is not None:
-            raise FileNotFoundError(f"{path}: no such GGUF file")
-        folder = path
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no such folder or GGUF file (expected a checkpoint folder with "
-                                    "config.json and model.safetensors, or a .gguf file; gemma_cpp never "
-                                    "downloads from a hub)")
-        if isinstance(quantization, str) and quantization == "auto":
-            quantization = None
-        policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
-        config = config or load_config(folder)
-        if engine_format.is_engine_checkpoint(folder):
-            weights, target, file_policy, heads = engine_format.load(folder, dtype, policy)
-            policy = file_policy
-        else:
-            weights, target, heads = engine_weights(folder, config, dtype, Checkpoint(folder), policy)
-        ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
-        model = cls(config, _C.Engine(ecfg, weights), target, folder, policy)
-        model.kv_cache_dtype = kv_cache_dtype
-        model._load_head(folder, heads)
-        return model
+        loaded = load(pretrained_model_name_or_path, dtype=dtype, quantization=quantization, config=config,
+                      gguf_file=gguf_file)
+        return cls(loaded, kv_cache_dtype)
 
-    @classmethod
-    def _from_gguf(cls, path, dtype, config, quantization, kv_cache_dtype):
-        gguf_model.resolve_gguf_policy(quantization)  # fail on a bad name before reading the file
-        with GGUFFile(path) as g:
-            config = config or gguf_model.config_from_gguf(g)
-            weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
-            eos = gguf_model.stop_ids(g, config)
-        ecfg = dict(engine_config(config, target), kv_cache_dtype=kv_cache_dtype)
-        model = cls(config, _C.Engine(ecfg, weights), target, None, policy)
-        model.name_or_path = path
-        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=config.pad_token_id,
-                                                   bos_token_id=config.bos_token_id)
-        model.kv_cache_dtype = kv_cache_dtype
-        model._load_head(path, {})
-        return model
-
-    def _load_head(self, folder, heads):
+    def _load_head(self, name_or_path, heads):
         pass
 
     def _prepare(self, input_ids, attention_mask):

@@ -38,13 +38,21 @@ import numpy as np
 
 __all__ = [
     "GGUFError", "GGML_TYPES", "GGML_BLOCK_SIZES", "BLOCK_DTYPES", "GGUF_VALUE_TYPES",
-    "TensorInfo", "GGUFFile", "dequantize", "quantized_blocks",
-    "split_q8_0", "split_q4_0", "split_q4_1",
+    "TensorInfo", "GGUFFile", "dequantize", "quantized_blocks", "is_gguf",
 ]
 
 
 class GGUFError(ValueError):
     """A GGUF file (or a raw tensor buffer) is malformed or unsupported."""
+
+
+def is_gguf(path) -> bool:
+    """A readable file that starts with the GGUF magic."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,33 +476,12 @@ def quantized_blocks(raw: np.ndarray, ggml_type: int, n_rows: int, row_len: int)
     return flat.view(BLOCK_DTYPES[ggml_type]).reshape(n_rows, row_len // block)
 
 
-def split_q8_0(raw: np.ndarray, rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Q8_0 bytes of a [rows, cols] tensor -> (scales float32 [rows, cols // 32],
-    q int8 [rows, cols]) with w = scales[r, c // 32] * q[r, c] exactly."""
-    b = quantized_blocks(raw, 8, rows, cols)
-    return b["d"].astype(np.float32), np.ascontiguousarray(b["qs"]).reshape(rows, cols)
-
-
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[..., 16] packed bytes -> [..., 32] uint8: low nibbles then high nibbles."""
     q = np.empty(qs.shape[:-1] + (32,), np.uint8)
     np.bitwise_and(qs, 15, out=q[..., :16])
     np.right_shift(qs, 4, out=q[..., 16:])
     return q
-
-
-def split_q4_0(raw: np.ndarray, rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Q4_0 bytes of a [rows, cols] tensor -> (scales float32 [rows, cols // 32],
-    q uint8 [rows, cols] in 0..15) with w = scales[r, c // 32] * (q[r, c] - 8) exactly."""
-    b = quantized_blocks(raw, 2, rows, cols)
-    return b["d"].astype(np.float32), _nibbles(b["qs"]).reshape(rows, cols)
-
-
-def split_q4_1(raw: np.ndarray, rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1 bytes of a [rows, cols] tensor -> (scales, mins float32 [rows, cols // 32],
-    q uint8 [rows, cols] in 0..15) with w = scales * q + mins (two float32 roundings)."""
-    b = quantized_blocks(raw, 3, rows, cols)
-    return b["d"].astype(np.float32), b["m"].astype(np.float32), _nibbles(b["qs"]).reshape(rows, cols)
 
 
 # Each kernel writes one chunk: blocks b (structured, [n]) -> out float32 [n, block].

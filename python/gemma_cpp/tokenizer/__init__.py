@@ -1157,7 +1157,7 @@ def _read_model_bytes(vocab_file: str, kwargs: dict) -> bytes:
     if not _is_gguf(vocab_file):
         with open(vocab_file, "rb") as f:
             return f.read()
-    from .convert.gguf_tokenizer import read_gguf_tokenizer
+    from .gguf import read_gguf_tokenizer
 
     data, config = read_gguf_tokenizer(vocab_file)
     for key, value in config.items():

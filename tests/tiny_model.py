@@ -1,6 +1,5 @@
-"""A tiny random Gemma checkpoint with a tiny trained tokenizer: what `gemma-cpp generate`
-runs when no model is given, until a real model ships as the default. Random weights
-produce fluent-looking nonsense; it shows the pipeline works, not what Gemma says."""
+"""A tiny random Gemma checkpoint with a tiny trained tokenizer, for the CLI tests: random
+weights produce fluent-looking nonsense; it shows the pipeline works, not what Gemma says."""
 from __future__ import annotations
 
 import os
@@ -9,8 +8,8 @@ import tempfile
 
 import numpy as np
 
-from ._tiny_tokenizer import train_tiny_tokenizer
-from .config import GemmaConfig
+from gemma_cpp.config import GemmaConfig
+from tiny_tokenizer import train_tiny_tokenizer
 
 TINY_NAME = "tiny-random-gemma"
 

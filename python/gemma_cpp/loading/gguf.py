@@ -4,49 +4,31 @@ its tensors.
 Q8_0 tensors become our int8, Q4_0 our int4 and Q4_1 our int4m without loss (same values: one
 fp16 scale per block of 32, and Q4_1's fp16 min); Q4_0 and Q5_0 also become int8 without loss
 (q - 8 and q - 16 fit). Every other type is read exactly (dequantized) and then quantized to
-the format the policy names, or kept as float32 / bfloat16 when it names none. GGUF norm weights already hold 1 + w, which is what the engine
-takes."""
+the format the policy names, or kept as float32 / bfloat16 when it names none. GGUF norm
+weights already hold 1 + w, which is what the engine takes."""
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 
-from .. import _C
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
-from ..quant import GROUP, format_for, pack_nibbles, resolve_policy
-from .gguf import GGUFFile, dequantize
+from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
+from ..generation import GenerationConfig
+from ..quant import GROUP, QuantizedWeight, format_for, pack_nibbles, resolve_policy
+from .layout import LoadedModel, interleaved, is_norm, layer_shapes, quantized
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# Engine tensor name (under layers.N.) -> GGUF name (under blk.N.), by architecture.
-_COMMON = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
-           "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
-_SANDWICH = {"post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}
-_QK = {"q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-_NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
-
-
-def layer_names(arch: str) -> Dict[str, str]:
-    names = dict(_COMMON)
-    if arch in ("gemma2", "gemma3"):
-        names.update(_SANDWICH)
-    if arch == "gemma3":
-        names.update(_QK)
-    return names
-
-
-def is_gguf(path) -> bool:
-    """A file that starts with the GGUF magic."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+# Engine tensor name (under layers.N.) -> GGUF name (under blk.N.); which of them a file has
+# follows from its generation (layout.layer_shapes).
+_LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+                "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
+                "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm",
+                "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
 
 
 def _meta(g: GGUFFile, key: str, kind, default=None):
@@ -155,64 +137,54 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     return Gemma3TextConfig(**kw)
 
 
-def _nibbles_q4_0(raw: np.ndarray, rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Q4_0 blocks (fp16 d, 16 bytes: element j low nibble, j + 16 high) -> (q [rows, nb, 32]
-    in 0..15, d as fp16 bits [rows, nb])."""
-    nb = cols // 32
-    b = raw.reshape(rows, nb, 18)
-    d = np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
-    qs = b[:, :, 2:]
-    return np.concatenate([qs & 0xF, qs >> 4], axis=2), d
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q5_0 packed bytes [..., 16] (element j low nibble, j + 16 high) -> [..., 32]."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
 
 
-def _import_q5_0(raw: np.ndarray, rows: int, cols: int):
-    """Q5_0 (fp16 d, 4 bytes of fifth bits, 16 bytes of nibbles; w = d * (q - 16), q in 0..31)
-    -> int8 with the same scales: q - 16 fits, so no value changes."""
-    nb = cols // 32
-    b = raw.reshape(rows, nb, 22)
-    d = np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
-    high = np.ascontiguousarray(b[:, :, 2:6]).view("<u4").reshape(rows, nb, 1)
-    qs = b[:, :, 6:]
-    low = np.concatenate([qs & 0xF, qs >> 4], axis=2).astype(np.int16)
-    fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
-    q = (low | fifth) - 16
-    return "int8", q.astype(np.int8).view(np.uint8).reshape(rows, cols), d
+def _fp16_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint16)
 
 
-def _import_q8_0(raw: np.ndarray, rows: int, cols: int):
-    nb = cols // 32
-    b = raw.reshape(rows, nb, 34)
-    d = np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
-    return "int8", np.ascontiguousarray(b[:, :, 2:]).reshape(rows, cols), d
+def _import_q8_0(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    b = quantized_blocks(raw, GGML_Q8_0, rows, cols)
+    return QuantizedWeight("int8", np.ascontiguousarray(b["qs"]).view(np.uint8).reshape(rows, cols),
+                           _fp16_bits(b["d"]))
 
 
-def _import_q4_0(raw: np.ndarray, rows: int, cols: int, fmt: str):
-    q, d = _nibbles_q4_0(raw, rows, cols)
+def _import_q5_0(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    """Q5_0 (w = d * (q - 16), q in 0..31: four nibble bits, a fifth from qh) -> int8 with the
+    same scales: q - 16 fits, so no value changes."""
+    b = quantized_blocks(raw, GGML_Q5_0, rows, cols)
+    fifth = ((b["qh"][..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
+    q = (_nibbles(b["qs"]).astype(np.int16) | fifth) - 16
+    return QuantizedWeight("int8", q.astype(np.int8).view(np.uint8).reshape(rows, cols), _fp16_bits(b["d"]))
+
+
+def _import_q4_0(raw: np.ndarray, rows: int, cols: int, fmt: str) -> QuantizedWeight:
+    b = quantized_blocks(raw, GGML_Q4_0, rows, cols)
+    q, d = _nibbles(b["qs"]), _fp16_bits(b["d"])
     if fmt == "int8":  # d * (q - 8) with q - 8 in [-8, 7]: the same values as int8
-        return "int8", (q.astype(np.int16) - 8).astype(np.int8).view(np.uint8).reshape(rows, cols), d
-    return "int4", pack_nibbles(q), d
+        return QuantizedWeight("int8", (q.astype(np.int16) - 8).astype(np.int8).view(np.uint8).reshape(rows, cols), d)
+    return QuantizedWeight("int4", pack_nibbles(q), d)
 
 
-def _import_q4_1(raw: np.ndarray, rows: int, cols: int):
-    """Q4_1 blocks (fp16 d, fp16 m, 16 bytes: element j low nibble, j + 16 high; w = d * q + m)
-    -> int4m: the same d, m and q, the nibbles repacked into int4's block pairs."""
-    nb = cols // 32
-    b = raw.reshape(rows, nb, 20)
-    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.uint16).reshape(rows, nb)
-    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.uint16).reshape(rows, nb)
-    qs = b[:, :, 4:]
-    return "int4m", pack_nibbles(np.concatenate([qs & 0xF, qs >> 4], axis=2)), d, m
+def _import_q4_1(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    """Q4_1 (w = d * q + m) -> int4m: the same d, m and q, the nibbles repacked into int4's
+    block pairs."""
+    b = quantized_blocks(raw, GGML_Q4_1, rows, cols)
+    return QuantizedWeight("int4m", pack_nibbles(_nibbles(b["qs"])), _fp16_bits(b["d"]), _fp16_bits(b["m"]))
 
 
 _CHUNK_ELEMENTS = 1 << 23  # 32 MiB of float32 at a time
 
 
-def _requantize(g: GGUFFile, gname: str, info, fmt: str):
+def _requantize(g: GGUFFile, gname: str, info, fmt: str) -> QuantizedWeight:
     """Dequantize and quantize to fmt a band of rows at a time, so a large tensor (the 270M
     model's 168M-weight embedding) never exists whole as float32."""
     rows, cols = info.shape
     if rows * cols <= _CHUNK_ELEMENTS:
-        return _C.quantize(np.ascontiguousarray(g.dequantize(gname), dtype=np.float32), fmt)
+        return quantized(np.ascontiguousarray(g.dequantize(gname), dtype=np.float32), fmt)
     raw = g.raw(gname)
     row_bytes = info.nbytes // rows
     # Whole 16-row groups per band, so the bands' interleaved rows concatenate unchanged.
@@ -221,8 +193,8 @@ def _requantize(g: GGUFFile, gname: str, info, fmt: str):
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
         w = dequantize(raw[r0 * row_bytes: r1 * row_bytes], info.ggml_type, (r1 - r0, cols))
-        parts.append(_C.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt))
-    return (fmt,) + tuple(np.concatenate([p[i] for p in parts]) for i in range(1, len(parts[0])))
+        parts.append(quantized(np.ascontiguousarray(w, dtype=np.float32), fmt))
+    return QuantizedWeight(fmt, *(np.concatenate([p[i] for p in parts]) for i in range(1, len(parts[0]))))
 
 
 def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
@@ -232,28 +204,25 @@ def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
     return resolve_policy(quantization)
 
 
-def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[str], quantization="auto",
-                             progress=None):
-    """{engine name: array or (format, quants, scales[, mins])}, the float dtype, and the policy
-    used (a dict of group -> format, "auto" when chosen per tensor).
+def _matrix_format(policy, info, engine_name: str) -> Optional[str]:
+    """The format a matrix loads as: the policy's, or under "auto" (policy None) its GGUF
+    type's own where we hold its values (Q8_0 int8, Q4_0 int4, Q4_1 int4m), float for float
+    tensors, and int8 for every other quantized type."""
+    if policy is not None:
+        return format_for(policy, engine_name)
+    fmt = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m"}.get(info.ggml_type)
+    if fmt is None and info.type_name not in _FLOAT_TYPES:
+        fmt = "int8"
+    return fmt
 
-    quantization "auto": Q8_0 -> int8, Q4_0 -> int4 and Q4_1 -> int4m unchanged, Q5_0 -> int8
-    unchanged; float tensors stay float; other types (Q4_K, Q6_K, ...) become int8. A format
-    name or a policy dict chooses the format of every matrix (None: float); Q8_0, Q4_0, Q4_1
-    and Q5_0 are imported without loss where the format holds their values, and re-quantized
-    where it does not."""
-    policy = resolve_gguf_policy(quantization)
-    target = "float32" if dtype in (None, "auto") else canonical_dtype(dtype)
-    arch = g.architecture()
-    H, hd = config.hidden_size, config.head_dim
-    shapes = {"q": (config.num_attention_heads * hd, H), "k": (config.num_key_value_heads * hd, H),
-              "v": (config.num_key_value_heads * hd, H), "o": (H, config.num_attention_heads * hd),
-              "gate": (config.intermediate_size, H), "up": (config.intermediate_size, H),
-              "down": (H, config.intermediate_size), "q_norm": (hd,), "k_norm": (hd,)}
+
+def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progress=None):
+    """{engine name: array or QuantizedWeight}. Q8_0, Q4_0, Q4_1 and Q5_0 are imported without
+    loss where the format holds their values, and re-quantized where it does not."""
 
     def tensor(gname: str, shape):
         if gname not in g.tensors:
-            raise ValueError(f"{g.path}: GGUF file has no tensor {gname!r} (needed by {arch})")
+            raise ValueError(f"{g.path}: GGUF file has no tensor {gname!r} (needed by {g.architecture()})")
         info = g.tensors[gname]
         if tuple(info.shape) != tuple(shape):
             raise ValueError(f"{g.path}: tensor {gname!r} has shape {tuple(info.shape)}, expected {tuple(shape)} "
@@ -263,24 +232,19 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
     def matrix(gname: str, engine_name: str, shape):
         info = tensor(gname, shape)
         rows, cols = shape
-        if policy is None:  # auto
-            fmt = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m"}.get(info.ggml_type)
-            if fmt is None and info.type_name not in _FLOAT_TYPES:
-                fmt = "int8"
-        else:
-            fmt = format_for(policy, engine_name)
+        fmt = _matrix_format(policy, info, engine_name)
         if fmt is not None and cols % 32:
             raise ValueError(f"{g.path}: cannot quantize {gname!r} to {fmt}: its rows of {cols} are not a "
                              "multiple of 32")
         # The lossless imports give plain rows; the engine takes them in its row order.
         if fmt == "int8" and info.ggml_type == GGML_Q8_0:
-            return _C.interleave(_import_q8_0(g.raw(gname), rows, cols))
+            return interleaved(_import_q8_0(g.raw(gname), rows, cols))
         if fmt in ("int8", "int4") and info.ggml_type == GGML_Q4_0:
-            return _C.interleave(_import_q4_0(g.raw(gname), rows, cols, fmt))
+            return interleaved(_import_q4_0(g.raw(gname), rows, cols, fmt))
         if fmt == "int4m" and info.ggml_type == GGML_Q4_1:
-            return _C.interleave(_import_q4_1(g.raw(gname), rows, cols))
+            return interleaved(_import_q4_1(g.raw(gname), rows, cols))
         if fmt == "int8" and info.ggml_type == GGML_Q5_0:
-            return _C.interleave(_import_q5_0(g.raw(gname), rows, cols))
+            return interleaved(_import_q5_0(g.raw(gname), rows, cols))
         if fmt is None:
             return as_engine_dtype(g.dequantize(gname), "float32", target)
         return _requantize(g, gname, info, fmt)
@@ -289,18 +253,42 @@ def engine_weights_from_gguf(g: GGUFFile, config: GemmaConfig, dtype: Optional[s
         tensor(gname, shape)
         return np.ascontiguousarray(g.dequantize(gname), dtype=np.float32)  # already 1 + w
 
-    V = config.vocab_size
+    V, H = config.vocab_size, config.hidden_size
     weights = {"embed": matrix("token_embd.weight", "embed", (V, H)),
                "final_norm": norm("output_norm.weight", (H,))}
     if not config.tie_word_embeddings:
         weights["lm_head"] = matrix("output.weight", "lm_head", (V, H))
-    names = layer_names(arch)
+    per_layer = layer_shapes(config)
     for i in range(config.num_hidden_layers):
-        for short, gshort in names.items():
-            gname, ename = f"blk.{i}.{gshort}.weight", f"layers.{i}.{short}"
-            shape = shapes.get(short, (H,))
-            weights[ename] = norm(gname, shape) if short in _NORMS else matrix(gname, ename, shape)
+        for short, shape in per_layer.items():
+            gname, ename = f"blk.{i}.{_LAYER_NAMES[short]}.weight", f"layers.{i}.{short}"
+            weights[ename] = norm(gname, shape) if is_norm(ename) else matrix(gname, ename, shape)
         if progress:
             progress(i + 1, config.num_hidden_layers)
-    used = policy if policy is not None else "auto"
-    return weights, target, used
+    return weights
+
+
+def load(path, dtype: Optional[str] = None, quantization="auto", config: Optional[GemmaConfig] = None,
+         progress=None) -> LoadedModel:
+    """A GGUF file (a path, or a GGUFFile already open).
+
+    quantization "auto": Q8_0 -> int8, Q4_0 -> int4 and Q4_1 -> int4m unchanged, Q5_0 -> int8
+    unchanged; float tensors stay float; other types (Q4_K, Q6_K, ...) become int8. A format
+    name or a policy dict chooses the format of every matrix (None: float). dtype: the float
+    weight dtype (float32 unless given)."""
+    policy = resolve_gguf_policy(quantization)  # fail on a bad name before reading the file
+    target = "float32" if dtype in (None, "auto") else canonical_dtype(dtype)
+    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    try:
+        config = config or config_from_gguf(g)
+        weights = _engine_weights(g, config, target, policy, progress)
+        generation = GenerationConfig(eos_token_id=stop_ids(g, config), pad_token_id=config.pad_token_id,
+                                      bos_token_id=config.bos_token_id)
+        has_vocab = "tokenizer.ggml.tokens" in g.metadata
+    finally:
+        if g is not path:
+            g.close()
+    return LoadedModel(config=config, weights=weights, dtype=target,
+                       quantization=policy if policy is not None else "auto", heads={},
+                       generation_config=generation, tokenizer=g.path if has_vocab else None,
+                       name_or_path=g.path)

@@ -375,7 +375,7 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]
 
     ``ValueError`` for a file whose tokenizer adds a space prefix (Llama 2 style):
     Gemma's tokenizer never does, and GemmaTokenizer would silently give other ids."""
-    from .gguf import GGUFFile
+    from ..formats.gguf import GGUFFile
 
     path = os.fspath(path)
     with GGUFFile(path) as f:

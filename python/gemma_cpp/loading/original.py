@@ -1,5 +1,6 @@
-"""Original gemma_pytorch checkpoints (the `model_state_dict` of a .ckpt / .pt file) to a
-Hugging Face folder, or through it to our format.
+"""Original gemma_pytorch checkpoints (the `model_state_dict` of a .ckpt / .pt file): loaded
+for the engine through the Hugging Face names, or converted to a Hugging Face folder or to our
+format.
 
 gemma_pytorch names its tensors as transformers does (model.layers.N.self_attn.o_proj...,
 model.norm.weight, norms centred on zero) except: q, k and v are one fused
@@ -19,7 +20,12 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..config import GemmaConfig
-from .safetensors_reader import write_safetensors
+from ..formats.safetensors import write_safetensors
+from ..generation import GenerationConfig
+from ..quant import resolve_policy
+from ..tokenizer import GemmaTokenizer
+from . import engine_format, hf
+from .layout import LoadedModel
 
 SIZES = {"2b": "gemma-2b", "7b": "gemma-7b"}
 
@@ -83,20 +89,10 @@ def to_hf_tensors(sd, config: GemmaConfig, path: str) -> Dict[str, tuple]:
     return out
 
 
-def convert(ckpt: str, out: str, size: Optional[str] = None, config_path: Optional[str] = None,
-            tokenizer: Optional[str] = None, to: str = "hf", quantization=None, dtype=None,
-            force: bool = False, progress=None) -> str:
-    """Write a Hugging Face folder (to='hf': config.json, model.safetensors, tokenizer files)
-    or our format (to='gemma_cpp') from a gemma_pytorch checkpoint. size: '2b' or '7b' (the
-    presets), or config_path: a config.json for other shapes."""
-    from . import engine_format
-    from ..tokenizer import GemmaTokenizer
-
-    if to not in ("hf", "gemma_cpp"):
-        raise ValueError(f"to must be 'hf' or 'gemma_cpp', got {to!r}")
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (pass --force / force=True to replace it)")
+def read(ckpt: str, size: Optional[str] = None, config_path: Optional[str] = None):
+    """(config, {transformers name: (array, safetensors dtype)}) of a gemma_pytorch checkpoint,
+    checked against the config. size: '2b' or '7b' (the presets), or config_path: a
+    config.json for other shapes."""
     if (size is None) == (config_path is None):
         raise ValueError("give exactly one of size ('2b' or '7b') and a config.json")
     if size is not None:
@@ -106,9 +102,7 @@ def convert(ckpt: str, out: str, size: Optional[str] = None, config_path: Option
     else:
         config = GemmaConfig.from_pretrained(config_path)
     tensors = to_hf_tensors(read_state_dict(ckpt), config, ckpt)
-    from ..modeling import _expected_shapes
-
-    expected = {"model." + k: v for k, v in _expected_shapes(config).items()}
+    expected = {"model." + k: v for k, v in hf.expected_shapes(config).items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{k} {tuple(tensors[k][0].shape)} (expected {expected[k]})" for k in expected
@@ -120,23 +114,73 @@ def convert(ckpt: str, out: str, size: Optional[str] = None, config_path: Option
                               wrong and f"wrong shapes {', '.join(wrong[:6])}") if part))
     config.architectures = ["GemmaForCausalLM"]
     config.torch_dtype = "bfloat16" if any(dt == "BF16" for _, dt in tensors.values()) else "float32"
+    return config, tensors
+
+
+class _Tensors:
+    """The tensors of a read checkpoint as hf.engine_weights reads a folder's."""
+
+    _DTYPES = {"F32": "float32", "BF16": "bfloat16"}
+
+    def __init__(self, tensors, path: str):
+        self._t, self.path = tensors, path
+
+    def names(self):
+        return list(self._t)
+
+    def shape_of(self, name):
+        return tuple(self._t[name][0].shape)
+
+    def get(self, name):
+        a, dt = self._t[name]
+        return a, self._DTYPES[dt]
+
+    def release(self, name):
+        pass
+
+    def file_of(self, name):
+        return self.path
+
+
+def load(ckpt: str, size: Optional[str] = None, config_path: Optional[str] = None, dtype=None,
+         quantization=None, tokenizer: Optional[str] = None) -> LoadedModel:
+    """A gemma_pytorch checkpoint for the engine (a GemmaForCausalLM); tokenizer: where its
+    tokenizer.model is, when there is one."""
+    policy = resolve_policy(quantization)
+    config, tensors = read(ckpt, size, config_path)
+    weights, target, heads = hf.engine_weights(_Tensors(tensors, ckpt), config, dtype, policy, ckpt)
+    return LoadedModel(config=config, weights=weights, dtype=target, quantization=policy, heads=heads,
+                       generation_config=GenerationConfig(), tokenizer=tokenizer, name_or_path=ckpt)
+
+
+def convert(ckpt: str, out: str, size: Optional[str] = None, config_path: Optional[str] = None,
+            tokenizer: Optional[str] = None, to: str = "hf", quantization=None, dtype=None,
+            force: bool = False, progress=None) -> str:
+    """Write a Hugging Face folder (to='hf': config.json, model.safetensors, tokenizer files)
+    or our format (to='gemma_cpp') from a gemma_pytorch checkpoint. size: '2b' or '7b' (the
+    presets), or config_path: a config.json for other shapes."""
+    if to not in ("hf", "gemma_cpp"):
+        raise ValueError(f"to must be 'hf' or 'gemma_cpp', got {to!r}")
+    out = engine_format.refuse_to_overwrite(out, force)
+
+    def save_tokenizer(_, folder):
+        if tokenizer is not None:
+            GemmaTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
+
+    if to == "gemma_cpp":
+        loaded = load(ckpt, size, config_path, dtype, quantization, tokenizer)
+        return engine_format.write(loaded, out, progress=None, extra=save_tokenizer)
+    config, tensors = read(ckpt, size, config_path)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".gemma-cpp-convert-", dir=parent)
     try:
-        hf_dir = tmp if to == "hf" else os.path.join(tmp, "hf")
-        os.makedirs(hf_dir, exist_ok=True)
-        write_safetensors(os.path.join(hf_dir, "model.safetensors"),
+        write_safetensors(os.path.join(tmp, "model.safetensors"),
                           [(k, a, dt) for k, (a, dt) in tensors.items()], {"format": "pt"}, progress)
-        config.save_pretrained(hf_dir)
-        if tokenizer is not None:
-            GemmaTokenizer.from_pretrained(tokenizer).save_pretrained(hf_dir)
-        if to == "gemma_cpp":
-            engine_format.save(hf_dir, os.path.join(tmp, "ours"), dtype=dtype, quantization=quantization, progress=None)
-            final = os.path.join(tmp, "ours")
-        else:
-            final = tmp
-        engine_format.move_into_place(final, out)
-    finally:
+        config.save_pretrained(tmp)
+        save_tokenizer(None, tmp)
+        engine_format.move_into_place(tmp, out)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

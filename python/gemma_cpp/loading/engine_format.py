@@ -7,6 +7,7 @@ layers.N.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}) and the heads' (score.weight
   float matrices as F32 or BF16; norms as F32 holding (1 + w), ready for the engine;
   quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), and for int4m
   NAME.mins (U16: fp16 bits), rows in the engine's 16-row interleaved groups, see quant.py.
+  (The tensor names are the engine's: layout.py.)
 __metadata__ (strings): format "gemma_cpp", format_version, dtype (the float weight dtype),
 quantization (JSON policy), formats (JSON {name: int8 | int4 | int4m}).
 """
@@ -20,10 +21,15 @@ import tempfile
 
 import numpy as np
 
-from .._dtypes import canonical_dtype
-from .. import _C
-from ..quant import FORMATS, resolve_policy
-from .safetensors_reader import SafetensorsFile, write_safetensors
+from .._dtypes import as_float32, canonical_dtype
+from ..config import load_config
+from ..formats.gguf import GGUFFile, is_gguf
+from ..formats.safetensors import SafetensorsFile, write_safetensors
+from ..generation import GenerationConfig
+from ..quant import FORMATS, QuantizedWeight, resolve_policy
+from ..tokenizer import GemmaTokenizer
+from . import gguf, hf
+from .layout import LoadedModel, interleaved
 
 FORMAT = "gemma_cpp"
 # Version 2 added int4m tensors (NAME.mins). Version 3 stores quantized rows in the engine's
@@ -45,7 +51,7 @@ def is_engine_checkpoint(folder: str) -> bool:
     return SafetensorsFile(path).metadata.get("format") == FORMAT
 
 
-def _progress_bar(done: int, total: int, name: str, stream=sys.stderr) -> None:
+def progress_bar(done: int, total: int, name: str, stream=sys.stderr) -> None:
     width = 30
     filled = width * done // total
     stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:40s}")
@@ -66,87 +72,75 @@ def move_into_place(new: str, out: str) -> None:
         os.rename(new, out)
 
 
-def save(src: str, out: str, dtype=None, quantization=None, force: bool = False, progress=_progress_bar) -> str:
-    """Convert a Hugging Face checkpoint folder or a GGUF file to our format in folder `out`.
-    Written under a temporary name beside it and renamed at the end; an existing `out` is
-    replaced only with force=True. quantization as from_pretrained's ("auto" for a GGUF file
-    when None)."""
-    from ..config import load_config
-    from ..modeling import engine_weights
-    from .hf import Checkpoint
-
+def refuse_to_overwrite(out: str, force: bool) -> str:
+    """The absolute path of an output folder, or FileExistsError when it exists and not force."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (pass --force / force=True to replace it)")
-    from . import gguf_model
+    return out
 
-    if os.path.isfile(src) and gguf_model.is_gguf(src):
-        return _save_gguf(src, out, dtype, "auto" if quantization is None else
-                          None if quantization == "none" else quantization, progress)
+
+def save(src: str, out: str, dtype=None, quantization=None, force: bool = False, progress=progress_bar) -> str:
+    """Convert a Hugging Face checkpoint folder or a GGUF file to our format in folder `out`.
+    Written under a temporary name beside it and renamed at the end; an existing `out` is
+    replaced only with force=True. quantization as from_pretrained's ("auto" for a GGUF file
+    when None; "none" keeps floats)."""
+    out = refuse_to_overwrite(out, force)
+    src = os.fspath(src)
+    if is_gguf(src):
+        loaded = gguf.load(src, dtype, "auto" if quantization is None else None if quantization == "none"
+                           else quantization)
+        return write(loaded, out, progress)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such checkpoint folder or GGUF file")
-    policy = resolve_policy(None if quantization in ("auto", "none") else quantization)
-    config = load_config(src)
-    weights, target, heads = engine_weights(src, config, dtype, Checkpoint(src), policy)
+    return write(hf.load(src, dtype, None if quantization in ("auto", "none") else quantization), out, progress)
 
-    def carry(tmp):
+
+def _tokenizer_files(loaded: LoadedModel, tmp: str) -> None:
+    """The tokenizer and generation settings beside the weights: a folder's files as they are,
+    a GGUF file's vocabulary rebuilt as tokenizer.model and its stop ids as
+    generation_config.json."""
+    src = loaded.tokenizer
+    if src is not None and os.path.isdir(src):
         for name in CARRY:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-
-    return _write(out, config, weights, target, policy, heads, carry, progress)
-
-
-def _save_gguf(src, out, dtype, quantization, progress) -> str:
-    """A GGUF file to our format: its weights as the loader imports them, config.json,
-    tokenizer.model rebuilt from its vocabulary, generation_config.json with its stop ids."""
-    from ..tokenizer import GemmaTokenizer
-    from . import gguf_model
-    from .gguf import GGUFFile
-
-    with GGUFFile(src) as g:
-        config = gguf_model.config_from_gguf(g)
-        weights, target, policy = gguf_model.engine_weights_from_gguf(g, config, dtype, quantization)
-        eos = gguf_model.stop_ids(g, config)
-        has_vocab = "tokenizer.ggml.tokens" in g.metadata
-    tok = GemmaTokenizer.from_pretrained(src) if has_vocab else None
-
-    def extra(tmp):
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": eos,
-                       "pad_token_id": config.pad_token_id}, f, indent=2)
-
-    return _write(out, config, weights, target, policy, {}, extra, progress)
+        return
+    if src is not None:
+        GemmaTokenizer.from_pretrained(src).save_pretrained(tmp)
+    gc = loaded.generation_config
+    with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": gc.bos_token_id, "eos_token_id": gc.eos_token_id,
+                   "pad_token_id": gc.pad_token_id}, f, indent=2)
 
 
-def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
-    """Writes the folder under a temporary name beside `out`, then moves it into place."""
+def write(loaded: LoadedModel, out: str, progress=progress_bar, extra=_tokenizer_files) -> str:
+    """Writes a loaded model to folder `out` in our format: under a temporary name beside it,
+    then moved into place (the caller decided whether `out` may be replaced). extra(loaded,
+    folder) adds the tokenizer's files."""
     tensors, formats = [], {}
-    for name, v in weights.items():
+    for name, v in loaded.weights.items():
         if isinstance(v, tuple):
-            fmt, q, d = v[:3]
-            formats[name] = fmt
-            tensors += [(name + ".quants", q, "U8"), (name + ".scales", d, "U16")]
-            if fmt == "int4m":
-                tensors.append((name + ".mins", v[3], "U16"))
+            v = QuantizedWeight.of(v)
+            formats[name] = v.format
+            tensors += [(name + ".quants", v.quants, "U8"), (name + ".scales", v.scales, "U16")]
+            if v.mins is not None:
+                tensors.append((name + ".mins", v.mins, "U16"))
         else:
             tensors.append((name, v, "BF16" if v.dtype == np.uint16 else "F32"))
-    for name, (arr, dt) in heads.items():
-        from .._dtypes import as_float32
-
+    for name, (arr, dt) in loaded.heads.items():
         tensors.append((name, np.ascontiguousarray(as_float32(arr, dt)), "F32"))
     version = VERSION if formats else "1"
-    metadata = {"format": FORMAT, "format_version": version, "dtype": target,
-                "quantization": json.dumps(policy), "formats": json.dumps(formats)}
+    metadata = {"format": FORMAT, "format_version": version, "dtype": loaded.dtype,
+                "quantization": json.dumps(loaded.quantization), "formats": json.dumps(formats)}
+    out = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".gemma-cpp-convert-", dir=parent)
     try:
         write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata, progress)
-        config.save_pretrained(tmp)
-        extra(tmp)
+        loaded.config.save_pretrained(tmp)
+        extra(loaded, tmp)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,10 +148,11 @@ def _write(out, config, weights, target, policy, heads, extra, progress) -> str:
     return out
 
 
-def load(folder: str, dtype=None, requested_policy=None):
-    """(engine weights as views into the file's memory map, float dtype, policy, heads). Quantized
-    tensors of version 1 and 2 files (plain rows) are copies in the engine's row order instead:
-    converting such a file again makes it load by mmap."""
+def load(folder: str, dtype=None, quantization=None, config=None) -> LoadedModel:
+    """A folder in our format: the engine's weights as views into the file's memory map.
+    Quantized tensors of version 1 and 2 files (plain rows) are copies in the engine's row
+    order instead: converting such a file again makes it load by mmap. dtype and quantization,
+    when given, must be what the file was converted with."""
     path = os.path.join(folder, WEIGHTS)
     f = SafetensorsFile(path)
     meta = f.metadata
@@ -176,7 +171,8 @@ def load(folder: str, dtype=None, requested_policy=None):
         raise ValueError(f"{path}: damaged gemma_cpp metadata (formats)")
     if dtype not in (None, "auto") and canonical_dtype(dtype) != target:
         raise ValueError(f"{folder} was converted with dtype {target}; convert again for {dtype}")
-    if requested_policy and any(requested_policy.values()) and requested_policy != policy:
+    requested = None if quantization is None or quantization == "auto" else resolve_policy(quantization)
+    if requested and any(requested.values()) and requested != policy:
         raise ValueError(f"{folder} was converted with quantization {policy}; convert again to change it")
     weights, heads = {}, {}
     names = set(f.names())
@@ -187,15 +183,18 @@ def load(folder: str, dtype=None, requested_policy=None):
             base = name[: -len(".quants")]
             if base not in formats or base + ".scales" not in names:
                 raise ValueError(f"{path}: tensor {name!r} has no format or no scales")
-            weights[base] = (formats[base], f.get(name), f.get(base + ".scales"))
+            mins = None
             if formats[base] == "int4m":
                 if base + ".mins" not in names:
                     raise ValueError(f"{path}: int4m tensor {base!r} has no {base + '.mins'!r}")
-                weights[base] += (f.get(base + ".mins"),)
+                mins = f.get(base + ".mins")
+            weights[base] = QuantizedWeight(formats[base], f.get(name), f.get(base + ".scales"), mins)
             if version in ("1", "2"):  # plain rows: into the engine's order (a copy, not a view)
-                weights[base] = _C.interleave(weights[base])
+                weights[base] = interleaved(weights[base])
         elif name.startswith("score."):
             heads[name] = (f.get(name), f.dtype_of(name))
         else:
             weights[name] = f.get(name)
-    return weights, target, policy, heads
+    return LoadedModel(config=config or load_config(folder), weights=weights, dtype=target, quantization=policy,
+                       heads=heads, generation_config=GenerationConfig.from_pretrained(folder), tokenizer=folder,
+                       name_or_path=folder)

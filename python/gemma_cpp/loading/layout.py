@@ -1,0 +1,132 @@
+"""The engine's side of a model, shared by every source: the tensors the engine takes for a
+config (names and shapes, once per generation), its EngineConfig, and LoadedModel, what each
+source (hf, gguf, engine_format, original) hands to the model classes.
+
+Engine tensor names: `embed` [vocab, hidden] (also the LM head when tied), `lm_head` (untied
+only), `final_norm` [hidden], and `layers.N.<name>` for the names of `layer_shapes`. Matrices
+are [out, in], as float32, bfloat16 bits (uint16) or a QuantizedWeight; norms are float32
+holding (1 + w), as the engine applies them. Each source maps its own tensor names onto these.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from .. import _C
+from .._dtypes import round_to
+from ..config import GemmaConfig
+from ..generation import GenerationConfig
+from ..quant import QuantizedWeight
+
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+
+Shape = Tuple[int, ...]
+
+
+def layer_shapes(c: GemmaConfig) -> Dict[str, Shape]:
+    """A decoder layer's tensors for this config's generation: engine name -> shape.
+
+    Every generation: the seven matrices, attn_norm (before attention) and mlp_norm (before
+    the MLP). Gemma 2 and 3 add post_attn_norm and post_mlp_norm (the sandwich norms on the
+    blocks' outputs); Gemma 3 adds q_norm and k_norm, per head [head_dim]."""
+    H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    qd, kd = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    shapes = {"q": (qd, H), "k": (kd, H), "v": (kd, H), "o": (H, qd), "gate": (F, H), "up": (F, H),
+              "down": (H, F), "attn_norm": (H,), "mlp_norm": (H,)}
+    if c.model_type != "gemma":
+        shapes.update(post_attn_norm=(H,), post_mlp_norm=(H,))
+    if c.model_type == "gemma3_text":
+        shapes.update(q_norm=(hd,), k_norm=(hd,))
+    return shapes
+
+
+def model_shapes(c: GemmaConfig) -> Dict[str, Shape]:
+    """Every engine tensor of a model: name -> shape (lm_head only when untied)."""
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (c.vocab_size, c.hidden_size)
+    per_layer = layer_shapes(c)
+    for i in range(c.num_hidden_layers):
+        for short, shape in per_layer.items():
+            shapes[f"layers.{i}.{short}"] = shape
+    return shapes
+
+
+def is_norm(engine_name: str) -> bool:
+    """A norm's engine name (`final_norm`, `layers.3.attn_norm`, ...): float32 (1 + w)."""
+    return engine_name == "final_norm" or engine_name.rsplit(".", 1)[-1] in NORMS
+
+
+def quantized(w: np.ndarray, fmt: str) -> QuantizedWeight:
+    """A float32 (or bfloat16-bits) matrix quantized by the engine's threaded quantizer (the
+    bytes of quant.quantize, its numpy mirror)."""
+    return QuantizedWeight.of(_C.quantize(np.ascontiguousarray(w), fmt))
+
+
+def interleaved(qw) -> QuantizedWeight:
+    """A quantized weight with plain rows in the engine's 16-row groups (threaded)."""
+    return QuantizedWeight.of(_C.interleave(tuple(qw)))
+
+
+Weights = Dict[str, Union[np.ndarray, QuantizedWeight]]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model as a source read it, ready for the engine.
+
+    config: the model's config. weights: {engine name: array or QuantizedWeight} (see the
+    module docstring). dtype: the float weight dtype, 'float32' or 'bfloat16'. quantization:
+    the policy used, {group: format or None} (quant.resolve_policy), or "auto" when chosen per
+    GGUF tensor type. heads: the classification heads' tensors, {name: (array, dtype name)}.
+    generation_config: the defaults generate() starts from. tokenizer: where
+    GemmaTokenizer.from_pretrained finds the tokenizer (a folder or a GGUF file), or None.
+    name_or_path: what the model was loaded from."""
+
+    config: GemmaConfig
+    weights: Weights
+    dtype: str
+    quantization: Union[str, Dict[str, Optional[str]]]
+    heads: Dict[str, Tuple[np.ndarray, str]]
+    generation_config: GenerationConfig
+    tokenizer: Optional[str]
+    name_or_path: str
+
+
+def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float32") -> "_C.EngineConfig":
+    """The engine's view of a config. dtype: the float weight dtype (the embedding scale is
+    rounded to it, as transformers does)."""
+    fields = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(config.rope_theta),
+        rope_theta_local=float(config.rope_theta),
+        embed_scale=round_to(config.hidden_size ** 0.5, dtype),
+        attn_scale=float(np.float32(config.head_dim ** -0.5)),
+        causal=not bool(getattr(config, "use_bidirectional_attention", False) or False),
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    if config.model_type != "gemma":  # Gemma 2 / 3
+        fields.update(
+            attn_scale=float(np.float32(config.query_pre_attn_scalar ** -0.5)),
+            attn_softcap=float(config.attn_logit_softcapping or 0.0),
+            final_softcap=float(config.final_logit_softcapping or 0.0),
+            sandwich_norms=True,
+            layer_windows=config.layer_windows(),
+        )
+    if config.model_type == "gemma3_text":
+        (theta, factor), (theta_local, factor_local) = (config.rope("full_attention"),
+                                                        config.rope("sliding_attention"))
+        fields.update(rope_theta=theta, rope_factor=factor, rope_theta_local=theta_local,
+                      rope_factor_local=factor_local, qk_norm=True)
+    return _C.EngineConfig(**fields)
