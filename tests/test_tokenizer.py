@@ -26,8 +26,8 @@ from gemma_cpp.tokenizer import (
     BatchEncoding,
     GemmaTokenizer,
     GemmaTokenizerFast,
-    _SpModelFile,
 )
+from gemma_cpp.tokenizer.spmodel import SentencePieceModel as _SpModelFile
 
 # google/gemma-2b-it, gemma-7b-it, gemma-2-*-it: tokenizer_config.json "chat_template", verbatim.
 HUB_GEMMA_TEMPLATE = (
@@ -705,19 +705,15 @@ def test_non_gemma_normalizer_is_replaced(transformers, model_dir, tmp_path, tex
     assert [ours.encode(t, add_special_tokens=False) for t in sample] == [hf.encode(t) for t in sample]
 
 
-def test_model_reader_without_protobuf_and_bad_files(model_dir, tmp_path):
+def test_model_reader_bad_files(model_dir, tmp_path):
     with open(os.path.join(model_dir, "tokenizer.model"), "rb") as f:
         data = f.read()
-    a = _SpModelFile(data, "m", use_protobuf=True)
-    b = _SpModelFile(data, "m", use_protobuf=False)
-    assert (a.pieces, a.types, a.sp_bytes) == (b.pieces, b.types, b.sp_bytes)
-    for use_protobuf in (True, False):
-        with pytest.raises(ValueError):
-            _SpModelFile(data[: len(data) // 2 + 3], "truncated", use_protobuf=use_protobuf)
-        with pytest.raises(ValueError):
-            _SpModelFile(b"\xff" * 64, "garbage", use_protobuf=use_protobuf)
-        with pytest.raises(ValueError):
-            _SpModelFile(b"", "empty", use_protobuf=use_protobuf)
+    with pytest.raises(ValueError):
+        _SpModelFile(data[: len(data) // 2 + 3], "truncated")
+    with pytest.raises(ValueError):
+        _SpModelFile(b"\xff" * 64, "garbage")
+    with pytest.raises(ValueError):
+        _SpModelFile(b"", "empty")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "tokenizer.model").write_bytes(b"\x0a\x05abc")
@@ -894,18 +890,17 @@ def test_space_runs_match_transformers(transformers, space_run_dir):
 
 def test_space_runs_model_bytes(space_run_model, tmp_path):
     """The pieces handed to sentencepiece: the runs NORMAL, ranked by id above every
-    merge; the file saved as it was; the pure-Python reader writes the same bytes as
-    protobuf, with and without a normalizer to replace."""
+    merge; the file saved as it was; the same with and without a normalizer to replace."""
     path = os.path.join(space_run_model, "tokenizer.model")
     with open(path, "rb") as f:
         data = f.read()
-    model = _SpModelFile(data, path, use_protobuf=False)
+    model = _SpModelFile(data, path)
     runs = [i for i, p in enumerate(model.pieces) if p in SPACE_RUNS]
     assert sorted(model.respelled) == runs and all(model.types[i] == 4 for i in runs)
     scores = [model.respelled[i][1] for i in runs]
     assert all(t == 1 for t, _ in model.respelled.values()) and scores == sorted(scores, reverse=True)
     assert len(set(scores)) == len(scores)
-    sp_pieces = _SpModelFile(model.sp_bytes, path, use_protobuf=False, spiece_user_defined_to_bpe=False)
+    sp_pieces = _SpModelFile(model.sp_bytes, path, spiece_user_defined_to_bpe=False)
     assert [sp_pieces.types[i] for i in runs] == [1] * len(runs)
     assert sp_pieces.pieces == model.pieces
     tok = GemmaTokenizer.from_pretrained(space_run_model)
@@ -919,9 +914,12 @@ def test_space_runs_model_bytes(space_run_model, tmp_path):
     proto.ClearField("normalizer_spec")
     variants.append(proto.SerializeToString())
     for raw in variants:
-        a = _SpModelFile(raw, "m", use_protobuf=True)
-        b = _SpModelFile(raw, "m", use_protobuf=False)
-        assert (a.pieces, a.types, a.respelled, a.sp_bytes) == (b.pieces, b.types, b.respelled, b.sp_bytes)
+        a = _SpModelFile(raw, "m")
+        assert (a.pieces, a.types, a.respelled) == (model.pieces, model.types, model.respelled)
+        again = _SpModelFile(a.sp_bytes, "m", spiece_user_defined_to_bpe=False)
+        assert again.normalizer == dict(name="identity", charsmap=0, add_dummy_prefix=False,
+                                        remove_extra_whitespaces=False, escape_whitespaces=True, rule_tsv=0)
+        assert [again.types[i] for i in runs] == [1] * len(runs)
 
 
 def test_real_gemma3_tokenizer_model_space_runs(transformers, tmp_path):

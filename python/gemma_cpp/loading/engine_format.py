@@ -23,7 +23,7 @@ import numpy as np
 
 from .._dtypes import as_float32, canonical_dtype
 from ..config import load_config
-from ..formats.gguf import GGUFFile, is_gguf
+from ..formats.gguf import is_gguf
 from ..formats.safetensors import SafetensorsFile, write_safetensors
 from ..generation import GenerationConfig
 from ..quant import FORMATS, QuantizedWeight, resolve_policy

@@ -15,106 +15,35 @@ BPE ``ModelProto`` needs, so we write one back and hand it to sentencepiece:
     "\u2581\u2581" ... pieces are stored as "  " ...); it is written back, since
     sentencepiece matches pieces against the escaped text, and a piece that is only
     spaces becomes a NORMAL piece ranked by its position, because that is how
-    transformers' GGUF tokenizer treats them (see ``_merge_space_runs``);
+    transformers' GGUF tokenizer treats them (``spmodel.rank_as_merges``);
   * the piece at ``tokenizer.ggml.unknown_token_id`` becomes the UNKNOWN piece
     sentencepiece requires (Gemma files mark ``<unk>`` CONTROL).
 
 With those, and the CONTROL / USER_DEFINED pieces matched whole on the raw text before
 sentencepiece sees it (``GemmaTokenizer`` does that), the ids equal transformers'
 GGUF tokenizer on Gemma 3 270M.
-
-The ModelProto is serialized by hand (a few fields of sentencepiece_model.proto), so
-protobuf is not needed at run time.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sentencepiece import sentencepiece_model_pb2 as pb
 
-__all__ = ["sentencepiece_model_from_gguf", "tokenizer_config_from_gguf", "read_gguf_tokenizer"]
+from ..formats.gguf import GGUFFile
+from .spmodel import (BYTE, MODEL_BPE, NORMAL, PIECE_TYPES, SPIECE_UNDERLINE, UNKNOWN, USER_DEFINED,
+                      SentencePieceModel, rank_as_merges, set_gemma_normalizer)
 
-SPIECE_UNDERLINE = "\u2581"
-
-# GGUF token types (llama.cpp's llama_token_type) equal sentencepiece's
-# ModelProto.SentencePiece.Type values.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-_TYPE_NAMES = {NORMAL: "NORMAL", UNKNOWN: "UNKNOWN", CONTROL: "CONTROL", USER_DEFINED: "USER_DEFINED",
-               UNUSED: "UNUSED", BYTE: "BYTE"}
+__all__ = ["model_proto_from_gguf", "sentencepiece_model_from_gguf", "tokenizer_config_from_gguf",
+           "read_gguf_tokenizer", "read_gguf_model"]
 
 # tokenizer.ggml.model values this module can rebuild: sentencepiece-style vocabularies.
 SUPPORTED_MODELS = ("llama",)
 
 _KEY = "tokenizer.ggml."
-
-# sentencepiece_model.proto field numbers (all proto2).
-# ModelProto: 1 pieces, 2 trainer_spec, 3 normalizer_spec.
-# SentencePiece: 1 piece (string), 2 score (float), 3 type (enum).
-# TrainerSpec: 3 model_type (BPE = 2), 4 vocab_size, 35 byte_fallback,
-#   40..43 unk/bos/eos/pad ids, 45..48 unk/bos/eos/pad pieces.
-# NormalizerSpec: 1 name, 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces.
-_BPE = 2
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int32 / int64 negatives take ten bytes, two's complement
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _int_field(field: int, value: int) -> bytes:
-    return _key(field, 0) + _varint(int(value))
-
-
-def _str_field(field: int, value: str) -> bytes:
-    return _len_field(field, value.encode("utf-8"))
-
-
-_PIECE_TAG = _key(1, 2)
-_SCORE_TAG = _key(2, 5)
-_TYPE_TAG = _key(3, 0)
-
-
-def _piece_message(piece: str, score: float, ptype: int) -> bytes:
-    body = _str_field(1, piece) + _SCORE_TAG + struct.pack("<f", score) + _TYPE_TAG + _varint(ptype)
-    return _PIECE_TAG + _varint(len(body)) + body
-
-
-def _piece_messages(pieces, scores, types) -> list:
-    """Every piece's message. Most pieces are short: their varints are one byte each, so
-    their messages are assembled from bytes directly (the same bytes _piece_message writes;
-    262k pieces build in a fraction of the time)."""
-    score_bytes = np.asarray(scores, dtype="<f4").tobytes()
-    out = []
-    for i, (piece, ptype) in enumerate(zip(pieces, types)):
-        raw = piece.encode("utf-8")
-        body = 2 + len(raw) + 5 + 2  # piece tag + length, the piece, score tag + 4 bytes, type tag + type
-        if len(raw) < 128 and 0 <= ptype < 128 and body < 128:
-            out.append(b"".join((_PIECE_TAG, bytes((body,)), _PIECE_TAG, bytes((len(raw),)), raw, _SCORE_TAG,
-                                 score_bytes[4 * i: 4 * i + 4], _TYPE_TAG, bytes((ptype,)))))
-        else:
-            out.append(_piece_message(piece, float(scores[i]), ptype))
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -209,7 +138,7 @@ def _pieces(metadata: Mapping[str, Any], source: str):
         i = int(bad[0])
         raise ValueError(
             f"{source}: {_KEY}token_type[{i}] is {int(types_raw[i])} (token {tokens[i]!r}); "
-            f"known GGUF token types are {sorted(_TYPE_NAMES.items())} ({bad.size} unknown in all)"
+            f"known GGUF token types are {sorted(PIECE_TYPES.items())} ({bad.size} unknown in all)"
         )
     types = types_raw.astype(np.int64).tolist()
 
@@ -231,7 +160,7 @@ def _pieces(metadata: Mapping[str, Any], source: str):
     eos = _special_id(metadata, "eos_token_id", n, source)
     pad = _special_id(metadata, "padding_token_id", n, source)
 
-    unknown_typed = [i for i, t in enumerate(types) if t == UNKNOWN]
+    unknown_typed = np.flatnonzero(types_raw == UNKNOWN).tolist()
     if unk is None:
         if len(unknown_typed) != 1:
             raise ValueError(
@@ -247,26 +176,37 @@ def _pieces(metadata: Mapping[str, Any], source: str):
                 "is also typed UNKNOWN; sentencepiece allows one unknown token"
             )
 
-    pieces: list[str] = []
-    seen: dict[str, int] = {}
+    # Whole-list checks first (a 262k-piece vocabulary), the first offender named after.
+    pieces = list(tokens)
+    if set(map(type, pieces)) != {str}:
+        i = next(i for i, t in enumerate(pieces) if not isinstance(t, str))
+        raise ValueError(f"{source}: {key}[{i}] must be a string, got {type(pieces[i]).__name__}")
     space_runs: list[int] = []
-    for i, token in enumerate(tokens):
-        if not isinstance(token, str):
-            raise ValueError(f"{source}: {key}[{i}] must be a string, got {type(token).__name__}")
-        if types[i] == USER_DEFINED and " " in token:
-            if not token.strip(" "):
+    for i in np.flatnonzero(types_raw == USER_DEFINED).tolist():
+        if " " in pieces[i]:
+            if not pieces[i].strip(" "):
                 space_runs.append(i)
-            token = token.replace(" ", SPIECE_UNDERLINE)
-        if not token:
-            raise ValueError(f"{source}: {key}[{i}] is empty; sentencepiece pieces must not be")
-        first = seen.setdefault(token, i)
-        if first != i:
-            raise ValueError(f"{source}: {key}[{i}] ({token!r}) repeats token {first}; pieces must be unique")
-        pieces.append(token)
+            pieces[i] = pieces[i].replace(" ", SPIECE_UNDERLINE)
+    seen = dict(zip(pieces, range(n)))
+    if len(seen) != n or "" in seen:
+        first: dict[str, int] = {}
+        for i, token in enumerate(pieces):
+            if not token:
+                raise ValueError(f"{source}: {key}[{i}] is empty; sentencepiece pieces must not be")
+            if first.setdefault(token, i) != i:
+                raise ValueError(f"{source}: {key}[{i}] ({token!r}) repeats token {first[token]}; "
+                                 "pieces must be unique")
     types[unk] = UNKNOWN
-    _merge_space_runs(space_runs, types, scores)
+    # The runs of spaces become ordinary BPE pieces ranked by their place in the file: that
+    # is how transformers' GGUF tokenizer (``gemma_tokenizer`` in transformers/integrations/
+    # gguf) treats them, respelled with U+2581 and kept out of its added tokens, so that BPE
+    # builds them by merges (32 spaces are two pieces of 16, where a USER_DEFINED piece,
+    # matched longest first as llama.cpp does, would give 31 + 1).
+    for i, score in rank_as_merges(space_runs, types, scores).items():
+        scores[i] = score
+        types[i] = NORMAL
 
-    byte_ids = [i for i, t in enumerate(types) if t == BYTE]
+    byte_ids = np.flatnonzero(np.asarray(types) == BYTE).tolist()
     if byte_ids:
         expected = {f"<0x{b:02X}>" for b in range(256)}
         names = {pieces[i] for i in byte_ids}
@@ -280,71 +220,43 @@ def _pieces(metadata: Mapping[str, Any], source: str):
     return pieces, scores, types, {"unk": unk, "bos": bos, "eos": eos, "pad": pad}
 
 
-def _merge_space_runs(space_runs: list[int], types: list[int], scores: list[float]) -> None:
-    """Make the runs of spaces ordinary BPE pieces, ranked by their place in the file.
-
-    transformers' GGUF tokenizer (``gemma_tokenizer`` in transformers/integrations/gguf)
-    respells them with U+2581 and keeps them out of its added tokens, so BPE builds them
-    by merges ranked by position: 32 spaces are two pieces of 16, where a USER_DEFINED
-    piece (matched longest first, as llama.cpp does) would give 31 + 1, and a literal
-    "▁▁" in the text is not an atom. A NORMAL piece whose score sits where its
-    position does among the NORMAL pieces' scores gives sentencepiece's BPE the same
-    merges. (Gemma: the runs are ids 138..167, before every NORMAL piece, whose scores
-    fall by one per id; the runs get the scores those ids would have.)
-    """
-    normal = np.flatnonzero(np.asarray(types) == NORMAL)
-    if not space_runs or normal.size == 0:
-        return
-    normal_scores = np.asarray(scores, dtype=np.float64)[normal]
-    for i in space_runs:
-        k = int(np.searchsorted(normal, i))
-        if k == 0:
-            score = normal_scores.max() + (normal[0] - i)
-        elif k == normal.size:
-            score = normal_scores.min() - (i - normal[-1])
-        else:
-            score = (normal_scores[k - 1] + normal_scores[k]) / 2
-        scores[i] = float(np.float32(score))
-        types[i] = NORMAL
-
-
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 
 
-def sentencepiece_model_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> bytes:
-    """The serialized sentencepiece ``ModelProto`` a GGUF's tokenizer metadata describes.
-
-    ``metadata``: the GGUF key/value pairs (``GGUFFile(path).metadata``): string arrays
-    as lists of str, numeric arrays as 1-D numpy arrays. ``source`` names the file in
-    error messages. ``ValueError`` (naming the key) for a vocabulary that is not
-    sentencepiece-style or for metadata that contradicts itself.
-    """
+def model_proto_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF"):
+    """(the sentencepiece ``ModelProto`` a GGUF's tokenizer metadata describes, its pieces, their
+    types). ``metadata``: the GGUF key/value pairs (``GGUFFile(path).metadata``): string arrays
+    as lists of str, numeric arrays as 1-D numpy arrays. ``source`` names the file in error
+    messages. ``ValueError`` (naming the key) for a vocabulary that is not sentencepiece-style
+    or for metadata that contradicts itself."""
     pieces, scores, types, ids = _pieces(metadata, source)
     add_prefix = _get(metadata, "add_space_prefix", source, required=False)
     add_prefix = False if add_prefix is None else _as_bool(add_prefix, _KEY + "add_space_prefix", source)
 
-    out = _piece_messages(pieces, scores, types)
-
-    trainer = [
-        _int_field(3, _BPE),
-        _int_field(4, len(pieces)),
-        _int_field(35, 1 if BYTE in types else 0),
-        _int_field(40, ids["unk"]),
-        _str_field(45, pieces[ids["unk"]]),
-    ]
+    proto = pb.ModelProto()
+    add = proto.pieces.add
+    for piece, score, ptype in zip(pieces, scores, types):
+        add(piece=piece, score=score, type=ptype)
+    trainer = proto.trainer_spec
+    trainer.model_type = MODEL_BPE
+    trainer.vocab_size = len(pieces)
+    trainer.byte_fallback = BYTE in types
+    trainer.unk_id, trainer.unk_piece = ids["unk"], pieces[ids["unk"]]
     # Absent ids are -1 (sentencepiece's "disabled"); the pieces then keep their defaults.
-    for name, id_field, piece_field in (("bos", 41, 46), ("eos", 42, 47), ("pad", 43, 48)):
+    for name in ("bos", "eos", "pad"):
         index = ids[name]
-        trainer.append(_int_field(id_field, -1 if index is None else index))
+        setattr(trainer, f"{name}_id", -1 if index is None else index)
         if index is not None:
-            trainer.append(_str_field(piece_field, pieces[index]))
-    out.append(_len_field(2, b"".join(trainer)))
+            setattr(trainer, f"{name}_piece", pieces[index])
+    set_gemma_normalizer(proto.normalizer_spec, add_dummy_prefix=add_prefix)
+    return proto, pieces, types
 
-    normalizer = _str_field(1, "identity") + _int_field(3, int(add_prefix)) + _int_field(4, 0) + _int_field(5, 1)
-    out.append(_len_field(3, normalizer))
-    return b"".join(out)
+
+def sentencepiece_model_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> bytes:
+    """The serialized ModelProto of model_proto_from_gguf: a ``tokenizer.model``'s bytes."""
+    return model_proto_from_gguf(metadata, source)[0].SerializeToString()
 
 
 def tokenizer_config_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> dict[str, Any]:
@@ -370,21 +282,25 @@ def tokenizer_config_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF"
     return config
 
 
-def read_gguf_tokenizer(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
-    """(sentencepiece model bytes, tokenizer config) of a GGUF file, for Gemma's tokenizer.
+def read_gguf_model(path: str | os.PathLike) -> tuple[SentencePieceModel, dict[str, Any]]:
+    """(the sentencepiece model, tokenizer config) of a GGUF file, for Gemma's tokenizer.
 
     ``ValueError`` for a file whose tokenizer adds a space prefix (Llama 2 style):
     Gemma's tokenizer never does, and GemmaTokenizer would silently give other ids."""
-    from ..formats.gguf import GGUFFile
-
     path = os.fspath(path)
     with GGUFFile(path) as f:
         metadata = f.metadata
-    data = sentencepiece_model_from_gguf(metadata, path)
+    proto, pieces, types = model_proto_from_gguf(metadata, path)
     prefix = metadata.get(_KEY + "add_space_prefix")
     if prefix is not None and _as_bool(prefix, _KEY + "add_space_prefix", path):
         raise ValueError(
             f"{path}: {_KEY}add_space_prefix is true (a tokenizer that prepends a space, as Llama 2's); "
             "Gemma's tokenizer adds none, so GemmaTokenizer cannot reproduce this file's token ids"
         )
-    return data, tokenizer_config_from_gguf(metadata, path)
+    return SentencePieceModel.from_proto(proto, path, pieces, types), tokenizer_config_from_gguf(metadata, path)
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
+    """(``tokenizer.model`` bytes, tokenizer config) of a GGUF file (see read_gguf_model)."""
+    model, config = read_gguf_model(path)
+    return model.data, config
