@@ -1,11 +1,10 @@
 """Shared fixtures: tiny random Gemma checkpoints written by transformers (seeded), and the
-transformers models themselves as the reference (eager attention, float32)."""
+transformers models themselves as the reference (eager attention, float32). torch and
+transformers are imported by the fixtures that need them: a test that needs neither runs
+without them."""
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 # Tiny shapes that still exercise every rule: MQA, GQA and MHA; a head_dim that is not
 # hidden / heads; an odd vocabulary; K dimensions that are not multiples of the SIMD width.
@@ -40,12 +39,15 @@ ARCH = {
 
 
 def hf_config(name, arch="gemma", **extra):
+    transformers = pytest.importorskip("transformers")
     cls_name, arch_extra = ARCH[arch]
     return getattr(transformers, cls_name)(**{**BASE, **CONFIGS[name], **arch_extra, **extra})
 
 
 def _randomize_norms(model, seed):
     # transformers initialises RMSNorm weights to zero (scale 1); random ones test the (1 + w).
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,9 +55,13 @@ def _randomize_norms(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def build(cls_name, config_name, folder, dtype=torch.float32, seed=0, arch="gemma", **extra):
+def build(cls_name, config_name, folder, dtype=None, seed=0, arch="gemma", **extra):
     """A seeded random transformers model of class cls_name, saved to folder; returns the
-    float32 eager model on those exact (possibly bf16-rounded) weights."""
+    float32 eager model on those exact (possibly bf16-rounded) weights (dtype: a torch dtype,
+    float32 when None)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    dtype = torch.float32 if dtype is None else dtype
     cls = getattr(transformers, cls_name)
     torch.manual_seed(seed)
     cfg = hf_config(config_name, arch, **extra)
@@ -69,11 +75,19 @@ def build(cls_name, config_name, folder, dtype=torch.float32, seed=0, arch="gemm
 
 
 @pytest.fixture(scope="session")
+def torch():
+    """torch, for the tests that need it (skipped without it)."""
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(cls_name, config_name, dtype=torch.float32, **extra) -> (folder, reference model); cached."""
     cache = {}
 
-    def get(cls_name="GemmaForCausalLM", config_name="gqa", dtype=torch.float32, **extra):
+    def get(cls_name="GemmaForCausalLM", config_name="gqa", dtype=None, **extra):
+        torch = pytest.importorskip("torch")
+        dtype = torch.float32 if dtype is None else dtype
         key = (cls_name, config_name, str(dtype), tuple(sorted(extra.items())))
         if key not in cache:
             folder = str(tmp_path_factory.mktemp(f"{cls_name}-{config_name}"))

@@ -4,7 +4,8 @@ query_pre_attn_scalar, soft-capping (Gemma 2), per-head q/k norms and two RoPEs 
 scaling (Gemma 3), sliding-window layers; logits, greedy generation and the heads."""
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 import gemma_cpp
 from gemma_cpp.config import Gemma2Config, Gemma3TextConfig, load_config

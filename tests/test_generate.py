@@ -1,7 +1,8 @@
 """generate: greedy parity with transformers, batching, sampling processors and streaming."""
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 import gemma_cpp
 from gemma_cpp import _C

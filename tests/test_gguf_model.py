@@ -3,7 +3,8 @@
 the Hugging Face folder they came from; Q8_0, Q4_0, Q4_1 and Q5_0 tensors import without loss."""
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 import gemma_cpp
 from gemma_cpp import quant

@@ -8,7 +8,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import gemma_cpp
 from gemma_cpp.formats.safetensors import SafetensorsFile
@@ -32,7 +31,7 @@ def test_sharded_checkpoint_loads_the_same(tiny, tmp_path):
     np.testing.assert_array_equal(a(ids).logits, b(ids).logits)
 
 
-def test_float16_checkpoint_runs_as_float32(tiny, tmp_path):
+def test_float16_checkpoint_runs_as_float32(tiny, tmp_path, torch):
     folder, ref = tiny("GemmaForCausalLM", "mqa")
     half = type(ref).from_pretrained(folder).to(torch.float16)
     half.save_pretrained(tmp_path / "f16")
@@ -207,7 +206,7 @@ def test_bf16_checkpoint_is_used_in_place_without_copies(tmp_path):
     assert res["grown"] <= 1.2 * res["file"], res
 
 
-def test_pytorch_bin_checkpoint_loads_through_torch(tiny, tmp_path):
+def test_pytorch_bin_checkpoint_loads_through_torch(tiny, tmp_path, torch):
     folder, ref = tiny("GemmaForCausalLM", "mha")
     dst = tmp_path / "bin"
     dst.mkdir()
@@ -224,7 +223,7 @@ def test_pytorch_bin_checkpoint_loads_through_torch(tiny, tmp_path):
     assert rel_err(model(ids).logits, theirs) <= 1e-4
 
 
-def test_pytorch_bin_is_loaded_without_running_code(tmp_path):
+def test_pytorch_bin_is_loaded_without_running_code(tmp_path, torch):
     """A .bin is a pickle: torch.load(weights_only=True) refuses objects that run code."""
 
     class Evil:

@@ -1,8 +1,9 @@
 """Parity of the engine with transformers' eager forward on random tiny models."""
 import numpy as np
 import pytest
-import torch
-import transformers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 import gemma_cpp
 from conftest import CONFIGS, rel_err, random_batch

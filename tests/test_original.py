@@ -6,8 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import transformers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 import gemma_cpp
 from tiny_tokenizer import train_tiny_tokenizer

@@ -21,6 +21,7 @@ attention; and it names the field in every error.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import tempfile
 import types
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
+
 
 __all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "load_config", "PRESETS", "CONFIG_NAME",
            "SUPPORTED_MODEL_TYPES"]
@@ -62,21 +64,6 @@ _RUNTIME_KEYS = (
     "_post_init_done",
     "ignore_keys_at_rope_validation",
 )
-
-# Fields of PreTrainedConfig() and their defaults: to_diff_dict() leaves out a key whose value
-# equals its base default, as transformers' to_diff_dict does (transformers_version is kept).
-_BASE_DEFAULTS: Dict[str, Any] = {
-    "architectures": None,
-    "output_hidden_states": False,
-    "return_dict": True,
-    "dtype": None,
-    "chunk_size_feed_forward": 0,
-    "is_encoder_decoder": False,
-    "id2label": {0: "LABEL_0", 1: "LABEL_1"},
-    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
-    "problem_type": None,
-    "output_attentions": False,
-}
 
 # Older or optional keys that do not belong to transformers' GemmaConfig but that our code
 # reads: readable as attributes (None when absent) and serialized only when present in the
@@ -181,89 +168,275 @@ def _dtype_to_str(value: Any) -> Any:
     return value  # left for validate() to reject with the field name
 
 
+# ---------------------------------------------------------------------------------------------
+# Field declarations: each field once, with its default, its conversion on construction and
+# its check. The classes below are built from these lists (their signature, to_dict's keys and
+# order, validate()); transformers' PreTrainedConfig fields are marked `generic`, and
+# to_diff_dict leaves one out while it holds PreTrainedConfig()'s value.
+
+_UNSET = object()
+
+
+class Field:
+    """One config field. check(config, name, value) raises ValueError naming the field;
+    convert(value) runs on construction (JSON spellings transformers accepts);
+    base_default: for a generic field, PreTrainedConfig()'s value when it differs from the
+    constructor default (id2label and label2id, made from num_labels=2)."""
+
+    __slots__ = ("name", "default", "check", "convert", "generic", "base_default")
+
+    def __init__(self, name: str, default: Any, check=None, convert=None, generic: bool = False,
+                 base_default: Any = _UNSET):
+        self.name, self.default, self.check, self.convert = name, default, check, convert
+        self.generic = generic
+        self.base_default = default if base_default is _UNSET else base_default
+
+    def with_default(self, default: Any) -> "Field":
+        return Field(self.name, default, self.check, self.convert, self.generic, self.base_default)
+
+
+def _with_defaults(fields: Tuple[Field, ...], **defaults: Any) -> Tuple[Field, ...]:
+    unknown = set(defaults) - {f.name for f in fields}
+    assert not unknown, unknown
+    return tuple(f.with_default(defaults[f.name]) if f.name in defaults else f for f in fields)
+
+
+# ---- conversions
+
+def _float_if_int(value: Any) -> Any:
+    # transformers' strict fields reject an int where a float is due; json may hold "0" for
+    # 0.0, so we accept it and store a float, which transformers then reads back.
+    return float(value) if _is_int(value) else value
+
+
+def _list_if_tuple(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---- checks
+
+def _positive_int(config, name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, {_got(value)}")
+
+
+def _even_positive_int(config, name: str, value: Any) -> None:
+    _positive_int(config, name, value)
+    if value % 2:
+        raise ValueError(f"{name} must be even (RoPE rotates pairs of halves), got {value}")
+
+
+def _non_negative_int(config, name: str, value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, {_got(value)}")
+
+
+def _optional_positive_int(config, name: str, value: Any) -> None:
+    if value is not None and (not _is_int(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive int or None, {_got(value)}")
+
+
+def _real(low: float, low_open: bool, high: float = math.inf, optional: bool = False, what: Optional[str] = None):
+    """A finite number in the range; `what` overrides the message's description."""
+    if what is None:
+        if low_open and low == 0 and high == math.inf:
+            what = "a positive float"
+        elif high == math.inf:
+            what = f"a float >= {low}"
+        else:
+            what = f"a float in [{low}, {high}]"
+
+    def check(config, name: str, value: Any) -> None:
+        if optional and value is None:
+            return
+        ok = _is_real(value) and math.isfinite(value) and value <= high
+        ok = ok and (value > low if low_open else value >= low)
+        if not ok:
+            raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, {_got(value)}")
+
+    return check
+
+
+def _boolean(optional: bool = False, unsupported: Optional[str] = None):
+    """A bool (or None); `unsupported`: why True cannot run, if it cannot."""
+
+    def check(config, name: str, value: Any) -> None:
+        if not (isinstance(value, bool) or (optional and value is None)):
+            kind = "a bool or None" if optional else "a bool"
+            raise ValueError(f"{name} must be {kind}, {_got(value)}")
+        if value and unsupported:
+            raise ValueError(f"{name}=True is not supported: {unsupported}")
+
+    return check
+
+
+def _is_encoder_decoder(config, name: str, value: Any) -> None:
+    _boolean()(config, name, value)
+    if value:
+        raise ValueError(f"{name} must be False: Gemma is a decoder-only model")
+
+
+def _token_id(config, name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int or None, {_got(value)}")
+    _warn_outside_vocab(config, name, value)
+
+
+def _warn_outside_vocab(config, name: str, value: int) -> None:
+    if not 0 <= value < config.vocab_size:
+        # transformers warns rather than fails: hub configs hold e.g. pad_token_id=-1.
+        warnings.warn(
+            f"{name}={value} is outside the vocabulary [0, {config.vocab_size}); this may result "
+            "in unexpected behaviour.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _eos_token_id(config, name: str, value: Any) -> None:
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not _is_int(item):
+                raise ValueError(f"{name} must be an int, a list of ints or None, got {value!r} "
+                                 f"(item {i} is {_type_name(item)})")
+            _warn_outside_vocab(config, name, item)
+    elif value is not None:
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an int, a list of ints or None, {_got(value)}")
+        _warn_outside_vocab(config, name, value)
+
+
+def _tanh_gelu(config, name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, {_got(value)}")
+    if value not in TANH_GELU_NAMES:
+        raise ValueError(GemmaConfig._activation_error(name, value))
+
+
+def _rope(config, name: str, value: Any) -> None:
+    config._validate_rope()
+
+
+def _optional_str(what: str):
+    def check(config, name: str, value: Any) -> None:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be {what} or None, {_got(value)}")
+
+    return check
+
+
+def _str_list(config, name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, list) or not all(isinstance(a, str) for a in value)):
+        raise ValueError(f"{name} must be a list of str or None, {_got(value)}")
+
+
+def _id2label(config, name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict mapping int label ids to names, {_got(value)}")
+    for key, label in value.items():
+        if not _is_int(key):
+            raise ValueError(f"{name} keys must be ints, got key {key!r} ({_type_name(key)})")
+        if not isinstance(label, str):
+            raise ValueError(f"{name} values must be str label names, got {label!r} for id {key}")
+
+
+def _label2id(config, name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict mapping label names to ids or None, {_got(value)}")
+
+
+def _problem_type(config, name: str, value: Any) -> None:
+    if value is not None and value not in _PROBLEM_TYPES:
+        raise ValueError(f"{name} must be one of {list(_PROBLEM_TYPES)} or None, {_got(value)}")
+
+
+def _layer_types(config, name: str, value: Any) -> None:
+    if not isinstance(value, list) or len(value) != config.num_hidden_layers or any(t not in _LAYER_TYPES
+                                                                                   for t in value):
+        raise ValueError(f"{name} must list one of {list(_LAYER_TYPES)} for each of the {config.num_hidden_layers} "
+                         f"layers, {_got(value)}")
+
+
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+# Gemma-specific fields and the generic PreTrainedConfig fields, in to_dict() order; the
+# defaults are transformers' (gemma-7b shapes).
+GEMMA_FIELDS: Tuple[Field, ...] = (
+    Field("vocab_size", 256000, _positive_int),
+    Field("hidden_size", 3072, _positive_int),
+    Field("intermediate_size", 24576, _positive_int),
+    Field("num_hidden_layers", 28, _positive_int),
+    Field("num_attention_heads", 16, _positive_int),
+    Field("num_key_value_heads", 16, _positive_int),
+    Field("head_dim", 256, _even_positive_int),
+    Field("hidden_act", "gelu_pytorch_tanh", _tanh_gelu),
+    Field("max_position_embeddings", 8192, _positive_int),
+    Field("initializer_range", 0.02, _real(0.0, low_open=False), _float_if_int),
+    Field("rms_norm_eps", 1e-6, _real(0.0, low_open=True), _float_if_int),
+    Field("use_cache", True, _boolean()),
+    Field("pad_token_id", 0, _token_id),
+    Field("eos_token_id", 1, _eos_token_id, _list_if_tuple),
+    Field("bos_token_id", 2, _token_id),
+    Field("tie_word_embeddings", True, _boolean()),
+    Field("rope_parameters", None, _rope),  # folded from the legacy keys by _standardize_rope
+    Field("attention_bias", False, _boolean(unsupported="Gemma's q/k/v/o projections have no bias and "
+                                                        "neither does the engine")),
+    Field("attention_dropout", 0.0, _real(0.0, low_open=False, high=1.0)),
+    Field("use_bidirectional_attention", None, _boolean(optional=True, unsupported="the engine's attention is causal")),
+    Field("transformers_version", None, _optional_str("a str")),
+    Field("architectures", None, _str_list, _list_if_tuple, generic=True),
+    Field("output_hidden_states", False, _boolean(), generic=True),
+    Field("output_attentions", False, _boolean(), generic=True),
+    Field("return_dict", True, _boolean(), generic=True),
+    Field("dtype", None, _optional_str("a str such as 'bfloat16'"), _dtype_to_str, generic=True),
+    Field("chunk_size_feed_forward", 0, _non_negative_int, generic=True),
+    Field("is_encoder_decoder", False, _is_encoder_decoder, generic=True),
+    Field("id2label", None, _id2label, generic=True, base_default={0: "LABEL_0", 1: "LABEL_1"}),
+    Field("label2id", None, _label2id, generic=True, base_default={"LABEL_0": 0, "LABEL_1": 1}),
+    Field("problem_type", None, _problem_type, generic=True),
+)
+
+# What Gemma 2 and Gemma 3 add: the activation under transformers' name for these
+# generations, the score scale, the sliding window and which layers use it, the soft-caps.
+SLIDING_FIELDS: Tuple[Field, ...] = (
+    Field("hidden_activation", "gelu_pytorch_tanh", _tanh_gelu),
+    Field("query_pre_attn_scalar", 256, _real(0.0, low_open=True, what="a positive number")),
+    Field("sliding_window", 4096, _optional_positive_int),
+    Field("layer_types", None, _layer_types, _list_if_tuple),  # None: every n-th layer is global
+    Field("final_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
+    Field("attn_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
+)
+
 class GemmaConfig:
     """Configuration of a Gemma 1 model (``model_type="gemma"``), transformers-compatible.
 
     Construct with keyword arguments (the defaults are transformers', i.e. gemma-7b shapes),
     from a checkpoint with :meth:`from_pretrained`, or from a named architecture with
     :meth:`from_preset`. Attributes are plain and mutable; call :meth:`validate` after
-    changing them (saving validates too).
+    changing them (saving validates too). The fields are declared once, in FIELDS.
     """
 
     model_type = "gemma"
     _generation = "Gemma 1"
+    FIELDS: Tuple[Field, ...] = GEMMA_FIELDS
 
-    # Gemma-specific fields and the generic PreTrainedConfig fields, in to_dict() order.
-    _FIELDS = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "hidden_act",
-        "max_position_embeddings",
-        "initializer_range",
-        "rms_norm_eps",
-        "use_cache",
-        "pad_token_id",
-        "eos_token_id",
-        "bos_token_id",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "attention_bias",
-        "attention_dropout",
-        "use_bidirectional_attention",
-        "transformers_version",
-        "architectures",
-        "output_hidden_states",
-        "output_attentions",
-        "return_dict",
-        "dtype",
-        "chunk_size_feed_forward",
-        "is_encoder_decoder",
-        "id2label",
-        "label2id",
-        "problem_type",
-    )
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._finish_class()
 
-    def __init__(
-        self,
-        *,
-        vocab_size: int = 256000,
-        hidden_size: int = 3072,
-        intermediate_size: int = 24576,
-        num_hidden_layers: int = 28,
-        num_attention_heads: int = 16,
-        num_key_value_heads: int = 16,
-        head_dim: int = 256,
-        hidden_act: str = "gelu_pytorch_tanh",
-        max_position_embeddings: int = 8192,
-        initializer_range: float = 0.02,
-        rms_norm_eps: float = 1e-6,
-        use_cache: bool = True,
-        pad_token_id: Optional[int] = 0,
-        eos_token_id: Union[int, List[int], None] = 1,
-        bos_token_id: Optional[int] = 2,
-        tie_word_embeddings: bool = True,
-        rope_parameters: Optional[Dict[str, Any]] = None,
-        attention_bias: bool = False,
-        attention_dropout: Union[float, int] = 0.0,
-        use_bidirectional_attention: Optional[bool] = None,
-        transformers_version: Optional[str] = None,
-        architectures: Optional[List[str]] = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        return_dict: bool = True,
-        dtype: Optional[str] = None,
-        chunk_size_feed_forward: int = 0,
-        is_encoder_decoder: bool = False,
-        id2label: Optional[Dict[Any, str]] = None,
-        label2id: Optional[Dict[str, Any]] = None,
-        problem_type: Optional[str] = None,
-        **kwargs: Any,
-    ) -> None:
+    @classmethod
+    def _finish_class(cls) -> None:
+        """The class's field names and its signature, from FIELDS."""
+        cls._FIELD_NAMES = frozenset(f.name for f in cls.FIELDS)
+        params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in cls.FIELDS]
+        params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+        cls.__signature__ = inspect.Signature(params)
+
+    def __init__(self, **kwargs: Any) -> None:
         object.__setattr__(self, "_extra", {})
         self.name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
         for key in _RUNTIME_KEYS:
@@ -279,58 +452,25 @@ class GemmaConfig:
             )
         if kwargs.get("per_layer_config") is not None:
             raise ValueError(f"per_layer_config (heterogeneous layers) is not supported for {self._generation}")
-
-        # transformers 5.24 GemmaConfig.__post_init__ (#29402): the official Gemma 1 configs say
-        # "gelu" but the weights were trained with the tanh approximation.
-        if hidden_act == "gelu":
-            warnings.warn(
-                'Found hidden_act="gelu" in this Gemma config. This is a legacy value of the official '
-                'releases but it is meant to target the tanh approximation. Setting hidden_act="gelu_pytorch_tanh" '
-                "instead (as transformers does).",
-                UserWarning,
-                stacklevel=2,
-            )
-            hidden_act = "gelu_pytorch_tanh"
-
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        # transformers' strict fields reject an int where a float is due; json may hold "0" for
-        # 0.0, so we accept it and store a float, which transformers then reads back.
-        self.initializer_range = float(initializer_range) if _is_int(initializer_range) else initializer_range
-        self.rms_norm_eps = float(rms_norm_eps) if _is_int(rms_norm_eps) else rms_norm_eps
-        self.use_cache = use_cache
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = list(eos_token_id) if isinstance(eos_token_id, tuple) else eos_token_id
-        self.bos_token_id = bos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.use_bidirectional_attention = use_bidirectional_attention
-        self.transformers_version = transformers_version
-        self.architectures = list(architectures) if isinstance(architectures, tuple) else architectures
-        self.output_hidden_states = output_hidden_states
-        self.output_attentions = output_attentions
-        self.return_dict = return_dict
+        self._prepare(kwargs)
 
         # PreTrainedConfig: `torch_dtype` is the pre-5.0 name of `dtype`; `dtype` wins if both.
         torch_dtype = kwargs.pop("torch_dtype", None)
-        self.dtype = _dtype_to_str(dtype if dtype is not None else torch_dtype)
-        self.chunk_size_feed_forward = chunk_size_feed_forward
-        self.is_encoder_decoder = is_encoder_decoder
-        self.problem_type = problem_type
+        if kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch_dtype
+        num_labels = kwargs.pop("num_labels", None)
+        id2label = kwargs.pop("id2label", None)
+        rope_parameters = kwargs.pop("rope_parameters", None)
+
+        for f in self.FIELDS:
+            if f.name in ("id2label", "rope_parameters"):
+                continue
+            value = kwargs.pop(f.name) if f.name in kwargs else copy.deepcopy(f.default)
+            object.__setattr__(self, f.name, f.convert(value) if f.convert else value)
 
         # PreTrainedConfig: num_labels is not stored; it is len(id2label). With no id2label a
         # two-label map is made (so classifiers saved with 2 labels and no map still load).
-        num_labels = kwargs.pop("num_labels", None)
         self.id2label = None
-        self.label2id = label2id
         if id2label is None:
             self.num_labels = num_labels if num_labels is not None else 2
         else:
@@ -354,6 +494,21 @@ class GemmaConfig:
 
     # ----------------------------------------------------------------------------------------
     # construction helpers
+
+    def _prepare(self, kwargs: Dict[str, Any]) -> None:
+        """Generation-specific spellings, before the fields are read from kwargs.
+
+        transformers 5.24 GemmaConfig.__post_init__ (#29402): the official Gemma 1 configs say
+        "gelu" but the weights were trained with the tanh approximation."""
+        if kwargs.get("hidden_act") == "gelu":
+            warnings.warn(
+                'Found hidden_act="gelu" in this Gemma config. This is a legacy value of the official '
+                'releases but it is meant to target the tanh approximation. Setting hidden_act="gelu_pytorch_tanh" '
+                "instead (as transformers does).",
+                UserWarning,
+                stacklevel=3,
+            )
+            kwargs["hidden_act"] = "gelu_pytorch_tanh"
 
     @staticmethod
     def _label_id(key: Any) -> int:
@@ -415,7 +570,7 @@ class GemmaConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         cls_attr = getattr(type(self), name, None)
-        if name.startswith("_") or name in self._FIELDS or name == "name_or_path" or isinstance(cls_attr, property):
+        if name.startswith("_") or name in self._FIELD_NAMES or name == "name_or_path" or isinstance(cls_attr, property):
             object.__setattr__(self, name, value)
         elif cls_attr is not None:
             raise AttributeError(f"{name!r} is a read-only attribute of {type(self).__name__}, not a config field")
@@ -503,69 +658,19 @@ class GemmaConfig:
     # validation
 
     def validate(self) -> None:
-        """Check every field; ValueError naming the field and the value on the first problem."""
+        """Check every field (in FIELDS order), then the rules between fields; ValueError naming
+        the field and the value on the first problem."""
+        for f in self.FIELDS:
+            if f.check is not None:
+                f.check(self, f.name, getattr(self, f.name))
+        self._validate_across()
 
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, {_got(value)}")
-
-        def boolean(name: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if not (isinstance(value, bool) or (optional and value is None)):
-                kind = "a bool or None" if optional else "a bool"
-                raise ValueError(f"{name} must be {kind}, {_got(value)}")
-
-        def real(name: str, low: float, low_open: bool, high: float = math.inf, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            ok = _is_real(value) and math.isfinite(value) and value <= high
-            ok = ok and (value > low if low_open else value >= low)
-            if not ok:
-                if low_open and low == 0 and high == math.inf:
-                    what = "a positive float"
-                elif high == math.inf:
-                    what = f"a float >= {low}"
-                else:
-                    what = f"a float in [{low}, {high}]"
-                raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, {_got(value)}")
-
-        def token_id(name: str, value: Any) -> None:
-            if not _is_int(value):
-                raise ValueError(f"{name} must be an int or None, {_got(value)}")
-            if not 0 <= value < self.vocab_size:
-                # transformers warns rather than fails: hub configs hold e.g. pad_token_id=-1.
-                warnings.warn(
-                    f"{name}={value} is outside the vocabulary [0, {self.vocab_size}); this may result "
-                    "in unexpected behaviour.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            positive_int(name)
+    def _validate_across(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs of halves), got {self.head_dim}")
-
-        if not isinstance(self.hidden_act, str):
-            raise ValueError(f"hidden_act must be a str, {_got(self.hidden_act)}")
-        if self.hidden_act not in TANH_GELU_NAMES:
-            raise ValueError(self._activation_error("hidden_act", self.hidden_act))
         hidden_activation = self._extra.get("hidden_activation")
         if hidden_activation is not None and hidden_activation not in TANH_GELU_NAMES:
             # transformers 4.38-4.4x ran `hidden_activation` when set (plain "gelu" meaning the
@@ -575,74 +680,9 @@ class GemmaConfig:
                 + "; older transformers versions ran hidden_activation, so this checkpoint's "
                 "activation is ambiguous"
             )
-
-        real("rms_norm_eps", 0.0, low_open=True)
-        real("initializer_range", 0.0, low_open=False)
-        real("attention_dropout", 0.0, low_open=False, high=1.0)
         if "classifier_dropout" in self._extra:
-            real("classifier_dropout", 0.0, low_open=False, high=1.0, optional=True)
-
-        for name in ("use_cache", "tie_word_embeddings", "attention_bias", "output_hidden_states",
-                     "output_attentions", "return_dict", "is_encoder_decoder"):
-            boolean(name)
-        boolean("use_bidirectional_attention", optional=True)
-        if self.attention_bias:
-            raise ValueError(
-                "attention_bias=True is not supported: Gemma's q/k/v/o projections have no bias and "
-                "neither does the engine"
-            )
-        if self.use_bidirectional_attention:
-            raise ValueError(
-                "use_bidirectional_attention=True is not supported: the engine's attention is causal"
-            )
-        if self.is_encoder_decoder:
-            raise ValueError("is_encoder_decoder must be False: Gemma is a decoder-only model")
-        if not _is_int(self.chunk_size_feed_forward) or self.chunk_size_feed_forward < 0:
-            raise ValueError(
-                f"chunk_size_feed_forward must be a non-negative int, {_got(self.chunk_size_feed_forward)}"
-            )
-
-        for name in ("pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is not None:
-                token_id(name, value)
-        eos = self.eos_token_id
-        if isinstance(eos, list):
-            for i, value in enumerate(eos):
-                if not _is_int(value):
-                    raise ValueError(
-                        f"eos_token_id must be an int, a list of ints or None, got {eos!r} "
-                        f"(item {i} is {_type_name(value)})"
-                    )
-                token_id("eos_token_id", value)
-        elif eos is not None:
-            if not _is_int(eos):
-                raise ValueError(f"eos_token_id must be an int, a list of ints or None, {_got(eos)}")
-            token_id("eos_token_id", eos)
-
-        self._validate_rope()
-
-        if self.architectures is not None and (
-            not isinstance(self.architectures, list) or not all(isinstance(a, str) for a in self.architectures)
-        ):
-            raise ValueError(f"architectures must be a list of str or None, {_got(self.architectures)}")
-        if self.dtype is not None and not isinstance(self.dtype, str):
-            raise ValueError(f"dtype must be a str such as 'bfloat16' or None, {_got(self.dtype)}")
-        if self.transformers_version is not None and not isinstance(self.transformers_version, str):
-            raise ValueError(f"transformers_version must be a str or None, {_got(self.transformers_version)}")
-
-        if self.id2label is not None:
-            if not isinstance(self.id2label, dict):
-                raise ValueError(f"id2label must be a dict mapping int label ids to names, {_got(self.id2label)}")
-            for key, value in self.id2label.items():
-                if not _is_int(key):
-                    raise ValueError(f"id2label keys must be ints, got key {key!r} ({_type_name(key)})")
-                if not isinstance(value, str):
-                    raise ValueError(f"id2label values must be str label names, got {value!r} for id {key}")
-        if self.label2id is not None and not isinstance(self.label2id, dict):
-            raise ValueError(f"label2id must be a dict mapping label names to ids or None, {_got(self.label2id)}")
-        if self.problem_type is not None and self.problem_type not in _PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be one of {list(_PROBLEM_TYPES)} or None, {_got(self.problem_type)}")
+            _real(0.0, low_open=False, high=1.0, optional=True)(self, "classifier_dropout",
+                                                                 self._extra["classifier_dropout"])
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
             raise ValueError(
                 'problem_type="single_label_classification" requires num_labels > 1; for binary '
@@ -741,9 +781,7 @@ class GemmaConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """Every field (as transformers' to_dict, less transformers_version when unknown), extras included."""
-        out: Dict[str, Any] = {}
-        for name in self._FIELDS:
-            out[name] = copy.deepcopy(getattr(self, name))
+        out: Dict[str, Any] = {f.name: copy.deepcopy(getattr(self, f.name)) for f in self.FIELDS}
         if out["transformers_version"] is None:
             del out["transformers_version"]
         out["model_type"] = self.model_type
@@ -753,11 +791,8 @@ class GemmaConfig:
 
     def to_diff_dict(self) -> Dict[str, Any]:
         """to_dict() less the generic fields still at PreTrainedConfig's defaults: what config.json holds."""
-        return {
-            key: value
-            for key, value in self.to_dict().items()
-            if key not in _BASE_DEFAULTS or value != _BASE_DEFAULTS[key]
-        }
+        base = {f.name: f.base_default for f in self.FIELDS if f.generic}
+        return {key: value for key, value in self.to_dict().items() if key not in base or value != base[key]}
 
     def to_json_string(self, use_diff: bool = True) -> str:
         """JSON text as transformers writes it (indent 2, sorted keys, NaN/inf tagged)."""
@@ -846,67 +881,40 @@ class GemmaConfig:
         return target
 
 
+
+GemmaConfig._finish_class()
+
+
 # ---------------------------------------------------------------------------------------------
 # Gemma 2 and Gemma 3 (text)
 
-_LAYER_TYPES = ("sliding_attention", "full_attention")
-
 
 class _SlidingGemmaConfig(GemmaConfig):
-    """What Gemma 2 and Gemma 3 add to Gemma 1: four norms per layer, query_pre_attn_scalar,
-    soft-capping, sliding-window layers listed in ``layer_types``. The activation field is
-    ``hidden_activation`` (transformers' name for these generations); a ``hidden_act`` key in
-    the file is read too (hub configs carry both)."""
+    """What Gemma 2 and Gemma 3 add to Gemma 1 (SLIDING_FIELDS): four norms per layer,
+    query_pre_attn_scalar, soft-capping, sliding-window layers listed in ``layer_types``. The
+    activation field is ``hidden_activation`` (transformers' name for these generations); a
+    ``hidden_act`` key in the file is read too (hub configs carry both)."""
 
-    _EXTRA_FIELDS = ("hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types",
-                     "final_logit_softcapping", "attn_logit_softcapping")
-    _FIELDS = GemmaConfig._FIELDS + _EXTRA_FIELDS
-    _DEFAULTS: Dict[str, Any] = {}
+    FIELDS = GEMMA_FIELDS + SLIDING_FIELDS
     _DEFAULT_PATTERN = 2  # every n-th layer is global
 
-    def __init__(self, **kwargs: Any) -> None:
-        for key, value in self._DEFAULTS.items():
-            kwargs.setdefault(key, copy.deepcopy(value))
+    def _prepare(self, kwargs: Dict[str, Any]) -> None:
         activation = kwargs.pop("hidden_activation", None)
         if activation is None:
             activation = kwargs.get("hidden_act", "gelu_pytorch_tanh")
         kwargs.setdefault("hidden_act", activation)
         if kwargs["hidden_act"] == "gelu":
             kwargs["hidden_act"] = activation = "gelu_pytorch_tanh"
+        kwargs["hidden_activation"] = activation
         pattern = kwargs.pop("sliding_window_pattern", self._DEFAULT_PATTERN)
-        extra = {name: kwargs.pop(name) for name in self._EXTRA_FIELDS if name in kwargs}
-        object.__setattr__(self, "hidden_activation", activation)
-        object.__setattr__(self, "query_pre_attn_scalar", extra.get("query_pre_attn_scalar", 256))
-        object.__setattr__(self, "sliding_window", extra.get("sliding_window", 4096))
-        object.__setattr__(self, "final_logit_softcapping", extra.get("final_logit_softcapping"))
-        object.__setattr__(self, "attn_logit_softcapping", extra.get("attn_logit_softcapping"))
-        layers = kwargs.get("num_hidden_layers", 26)
-        layer_types = extra.get("layer_types")
-        if layer_types is None and _is_int(layers) and _is_int(pattern) and pattern > 0:
-            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
-        object.__setattr__(self, "layer_types", list(layer_types) if isinstance(layer_types, tuple) else layer_types)
-        super().__init__(**kwargs)
+        layers = kwargs.get("num_hidden_layers", self._field("num_hidden_layers").default)
+        if kwargs.get("layer_types") is None and _is_int(layers) and _is_int(pattern) and pattern > 0:
+            kwargs["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(layers)]
 
-    def validate(self) -> None:
-        super().validate()
-        if self.hidden_activation not in TANH_GELU_NAMES:
-            raise ValueError(self._activation_error("hidden_activation", self.hidden_activation))
-        q = self.query_pre_attn_scalar
-        if not _is_real(q) or not math.isfinite(q) or q <= 0:
-            raise ValueError(f"query_pre_attn_scalar must be a positive number, {_got(q)}")
-        w = self.sliding_window
-        if w is not None and (not _is_int(w) or w <= 0):
-            raise ValueError(f"sliding_window must be a positive int or None, {_got(w)}")
-        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-            value = getattr(self, name)
-            if value is not None and (not _is_real(value) or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive float or None, {_got(value)}")
-        lt = self.layer_types
-        if not isinstance(lt, list) or len(lt) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in lt):
-            raise ValueError(
-                f"layer_types must list one of {list(_LAYER_TYPES)} for each of the {self.num_hidden_layers} "
-                f"layers, {_got(lt)}"
-            )
+    @classmethod
+    def _field(cls, name: str) -> Field:
+        return next(f for f in cls.FIELDS if f.name == name)
 
     def layer_windows(self) -> List[int]:
         """Per layer, the sliding window (0 for a global layer)."""
@@ -923,9 +931,10 @@ class Gemma2Config(_SlidingGemmaConfig):
 
     model_type = "gemma2"
     _generation = "Gemma 2"
-    _DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    FIELDS = _with_defaults(GEMMA_FIELDS + SLIDING_FIELDS, vocab_size=256000, hidden_size=2304,
+                            intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, final_logit_softcapping=30.0,
+                            attn_logit_softcapping=50.0)
     _DEFAULT_PATTERN = 2
 
 
@@ -937,9 +946,9 @@ class Gemma3TextConfig(_SlidingGemmaConfig):
 
     model_type = "gemma3_text"
     _generation = "Gemma 3"
-    _DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                     max_position_embeddings=131072)
+    FIELDS = _with_defaults(GEMMA_FIELDS + SLIDING_FIELDS, vocab_size=262208, hidden_size=2304,
+                            intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, max_position_embeddings=131072)
     _DEFAULT_PATTERN = 6
     _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
@@ -1037,3 +1046,4 @@ def load_config(pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs
         except (OSError, ValueError):
             pass  # GemmaConfig.from_pretrained reports the problem
     return config_class(model_type, file).from_pretrained(path, **kwargs)
+

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 import os
 import sys
 from typing import List, Optional, Union
+
+from ._files import read_json_object
 
 
 @dataclasses.dataclass
@@ -34,13 +35,7 @@ class GenerationConfig:
         path = os.path.join(folder, "generation_config.json")
         if not os.path.isfile(path):
             return cls()
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: must hold a JSON object")
+        data = read_json_object(path, "generation config")
         names = {f.name for f in dataclasses.fields(cls)}
         # max_length (a total length) is not read: generate counts new tokens only.
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .._files import read_json_object
 from ..formats.gguf import is_gguf
 from . import chat
 from .gguf import read_gguf_model
@@ -140,17 +141,6 @@ def token_content(value: Any) -> str | None:
     if isinstance(content, str):
         return content
     raise ValueError(f"a special token must be a string or a dict with 'content', got {value!r}")
-
-
-def _load_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -284,11 +274,11 @@ class GemmaTokenizerBase:
         config: dict = {}
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
-            raw = _load_json(cfg_path)
+            raw = read_json_object(cfg_path, "tokenizer config")
             config.update({k: raw[k] for k in _CONFIG_KEYS if k in raw})
         stm_path = os.path.join(folder, "special_tokens_map.json")
         if os.path.isfile(stm_path):
-            for key, value in _load_json(stm_path).items():
+            for key, value in read_json_object(stm_path, "special tokens map").items():
                 if key in _CONFIG_KEYS and key not in config:
                     config[key] = value
         jinja_path = os.path.join(folder, "chat_template.jinja")
@@ -298,7 +288,7 @@ class GemmaTokenizerBase:
         added_path = os.path.join(folder, "added_tokens.json")
         if os.path.isfile(added_path):
             decoder = dict(config.get("added_tokens_decoder") or {})
-            for content, index in _load_json(added_path).items():
+            for content, index in read_json_object(added_path, "added tokens file").items():
                 decoder.setdefault(str(int(index)), {"content": content, "special": False})
             config["added_tokens_decoder"] = decoder
         template = config.get("chat_template")
