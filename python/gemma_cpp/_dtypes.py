@@ -20,9 +20,9 @@ def canonical_dtype(dtype) -> str:
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     if bits.size >= 1 << 20:  # large tensors: widened by the engine's threads
-        from . import _C
+        from ._C import bf16_to_f32
 
-        return _C.bf16_to_f32(np.ascontiguousarray(bits, dtype=np.uint16))
+        return bf16_to_f32(np.ascontiguousarray(bits, dtype=np.uint16))
     u = bits.astype(np.uint32)
     u <<= 16  # in place: one float32-sized array, no second temporary
     return u.view(np.float32)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _C
+from ._C import cuda_status as _cuda_status
 
 
 def cuda_status() -> Dict[str, Any]:
@@ -36,10 +36,10 @@ def cuda_status() -> Dict[str, Any]:
       ``runtime_version`` / ``driver_version`` (e.g. 13000 for CUDA 13.0; None when not
       built, 0 when there is no driver).
     """
-    return dict(_C.cuda_status())
+    return dict(_cuda_status())
 
 
 def cuda_available() -> bool:
     """True when the CUDA kernels can run on this machine (see ``cuda_status()["reason"]``
     for why not)."""
-    return bool(_C.cuda_status()["available"])
+    return bool(_cuda_status()["available"])

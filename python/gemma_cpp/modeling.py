@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import _C
+from ._C import Engine, SamplingParams
 from ._dtypes import as_float32
 from .config import GemmaConfig
 from .generation import GenerationConfig
@@ -63,7 +63,7 @@ class GemmaPreTrainedModel:
         self.name_or_path = loaded.name_or_path
         self.generation_config: GenerationConfig = loaded.generation_config
         self.kv_cache_dtype = kv_cache_dtype
-        self._engine = _C.Engine(engine_config(loaded.config, loaded.dtype, kv_cache_dtype), loaded.weights)
+        self._engine = Engine(engine_config(loaded.config, loaded.dtype, kv_cache_dtype), loaded.weights)
         self._load_head(loaded.name_or_path, loaded.heads)
 
     @classmethod
@@ -195,7 +195,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         do_sample = bool(gc.do_sample) and gc.temperature > 0
         seed = gc.seed if gc.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        params = _C.SamplingParams(
+        params = SamplingParams(
             max_new_tokens=int(gc.max_new_tokens), do_sample=do_sample, temperature=float(gc.temperature),
             top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0),
             min_p=float(gc.min_p or 0.0), repetition_penalty=float(gc.repetition_penalty),

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .. import _C
+from .._C import EngineConfig, interleave, quantize
 from .._dtypes import round_to
 from ..config import GemmaConfig
 from ..generation import GenerationConfig
@@ -63,12 +63,12 @@ def is_norm(engine_name: str) -> bool:
 def quantized(w: np.ndarray, fmt: str) -> QuantizedWeight:
     """A float32 (or bfloat16-bits) matrix quantized by the engine's threaded quantizer (the
     bytes of quant.quantize, its numpy mirror)."""
-    return QuantizedWeight.of(_C.quantize(np.ascontiguousarray(w), fmt))
+    return QuantizedWeight.of(quantize(np.ascontiguousarray(w), fmt))
 
 
 def interleaved(qw) -> QuantizedWeight:
     """A quantized weight with plain rows in the engine's 16-row groups (threaded)."""
-    return QuantizedWeight.of(_C.interleave(tuple(qw)))
+    return QuantizedWeight.of(interleave(tuple(qw)))
 
 
 Weights = Dict[str, Union[np.ndarray, QuantizedWeight]]
@@ -96,7 +96,7 @@ class LoadedModel:
     name_or_path: str
 
 
-def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float32") -> "_C.EngineConfig":
+def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float32") -> EngineConfig:
     """The engine's view of a config. dtype: the float weight dtype (the embedding scale is
     rounded to it, as transformers does)."""
     fields = dict(
@@ -129,4 +129,4 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
                                                         config.rope("sliding_attention"))
         fields.update(rope_theta=theta, rope_factor=factor, rope_theta_local=theta_local,
                       rope_factor_local=factor_local, qk_norm=True)
-    return _C.EngineConfig(**fields)
+    return EngineConfig(**fields)
