@@ -31,11 +31,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sentencepiece import sentencepiece_model_pb2 as pb
 
 from ..formats.gguf import GGUFFile
 from .spmodel import (BYTE, MODEL_BPE, NORMAL, PIECE_TYPES, SPIECE_UNDERLINE, UNKNOWN, USER_DEFINED,
-                      SentencePieceModel, rank_as_merges, set_gemma_normalizer)
+                      SentencePieceModel, model_proto, rank_as_merges, set_gemma_normalizer)
 
 __all__ = ["model_proto_from_gguf", "sentencepiece_model_from_gguf", "tokenizer_config_from_gguf",
            "read_gguf_tokenizer", "read_gguf_model"]
@@ -235,7 +234,7 @@ def model_proto_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF"):
     add_prefix = _get(metadata, "add_space_prefix", source, required=False)
     add_prefix = False if add_prefix is None else _as_bool(add_prefix, _KEY + "add_space_prefix", source)
 
-    proto = pb.ModelProto()
+    proto = model_proto()
     add = proto.pieces.add
     for piece, score, ptype in zip(pieces, scores, types):
         add(piece=piece, score=score, type=ptype)

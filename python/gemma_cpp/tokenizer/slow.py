@@ -15,11 +15,17 @@ import os
 import re
 from typing import Any
 
-import sentencepiece as spm
-
 from ..formats.gguf import is_gguf
 from .base import GemmaTokenizerBase, read_model, resolve_path, trie_regex, write_atomic
 from .spmodel import SPIECE_UNDERLINE
+
+
+def _processor():
+    # sentencepiece is imported on first use: it keeps a sixth of `import gemma_cpp`'s memory
+    # and time out of programs that never tokenize.
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor()
 
 
 class GemmaTokenizer(GemmaTokenizerBase):
@@ -38,7 +44,7 @@ class GemmaTokenizer(GemmaTokenizerBase):
             raise FileNotFoundError(f"GemmaTokenizer: no sentencepiece model at {vocab_file!r}")
         self.vocab_file = vocab_file
         self._model = read_model(vocab_file, kwargs)
-        self._sp = spm.SentencePieceProcessor()
+        self._sp = _processor()
         try:
             self._sp.LoadFromSerializedProto(self._model.sp_bytes)
         except RuntimeError as e:
@@ -69,7 +75,7 @@ class GemmaTokenizer(GemmaTokenizerBase):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._sp = spm.SentencePieceProcessor()
+        self._sp = _processor()
         self._sp.LoadFromSerializedProto(self._model.sp_bytes)
 
     @classmethod

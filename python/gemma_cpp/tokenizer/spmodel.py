@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from google.protobuf.message import DecodeError
-from sentencepiece import sentencepiece_model_pb2 as pb
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -28,7 +26,7 @@ PIECE_TYPES = {NORMAL: "NORMAL", UNKNOWN: "UNKNOWN", CONTROL: "CONTROL", USER_DE
 MODEL_BPE = 2
 
 
-def set_gemma_normalizer(spec: "pb.NormalizerSpec", add_dummy_prefix: bool = False) -> None:
+def set_gemma_normalizer(spec, add_dummy_prefix: bool = False) -> None:
     """Gemma's NormalizerSpec: name "identity", no dummy prefix, extra whitespace kept, spaces
     escaped as U+2581. Every field is written (proto2 defaults would say otherwise)."""
     spec.Clear()
@@ -70,9 +68,19 @@ def rank_as_merges(ids: Iterable[int], types: Sequence[int], scores: Sequence[fl
     return out
 
 
-def parse(data: bytes, path: str) -> "pb.ModelProto":
+def model_proto():
+    """An empty ModelProto (sentencepiece's generated class, on protobuf: imported on first use,
+    which keeps both out of `import gemma_cpp`)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    return pb.ModelProto()
+
+
+def parse(data: bytes, path: str):
     """A ModelProto from a file's bytes; ValueError naming the file when they are not one."""
-    proto = pb.ModelProto()
+    from google.protobuf.message import DecodeError
+
+    proto = model_proto()
     try:
         proto.ParseFromString(data)
     except DecodeError as e:
@@ -90,7 +98,7 @@ class SentencePieceModel:
     space that transformers' GGUF tokenizer matches whole."""
 
     def __init__(self, data: bytes, path: str, spiece_user_defined_to_bpe: bool = True,
-                 proto: Optional["pb.ModelProto"] = None, pieces: Optional[List[str]] = None,
+                 proto=None, pieces: Optional[List[str]] = None,
                  types: Optional[List[int]] = None):
         self.path = path
         self.data = data
@@ -133,7 +141,7 @@ class SentencePieceModel:
             self.id_of.setdefault(piece, i)
 
     @classmethod
-    def from_proto(cls, proto: "pb.ModelProto", path: str, pieces: List[str], types: List[int]):
+    def from_proto(cls, proto, path: str, pieces: List[str], types: List[int]):
         """A model built in memory (a GGUF's vocabulary): its bytes are the proto's serialization."""
         return cls(proto.SerializeToString(), path, spiece_user_defined_to_bpe=False, proto=proto, pieces=pieces,
                    types=types)
