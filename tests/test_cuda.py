@@ -580,11 +580,16 @@ def random_cache(rng, rows, n_kv, S, hd, dtype, valid, poison_from=None):
     return K, V, K, V
 
 
-@gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_heads, n_kv, hd", [(8, 1, 256), (8, 2, 64), (4, 4, 128), (6, 2, 96)])
-@pytest.mark.parametrize("S, softcap, window", [(48, 0.0, 0), (48, 3.0, 0), (300, 0.0, 9), (700, 2.5, 0)])
-def test_attention_decode(cache_dtype, n_heads, n_kv, hd, S, softcap, window):
+@pytest.mark.parametrize("S, softcap, window", [(48, 0.0, 0), (48, 3.0, 0), (300, 0.0, 9), (700, 2.5, 0),
+                                                (1100, 0.0, 600)])
+def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, window):
+    """Both devices' decode attention against float64. S = 700 and 1100 split a row's keys
+    into several parts (the CPU's parts are 256 slots) that are merged; a window of 600
+    starts the parts mid-cache."""
+    op = _testing.cpu_op_attention_decode if device == "cpu" else _testing.cuda_op_attention_decode
     rng = rng_for("decode", cache_dtype, n_heads, n_kv, hd, S, softcap, window)
     rows = 3
     valid = np.ones((rows, S), np.uint8)
@@ -596,7 +601,7 @@ def test_attention_decode(cache_dtype, n_heads, n_kv, hd, S, softcap, window):
                                   poison_from=[q_slot[list(cache_row).index(r)] + 1 for r in range(rows)])
     q = rng.standard_normal((3, n_heads * hd)).astype(np.float32)
     scale = float(np.float32(hd ** -0.5))
-    out = _testing.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window)
+    out = op(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window)
     for r in range(3):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r:r + 1], Kf[cr], Vf[cr], valid[cr], [q_slot[r]], n_heads, scale, softcap, window)

@@ -117,6 +117,61 @@ void register_kernels(py::module_& t) {
     gelu_tanh_mul(out.mutable_data(), up.data(), gate.shape(0));
     return out;
   }, py::arg("gate"), py::arg("up"));
+  // Decode attention as Model::step runs it, with the CUDA hook's arguments: q [R, n_heads *
+  // hd]; k_cache, v_cache [rows, kv_heads, slots, hd] float32 or uint16 (bf16 bits); valid
+  // [rows, slots]; query r reads cache row cache_row[r] at slot q_slot[r] < n_slots.
+  t.def("cpu_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                                      const py::array& valid, const py::array& cache_row, const py::array& q_slot,
+                                      int64_t n_slots, int64_t n_heads, float scale, float softcap, int64_t window) {
+    const bool bf16 = k_cache.dtype().is(py::dtype::of<uint16_t>());
+    if (bf16) {
+      need<uint16_t>(k_cache, "k_cache", 4);
+      need<uint16_t>(v_cache, "v_cache", 4);
+    } else {
+      need<float>(k_cache, "k_cache", 4);
+      need<float>(v_cache, "v_cache", 4);
+    }
+    for (int i = 0; i < 4; ++i) need_dim(v_cache, "v_cache", i, k_cache.shape(i));
+    const int64_t rows = k_cache.shape(0), n_kv = k_cache.shape(1), S = k_cache.shape(2), hd = k_cache.shape(3);
+    need<uint8_t>(valid, "valid", 2);
+    need_dim(valid, "valid", 0, rows);
+    need_dim(valid, "valid", 1, S);
+    need<float>(q, "q", 2);
+    const int64_t R = q.shape(0);
+    if (n_heads <= 0 || n_heads % n_kv != 0) throw py::value_error("n_heads must be a positive multiple of kv heads");
+    need_dim(q, "q", 1, n_heads * hd);
+    if (n_slots > S) throw py::value_error("n_slots exceeds the cache's slots");
+    std::vector<int64_t> row_of(R), slot_of(R);
+    for (const auto* a : {&cache_row, &q_slot}) {
+      need<int32_t>(*a, "cache_row / q_slot", 1);
+      need_dim(*a, "cache_row / q_slot", 0, R);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      row_of[r] = static_cast<const int32_t*>(cache_row.data())[r];
+      slot_of[r] = static_cast<const int32_t*>(q_slot.data())[r];
+      if (row_of[r] < 0 || row_of[r] >= rows || slot_of[r] < 0 || slot_of[r] >= n_slots)
+        throw py::value_error("cache_row / q_slot: entry out of range");
+    }
+    KVLayerView kv;
+    kv.k = k_cache.data();
+    kv.v = v_cache.data();
+    kv.dtype = bf16 ? DType::BF16 : DType::F32;
+    kv.kv_heads = n_kv;
+    kv.span = S;
+    kv.head_dim = hd;
+    kv.valid = static_cast<const uint8_t*>(valid.data());
+    kv.capacity = S;
+    const AttentionRule rule{n_heads, window, scale, softcap};
+    F32Array out({R, n_heads * hd});
+    {
+      py::gil_scoped_release nogil;
+      std::vector<float> scratch;
+      attention_decode(static_cast<const float*>(q.data()), R, row_of.data(), slot_of.data(), kv, rule,
+                       out.mutable_data(), scratch);
+    }
+    return out;
+  }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("q_slot"),
+     py::arg("n_slots"), py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0);
   // RoPE as Model::step applies it: cos / sin of float(pos) * inv_freq in float32.
   t.def("cpu_op_rope", [](const F32Array& x, int64_t n_heads, const py::array_t<int32_t, py::array::c_style>& pos,
                           const F32Array& inv_freq) {

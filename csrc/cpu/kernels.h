@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace gemma {
 
@@ -97,6 +98,67 @@ double read_bandwidth(int64_t bytes, int reps);
 // out[d] = scale * sum_j p[j] * v[j][d] for d < v.cols, j < n: the attention's P . V for
 // one query (v float32 or bfloat16, rows v.ld apart), accumulated in registers.
 void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, float* out);
+
+// One layer of a KV cache as the attention kernels read it (engine/model.h's KVCache): for
+// each (row, KV head) a run of `span` slots [origin, origin + span) of head_dim values,
+// float32 or bfloat16 bits, at ((row * kv_heads + head) * span + slot - origin) * head_dim;
+// valid[row * capacity + slot] says whether a slot holds a real token.
+struct KVLayerView {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType dtype = DType::F32;
+  int64_t kv_heads = 0, span = 0, origin = 0, head_dim = 0;
+  const uint8_t* valid = nullptr;
+  int64_t capacity = 0;
+  // Slots [first, first + n) of one (row, head) as an [n, head_dim] matrix.
+  Weight keys(int64_t row, int64_t head, int64_t first, int64_t n) const { return rows_of(k, row, head, first, n); }
+  Weight values(int64_t row, int64_t head, int64_t first, int64_t n) const { return rows_of(v, row, head, first, n); }
+
+ private:
+  Weight rows_of(const void* base, int64_t row, int64_t head, int64_t first, int64_t n) const {
+    const int64_t off = ((row * kv_heads + head) * span + (first - origin)) * head_dim;
+    const size_t elem = dtype == DType::BF16 ? 2 : 4;
+    Weight w;
+    w.dtype = dtype;
+    w.data = static_cast<const char*>(base) + off * elem;
+    w.rows = n;
+    w.cols = w.ld = head_dim;
+    return w;
+  }
+};
+
+// What decode attention computes for a query at slot q: the keys it sees are the valid slots
+// in [q - window + 1, q] (window 0: [0, q]); scores scale * q . k, soft-capped when
+// softcap > 0 (cap * tanh(s / cap)); softmax in float32; P . V. A query that sees no key
+// gives zeros.
+struct AttentionRule {
+  int64_t n_heads = 0, window = 0;
+  float scale = 1.f, softcap = 0.f;
+};
+
+// Decode attention: R queries, query r ([n_heads * head_dim] at q + r * n_heads * head_dim)
+// of cache row rows[r] at slot slots[r]; out the same shape as q. Each KV head's group of
+// query heads reads each key and value once; a row's keys are split into parts of
+// kDecodeKeyPart slots from its first visible one, spread over the thread pool, and each
+// query head merges its parts in order. The parts depend only on the row's own slot: a row's
+// result is the same bits whatever the thread count and whatever other rows share the call.
+// scratch: grown as needed (kept by the caller between calls).
+constexpr int64_t kDecodeKeyPart = 256;
+void attention_decode(const float* q, int64_t R, const int64_t* rows, const int64_t* slots, const KVLayerView& kv,
+                      const AttentionRule& rule, float* out, std::vector<float>& scratch);
+
+// The parts of attention_decode, exposed for tests. attention_partial: the G query heads that
+// share one KV head (q: [G, head_dim]) against n keys and values (k, v: [n, head_dim]): per
+// query g, with s_j the rule's score (-inf where !valid[j]), m[g] = max_j s_j,
+// l[g] = sum_j e^(s_j - m[g]), o[g] = sum_j e^(s_j - m[g]) v_j ([G, head_dim], unnormalised);
+// a part with no valid key gives m = -inf, l = 0, o = 0. scratch: G * n floats.
+// attention_merge: one query's output from its parts, in part order: with M = max_c m_c,
+// out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c (zeros when no part saw a key); the
+// parts' m and l lie `stride` apart, their o rows stride * head_dim apart.
+void attention_partial(const float* q, int64_t G, const Weight& k, const Weight& v, const uint8_t* valid,
+                       int64_t n, float scale, float cap, float* scratch, float* m, float* l, float* o);
+void attention_merge(const float* m, const float* l, const float* o, int64_t parts, int64_t stride, int64_t hd,
+                     float* out);
 
 float dot(const float* a, const float* b, int64_t n);
 

@@ -100,6 +100,21 @@ void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, cons
   }
 }
 
+KVLayerView KVCache::layer(int64_t l) const {
+  KVLayerView view;
+  view.dtype = dtype;
+  const bool bf16 = dtype == DType::BF16;
+  view.k = bf16 ? static_cast<const void*>(kb.data() + base[l]) : static_cast<const void*>(k.data() + base[l]);
+  view.v = bf16 ? static_cast<const void*>(vb.data() + base[l]) : static_cast<const void*>(v.data() + base[l]);
+  view.kv_heads = kv_heads;
+  view.span = span[l];
+  view.origin = origin[l];
+  view.head_dim = head_dim;
+  view.valid = valid.data();
+  view.capacity = capacity;
+  return view;
+}
+
 Weight KVCache::keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const {
   const int64_t o = offset(layer, row, head, first);
   Weight w;
@@ -163,6 +178,20 @@ void Model::logits(const float* hidden, int64_t n, float* out) {
 
 void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
                       int64_t slot0, int64_t T, const float* q, float* out) {
+  if (T == 1 && cfg_.causal) return attention_decode(cache, layer, rows, slot0, q, out);
+  attention_prefill(cache, layer, rows, slot0, T, q, out);
+}
+
+void Model::attention_decode(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot,
+                             const float* q, float* out) {
+  const std::vector<int64_t> slots(rows.size(), slot);
+  const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap};
+  gemma::attention_decode(q, static_cast<int64_t>(rows.size()), rows.data(), slots.data(), cache.layer(layer), rule,
+                          out, ws_.attn);
+}
+
+void Model::attention_prefill(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
+                              int64_t T, const float* q, float* out) {
   // Per task: one (row, head) and a block of up to kQB queries. Scores of the block against
   // every key it may see are one small matmul (Q . K^T, the register-blocked float32 kernel);
   // then per query: scale (and soft-cap), mask, softmax, and P . V accumulated in registers.

@@ -89,6 +89,8 @@ struct KVCache {
   void make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window);
   // Writes one token's key and value of one head (rounded to bf16 for a bf16 cache).
   void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
+  // One layer as the attention kernels read it.
+  KVLayerView layer(int64_t l) const;
   // Slots [first, first + n) of one (row, head) as a [n, head_dim] matrix.
   Weight keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
   Weight values(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
@@ -110,6 +112,7 @@ using StepCallback = std::function<void(const std::vector<int32_t>&)>;
 // life, so that a decode step allocates nothing.
 struct Workspace {
   std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
+  std::vector<float> attn;  // decode attention's parts before their merge
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they
@@ -146,6 +149,12 @@ class Model {
   int64_t chunk_tokens(int64_t B, int64_t L) const;
   void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
                  int64_t T, const float* q, float* out);
+  // T = 1 (causal): each KV head's group of queries reads the cache once, split over key parts.
+  void attention_decode(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot,
+                        const float* q, float* out);
+  // T > 1 (or bidirectional): blocks of queries per head against their visible keys.
+  void attention_prefill(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
+                         int64_t T, const float* q, float* out);
   void logits(const float* hidden, int64_t n, float* out);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
   // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).

@@ -1,0 +1,230 @@
+// Decode attention over the KV cache: every KV head's group of queries reads the cache once,
+// split over parts of the key range on the thread pool, and merged part by part.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+#include "runtime/threadpool.h"
+
+namespace gemma {
+using simd::VecF;
+
+namespace {
+
+// Rows prefetched ahead of the one being read: the cache streams from memory at long contexts,
+// and the hardware prefetchers alone left the kernels at a third of the read bandwidth
+// (measured on a 4096-key layer: 1.07 ms without, 0.63 ms with 8 rows ahead, 2 threads).
+constexpr int64_t kRowsAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
+// Scores of GQ queries (rows of q, hd apart) against JK keys (rows of k, ldk apart): the
+// GQ x JK dot products share every loaded vector (a query's with JK keys, a key's with GQ
+// queries); one accumulator each, summed over its lanes at the end, the tail in scalars.
+template <typename KT, int GQ, int JK>
+inline void score_tile(const float* q, int64_t hd, const KT* k, int64_t ldk, float* s, int64_t lds) {
+  constexpr int N = VecF::N;
+  VecF acc[GQ][JK];
+  for (int g = 0; g < GQ; ++g)
+    for (int j = 0; j < JK; ++j) acc[g][j] = VecF::zero();
+  int64_t d = 0;
+  for (; d + N <= hd; d += N) {
+    VecF kv[JK];
+    for (int j = 0; j < JK; ++j) kv[j] = VecF::load(k + j * ldk + d);
+    for (int g = 0; g < GQ; ++g) {
+      const VecF qv = VecF::load(q + g * hd + d);
+      for (int j = 0; j < JK; ++j) acc[g][j] = simd::fma(qv, kv[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < GQ; ++g)
+    for (int j = 0; j < JK; ++j) {
+      float t = simd::hsum(acc[g][j]);
+      for (int64_t e = d; e < hd; ++e) t += q[g * hd + e] * load_scalar(k + j * ldk + e);
+      s[g * lds + j] = t;
+    }
+}
+
+template <typename KT, int GQ>
+void scores_rows(const float* q, int64_t hd, const KT* k, int64_t ldk, int64_t n, float* s, int64_t lds) {
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    for (int64_t a = j + kRowsAhead; a < std::min(n, j + kRowsAhead + 2); ++a) prefetch_row(k + a * ldk, ldk);
+    score_tile<KT, GQ, 2>(q, hd, k + j * ldk, ldk, s + j, lds);
+  }
+  if (j < n) score_tile<KT, GQ, 1>(q, hd, k + j * ldk, ldk, s + j, lds);
+}
+
+// s[g][j] = q_g . k_j for G queries and n keys: queries in tiles of up to 4.
+template <typename KT>
+void scores(const float* q, int64_t G, int64_t hd, const KT* k, int64_t ldk, int64_t n, float* s) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) scores_rows<KT, 4>(q + g * hd, hd, k, ldk, n, s + g * n, n);
+  switch (G - g) {
+    case 3: scores_rows<KT, 3>(q + g * hd, hd, k, ldk, n, s + g * n, n); break;
+    case 2: scores_rows<KT, 2>(q + g * hd, hd, k, ldk, n, s + g * n, n); break;
+    case 1: scores_rows<KT, 1>(q + g * hd, hd, k, ldk, n, s + g * n, n); break;
+    default: break;
+  }
+}
+
+// o[g] = sum_i p[g][idx[i]] v_idx[i] for GQ queries (p rows n apart, o rows hd apart), over
+// the visible value rows only (a masked slot may hold anything). The rows stream past in
+// order, each read once; the GQ sums (GQ * hd floats) stay in L1. (Keeping the sums in
+// registers instead, a few rows at a time, did less work but read the rows in an order the
+// memory system followed worse: slower on a cache read from memory.)
+template <typename VT, int GQ>
+void weighted_sum(const float* p, int64_t n, const int32_t* idx, int64_t m, const VT* v, int64_t ldv, int64_t hd,
+                  float* o) {
+  constexpr int N = VecF::N;
+  std::fill(o, o + GQ * hd, 0.f);
+  for (int64_t i = 0; i < m; ++i) {
+    if (i + kRowsAhead < m) prefetch_row(v + idx[i + kRowsAhead] * ldv, ldv);
+    const VT* vr = v + idx[i] * ldv;
+    float pg[GQ];
+    for (int g = 0; g < GQ; ++g) pg[g] = p[g * n + idx[i]];
+    int64_t d = 0;
+    for (; d + N <= hd; d += N) {
+      const VecF vv = VecF::load(vr + d);
+      for (int g = 0; g < GQ; ++g) simd::fma(VecF::set1(pg[g]), vv, VecF::load(o + g * hd + d)).store(o + g * hd + d);
+    }
+    for (; d < hd; ++d) {
+      const float vd = load_scalar(vr + d);
+      for (int g = 0; g < GQ; ++g) o[g * hd + d] += pg[g] * vd;
+    }
+  }
+}
+
+template <typename VT>
+void weighted_sums(const float* p, int64_t G, int64_t n, const int32_t* idx, int64_t m, const VT* v, int64_t ldv,
+                   int64_t hd, float* o) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) weighted_sum<VT, 4>(p + g * n, n, idx, m, v, ldv, hd, o + g * hd);
+  switch (G - g) {
+    case 3: weighted_sum<VT, 3>(p + g * n, n, idx, m, v, ldv, hd, o + g * hd); break;
+    case 2: weighted_sum<VT, 2>(p + g * n, n, idx, m, v, ldv, hd, o + g * hd); break;
+    case 1: weighted_sum<VT, 1>(p + g * n, n, idx, m, v, ldv, hd, o + g * hd); break;
+    default: break;
+  }
+}
+
+template <typename KT>
+void partial_typed(const float* q, int64_t G, int64_t hd, const KT* k, int64_t ldk, const KT* v, int64_t ldv,
+                   const uint8_t* valid, int64_t n, float scale, float cap, float* s, float* m, float* l, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  thread_local std::vector<int32_t> idx;
+  idx.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (valid[j]) idx.push_back(static_cast<int32_t>(j));
+  const int64_t visible = static_cast<int64_t>(idx.size());
+  if (visible == 0) {  // nothing visible in this part
+    std::fill(m, m + G, kNegInf);
+    std::fill(l, l + G, 0.f);
+    std::fill(o, o + G * hd, 0.f);
+    return;
+  }
+  // Scores: each key row is read once, for all G queries of its group.
+  scores(q, G, hd, k, ldk, n, s);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * n;
+    float mg = kNegInf;
+    for (int64_t j = 0; j < n; ++j) {
+      float x = sg[j] * scale;
+      if (cap > 0.f) x = std::tanh(x / cap) * cap;
+      sg[j] = valid[j] ? x : kNegInf;
+      mg = std::max(mg, sg[j]);
+    }
+    m[g] = mg;
+    for (int64_t j = 0; j < n; ++j) sg[j] -= mg;
+    exp_inplace(sg, n);
+    float sum = 0.f;
+    for (int64_t i = 0; i < visible; ++i) sum += sg[idx[i]];
+    l[g] = sum;
+  }
+  // P . V over the visible rows: each value row is read once for all G queries.
+  weighted_sums(s, G, n, idx.data(), visible, v, ldv, hd, o);
+}
+
+}  // namespace
+
+void attention_partial(const float* q, int64_t G, const Weight& k, const Weight& v, const uint8_t* valid,
+                       int64_t n, float scale, float cap, float* scratch, float* m, float* l, float* o) {
+  const int64_t hd = k.cols;
+  if (k.dtype == DType::F32)
+    partial_typed(q, G, hd, static_cast<const float*>(k.data), k.ld, static_cast<const float*>(v.data), v.ld, valid,
+                  n, scale, cap, scratch, m, l, o);
+  else
+    partial_typed(q, G, hd, static_cast<const uint16_t*>(k.data), k.ld, static_cast<const uint16_t*>(v.data), v.ld,
+                  valid, n, scale, cap, scratch, m, l, o);
+}
+
+void attention_merge(const float* m, const float* l, const float* o, int64_t parts, int64_t stride, int64_t hd,
+                     float* out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mx = kNegInf;
+  for (int64_t c = 0; c < parts; ++c) mx = std::max(mx, m[c * stride]);
+  std::fill(out, out + hd, 0.f);
+  if (mx == kNegInf) return;  // nothing visible (padding)
+  float sum = 0.f;
+  for (int64_t c = 0; c < parts; ++c) {
+    if (m[c * stride] == kNegInf) continue;
+    const float w = std::exp(m[c * stride] - mx);
+    sum += w * l[c * stride];
+    const float* oc = o + c * stride * hd;
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * oc[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+void attention_decode(const float* q, int64_t R, const int64_t* rows, const int64_t* slots, const KVLayerView& kv,
+                      const AttentionRule& rule, float* out, std::vector<float>& scratch) {
+  const int64_t nH = rule.n_heads, nKV = kv.kv_heads, hd = kv.head_dim, G = nH / nKV, q_stride = nH * hd;
+  // Per row: its first visible slot, its number of keys, and where its parts start.
+  std::vector<int64_t> lo(R), n_keys(R), first(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    lo[r] = rule.window > 0 ? std::max<int64_t>(0, slots[r] - rule.window + 1) : 0;
+    n_keys[r] = slots[r] + 1 - lo[r];
+    first[r + 1] = first[r] + nKV * ((n_keys[r] + kDecodeKeyPart - 1) / kDecodeKeyPart);
+  }
+  // The parts' results: m and l [part][G], o [part][G][hd]; a row's parts run over its KV
+  // heads, then its key parts.
+  const int64_t parts = first[R];
+  if (static_cast<int64_t>(scratch.size()) < parts * G * (hd + 2)) scratch.resize(static_cast<size_t>(parts * G * (hd + 2)));
+  float *pm = scratch.data(), *pl = pm + parts * G, *po = pl + parts * G;
+  parallel_for(parts, [&](int64_t a, int64_t b) {
+    thread_local std::vector<float> scores;
+    if (static_cast<int64_t>(scores.size()) < G * kDecodeKeyPart) scores.resize(static_cast<size_t>(G * kDecodeKeyPart));
+    int64_t r = std::upper_bound(first.begin(), first.end(), a) - first.begin() - 1;
+    for (int64_t task = a; task < b; ++task) {
+      while (task >= first[r + 1]) ++r;
+      const int64_t P = (first[r + 1] - first[r]) / nKV, kvh = (task - first[r]) / P, p = (task - first[r]) % P;
+      const int64_t j0 = lo[r] + p * kDecodeKeyPart, n = std::min(kDecodeKeyPart, lo[r] + n_keys[r] - j0);
+      attention_partial(q + r * q_stride + kvh * G * hd, G, kv.keys(rows[r], kvh, j0, n), kv.values(rows[r], kvh, j0, n),
+                        kv.valid + rows[r] * kv.capacity + j0, n, rule.scale, rule.softcap, scores.data(),
+                        pm + task * G, pl + task * G, po + task * G * hd);
+    }
+  });
+  auto merge = [&](int64_t a, int64_t b) {
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t h = task % nH, r = task / nH, kvh = h / G, P = (first[r + 1] - first[r]) / nKV;
+      const int64_t at = (first[r] + kvh * P) * G + h % G;  // this query head's part 0
+      attention_merge(pm + at, pl + at, po + at * hd, P, G, hd, out + r * q_stride + h * hd);
+    }
+  };
+  // The merge reads every part's output once: on the calling thread unless that is a lot
+  // (a pass of the pool costs tens of microseconds). Either way each query's arithmetic is
+  // the same.
+  if (parts * G * hd < (int64_t{1} << 18))
+    merge(0, R * nH);
+  else
+    parallel_for(R * nH, merge);
+}
+
+}  // namespace gemma
