@@ -83,6 +83,31 @@ QuantizedWeight QuantizedWeight::from(const py::handle& o, const std::string& na
                          t.size() == 4 ? py::object(t[3]) : py::object(py::none()), name);
 }
 
+KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid) {
+  const bool bf16 = k.dtype().is(py::dtype::of<uint16_t>());
+  if (bf16) {
+    need<uint16_t>(k, "k_cache", 4);
+    need<uint16_t>(v, "v_cache", 4);
+  } else {
+    need<float>(k, "k_cache", 4);
+    need<float>(v, "v_cache", 4);
+  }
+  for (int i = 0; i < 4; ++i) need_dim(v, "v_cache", i, k.shape(i));
+  need<uint8_t>(valid, "valid", 2);
+  need_dim(valid, "valid", 0, k.shape(0));
+  need_dim(valid, "valid", 1, k.shape(2));
+  KVLayerView kv;
+  kv.k = k.data();
+  kv.v = v.data();
+  kv.dtype = bf16 ? DType::BF16 : DType::F32;
+  kv.kv_heads = k.shape(1);
+  kv.span = k.shape(2);
+  kv.head_dim = k.shape(3);
+  kv.valid = static_cast<const uint8_t*>(valid.data());
+  kv.capacity = k.shape(2);
+  return kv;
+}
+
 Weight as_weight(const py::handle& o, const std::string& name, int64_t rows, int64_t cols) {
   if (py::isinstance<py::tuple>(o)) {
     if (cols % kQBlock != 0)

@@ -58,6 +58,11 @@ struct QuantizedWeight {
   py::tuple to_tuple() const;
 };
 
+// A cache layer given as numpy (the attention hooks): k, v [rows, kv_heads, slots, head_dim],
+// both float32 or both uint16 (bf16 bits), valid [rows, slots] uint8. Checked; the view's
+// pointers are the arrays', origin 0, capacity = slots.
+KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid);
+
 // A matrix for the CPU engine: a float32 array, a uint16 array of bfloat16 bits, or a
 // quantized weight (any tuple). Checked to be [rows, cols] (rows < 0: any number of rows).
 Weight as_weight(const py::handle& o, const std::string& name, int64_t rows, int64_t cols);

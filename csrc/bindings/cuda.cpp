@@ -120,18 +120,7 @@ struct DevCache {
 };
 
 DevCache upload_cache(const py::array& k, const py::array& v, const py::array& valid) {
-  const bool bf16 = k.dtype().is(py::dtype::of<uint16_t>());
-  if (bf16) {
-    need<uint16_t>(k, "k_cache", 4);
-    need<uint16_t>(v, "v_cache", 4);
-  } else {
-    need<float>(k, "k_cache", 4);
-    need<float>(v, "v_cache", 4);
-  }
-  for (int i = 0; i < 4; ++i) need_dim(v, "v_cache", i, k.shape(i));
-  need<uint8_t>(valid, "valid", 2);
-  need_dim(valid, "valid", 0, k.shape(0));
-  need_dim(valid, "valid", 1, k.shape(2));
+  const bool bf16 = kv_layer_view(k, v, valid).dtype == DType::BF16;  // the checks
   DevCache c;
   c.k = up(k);
   c.v = up(v);

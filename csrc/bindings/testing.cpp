@@ -123,19 +123,8 @@ void register_kernels(py::module_& t) {
   t.def("cpu_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                       const py::array& valid, const py::array& cache_row, const py::array& q_slot,
                                       int64_t n_slots, int64_t n_heads, float scale, float softcap, int64_t window) {
-    const bool bf16 = k_cache.dtype().is(py::dtype::of<uint16_t>());
-    if (bf16) {
-      need<uint16_t>(k_cache, "k_cache", 4);
-      need<uint16_t>(v_cache, "v_cache", 4);
-    } else {
-      need<float>(k_cache, "k_cache", 4);
-      need<float>(v_cache, "v_cache", 4);
-    }
-    for (int i = 0; i < 4; ++i) need_dim(v_cache, "v_cache", i, k_cache.shape(i));
-    const int64_t rows = k_cache.shape(0), n_kv = k_cache.shape(1), S = k_cache.shape(2), hd = k_cache.shape(3);
-    need<uint8_t>(valid, "valid", 2);
-    need_dim(valid, "valid", 0, rows);
-    need_dim(valid, "valid", 1, S);
+    const KVLayerView kv = kv_layer_view(k_cache, v_cache, valid);
+    const int64_t rows = k_cache.shape(0), n_kv = kv.kv_heads, S = kv.span, hd = kv.head_dim;
     need<float>(q, "q", 2);
     const int64_t R = q.shape(0);
     if (n_heads <= 0 || n_heads % n_kv != 0) throw py::value_error("n_heads must be a positive multiple of kv heads");
@@ -152,15 +141,6 @@ void register_kernels(py::module_& t) {
       if (row_of[r] < 0 || row_of[r] >= rows || slot_of[r] < 0 || slot_of[r] >= n_slots)
         throw py::value_error("cache_row / q_slot: entry out of range");
     }
-    KVLayerView kv;
-    kv.k = k_cache.data();
-    kv.v = v_cache.data();
-    kv.dtype = bf16 ? DType::BF16 : DType::F32;
-    kv.kv_heads = n_kv;
-    kv.span = S;
-    kv.head_dim = hd;
-    kv.valid = static_cast<const uint8_t*>(valid.data());
-    kv.capacity = S;
     const AttentionRule rule{n_heads, window, scale, softcap};
     F32Array out({R, n_heads * hd});
     {
