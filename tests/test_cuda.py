@@ -19,6 +19,7 @@ from gemma_cpp import _C
 from gemma_cpp._C import _testing
 from gemma_cpp._dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from gemma_cpp.quant import deinterleave, quantize
+from gemma_cpp.quant import dequantize as dequantize_q
 
 STATUS = gemma_cpp.cuda_status()
 BUILT = STATUS["built"]
@@ -580,8 +581,38 @@ def random_cache(rng, rows, n_kv, S, hd, dtype, valid, poison_from=None):
     return K, V, K, V
 
 
+def cache_for(device, rng, rows, n_kv, S, hd, dtype, valid, poison_from=None):
+    """(op's cache arguments (k, v) and keyword arguments, the float values it holds K, V):
+    random_cache's for float32 / bfloat16; for int8 (the CPU's only), blocks of 32 values
+    quantized as Q8_0 by the numpy mirror, the values d * q exact in float32, and a NaN
+    scale in every slot a kernel must not read."""
+    if dtype != "int8":
+        Kc, Vc, Kf, Vf = random_cache(rng, rows, n_kv, S, hd, dtype, valid, poison_from)
+        return (Kc, Vc), {}, Kf, Vf
+    if device == "cuda":
+        pytest.skip("the CUDA kernels have no int8 KV cache yet")
+    caches, extra, floats = [], {}, []
+    for name in ("k", "v"):
+        x = rng.standard_normal((rows * n_kv * S, hd)).astype(np.float32)
+        qw = quantize(x, "int8")
+        f = dequantize_q(qw, hd).reshape(rows, n_kv, S, hd)
+        qw = deinterleave(qw)  # plain rows, as the cache holds them
+        q = qw.quants.view(np.int8).reshape(rows, n_kv, S, hd)
+        d = qw.scales.reshape(rows, n_kv, S, hd // 32).copy()
+        for r in range(rows):
+            bad = valid[r] == 0
+            if poison_from is not None:
+                bad = bad | (np.arange(S) >= poison_from[r])
+            d[r][:, bad] = 0x7E00  # fp16 NaN
+            f[r][:, bad] = np.nan
+        caches.append(np.ascontiguousarray(q))
+        extra[f"{name}_scales"] = d
+        floats.append(f)
+    return tuple(caches), extra, floats[0], floats[1]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
-@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("n_heads, n_kv, hd", [(8, 1, 256), (8, 2, 64), (4, 4, 128), (6, 2, 96)])
 @pytest.mark.parametrize("S, softcap, window", [(48, 0.0, 0), (48, 3.0, 0), (300, 0.0, 9), (700, 2.5, 0),
                                                 (1100, 0.0, 600)])
@@ -597,11 +628,11 @@ def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, wi
     valid[2, :4] = 0          # row 2's query sees only padding: a zero output
     cache_row = np.array([1, 2, 0], np.int32)          # query r reads cache row cache_row[r]
     q_slot = np.array([S - 1, 3, S // 2], np.int32)
-    Kc, Vc, Kf, Vf = random_cache(rng, rows, n_kv, S, hd, cache_dtype, valid,
-                                  poison_from=[q_slot[list(cache_row).index(r)] + 1 for r in range(rows)])
+    (Kc, Vc), extra, Kf, Vf = cache_for(device, rng, rows, n_kv, S, hd, cache_dtype, valid,
+                                        poison_from=[q_slot[list(cache_row).index(r)] + 1 for r in range(rows)])
     q = rng.standard_normal((3, n_heads * hd)).astype(np.float32)
     scale = float(np.float32(hd ** -0.5))
-    out = op(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window)
+    out = op(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, softcap, window, **extra)
     for r in range(3):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r:r + 1], Kf[cr], Vf[cr], valid[cr], [q_slot[r]], n_heads, scale, softcap, window)
@@ -609,12 +640,15 @@ def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, wi
     assert (out[1] == 0).all()  # cache row 2 at slot 3: every visible slot is padding
 
 
-@gpu
-@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("n_heads, n_kv, hd", [(8, 1, 256), (4, 2, 64), (6, 3, 96)])
 @pytest.mark.parametrize("causal, window, softcap", [(True, 0, 0.0), (True, 6, 0.0), (True, 0, 2.0), (False, 0, 0.0),
                                                      (False, 5, 1.0)])
-def test_attention_prefill(cache_dtype, n_heads, n_kv, hd, causal, window, softcap):
+def test_attention_prefill(device, cache_dtype, n_heads, n_kv, hd, causal, window, softcap):
+    """Both devices' prompt attention against float64, and its last query against decode."""
+    prefill = _testing.cpu_op_attention_prefill if device == "cpu" else _testing.cuda_op_attention_prefill
+    decode = _testing.cpu_op_attention_decode if device == "cpu" else _testing.cuda_op_attention_decode
     rng = rng_for("prefill", cache_dtype, n_heads, n_kv, hd, causal, window, softcap)
     rows, T = 2, 37
     slot0 = 5 if causal else 0  # causal: earlier chunks' keys are already cached
@@ -622,10 +656,11 @@ def test_attention_prefill(cache_dtype, n_heads, n_kv, hd, causal, window, softc
     valid = np.ones((rows, S), np.uint8)
     valid[1, :8] = 0  # left padding reaching into the new tokens
     cache_row = np.array([1, 0], np.int32)
-    Kc, Vc, Kf, Vf = random_cache(rng, rows, n_kv, S, hd, cache_dtype, valid, poison_from=[slot0 + T] * rows)
+    (Kc, Vc), extra, Kf, Vf = cache_for(device, rng, rows, n_kv, S, hd, cache_dtype, valid,
+                                        poison_from=[slot0 + T] * rows)
     q = rng.standard_normal((rows, T, n_heads * hd)).astype(np.float32)
     scale = float(np.float32(40 ** -0.5))
-    out = _testing.cuda_op_attention_prefill(q, Kc, Vc, valid, cache_row, slot0, n_heads, scale, softcap, window, causal)
+    out = prefill(q, Kc, Vc, valid, cache_row, slot0, n_heads, scale, softcap, window, causal, **extra)
     for r in range(rows):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r], Kf[cr], Vf[cr], valid[cr], slot0 + np.arange(T), n_heads, scale, softcap,
@@ -633,8 +668,8 @@ def test_attention_prefill(cache_dtype, n_heads, n_kv, hd, causal, window, softc
         assert_within(out[r], ref, bound, f"prefill row {r}")
     if causal:  # the last query of the chunk is a decode step: both kernels agree
         last = np.full(rows, slot0 + T - 1, np.int32)
-        dec = _testing.cuda_op_attention_decode(np.ascontiguousarray(q[:, -1]), Kc, Vc, valid, cache_row, last, slot0 + T,
-                                          n_heads, scale, softcap, window)
+        dec = decode(np.ascontiguousarray(q[:, -1]), Kc, Vc, valid, cache_row, last, slot0 + T, n_heads, scale, softcap,
+                     window, **extra)
         for r in range(rows):
             cr = cache_row[r]
             _, bound = attention_ref(q[r, -1:], Kf[cr], Vf[cr], valid[cr], [slot0 + T - 1], n_heads, scale, softcap,

@@ -106,6 +106,20 @@ def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization, pr
     assert gap.max() <= 0.5, f"a disagreement {gap.max():.3f} logits from the reference's best"
 
 
+def test_int8_kv_cache_top1_against_the_float32_cache(path, prose_ids):
+    """The int8 KV cache (Q8_0 blocks of 32) against the float32 cache, float32 weights, 484
+    positions of prose. Measured: 98.3% top-1 agreement (8 positions), every disagreement a
+    near-tie within 0.04 logits of the float32 cache's best (the bfloat16 cache: 100%). The
+    cache moves the logits by 1.7% of their largest, bf16's by 0.6%. Allowed: 97.5% and 0.1."""
+    a = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)(prose_ids).logits[0]
+    b = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None, kv_cache_dtype="int8")(prose_ids).logits[0]
+    mine = b.argmax(-1)
+    agree = (mine == a.argmax(-1)).mean()
+    gap = a.max(-1) - a[np.arange(len(mine)), mine]
+    assert agree >= 0.975, f"top-1 agreement {agree:.4f}"
+    assert gap.max() <= 0.1, f"a disagreement {gap.max():.3f} logits from the float32 cache's best"
+
+
 def test_greedy_continuations_match_transformers(path, reference, tok):
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)
     for prompt in PROMPTS:

@@ -83,11 +83,15 @@ QuantizedWeight QuantizedWeight::from(const py::handle& o, const std::string& na
                          t.size() == 4 ? py::object(t[3]) : py::object(py::none()), name);
 }
 
-KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid) {
-  const bool bf16 = k.dtype().is(py::dtype::of<uint16_t>());
+KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid, const py::object& k_scales,
+                          const py::object& v_scales) {
+  const bool bf16 = k.dtype().is(py::dtype::of<uint16_t>()), i8 = k.dtype().is(py::dtype::of<int8_t>());
   if (bf16) {
     need<uint16_t>(k, "k_cache", 4);
     need<uint16_t>(v, "v_cache", 4);
+  } else if (i8) {
+    need<int8_t>(k, "k_cache", 4);
+    need<int8_t>(v, "v_cache", 4);
   } else {
     need<float>(k, "k_cache", 4);
     need<float>(v, "v_cache", 4);
@@ -99,7 +103,21 @@ KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::arra
   KVLayerView kv;
   kv.k = k.data();
   kv.v = v.data();
-  kv.dtype = bf16 ? DType::BF16 : DType::F32;
+  kv.dtype = bf16 ? DType::BF16 : i8 ? DType::Int8 : DType::F32;
+  if (i8) {
+    if (k.shape(3) % kQBlock != 0) throw py::value_error("an int8 cache needs head_dim a multiple of 32");
+    for (const auto& [o, name, out] : {std::make_tuple(&k_scales, "k_scales", &kv.k_scales),
+                                       std::make_tuple(&v_scales, "v_scales", &kv.v_scales)}) {
+      if (o->is_none()) throw py::value_error(std::string("an int8 cache needs ") + name);
+      const py::array a = o->cast<py::array>();
+      need<uint16_t>(a, name, 4);
+      for (int i = 0; i < 3; ++i) need_dim(a, name, i, k.shape(i));
+      need_dim(a, name, 3, k.shape(3) / kQBlock);
+      *out = static_cast<const uint16_t*>(a.data());
+    }
+  } else if (!k_scales.is_none() || !v_scales.is_none()) {
+    throw py::value_error("scales go with an int8 cache only");
+  }
   kv.kv_heads = k.shape(1);
   kv.span = k.shape(2);
   kv.head_dim = k.shape(3);

@@ -59,9 +59,11 @@ struct QuantizedWeight {
 };
 
 // A cache layer given as numpy (the attention hooks): k, v [rows, kv_heads, slots, head_dim],
-// both float32 or both uint16 (bf16 bits), valid [rows, slots] uint8. Checked; the view's
+// both float32, both uint16 (bf16 bits) or both int8 with k_scales, v_scales [rows, kv_heads,
+// slots, head_dim / 32] uint16 (fp16 bits); valid [rows, slots] uint8. Checked; the view's
 // pointers are the arrays', origin 0, capacity = slots.
-KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid);
+KVLayerView kv_layer_view(const py::array& k, const py::array& v, const py::array& valid,
+                          const py::object& k_scales = py::none(), const py::object& v_scales = py::none());
 
 // A matrix for the CPU engine: a float32 array, a uint16 array of bfloat16 bits, or a
 // quantized weight (any tuple). Checked to be [rows, cols] (rows < 0: any number of rows).

@@ -93,11 +93,13 @@ ModelConfig make_config(const py::dict& kw) {
   return c;
 }
 
-std::string kv_cache_dtype(const ModelConfig& c) { return c.kv_bf16 ? "bfloat16" : "float32"; }
+std::string kv_cache_dtype(const ModelConfig& c) {
+  return c.kv_dtype == DType::BF16 ? "bfloat16" : c.kv_dtype == DType::Int8 ? "int8" : "float32";
+}
 void set_kv_cache_dtype(ModelConfig& c, const std::string& kv) {
-  if (kv != "float32" && kv != "bfloat16")
-    throw py::value_error("kv_cache_dtype must be 'float32' or 'bfloat16', got '" + kv + "'");
-  c.kv_bf16 = kv == "bfloat16";
+  if (kv != "float32" && kv != "bfloat16" && kv != "int8")
+    throw py::value_error("kv_cache_dtype must be 'float32', 'bfloat16' or 'int8', got '" + kv + "'");
+  c.kv_dtype = kv == "bfloat16" ? DType::BF16 : kv == "int8" ? DType::Int8 : DType::F32;
 }
 
 void register_engine_config(py::module_& m) {
@@ -127,7 +129,7 @@ void register_engine_config(py::module_& m) {
   config_field(cls, "sandwich_norms", &ModelConfig::sandwich_norms, "Gemma 2/3: norms after attention and MLP too");
   config_field(cls, "qk_norm", &ModelConfig::qk_norm, "Gemma 3: per-head norms of queries and keys");
   config_field(cls, "layer_windows", &ModelConfig::window, "per layer: the sliding window, 0 for global");
-  cls.def_property("kv_cache_dtype", &kv_cache_dtype, &set_kv_cache_dtype, "'float32' or 'bfloat16'");
+  cls.def_property("kv_cache_dtype", &kv_cache_dtype, &set_kv_cache_dtype, "'float32', 'bfloat16' or 'int8'");
   config_setters()["kv_cache_dtype"] = [](ModelConfig& c, const py::handle& v) {
     set_kv_cache_dtype(c, py::str(v));
   };

@@ -122,8 +122,9 @@ void register_kernels(py::module_& t) {
   // [rows, slots]; query r reads cache row cache_row[r] at slot q_slot[r] < n_slots.
   t.def("cpu_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                       const py::array& valid, const py::array& cache_row, const py::array& q_slot,
-                                      int64_t n_slots, int64_t n_heads, float scale, float softcap, int64_t window) {
-    const KVLayerView kv = kv_layer_view(k_cache, v_cache, valid);
+                                      int64_t n_slots, int64_t n_heads, float scale, float softcap, int64_t window,
+                                      const py::object& k_scales, const py::object& v_scales) {
+    const KVLayerView kv = kv_layer_view(k_cache, v_cache, valid, k_scales, v_scales);
     const int64_t rows = k_cache.shape(0), n_kv = kv.kv_heads, S = kv.span, hd = kv.head_dim;
     need<float>(q, "q", 2);
     const int64_t R = q.shape(0);
@@ -151,7 +152,40 @@ void register_kernels(py::module_& t) {
     }
     return out;
   }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("q_slot"),
-     py::arg("n_slots"), py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0);
+     py::arg("n_slots"), py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0,
+     py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none(),
+     "int8 caches: k_cache, v_cache int8 with their k_scales, v_scales");
+  // Prompt attention as Model::step runs it, with the CUDA hook's arguments: q [R, T,
+  // n_heads * hd] at slots [slot0, slot0 + T) of cache rows cache_row[r].
+  t.def("cpu_op_attention_prefill", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                                       const py::array& valid, const py::array& cache_row, int64_t slot0,
+                                       int64_t n_heads, float scale, float softcap, int64_t window, bool causal,
+                                       const py::object& k_scales, const py::object& v_scales) {
+    const KVLayerView kv = kv_layer_view(k_cache, v_cache, valid, k_scales, v_scales);
+    need<float>(q, "q", 3);
+    const int64_t R = q.shape(0), T = q.shape(1), hd = kv.head_dim;
+    if (n_heads <= 0 || n_heads % kv.kv_heads != 0) throw py::value_error("n_heads must be a positive multiple of kv heads");
+    need_dim(q, "q", 2, n_heads * hd);
+    need<int32_t>(cache_row, "cache_row", 1);
+    need_dim(cache_row, "cache_row", 0, R);
+    std::vector<int64_t> row_of(R);
+    for (int64_t r = 0; r < R; ++r) {
+      row_of[r] = static_cast<const int32_t*>(cache_row.data())[r];
+      if (row_of[r] < 0 || row_of[r] >= k_cache.shape(0)) throw py::value_error("cache_row: entry out of range");
+    }
+    if (slot0 < 0 || slot0 + T > kv.span) throw py::value_error("slots [slot0, slot0 + T) exceed the cache");
+    const AttentionRule rule{n_heads, window, scale, softcap, causal};
+    F32Array out({R, T, n_heads * hd});
+    {
+      py::gil_scoped_release nogil;
+      std::vector<float> scratch;
+      attention_prefill(static_cast<const float*>(q.data()), R, row_of.data(), slot0, T, kv, rule, out.mutable_data(),
+                        scratch);
+    }
+    return out;
+  }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("slot0"),
+     py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0, py::arg("causal") = true,
+     py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
   // RoPE as Model::step applies it: cos / sin of float(pos) * inv_freq in float32.
   t.def("cpu_op_rope", [](const F32Array& x, int64_t n_heads, const py::array_t<int32_t, py::array::c_style>& pos,
                           const F32Array& inv_freq) {

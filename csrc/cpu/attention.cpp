@@ -1,11 +1,13 @@
-// Decode attention over the KV cache: every KV head's group of queries reads the cache once,
-// split over parts of the key range on the thread pool, and merged part by part.
+// Attention over the KV cache. Decode: every KV head's group of queries reads the cache once,
+// split over parts of the key range on the thread pool, and merged part by part. Prompts:
+// blocks of queries per head against their visible keys.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "cpu/kernels.h"
+#include "cpu/quant.h"
 #include "cpu/simd.h"
 #include "runtime/threadpool.h"
 
@@ -151,10 +153,29 @@ void partial_typed(const float* q, int64_t G, int64_t hd, const KT* k, int64_t l
   weighted_sums(s, G, n, idx.data(), visible, v, ldv, hd, o);
 }
 
+// The rows of w as float32: w itself, or (an int8 cache's rows) their values d * q, exact in
+// float32, in buf.
+Weight float_rows(const Weight& w, std::vector<float>& buf) {
+  if (w.dtype != DType::Int8) return w;
+  const int64_t nb = w.cols / kQBlock;
+  if (static_cast<int64_t>(buf.size()) < w.rows * w.cols) buf.resize(static_cast<size_t>(w.rows * w.cols));
+  for (int64_t i = 0; i < w.rows; ++i)
+    dequantize_row(QFormat::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * nb, nullptr, w.cols,
+                   buf.data() + i * w.cols);
+  Weight f = w;
+  f.dtype = DType::F32;
+  f.data = buf.data();
+  f.scales = nullptr;
+  f.ld = w.cols;
+  return f;
+}
+
 }  // namespace
 
-void attention_partial(const float* q, int64_t G, const Weight& k, const Weight& v, const uint8_t* valid,
+void attention_partial(const float* q, int64_t G, const Weight& k_in, const Weight& v_in, const uint8_t* valid,
                        int64_t n, float scale, float cap, float* scratch, float* m, float* l, float* o) {
+  thread_local std::vector<float> kf, vf;
+  const Weight k = float_rows(k_in, kf), v = float_rows(v_in, vf);  // an int8 part: its values
   const int64_t hd = k.cols;
   if (k.dtype == DType::F32)
     partial_typed(q, G, hd, static_cast<const float*>(k.data), k.ld, static_cast<const float*>(v.data), v.ld, valid,
@@ -225,6 +246,103 @@ void attention_decode(const float* q, int64_t R, const int64_t* rows, const int6
     merge(0, R * nH);
   else
     parallel_for(R * nH, merge);
+}
+
+void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t slot0, int64_t T,
+                       const KVLayerView& kv_in, const AttentionRule& rule, float* out, std::vector<float>& scratch) {
+  constexpr int64_t kQB = 16;
+  const int64_t nH = rule.n_heads, hd = kv_in.head_dim, group = nH / kv_in.kv_heads;
+  const int64_t q_stride = nH * hd;
+  const int64_t end_slot = slot0 + T;  // slots [0, end_slot) hold this row's tokens now
+  const int64_t window = rule.window;
+  const int64_t QBn = (T + kQB - 1) / kQB;
+  const float scale = rule.scale, cap = rule.softcap;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // An int8 cache: the slots this call reads, [first, end_slot) of the rows it reads, as float32
+  // once (every query block of a row reads most of them).
+  KVLayerView kv = kv_in;
+  if (kv_in.dtype == DType::Int8) {
+    const int64_t first = window > 0 ? std::max<int64_t>(kv_in.origin, slot0 - window + 1) : kv_in.origin;
+    int64_t n_rows = 0;
+    for (int64_t r = 0; r < R; ++r) n_rows = std::max(n_rows, rows[r] + 1);
+    const int64_t n = end_slot - first, per_row = kv_in.kv_heads * n * hd;
+    if (static_cast<int64_t>(scratch.size()) < 2 * n_rows * per_row) scratch.resize(static_cast<size_t>(2 * n_rows * per_row));
+    float* kf = scratch.data();
+    float* vf = kf + n_rows * per_row;
+    parallel_for(R * kv_in.kv_heads, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const int64_t row = rows[t / kv_in.kv_heads], h = t % kv_in.kv_heads;
+        for (int side = 0; side < 2; ++side) {
+          const Weight w = side ? kv_in.values(row, h, first, n) : kv_in.keys(row, h, first, n);
+          float* dst = (side ? vf : kf) + (row * kv_in.kv_heads + h) * n * hd;
+          for (int64_t i = 0; i < n; ++i)
+            dequantize_row(QFormat::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * (hd / kQBlock),
+                           nullptr, hd, dst + i * hd);
+        }
+      }
+    });
+    kv.dtype = DType::F32;
+    kv.k = kf;
+    kv.v = vf;
+    kv.k_scales = kv.v_scales = nullptr;
+    kv.span = n;
+    kv.origin = first;
+  }
+  parallel_for(R * nH * QBn, [&](int64_t a, int64_t b) {
+    thread_local std::vector<float> scores, qblock;
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t qb = task % QBn, h = (task / QBn) % nH, r = task / (QBn * nH);
+      const int64_t t0 = qb * kQB, nq = std::min(kQB, T - t0);
+      const int64_t row = rows[r], kvh = h / group;
+      // Keys [lo, hi): up to the last query's limit and from the first query's window on;
+      // each query masks the rest of the range below.
+      const int64_t first_q = slot0 + t0, last_q = slot0 + t0 + nq - 1;
+      int64_t hi = rule.causal ? last_q + 1 : end_slot;
+      int64_t lo = 0;
+      if (window > 0) {
+        lo = std::max<int64_t>(0, first_q - window + 1);
+        if (!rule.causal) hi = std::min(hi, last_q + window);
+      }
+      const int64_t n_keys = hi - lo;
+      if (static_cast<int64_t>(scores.size()) < nq * n_keys) scores.resize(nq * n_keys);
+      if (static_cast<int64_t>(qblock.size()) < nq * hd) qblock.resize(nq * hd);
+      for (int64_t i = 0; i < nq; ++i)
+        std::memcpy(&qblock[i * hd], q + (r * T + t0 + i) * q_stride + h * hd, hd * sizeof(float));
+      matmul_serial(qblock.data(), nq, hd, kv.keys(row, kvh, lo, n_keys), scores.data(), n_keys);
+      const uint8_t* valid = kv.valid + row * kv.capacity;
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t qs = first_q + i;
+        // The keys this query sees: [j0, j1] in slots.
+        int64_t j0 = lo, j1 = rule.causal ? qs : hi - 1;
+        if (window > 0) {
+          j0 = std::max(j0, qs - window + 1);
+          if (!rule.causal) j1 = std::min(j1, qs + window - 1);
+        }
+        float* s = &scores[i * n_keys + (j0 - lo)];
+        const int64_t n = j1 - j0 + 1;
+        float* o = out + (r * T + t0 + i) * q_stride + h * hd;
+        float m = kNegInf;
+        for (int64_t j = 0; j < n; ++j) {
+          float x = s[j] * scale;
+          if (cap > 0.f) x = std::tanh(x / cap) * cap;
+          s[j] = valid[j0 + j] ? x : kNegInf;
+          m = std::max(m, s[j]);
+        }
+        if (m == kNegInf) {  // nothing visible (padding)
+          std::fill(o, o + hd, 0.f);
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) s[j] -= m;
+        exp_inplace(s, n);
+        float sum = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          if (!valid[j0 + j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
+          sum += s[j];
+        }
+        weighted_rows(s, kv.values(row, kvh, j0, n), n, 1.0f / sum, o);
+      }
+    }
+  });
 }
 
 }  // namespace gemma

@@ -96,44 +96,55 @@ void exp_inplace(float* x, int64_t n);
 double read_bandwidth(int64_t bytes, int reps);
 
 // out[d] = scale * sum_j p[j] * v[j][d] for d < v.cols, j < n: the attention's P . V for
-// one query (v float32 or bfloat16, rows v.ld apart), accumulated in registers.
+// one query (v float32 or bfloat16, rows v.ld apart), accumulated in registers. A row with
+// p[j] = 0 (a masked key) is not read.
 void weighted_rows(const float* p, const Weight& v, int64_t n, float scale, float* out);
 
 // One layer of a KV cache as the attention kernels read it (engine/model.h's KVCache): for
-// each (row, KV head) a run of `span` slots [origin, origin + span) of head_dim values,
-// float32 or bfloat16 bits, at ((row * kv_heads + head) * span + slot - origin) * head_dim;
+// each (row, KV head) a run of `span` slots [origin, origin + span) of head_dim values at
+// ((row * kv_heads + head) * span + slot - origin) * head_dim: float32, bfloat16 bits, or
+// int8 with an fp16 scale per block of 32 values (k_scales / v_scales, at that offset / 32);
 // valid[row * capacity + slot] says whether a slot holds a real token.
 struct KVLayerView {
   const void* k = nullptr;
   const void* v = nullptr;
+  const uint16_t* k_scales = nullptr;
+  const uint16_t* v_scales = nullptr;
   DType dtype = DType::F32;
   int64_t kv_heads = 0, span = 0, origin = 0, head_dim = 0;
   const uint8_t* valid = nullptr;
   int64_t capacity = 0;
-  // Slots [first, first + n) of one (row, head) as an [n, head_dim] matrix.
-  Weight keys(int64_t row, int64_t head, int64_t first, int64_t n) const { return rows_of(k, row, head, first, n); }
-  Weight values(int64_t row, int64_t head, int64_t first, int64_t n) const { return rows_of(v, row, head, first, n); }
+  // Slots [first, first + n) of one (row, head) as an [n, head_dim] matrix (int8: plain rows
+  // of Weight's Int8 format).
+  Weight keys(int64_t row, int64_t head, int64_t first, int64_t n) const {
+    return rows_of(k, k_scales, row, head, first, n);
+  }
+  Weight values(int64_t row, int64_t head, int64_t first, int64_t n) const {
+    return rows_of(v, v_scales, row, head, first, n);
+  }
 
  private:
-  Weight rows_of(const void* base, int64_t row, int64_t head, int64_t first, int64_t n) const {
+  Weight rows_of(const void* base, const uint16_t* scales, int64_t row, int64_t head, int64_t first, int64_t n) const {
     const int64_t off = ((row * kv_heads + head) * span + (first - origin)) * head_dim;
-    const size_t elem = dtype == DType::BF16 ? 2 : 4;
+    const int64_t elem = dtype == DType::F32 ? 4 : dtype == DType::BF16 ? 2 : 1;
     Weight w;
     w.dtype = dtype;
     w.data = static_cast<const char*>(base) + off * elem;
+    if (dtype == DType::Int8) w.scales = scales + off / 32;
     w.rows = n;
     w.cols = w.ld = head_dim;
     return w;
   }
 };
 
-// What decode attention computes for a query at slot q: the keys it sees are the valid slots
-// in [q - window + 1, q] (window 0: [0, q]); scores scale * q . k, soft-capped when
-// softcap > 0 (cap * tanh(s / cap)); softmax in float32; P . V. A query that sees no key
-// gives zeros.
+// What attention computes for a query at slot q: the keys it sees are the valid slots in
+// [q - window + 1, q] (window 0: [0, q]; not causal: every valid slot of the call, and within
+// the window on both sides); scores scale * q . k, soft-capped when softcap > 0
+// (cap * tanh(s / cap)); softmax in float32; P . V. A query that sees no key gives zeros.
 struct AttentionRule {
   int64_t n_heads = 0, window = 0;
   float scale = 1.f, softcap = 0.f;
+  bool causal = true;
 };
 
 // Decode attention: R queries, query r ([n_heads * head_dim] at q + r * n_heads * head_dim)
@@ -142,10 +153,17 @@ struct AttentionRule {
 // kDecodeKeyPart slots from its first visible one, spread over the thread pool, and each
 // query head merges its parts in order. The parts depend only on the row's own slot: a row's
 // result is the same bits whatever the thread count and whatever other rows share the call.
-// scratch: grown as needed (kept by the caller between calls).
+// scratch: grown as needed (kept by the caller between calls). Causal only.
 constexpr int64_t kDecodeKeyPart = 256;
 void attention_decode(const float* q, int64_t R, const int64_t* rows, const int64_t* slots, const KVLayerView& kv,
                       const AttentionRule& rule, float* out, std::vector<float>& scratch);
+
+// Prompt attention: T queries for each of R rows at slots [slot0, slot0 + T) (q, out
+// [R * T, n_heads * head_dim]); the cache holds every earlier slot. Per task one (row, head)
+// and a block of 16 queries: its scores against every key it may see are one small matmul,
+// then per query the softmax and P . V. scratch as attention_decode's.
+void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t slot0, int64_t T,
+                       const KVLayerView& kv, const AttentionRule& rule, float* out, std::vector<float>& scratch);
 
 // The parts of attention_decode, exposed for tests. attention_partial: the G query heads that
 // share one KV head (q: [G, head_dim]) against n keys and values (k, v: [n, head_dim]): per

@@ -74,7 +74,7 @@ void weighted_rows_typed(const float* p, const VT* v, int64_t ldv, int64_t n, in
     VecF acc[kAcc];
     for (int i = 0; i < kAcc; ++i) acc[i] = VecF::zero();
     for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == 0.f) continue;  // masked key
+      if (p[j] == 0.f) continue;  // a masked key: its slot may hold anything (never read)
       const VecF pj = VecF::set1(p[j]);
       const VT* vr = v + j * ldv + d;
       for (int i = 0; i < kAcc; ++i) acc[i] = simd::fma(pj, VecF::load(vr + i * N), acc[i]);
@@ -83,12 +83,14 @@ void weighted_rows_typed(const float* p, const VT* v, int64_t ldv, int64_t n, in
   }
   for (; d + N <= dim; d += N) {
     VecF acc = VecF::zero();
-    for (int64_t j = 0; j < n; ++j) acc = simd::fma(VecF::set1(p[j]), VecF::load(v + j * ldv + d), acc);
+    for (int64_t j = 0; j < n; ++j)
+      if (p[j] != 0.f) acc = simd::fma(VecF::set1(p[j]), VecF::load(v + j * ldv + d), acc);
     simd::mul(acc, sv).store(out + d);
   }
   for (; d < dim; ++d) {
     float acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * load_scalar(v + j * ldv + d);
+    for (int64_t j = 0; j < n; ++j)
+      if (p[j] != 0.f) acc += p[j] * load_scalar(v + j * ldv + d);
     out[d] = acc * scale;
   }
 }

@@ -6,7 +6,9 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
+#include "cpu/quant.h"
 #include "cpu/simd.h"
 #include "runtime/threadpool.h"
 
@@ -45,7 +47,7 @@ constexpr int64_t kMaxChunkTokens = 512;
 
 KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t max_chunk)
     : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
-      layers(c.num_layers), dtype(c.kv_bf16 ? DType::BF16 : DType::F32) {
+      layers(c.num_layers), dtype(c.kv_dtype), elem(c.kv_dtype == DType::F32 ? 4 : c.kv_dtype == DType::BF16 ? 2 : 1) {
   span.resize(layers);
   origin.assign(layers, 0);
   base.resize(layers);
@@ -57,12 +59,11 @@ KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t
     base[l] = total;
     total += rows * kv_heads * span[l] * head_dim;
   }
-  if (dtype == DType::BF16) {
-    kb.resize(static_cast<size_t>(total));
-    vb.resize(static_cast<size_t>(total));
-  } else {
-    k.resize(static_cast<size_t>(total));
-    v.resize(static_cast<size_t>(total));
+  k.resize(static_cast<size_t>(total * elem));
+  v.resize(static_cast<size_t>(total * elem));
+  if (dtype == DType::Int8) {
+    k_scales.resize(static_cast<size_t>(total / kQBlock));
+    v_scales.resize(static_cast<size_t>(total / kQBlock));
   }
   valid.assign(static_cast<size_t>(rows * capacity), 0);
 }
@@ -74,38 +75,52 @@ void KVCache::make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window)
   const int64_t n = slot0 - keep_from, shift = keep_from - origin[layer];
   if (slot0 + T - keep_from > span[layer])
     throw std::logic_error("KV cache: a chunk does not fit a sliding layer's buffer");
-  const size_t elem = dtype == DType::BF16 ? sizeof(uint16_t) : sizeof(float);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t o = base[layer] + (r * kv_heads + h) * span[layer] * head_dim;
-      for (int side = 0; side < 2; ++side) {
-        char* p = dtype == DType::BF16 ? reinterpret_cast<char*>((side ? vb : kb).data() + o)
-                                       : reinterpret_cast<char*>((side ? v : k).data() + o);
-        std::memmove(p, p + shift * head_dim * elem, static_cast<size_t>(n * head_dim) * elem);
+  // Moves n * head_dim values (and their scales) of every (row, head) `shift` slots down.
+  auto move = [&](auto* data, int64_t per_value_num, int64_t per_value_den) {
+    using T = std::remove_pointer_t<decltype(data)>;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        T* p = data + (base[layer] + (r * kv_heads + h) * span[layer] * head_dim) * per_value_num / per_value_den;
+        std::memmove(p, p + shift * head_dim * per_value_num / per_value_den,
+                     static_cast<size_t>(n * head_dim * per_value_num / per_value_den) * sizeof(T));
       }
-    }
+  };
+  move(k.data(), elem, 1);
+  move(v.data(), elem, 1);
+  if (dtype == DType::Int8) {
+    move(k_scales.data(), 1, kQBlock);
+    move(v_scales.data(), 1, kQBlock);
+  }
   origin[layer] = keep_from;
 }
 
 void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value) {
   const int64_t o = offset(layer, row, head, slot);
-  if (dtype == DType::BF16) {
+  if (dtype == DType::Int8) {
+    quantize_row_int8_ref(key, head_dim, reinterpret_cast<int8_t*>(&k[o]), &k_scales[o / kQBlock]);
+    quantize_row_int8_ref(value, head_dim, reinterpret_cast<int8_t*>(&v[o]), &v_scales[o / kQBlock]);
+  } else if (dtype == DType::BF16) {
+    uint16_t* kb = reinterpret_cast<uint16_t*>(k.data()) + o;
+    uint16_t* vb = reinterpret_cast<uint16_t*>(v.data()) + o;
     for (int64_t i = 0; i < head_dim; ++i) {
-      kb[o + i] = f32_to_bf16(key[i]);
-      vb[o + i] = f32_to_bf16(value[i]);
+      kb[i] = f32_to_bf16(key[i]);
+      vb[i] = f32_to_bf16(value[i]);
     }
   } else {
-    std::memcpy(&k[o], key, head_dim * sizeof(float));
-    std::memcpy(&v[o], value, head_dim * sizeof(float));
+    std::memcpy(&k[o * 4], key, head_dim * sizeof(float));
+    std::memcpy(&v[o * 4], value, head_dim * sizeof(float));
   }
 }
 
 KVLayerView KVCache::layer(int64_t l) const {
   KVLayerView view;
   view.dtype = dtype;
-  const bool bf16 = dtype == DType::BF16;
-  view.k = bf16 ? static_cast<const void*>(kb.data() + base[l]) : static_cast<const void*>(k.data() + base[l]);
-  view.v = bf16 ? static_cast<const void*>(vb.data() + base[l]) : static_cast<const void*>(v.data() + base[l]);
+  view.k = k.data() + base[l] * elem;
+  view.v = v.data() + base[l] * elem;
+  if (dtype == DType::Int8) {
+    view.k_scales = k_scales.data() + base[l] / kQBlock;
+    view.v_scales = v_scales.data() + base[l] / kQBlock;
+  }
   view.kv_heads = kv_heads;
   view.span = span[l];
   view.origin = origin[l];
@@ -113,23 +128,6 @@ KVLayerView KVCache::layer(int64_t l) const {
   view.valid = valid.data();
   view.capacity = capacity;
   return view;
-}
-
-Weight KVCache::keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const {
-  const int64_t o = offset(layer, row, head, first);
-  Weight w;
-  w.dtype = dtype;
-  w.data = dtype == DType::BF16 ? static_cast<const void*>(&kb[o]) : static_cast<const void*>(&k[o]);
-  w.rows = n;
-  w.cols = w.ld = head_dim;
-  return w;
-}
-
-Weight KVCache::values(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const {
-  Weight w = keys(layer, row, head, first, n);
-  const int64_t o = offset(layer, row, head, first);
-  w.data = dtype == DType::BF16 ? static_cast<const void*>(&vb[o]) : static_cast<const void*>(&v[o]);
-  return w;
 }
 
 void ModelConfig::validate() const {
@@ -141,6 +139,10 @@ void ModelConfig::validate() const {
     fail("layer_windows needs one entry per layer");
   for (int64_t w : window)
     if (w < 0) fail("a sliding window must be >= 0");
+  if (kv_dtype == DType::Int8 && head_dim % kQBlock != 0)
+    fail("an int8 KV cache needs head_dim a multiple of 32 (its block), got " + std::to_string(head_dim));
+  if (kv_dtype != DType::F32 && kv_dtype != DType::BF16 && kv_dtype != DType::Int8)
+    fail("the KV cache holds float32, bfloat16 or int8");
   if (!(rope_theta > 0.f) || !(rope_factor > 0.f) || !(rope_factor_local > 0.f) || rope_theta_local < 0.f ||
       attn_softcap < 0.f || final_softcap < 0.f)
     fail("RoPE bases and factors must be positive, soft-caps >= 0");
@@ -178,86 +180,14 @@ void Model::logits(const float* hidden, int64_t n, float* out) {
 
 void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
                       int64_t slot0, int64_t T, const float* q, float* out) {
-  if (T == 1 && cfg_.causal) return attention_decode(cache, layer, rows, slot0, q, out);
-  attention_prefill(cache, layer, rows, slot0, T, q, out);
-}
-
-void Model::attention_decode(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot,
-                             const float* q, float* out) {
-  const std::vector<int64_t> slots(rows.size(), slot);
-  const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap};
-  gemma::attention_decode(q, static_cast<int64_t>(rows.size()), rows.data(), slots.data(), cache.layer(layer), rule,
-                          out, ws_.attn);
-}
-
-void Model::attention_prefill(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
-                              int64_t T, const float* q, float* out) {
-  // Per task: one (row, head) and a block of up to kQB queries. Scores of the block against
-  // every key it may see are one small matmul (Q . K^T, the register-blocked float32 kernel);
-  // then per query: scale (and soft-cap), mask, softmax, and P . V accumulated in registers.
-  constexpr int64_t kQB = 16;
-  const int64_t nH = cfg_.num_heads, hd = cfg_.head_dim, group = nH / cfg_.num_kv_heads;
-  const int64_t R = static_cast<int64_t>(rows.size()), q_stride = nH * hd;
-  const int64_t end_slot = slot0 + T;  // slots [0, end_slot) hold this row's tokens now
-  const int64_t window = cfg_.layer_window(layer);
-  const int64_t QBn = (T + kQB - 1) / kQB;
-  const float scale = cfg_.attn_scale, cap = cfg_.attn_softcap;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  parallel_for(R * nH * QBn, [&](int64_t a, int64_t b) {
-    thread_local std::vector<float> scores, qblock;
-    for (int64_t task = a; task < b; ++task) {
-      const int64_t qb = task % QBn, h = (task / QBn) % nH, r = task / (QBn * nH);
-      const int64_t t0 = qb * kQB, nq = std::min(kQB, T - t0);
-      const int64_t row = rows[r], kvh = h / group;
-      // Keys [lo, hi): up to the last query's limit and from the first query's window on;
-      // each query masks the rest of the range below.
-      const int64_t first_q = slot0 + t0, last_q = slot0 + t0 + nq - 1;
-      int64_t hi = cfg_.causal ? last_q + 1 : end_slot;
-      int64_t lo = 0;
-      if (window > 0) {
-        lo = std::max<int64_t>(0, first_q - window + 1);
-        if (!cfg_.causal) hi = std::min(hi, last_q + window);
-      }
-      const int64_t n_keys = hi - lo;
-      if (static_cast<int64_t>(scores.size()) < nq * n_keys) scores.resize(nq * n_keys);
-      if (static_cast<int64_t>(qblock.size()) < nq * hd) qblock.resize(nq * hd);
-      for (int64_t i = 0; i < nq; ++i)
-        std::memcpy(&qblock[i * hd], q + (r * T + t0 + i) * q_stride + h * hd, hd * sizeof(float));
-      matmul_serial(qblock.data(), nq, hd, cache.keys(layer, row, kvh, lo, n_keys), scores.data(), n_keys);
-      const uint8_t* valid = cache.valid.data() + row * cache.capacity;
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t qs = first_q + i;
-        // The keys this query sees: [j0, j1] in slots.
-        int64_t j0 = lo, j1 = cfg_.causal ? qs : hi - 1;
-        if (window > 0) {
-          j0 = std::max(j0, qs - window + 1);
-          if (!cfg_.causal) j1 = std::min(j1, qs + window - 1);
-        }
-        float* s = &scores[i * n_keys + (j0 - lo)];
-        const int64_t n = j1 - j0 + 1;
-        float* o = out + (r * T + t0 + i) * q_stride + h * hd;
-        float m = kNegInf;
-        for (int64_t j = 0; j < n; ++j) {
-          float x = s[j] * scale;
-          if (cap > 0.f) x = std::tanh(x / cap) * cap;
-          s[j] = valid[j0 + j] ? x : kNegInf;
-          m = std::max(m, s[j]);
-        }
-        if (m == kNegInf) {  // nothing visible (padding)
-          std::fill(o, o + hd, 0.f);
-          continue;
-        }
-        for (int64_t j = 0; j < n; ++j) s[j] -= m;
-        exp_inplace(s, n);
-        float sum = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          if (!valid[j0 + j]) s[j] = 0.f;  // the vector exp saturates at e^-87, not 0
-          sum += s[j];
-        }
-        weighted_rows(s, cache.values(layer, row, kvh, j0, n), n, 1.0f / sum, o);
-      }
-    }
-  });
+  const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
+  const int64_t R = static_cast<int64_t>(rows.size());
+  if (T == 1 && cfg_.causal) {
+    const std::vector<int64_t> slots(rows.size(), slot0);
+    attention_decode(q, R, rows.data(), slots.data(), cache.layer(layer), rule, out, ws_.attn);
+  } else {
+    attention_prefill(q, R, rows.data(), slot0, T, cache.layer(layer), rule, out, ws_.attn);
+  }
 }
 
 void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,

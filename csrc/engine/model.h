@@ -33,7 +33,7 @@ struct ModelConfig {
   float attn_softcap = 0.f;  // Gemma 2: scores -> cap * tanh(scores / cap); 0 = none
   float final_softcap = 0.f; // Gemma 2: the same on the logits
   bool causal = true;        // false: use_bidirectional_attention
-  bool kv_bf16 = false;      // keys and values cached in bfloat16 (half the memory)
+  DType kv_dtype = DType::F32;  // the KV cache: F32, BF16 (half the memory) or Int8 (a quarter; Q8_0's values)
   bool sandwich_norms = false;  // Gemma 2/3: the attention and MLP outputs are normed before the residual add
   bool qk_norm = false;         // Gemma 3: per-head RMSNorm of queries and keys before RoPE
   // Per layer: the sliding window (a key is visible iff q - window < k <= q), 0 = global.
@@ -64,10 +64,12 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
 };
 
-// Keys and values of B sequences for every layer, float32 or bfloat16 (kv_bf16). Each layer
-// is laid out [row][kv_head][slot][head_dim] so that one (row, kv head) is one contiguous
-// run of slots: the attention reads it front to back. valid[row][slot] says whether a slot
-// holds a real token (0 for padding); masked slots are never attended to.
+// Keys and values of B sequences for every layer: float32, bfloat16, or int8 with one fp16
+// scale per block of 32 values (the values of GGUF's Q8_0: x = d q, d = amax / 127). Each
+// layer is laid out [row][kv_head][slot][head_dim] so that one (row, kv head) is one
+// contiguous run of slots: the attention reads it front to back; an int8 cache keeps the
+// scales in the same order, [row][kv_head][slot][head_dim / 32]. valid[row][slot] says whether
+// a slot holds a real token (0 for padding); masked slots are never attended to.
 //
 // A sliding-window layer keeps only the last slots it can still see: its buffer holds
 // span[l] slots starting at logical slot origin[l], and make_room() moves the still-visible
@@ -76,10 +78,11 @@ struct ModelWeights {
 struct KVCache {
   int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
   DType dtype = DType::F32;
+  int64_t elem = 4;                         // bytes per cached value: 4, 2 or 1
   std::vector<int64_t> span, origin, base;  // per layer: slots held, first slot held, element offset
-  std::vector<float> k, v;       // float32 cache
-  std::vector<uint16_t> kb, vb;  // bfloat16 cache
-  std::vector<uint8_t> valid;    // [rows][capacity], logical slots
+  std::vector<uint8_t> k, v;                // the values, `elem` bytes each
+  std::vector<uint16_t> k_scales, v_scales; // int8: fp16 scale of each block of 32 values
+  std::vector<uint8_t> valid;               // [rows][capacity], logical slots
   // max_chunk: the most tokens one step() writes at once.
   KVCache(const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
   int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
@@ -87,13 +90,10 @@ struct KVCache {
   }
   // Before writing slots [slot0, slot0 + T) of a layer whose queries see `window` slots back.
   void make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window);
-  // Writes one token's key and value of one head (rounded to bf16 for a bf16 cache).
+  // Writes one token's key and value of one head (rounded to bf16, or quantized, as cached).
   void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
   // One layer as the attention kernels read it.
   KVLayerView layer(int64_t l) const;
-  // Slots [first, first + n) of one (row, head) as a [n, head_dim] matrix.
-  Weight keys(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
-  Weight values(int64_t layer, int64_t row, int64_t head, int64_t first, int64_t n) const;
 };
 
 // What forward() returns for each row: every position or only the last one; the hidden
@@ -112,7 +112,7 @@ using StepCallback = std::function<void(const std::vector<int32_t>&)>;
 // life, so that a decode step allocates nothing.
 struct Workspace {
   std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
-  std::vector<float> attn;  // decode attention's parts before their merge
+  std::vector<float> attn;  // attention's scratch: decode's parts, an int8 cache read as float32
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they
@@ -147,14 +147,9 @@ class Model {
                const std::function<void(int64_t, int64_t, const float*)>& on_chunk);
   // Tokens per row in one prefill chunk (causal attention lets a prompt go through in chunks).
   int64_t chunk_tokens(int64_t B, int64_t L) const;
+  // The layer's attention: decode (T = 1, causal) or a prompt chunk (cpu/kernels.h).
   void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
                  int64_t T, const float* q, float* out);
-  // T = 1 (causal): each KV head's group of queries reads the cache once, split over key parts.
-  void attention_decode(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot,
-                        const float* q, float* out);
-  // T > 1 (or bidirectional): blocks of queries per head against their visible keys.
-  void attention_prefill(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
-                         int64_t T, const float* q, float* out);
   void logits(const float* hidden, int64_t n, float* out);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
   // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).

@@ -17,6 +17,9 @@ from .generation import GenerationConfig
 from .loading import LoadedModel, engine_config, load
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
+
 class ModelOutput(dict):
     """A dict whose keys are also attributes (`out.logits`, `out["logits"]`), like
     transformers' ModelOutput."""
@@ -55,8 +58,8 @@ class GemmaPreTrainedModel:
     """Shared loading and the engine's forward; the subclasses add their head."""
 
     def __init__(self, loaded: LoadedModel, kv_cache_dtype: str = "float32"):
-        if kv_cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         self.config: GemmaConfig = loaded.config
         self.dtype = loaded.dtype
         self.quantization = loaded.quantization
@@ -84,14 +87,16 @@ class GemmaPreTrainedModel:
         other types (Q4_K, Q5_0, Q6_K, ...) are read exactly and quantized to int8. None
         dequantizes a GGUF file to dtype (float32 by default).
 
-        kv_cache_dtype: 'float32' (as transformers' float32 model) or 'bfloat16' (half the
-        memory for long prompts; keys and values rounded to bf16)."""
+        kv_cache_dtype: 'float32' (as transformers' float32 model), 'bfloat16' (half the
+        memory for long prompts; keys and values rounded to bf16) or 'int8' (a quarter and a
+        bit: blocks of 32 values with one fp16 scale, the values of GGUF's Q8_0; needs a
+        head_dim that is a multiple of 32)."""
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
         if dtype is None and torch_dtype is not None:
             dtype = torch_dtype
-        if kv_cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         loaded = load(pretrained_model_name_or_path, dtype=dtype, quantization=quantization, config=config,
                       gguf_file=gguf_file)
         return cls(loaded, kv_cache_dtype)
