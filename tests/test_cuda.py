@@ -640,6 +640,38 @@ def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, wi
     assert (out[1] == 0).all()  # cache row 2 at slot 3: every visible slot is padding
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
+def test_cpu_decode_attention_rows_are_independent(cache_dtype):
+    """Batch invariance of the CPU's decode attention: a row's output is the same bits alone,
+    beside three other rows at other slots, and with 1, 2 or 3 threads (its key parts depend
+    only on its own slot, and each part and merge runs the same arithmetic wherever it runs)."""
+    rng = rng_for("decode-rows", cache_dtype)
+    rows, n_heads, n_kv, hd, S = 4, 8, 2, 64, 900
+    valid = np.ones((rows, S), np.uint8)
+    valid[2, :40] = 0
+    q_slot = np.array([899, 300, 650, 17], np.int32)
+    cache_row = np.arange(rows, dtype=np.int32)
+    (Kc, Vc), extra, _, _ = cache_for("cpu", rng, rows, n_kv, S, hd, cache_dtype, valid,
+                                      poison_from=list(q_slot + 1))
+    q = rng.standard_normal((rows, n_heads * hd)).astype(np.float32)
+    args = (S, n_heads, 0.125, 0.0, 0)
+    old = gemma_cpp.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            gemma_cpp.set_num_threads(n)
+            outs.append(_testing.cpu_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, *args, **extra))
+        for r in range(rows):
+            alone = _testing.cpu_op_attention_decode(q[r:r + 1], Kc, Vc, valid, cache_row[r:r + 1], q_slot[r:r + 1],
+                                                     *args, **extra)
+            np.testing.assert_array_equal(alone[0], outs[1][r])
+    finally:
+        gemma_cpp.set_num_threads(old)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[2], outs[1])
+    assert np.isfinite(outs[1]).all()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("n_heads, n_kv, hd", [(8, 1, 256), (4, 2, 64), (6, 3, 96)])

@@ -153,15 +153,20 @@ void partial_typed(const float* q, int64_t G, int64_t hd, const KT* k, int64_t l
   weighted_sums(s, G, n, idx.data(), visible, v, ldv, hd, o);
 }
 
-// The rows of w as float32: w itself, or (an int8 cache's rows) their values d * q, exact in
-// float32, in buf.
-Weight float_rows(const Weight& w, std::vector<float>& buf) {
-  if (w.dtype != DType::Int8) return w;
+// An int8 cache's rows (plain Q8_0 rows of w) as their values d * q, exact in float32: dst
+// [w.rows, w.cols].
+void dequantize_rows(const Weight& w, float* dst) {
   const int64_t nb = w.cols / kQBlock;
-  if (static_cast<int64_t>(buf.size()) < w.rows * w.cols) buf.resize(static_cast<size_t>(w.rows * w.cols));
   for (int64_t i = 0; i < w.rows; ++i)
     dequantize_row(QFormat::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * nb, nullptr, w.cols,
-                   buf.data() + i * w.cols);
+                   dst + i * w.cols);
+}
+
+// The rows of w as float32: w itself, or an int8 cache's rows dequantized into buf.
+Weight float_rows(const Weight& w, std::vector<float>& buf) {
+  if (w.dtype != DType::Int8) return w;
+  if (static_cast<int64_t>(buf.size()) < w.rows * w.cols) buf.resize(static_cast<size_t>(w.rows * w.cols));
+  dequantize_rows(w, buf.data());
   Weight f = w;
   f.dtype = DType::F32;
   f.data = buf.data();
@@ -207,8 +212,17 @@ void attention_merge(const float* m, const float* l, const float* o, int64_t par
 void attention_decode(const float* q, int64_t R, const int64_t* rows, const int64_t* slots, const KVLayerView& kv,
                       const AttentionRule& rule, float* out, std::vector<float>& scratch) {
   const int64_t nH = rule.n_heads, nKV = kv.kv_heads, hd = kv.head_dim, G = nH / nKV, q_stride = nH * hd;
-  // Per row: its first visible slot, its number of keys, and where its parts start.
-  std::vector<int64_t> lo(R), n_keys(R), first(R + 1, 0);
+  // Per row: its first visible slot, its number of keys, and where its parts start (kept per
+  // thread: this runs once per layer and token).
+  // (Named through references: a lambda that named the thread_local itself would read the
+  // pool worker's own, empty, copy.)
+  thread_local std::vector<int64_t> tl_lo, tl_n_keys, tl_first;
+  std::vector<int64_t>& lo = tl_lo;
+  std::vector<int64_t>& n_keys = tl_n_keys;
+  std::vector<int64_t>& first = tl_first;
+  lo.resize(R);
+  n_keys.resize(R);
+  first.assign(R + 1, 0);
   for (int64_t r = 0; r < R; ++r) {
     lo[r] = rule.window > 0 ? std::max<int64_t>(0, slots[r] - rule.window + 1) : 0;
     n_keys[r] = slots[r] + 1 - lo[r];
@@ -272,13 +286,8 @@ void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t s
     parallel_for(R * kv_in.kv_heads, [&](int64_t a, int64_t b) {
       for (int64_t t = a; t < b; ++t) {
         const int64_t row = rows[t / kv_in.kv_heads], h = t % kv_in.kv_heads;
-        for (int side = 0; side < 2; ++side) {
-          const Weight w = side ? kv_in.values(row, h, first, n) : kv_in.keys(row, h, first, n);
-          float* dst = (side ? vf : kf) + (row * kv_in.kv_heads + h) * n * hd;
-          for (int64_t i = 0; i < n; ++i)
-            dequantize_row(QFormat::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * (hd / kQBlock),
-                           nullptr, hd, dst + i * hd);
-        }
+        dequantize_rows(kv_in.keys(row, h, first, n), kf + (row * kv_in.kv_heads + h) * n * hd);
+        dequantize_rows(kv_in.values(row, h, first, n), vf + (row * kv_in.kv_heads + h) * n * hd);
       }
     });
     kv.dtype = DType::F32;

@@ -141,8 +141,6 @@ void ModelConfig::validate() const {
     if (w < 0) fail("a sliding window must be >= 0");
   if (kv_dtype == DType::Int8 && head_dim % kQBlock != 0)
     fail("an int8 KV cache needs head_dim a multiple of 32 (its block), got " + std::to_string(head_dim));
-  if (kv_dtype != DType::F32 && kv_dtype != DType::BF16 && kv_dtype != DType::Int8)
-    fail("the KV cache holds float32, bfloat16 or int8");
   if (!(rope_theta > 0.f) || !(rope_factor > 0.f) || !(rope_factor_local > 0.f) || rope_theta_local < 0.f ||
       attn_softcap < 0.f || final_softcap < 0.f)
     fail("RoPE bases and factors must be positive, soft-caps >= 0");
@@ -183,8 +181,8 @@ void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>&
   const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
   const int64_t R = static_cast<int64_t>(rows.size());
   if (T == 1 && cfg_.causal) {
-    const std::vector<int64_t> slots(rows.size(), slot0);
-    attention_decode(q, R, rows.data(), slots.data(), cache.layer(layer), rule, out, ws_.attn);
+    ws_.slots.assign(rows.size(), slot0);
+    attention_decode(q, R, rows.data(), ws_.slots.data(), cache.layer(layer), rule, out, ws_.attn);
   } else {
     attention_prefill(q, R, rows.data(), slot0, T, cache.layer(layer), rule, out, ws_.attn);
   }

@@ -112,7 +112,8 @@ using StepCallback = std::function<void(const std::vector<int32_t>&)>;
 // life, so that a decode step allocates nothing.
 struct Workspace {
   std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
-  std::vector<float> attn;  // attention's scratch: decode's parts, an int8 cache read as float32
+  std::vector<float> attn;      // attention's scratch: decode's parts, an int8 cache read as float32
+  std::vector<int64_t> slots;   // decode: each row's query slot
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they

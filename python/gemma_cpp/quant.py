@@ -62,10 +62,6 @@ class QuantizedWeight(tuple):
     def shape(self) -> Tuple[int, int]:
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self[1:])
-
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.format!r}, shape={self.shape})"
 

@@ -43,18 +43,6 @@ def layer_shapes(c: GemmaConfig) -> Dict[str, Shape]:
     return shapes
 
 
-def model_shapes(c: GemmaConfig) -> Dict[str, Shape]:
-    """Every engine tensor of a model: name -> shape (lm_head only when untied)."""
-    shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head"] = (c.vocab_size, c.hidden_size)
-    per_layer = layer_shapes(c)
-    for i in range(c.num_hidden_layers):
-        for short, shape in per_layer.items():
-            shapes[f"layers.{i}.{short}"] = shape
-    return shapes
-
-
 def is_norm(engine_name: str) -> bool:
     """A norm's engine name (`final_norm`, `layers.3.attn_norm`, ...): float32 (1 + w)."""
     return engine_name == "final_norm" or engine_name.rsplit(".", 1)[-1] in NORMS
