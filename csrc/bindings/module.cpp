@@ -8,7 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -222,9 +224,12 @@ class Engine {
     return py::make_tuple(res, hs);
   }
 
-  py::array_t<int32_t> generate(const I32Array& input_ids, const py::object& attention_mask,
-                                const SamplingParams& params, const py::object& callback) {
-    const TokenBatch in = token_batch(input_ids, attention_mask, model_->config().vocab_size);
+  // New tokens [B, steps]; with output_logits, (tokens, raw logits [steps, B, vocab]), NaN in
+  // the rows of a step that had finished before it.
+  py::object generate(const I32Array& input_ids, const py::object& attention_mask, const SamplingParams& params,
+                      const py::object& callback, bool output_logits) {
+    const int64_t V = model_->config().vocab_size;
+    const TokenBatch in = token_batch(input_ids, attention_mask, V);
     StepCallback cb;
     if (!callback.is_none()) {
       cb = [callback](const std::vector<int32_t>& toks) {
@@ -232,12 +237,24 @@ class Engine {
         callback(py::array_t<int32_t>(static_cast<py::ssize_t>(toks.size()), toks.data()));
       };
     }
+    std::vector<float> logits;
+    LogitsSink sink;
+    if (output_logits) {
+      sink = [&logits, V, B = in.B](const std::vector<int64_t>& rows, const float* lg) {
+        const size_t at = logits.size();
+        logits.resize(at + static_cast<size_t>(B * V), std::numeric_limits<float>::quiet_NaN());
+        for (size_t i = 0; i < rows.size(); ++i)
+          std::memcpy(&logits[at + rows[i] * V], lg + i * V, static_cast<size_t>(V) * sizeof(float));
+      };
+    }
     GenerateResult r;
     {
       py::gil_scoped_release nogil;
-      r = model_->generate(in.ids.data(), in.mask_or_null(), in.B, in.L, params, cb);
+      r = model_->generate(in.ids.data(), in.mask_or_null(), in.B, in.L, params, cb, sink);
     }
-    return to_numpy(std::move(r.tokens), {in.B, r.steps});
+    py::object tokens = to_numpy(std::move(r.tokens), {in.B, r.steps});
+    if (!output_logits) return tokens;
+    return py::make_tuple(tokens, to_numpy(std::move(logits), {r.steps, in.B, V}));
   }
 
  private:
@@ -291,7 +308,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
            py::arg("output_hidden_states"))
       .def("generate", &Engine::generate, py::arg("input_ids"), py::arg("attention_mask"),
-           py::arg("params"), py::arg("callback"));
+           py::arg("params"), py::arg("callback"), py::arg("output_logits") = false);
 
   m.def("bf16_to_f32", [](py::array_t<uint16_t, py::array::c_style> bits) {
     py::array_t<float> out(std::vector<py::ssize_t>(bits.shape(), bits.shape() + bits.ndim()));

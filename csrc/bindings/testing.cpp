@@ -57,7 +57,7 @@ void register_probes(py::module_& t) {
 }
 
 void register_kernels(py::module_& t) {
-  t.def("matmul", [](F32Array x, const py::object& w, py::object out) {
+  t.def("matmul", [](F32Array x, const py::object& w, py::object out, bool decode) {
     if (x.ndim() != 2) throw py::value_error("x must be 2-D");
     const Weight wt = as_weight(w, "w", -1, x.shape(1));
     F32Array y;
@@ -70,11 +70,13 @@ void register_kernels(py::module_& t) {
     }
     {
       py::gil_scoped_release nogil;
-      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), wt.rows);
+      matmul(x.data(), x.shape(0), x.shape(1), wt, y.mutable_data(), wt.rows, false,
+             decode ? Work::Decode : Work::Prefill);
     }
     return y;
-  }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(),
-     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales[, mins])");
+  }, py::arg("x"), py::arg("w"), py::arg("out") = py::none(), py::arg("decode") = false,
+     "y = x @ W.T; W float32, uint16 bfloat16 bits, or a quantized (format, quants, scales[, mins]). "
+     "decode: the kernels of decode steps (kernels.h, Work), at any number of rows");
 
   t.def("dequantize", [](const py::object& o, int64_t K) {
     const Weight w = as_weight(o, "w", -1, K);
@@ -99,6 +101,12 @@ void register_kernels(py::module_& t) {
     return out;
   }, py::arg("logits"), py::arg("n"), py::arg("params"), py::arg("history") = std::vector<int32_t>{},
      "n draws of one seeded sampler stream from the same logits");
+
+  t.def("argmax", [](const F32Array& x, bool pooled) {
+    if (x.ndim() != 1 || x.shape(0) == 0) throw py::value_error("argmax: x must be 1-D and not empty");
+    py::gil_scoped_release nogil;
+    return pooled ? argmax_pooled(x.data(), x.shape(0)) : argmax(x.data(), x.shape(0));
+  }, py::arg("x"), py::arg("pooled"), "The greedy pick: one scan, or parts on the thread pool (pooled)");
 
   // The CPU twins of the CUDA ops (the GPU tests compare against them; without a GPU they
   // check the tests' float64 references).

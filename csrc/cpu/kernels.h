@@ -24,12 +24,21 @@ struct Weight {
 
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs
 
+// What a matmul serves. Kernels are chosen by the kind of work, never by how many token rows
+// share a call, so that a decode row's outputs are the same bits whether it runs alone or
+// beside other rows (batch invariance: the serving scheduler relies on it). Every kernel
+// computes each token row with the same operations in the same order whatever the other rows
+// are; only the choice between kernels could depend on T, and Decode never lets it: it takes
+// the kernels that stream the weights (integer dot products, AVX512-BF16, float32 FMAs) at
+// any T. Prefill may take AMX tiles from 16 tokens on, which add in another order.
+enum class Work { Decode, Prefill };
+
 // y[t, n] (+)= sum_k x[t, k] * w[n, k] for t < T, n < w.rows; k < w.cols. With bf16
 // weights x[t, k] is first rounded to bf16 (see matmul_bf16).
 // x rows ldx apart, y rows ldy apart. accumulate: add into y instead of overwriting.
 // Multi-threaded over output rows; float32 accumulation whatever the weight type.
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-            bool accumulate = false);
+            bool accumulate = false, Work work = Work::Prefill);
 
 // y[T, N] = x[T, K] . w[N, K]^T on the calling thread (no pool), w float32 or bfloat16
 // (x is not rounded), float32 accumulation: for kernels that are themselves parallel, such
@@ -39,7 +48,7 @@ void matmul_serial(const float* x, int64_t T, int64_t ldx, const Weight& w, floa
 // The bf16-weight case of matmul: x is rounded to bf16 first (the products run on bf16
 // dot-product hardware: AMX, AVX512-BF16, or widened to float32 where neither exists).
 void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                 bool accumulate);
+                 bool accumulate, Work work);
 const char* bf16_matmul_path();  // "amx", "avx512_bf16" or "generic"
 // Pins the path ("auto": the best this CPU has); false if this CPU or build lacks it.
 bool set_bf16_matmul_path(const std::string& name);
@@ -48,7 +57,7 @@ bool set_bf16_matmul_path(const std::string& name);
 // round to nearest even) and multiplied with integer dot products: AVX512-VNNI, AVX2 or
 // scalar, chosen once from what the CPU supports.
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                  bool accumulate);
+                  bool accumulate, Work work);
 const char* quant_matmul_path();                      // "avx512_vnni", "avx2" or "scalar"
 
 // One of several products of the same input: y (ldy apart) = x . w^T, or += with accumulate.
@@ -59,11 +68,12 @@ struct MatmulTarget {
   bool accumulate = false;
 };
 // Several matmuls of one input in one call (q, k and v; gate and up): quantized weights
-// with the same input size, in decode, share one quantization of x and one pass of the
-// thread pool. Returns false, having done nothing, when that does not apply.
-bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n);
+// with the same input size, on the integer kernels (decode, or fewer than 16 tokens), share
+// one quantization of x and one pass of the thread pool. Returns false, having done nothing,
+// when that does not apply.
+bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work);
 // matmul for each target, through matmul_quant_many where it applies.
-void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n);
+void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work);
 // Prefill with quantized weights on AMX: blocks dequantized to bf16 into the tiles (inputs
 // rounded to bf16, float32 sums, as the bf16 path). Computes the first rows (a multiple of
 // 32) and returns how many; 0 when AMX is not available (or the bf16 path is pinned).

@@ -137,19 +137,19 @@ void matmul_generic_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w
 }
 
 void matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-            bool accumulate) {
+            bool accumulate, Work work) {
   if (T <= 0 || w.rows <= 0) return;
   if (w.dtype == DType::F32)
-    matmul_typed<float>(x, T, ldx, w, y, ldy, accumulate);
+    matmul_typed<float>(x, T, ldx, w, y, ldy, accumulate);  // one kernel for any work
   else if (w.dtype == DType::BF16)
-    matmul_bf16(x, T, ldx, w, y, ldy, accumulate);
+    matmul_bf16(x, T, ldx, w, y, ldy, accumulate, work);
   else
-    matmul_quant(x, T, ldx, w, y, ldy, accumulate);
+    matmul_quant(x, T, ldx, w, y, ldy, accumulate, work);
 }
 
-void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n) {
-  if (matmul_quant_many(x, T, ldx, outs, n)) return;
-  for (int i = 0; i < n; ++i) matmul(x, T, ldx, *outs[i].w, outs[i].y, outs[i].ldy, outs[i].accumulate);
+void matmul_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work) {
+  if (matmul_quant_many(x, T, ldx, outs, n, work)) return;
+  for (int i = 0; i < n; ++i) matmul(x, T, ldx, *outs[i].w, outs[i].y, outs[i].ldy, outs[i].accumulate, work);
 }
 
 void weight_row(const Weight& w, int64_t r, float* out) {

@@ -444,7 +444,7 @@ int64_t matmul_quant_amx(const float* x, int64_t T, int64_t ldx, const Weight& w
 }
 
 void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                 bool accumulate) {
+                 bool accumulate, Work work) {
   const int path = g_forced >= 0 ? g_forced : best_path();
   if (path == kGeneric) return generic_rows(x, T, ldx, w, y, ldy, accumulate);
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -457,9 +457,10 @@ void matmul_bf16(const float* x, int64_t T, int64_t ldx, const Weight& w, float*
   // Below kAmxMinTokens rows AMX would multiply mostly padding: a 16-token B tile for one
   // token. Decode is bound by reading W, which the VDPBF16PS path streams faster (measured:
   // 26 vs 15 GB/s at T = 1 on 2 cores). The two paths round alike (inputs to bf16, float32
-  // sums) but add in a different order, so a row's last bits can depend on the batch size.
+  // sums) but add in a different order, so decode never takes AMX, at any batch size: a
+  // row's bits must not depend on how many rows share its step (Work).
   constexpr int64_t kAmxMinTokens = 16;
-  if (path == kAmx && K % 32 == 0 && N >= 32 && T >= kAmxMinTokens) {
+  if (path == kAmx && work == Work::Prefill && K % 32 == 0 && N >= 32 && T >= kAmxMinTokens) {
     const std::vector<uint16_t> xp = pack_vnni(x, T, ldx, K);
     n_done = N - N % 32;
     parallel_for(n_done / 32, [&](int64_t b0, int64_t b1) {

@@ -234,10 +234,7 @@ struct QActs {
   std::vector<int8_t> q;      // [T][np * 64]
   std::vector<float> dx;      // [T][np * 2]: the block scales
   std::vector<float> xsum;    // [T][np * 2]: dx_b * sum of block b's q (the offsets' term)
-  // One token (decode) only:
-  std::vector<float> dxe;     // [np * 16]: the scale of each lane's block
-  std::vector<uint8_t> ux;    // [np * 64]: q + 128, unsigned (int8 weights' dot products)
-  QActView view() const { return {T, np, q.data(), dx.data(), xsum.data(), dxe.data(), ux.data()}; }
+  QActView view() const { return {T, np, q.data(), dx.data(), xsum.data()}; }
 };
 
 // Quantizes into the calling thread's buffers (reused from call to call: decode calls this
@@ -276,14 +273,6 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
     parallel_for(T, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) row(t);
     });
-  }
-  a.dxe.clear();
-  a.ux.clear();
-  if (T == 1) {
-    a.dxe.resize(static_cast<size_t>(a.np * 16));
-    a.ux.resize(static_cast<size_t>(a.np * 64));
-    for (int64_t l = 0; l < a.np * 16; ++l) a.dxe[l] = a.dx[(l / 16) * 2 + (l % 16) / 8];
-    for (int64_t i = 0; i < a.np * 64; ++i) a.ux[i] = static_cast<uint8_t>(a.q[i] + 128);
   }
   return a;
 }
@@ -433,13 +422,18 @@ void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, i
 }
 }  // namespace
 
+namespace {
+// Prefill (many tokens) is bound by multiplies, not by reading W: where AMX exists its bf16
+// tiles outrun integer dot products ~4x, so the weights are dequantized into them. Decode
+// stays on the integer kernels at any batch size: they read 4-8x fewer bytes than bf16, and
+// they give a row the same bits whatever rows share the step (AMX adds in another order).
+constexpr int64_t kAmxMinTokens = 16;
+bool takes_amx(int64_t T, Work work) { return work == Work::Prefill && T >= kAmxMinTokens && g_forced < 0; }
+}  // namespace
+
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                  bool accumulate) {
-  // Prefill (many tokens) is bound by multiplies, not by reading W: where AMX exists its
-  // bf16 tiles outrun integer dot products ~4x, so the weights are dequantized into them.
-  // Decode stays on the integer kernels, which read 4-8x fewer bytes than bf16.
-  constexpr int64_t kAmxMinTokens = 16;
-  if (T >= kAmxMinTokens && g_forced < 0) {
+                  bool accumulate, Work work) {
+  if (takes_amx(T, work)) {
     const int64_t done = matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate);
     if (done == w.rows) return;
     if (done > 0) {
@@ -448,7 +442,7 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
       rest.scales = w.scales + done * (w.cols / kQBlock);
       if (w.mins) rest.mins = w.mins + done * (w.cols / kQBlock);
       rest.rows = w.rows - done;
-      return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate);  // rows < 32: integer path
+      return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate, Work::Decode);  // rows < 32: integer path
     }
   }
   const QActs& a = quantize_acts(x, T, ldx, w.cols);
@@ -459,10 +453,9 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
   });
 }
 
-bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n) {
-  constexpr int64_t kAmxMinTokens = 16;
+bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work) {
   constexpr int kMaxTargets = 8;
-  if (n <= 0 || n > kMaxTargets || T >= kAmxMinTokens) return false;
+  if (n <= 0 || n > kMaxTargets || takes_amx(T, work)) return false;
   for (int i = 0; i < n; ++i)
     if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate) return false;
   const QActs& a = quantize_acts(x, T, ldx, outs[0].w->cols);

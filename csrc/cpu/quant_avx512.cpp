@@ -11,7 +11,6 @@ namespace gemma {
 namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int min_int(int a, int b) { return a < b ? a : b; }
 
 // sum_b o[b] * xs[b] over n blocks: the offsets' term of one row and token (quant.cpp).
 inline float offset_term(const float* o, const float* xs, int64_t n) {
@@ -212,73 +211,6 @@ void vnni_kernel(const QWeightView& w, int64_t n, const QActView& a, int64_t t0,
     }
 }
 
-// One token (decode), 8 weight rows at a time: bound by streaming the weights, so the work
-// per 64-weight block pair is cut to the bone (about 9 vector ops):
-//  int4/int4m: one broadcast load of 32 bytes, a per-half shift and a mask give the 64
-//        nibbles (unsigned); dpbusd with the signed activations gives sum q*qx, and the
-//        offsets' term (o = -8 d or m) is taken once per row as sum_b o_b * xsum_b.
-//  int8: the weights flipped to unsigned (q ^ 0x80 = q + 128) by one xor; dpbusd with the
-//        signed activations gives sum q*qx + 128 sum qx, and the 128 * sum qx term is taken
-//        once per row the same way, as the offset o = -128 d.
-//  The two block scales of a pair reach their 8 lanes each by one permute.
-template <bool kInt4>
-void vnni_decode(const QWeightView& w, int64_t n, const QActView& a, float* y, bool accumulate, const float* dw,
-                 const float* ow) {
-  constexpr int RW = 8;
-  const int64_t nb = w.cols / kQBlock, np = a.np;
-  const uint8_t* qw = w.q + n * w.ld;
-  const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(-128);
-  const __m512i halves = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
-                                          0x0004000400040004, 0, 0, 0, 0);  // per 16-bit lane: 0 low, 4 high half
-  const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[RW];
-  for (int r = 0; r < RW; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
-    const __m512 dxv = _mm512_loadu_ps(a.dxe + p * 16);
-    const __m512i xv = _mm512_loadu_si512(a.q + p * 64);
-    const __mmask64 m = 2 * p + 1 < nb ? ~__mmask64{0} : __mmask64{0xffffffffu};
-    for (int r = 0; r < RW; ++r) {
-      const uint8_t* src = qw + r * w.ld;
-      // The rows two groups on follow these in memory: fetch their line at this offset now,
-      // so short rows (1-2 KiB) never wait for the hardware prefetcher to notice them
-      // (measured: int4 decode from DRAM 9-10 GB/s without, 16-21 with; never faults).
-      if (p % (kInt4 ? 2 : 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + 2 * RW * w.ld + p * (kInt4 ? 32 : 64)), _MM_HINT_T0);
-      __m512i dp;
-      if (kInt4) {
-        const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + p * 32)));
-        const __m512i wv = _mm512_and_si512(_mm512_srlv_epi16(b, halves), low4);
-        dp = _mm512_dpbusd_epi32(zero, wv, xv);
-      } else {
-        // A lone last block reads zeros past the row (masked) against zero activations.
-        const __m512i q = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, src + p * 64), c128);
-        dp = _mm512_dpbusd_epi32(zero, q, xv);
-      }
-      const __m512 d2 = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(reinterpret_cast<const double*>(
-          dw + r * (nb + 1) + 2 * p))));
-      const __m512 dwv = _mm512_permutexvar_ps(sel, d2);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dp), dxv), dwv, acc[r]);
-    }
-  }
-  // The 8 rows' sums as one vector: fold each accumulator to 256 bits, then a transposing
-  // hadd tree (a fraction of the cost of 8 horizontal reductions, which matters on short rows).
-  __m256 h[RW];
-  for (int r = 0; r < RW; ++r)
-    h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
-  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-  __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
-  {  // + sum_b o_b xsum_b
-    alignas(32) float cs[RW];
-    constexpr float k = kInt4 ? -8.f : -128.f;  // o = k d when the format has no mins
-    for (int r = 0; r < RW; ++r)
-      cs[r] = ow ? offset_term(ow + r * (nb + 1), a.xsum, nb) : k * offset_term(dw + r * (nb + 1), a.xsum, nb);
-    sums = _mm256_add_ps(sums, _mm256_load_ps(cs));
-  }
-  float* o = y + n;
-  _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), sums) : sums);
-}
-
 template <bool kInt4, int RW>
 void vnni_rt(int rt, const QWeightView& w, int64_t n, const QActView& a, int64_t t0, float* y, int64_t ldy, bool acc,
              const float* dw, const float* ow) {
@@ -294,11 +226,11 @@ template <bool kInt4>
 void rows_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1,
                float* scratch) {
   const int64_t nb = w.cols / kQBlock;
-  // One token (decode) streams 8 rows at once (8 memory streams per core); more tokens
-  // reuse each unpacked row 4 times instead.
-  const int64_t RW = a.T == 1 ? 8 : 4;
+  // Fewer than 16 rows: 4 at a time, each unpacked row reused by up to 4 tokens (one kernel
+  // for any T, so that a token's sums do not depend on the others: batch invariance).
+  constexpr int64_t RW = 4;
   // float32 scales of the rows in flight, one zero past each row's end (a lone last block),
-  // and their block offsets o (w = d q + o): int4 -8 d, int4m m, int8 decode -128 d.
+  // and int4m's block offsets o (w = d q + o).
   float* dw = scratch;
   float* ow = scratch + RW * (nb + 1);
   for (int64_t i = 0; i < RW * (nb + 1); ++i) dw[i] = 0.f;
@@ -313,29 +245,20 @@ void rows_vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, b
   };
   for (int64_t n = n0; n < n1; n += RW) {
     const int rw = static_cast<int>(min64(RW, n1 - n));
-    // Offsets o are kept only for int4m (its mins); int4's -8 d and int8 decode's -128 d are
-    // taken from the scales by the kernels (ow = nullptr).
+    // Offsets o are kept only for int4m (its mins); int4's -8 d is taken from the scales by
+    // the kernel (ow = nullptr).
     for (int r = 0; r < rw; ++r) {
       widen(w.scales + (n + r) * nb, dw + r * (nb + 1));
       if (w.mins) widen(w.mins + (n + r) * nb, ow + r * (nb + 1));
     }
     const float* owp = w.mins ? ow : nullptr;
-    if (rw == 8) {
-      vnni_decode<kInt4>(w, n, a, y, acc, dw, owp);
-      continue;
-    }
-    for (int r0 = 0; r0 < rw; r0 += 4) {  // groups of at most 4 rows
-      const int g = min_int(4, rw - r0);
-      const float* dwg = dw + r0 * (nb + 1);
-      const float* owg = owp ? owp + r0 * (nb + 1) : nullptr;
-      for (int64_t t = 0; t < a.T; t += 4) {
-        const int rt = static_cast<int>(min64(4, a.T - t));
-        switch (g) {
-          case 4: vnni_rt<kInt4, 4>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
-          case 3: vnni_rt<kInt4, 3>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
-          case 2: vnni_rt<kInt4, 2>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
-          default: vnni_rt<kInt4, 1>(rt, w, n + r0, a, t, y, ldy, acc, dwg, owg); break;
-        }
+    for (int64_t t = 0; t < a.T; t += 4) {
+      const int rt = static_cast<int>(min64(4, a.T - t));
+      switch (rw) {
+        case 4: vnni_rt<kInt4, 4>(rt, w, n, a, t, y, ldy, acc, dw, owp); break;
+        case 3: vnni_rt<kInt4, 3>(rt, w, n, a, t, y, ldy, acc, dw, owp); break;
+        case 2: vnni_rt<kInt4, 2>(rt, w, n, a, t, y, ldy, acc, dw, owp); break;
+        default: vnni_rt<kInt4, 1>(rt, w, n, a, t, y, ldy, acc, dw, owp); break;
       }
     }
   }

@@ -13,8 +13,6 @@ struct QActView {
   const int8_t* q;       // [T][np * 64]
   const float* dx;       // [T][np * 2] block scales
   const float* xsum;     // [T][np * 2] dx_b * sum of block b's q: y += sum_b o_b xsum_b for w = d q + o
-  const float* dxe;      // [np * 16] (T == 1): each lane's block scale
-  const uint8_t* ux;     // [np * 64] (T == 1): q + 128
 };
 
 // int4 and int4m share the nibble layout (int4: true) and differ in the block offset o of

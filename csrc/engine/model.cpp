@@ -165,9 +165,9 @@ Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_
   inv_freq_local_ = table(cfg_.rope_theta_local, cfg_.rope_factor_local);
 }
 
-void Model::logits(const float* hidden, int64_t n, float* out) {
+void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
   OpTimer timer(&OpProfile::lm_head);
-  matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size);
+  matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size, false, work);
   if (cfg_.final_softcap > 0.f) {
     const float cap = cfg_.final_softcap;
     parallel_for(n * cfg_.vocab_size, [&](int64_t a, int64_t b) {
@@ -189,16 +189,16 @@ void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>&
 }
 
 void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
-                         int64_t M) {
+                         int64_t M, Work work) {
   const int64_t H = cfg_.hidden_size;
   if (!cfg_.sandwich_norms) {
     OpTimer timer(&OpProfile::matmul);
-    matmul(in, M, K, w, x, H, /*accumulate=*/true);
+    matmul(in, M, K, w, x, H, /*accumulate=*/true, work);
     return;
   }
   {
     OpTimer timer(&OpProfile::matmul);
-    matmul(in, M, K, w, tmp, H);
+    matmul(in, M, K, w, tmp, H, false, work);
   }
   OpTimer timer(&OpProfile::norm);
   rmsnorm(tmp, post_norm, tmp, M, H, cfg_.rms_norm_eps);
@@ -212,6 +212,9 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
   const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads, half = hd / 2;
   const int64_t R = static_cast<int64_t>(rows.size()), M = R * T;
   const int64_t QD = nH * hd, KD = nKV * hd;
+  // One token per row is decode, however many rows share the step: its kernels, and so each
+  // row's bits, do not depend on the batch (kernels.h, Work).
+  const Work work = T == 1 ? Work::Decode : Work::Prefill;
 
   float* x = grown(ws_.x, M * H);
   float* h = grown(ws_.h, M * H);
@@ -255,7 +258,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     {
       OpTimer timer(&OpProfile::matmul);
       const MatmulTarget qkv[3] = {{&L.q, q, QD}, {&L.k, k, KD}, {&L.v, v, KD}};
-      matmul_many(h, M, H, qkv, 3);
+      matmul_many(h, M, H, qkv, 3, work);
     }
     {
       OpTimer timer(&OpProfile::rope_cache);
@@ -281,7 +284,7 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       OpTimer timer(&OpProfile::attention);
       attention(cache, l, rows, slot0, T, q, att);
     }
-    block_output(att, QD, L.o, L.post_attn_norm, h, x, M);
+    block_output(att, QD, L.o, L.post_attn_norm, h, x, M, work);
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
@@ -290,13 +293,13 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     {
       OpTimer timer(&OpProfile::matmul);
       const MatmulTarget gate_up[2] = {{&L.gate, g, F}, {&L.up, u, F}};
-      matmul_many(h, M, H, gate_up, 2);
+      matmul_many(h, M, H, gate_up, 2, work);
     }
     {
       OpTimer timer(&OpProfile::activation);
       gelu_tanh_mul(g, u, M * F);
     }
-    block_output(g, F, L.down, L.post_mlp_norm, h, x, M);
+    block_output(g, F, L.down, L.post_mlp_norm, h, x, M, work);
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
   rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
@@ -374,12 +377,12 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
             // rows (one chunk, or one row): logits go there directly, no chunk-sized copy.
             const bool in_place = B == 1 || keep_T == out_L;
             if (output == Output::Logits && in_place) {
-              logits(src, B * keep_T, &out[dst_t0 * V]);
+              logits(src, B * keep_T, &out[dst_t0 * V], Work::Prefill);
               return;
             }
             if (output == Output::Logits) {
               lg.resize(static_cast<size_t>(B * keep_T * V));
-              logits(src, B * keep_T, lg.data());
+              logits(src, B * keep_T, lg.data(), Work::Prefill);
               src = lg.data();
             }
             for (int64_t b = 0; b < B; ++b)
@@ -389,7 +392,8 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
 }
 
 GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
-                               int64_t L, const SamplingParams& p, const StepCallback& on_step) {
+                               int64_t L, const SamplingParams& p, const StepCallback& on_step,
+                               const LogitsSink& on_logits) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   GenerateResult res;
@@ -424,7 +428,8 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
             for (int64_t b = 0; b < B; ++b)
               std::memcpy(&last[b * H], &h[(b * T + T - 1) * H], H * sizeof(float));
           });
-  logits(last.data(), B, lg.data());
+  // One position per row: the decode kernels, as every later step (batch invariance).
+  logits(last.data(), B, lg.data(), Work::Decode);
 
   res.tokens.assign(static_cast<size_t>(B * p.max_new_tokens), p.pad_token_id);
   std::vector<uint8_t> finished(B, 0);
@@ -432,15 +437,25 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
   std::vector<int32_t> step_tokens(B), ids, pos;
   std::vector<uint8_t> ones;
   for (int64_t s = 0; s < p.max_new_tokens; ++s) {
+    if (on_logits) on_logits(active, lg.data());
     std::fill(step_tokens.begin(), step_tokens.end(), p.pad_token_id);
-    for (size_t i = 0; i < active.size(); ++i) {
+    // Each row's token from its own sampler: rows spread over the thread pool, or a lone
+    // row's scan of the vocabulary spread over it.
+    auto pick = [&](size_t i, bool use_pool) {
       const int64_t b = active[i];
-      const int32_t tok = samplers[b].next(&lg[i * V], V, history[b]);
+      const int32_t tok = samplers[b].next(&lg[i * V], V, history[b], use_pool);
       history[b].push_back(tok);
       step_tokens[b] = tok;
       res.tokens[b * p.max_new_tokens + s] = tok;
       for (int32_t e : p.eos_token_ids)
         if (tok == e) finished[b] = 1;
+    };
+    if (active.size() == 1) {
+      pick(0, true);
+    } else {
+      parallel_for(static_cast<int64_t>(active.size()), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) pick(static_cast<size_t>(i), false);
+      });
     }
     res.steps = s + 1;
     if (on_step) on_step(step_tokens);
@@ -460,7 +475,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     }
     hid.resize(R * H);
     step(cache, active, L + s, 1, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
-    logits(hid.data(), R, lg.data());
+    logits(hid.data(), R, lg.data(), Work::Decode);
   }
   // Compact [B, max_new_tokens] to [B, steps].
   if (res.steps < p.max_new_tokens) {

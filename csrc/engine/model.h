@@ -107,6 +107,9 @@ struct GenerateResult {
 
 // Called once per step with the new token of every row (pad for finished rows).
 using StepCallback = std::function<void(const std::vector<int32_t>&)>;
+// Called once per step, before the sampler, with the raw logits [rows.size(), vocab] of the
+// rows still generating (finished rows cost nothing more, so they have none).
+using LogitsSink = std::function<void(const std::vector<int64_t>& rows, const float* logits)>;
 
 // step()'s activation buffers: sized for the largest chunk seen and kept for the model's
 // life, so that a decode step allocates nothing.
@@ -132,7 +135,8 @@ class Model {
                              bool last_only, std::vector<float>* hidden_states = nullptr);
 
   GenerateResult generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
-                          int64_t L, const SamplingParams& params, const StepCallback& on_step);
+                          int64_t L, const SamplingParams& params, const StepCallback& on_step,
+                          const LogitsSink& on_logits = nullptr);
 
  private:
   // Runs T new tokens for each of the given cache rows, written at slots
@@ -151,11 +155,11 @@ class Model {
   // The layer's attention: decode (T = 1, causal) or a prompt chunk (cpu/kernels.h).
   void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
                  int64_t T, const float* q, float* out);
-  void logits(const float* hidden, int64_t n, float* out);
+  void logits(const float* hidden, int64_t n, float* out, Work work);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
   // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).
   void block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
-                    int64_t M);
+                    int64_t M, Work work);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "runtime/threadpool.h"
+
 namespace gemma {
 
 int32_t argmax(const float* x, int64_t n) {
@@ -23,6 +25,26 @@ int32_t argmax(const float* x, int64_t n) {
   return static_cast<int32_t>(best);
 }
 
+int32_t argmax_pooled(const float* x, int64_t n) {
+  constexpr int64_t kParts = 16, kMinPart = 16384;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kParts, n / kMinPart));
+  if (parts == 1) return argmax(x, n);
+  int64_t best[kParts];
+  parallel_for(parts, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = n * p / parts, e = n * (p + 1) / parts;
+      best[p] = b + argmax(x + b, e - b);
+    }
+  });
+  // In part order, a later part wins only with a strictly larger value: the first index of
+  // the maximum, as one scan. A part of NaNs only reports its first index, which loses to any
+  // number (NaN compares false) and is replaced by the first part holding one.
+  int64_t r = best[0];
+  for (int64_t p = 1; p < parts; ++p)
+    if (x[best[p]] > x[r] || (std::isnan(x[r]) && !std::isnan(x[best[p]]))) r = best[p];
+  return static_cast<int32_t>(r);
+}
+
 uint64_t Sampler::mix(uint64_t seed, uint64_t stream) {
   // splitmix64 of (seed, stream): independent, reproducible streams per batch row.
   uint64_t z = seed + 0x9e3779b97f4a7c15ull * (stream + 1);
@@ -31,7 +53,7 @@ uint64_t Sampler::mix(uint64_t seed, uint64_t stream) {
   return z ^ (z >> 31);
 }
 
-int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& history) {
+int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& history, bool use_pool) {
   if (p_.repetition_penalty != 1.f) {
     // transformers' RepetitionPenaltyLogitsProcessor: each distinct earlier token once.
     seen_.assign(static_cast<size_t>(vocab), 0);
@@ -42,7 +64,7 @@ int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& 
       logits[t] = logits[t] < 0 ? logits[t] * pen : logits[t] / pen;
     }
   }
-  if (!p_.do_sample) return argmax(logits, vocab);
+  if (!p_.do_sample) return use_pool ? argmax_pooled(logits, vocab) : argmax(logits, vocab);
 
   if (p_.temperature != 1.f)
     for (int64_t i = 0; i < vocab; ++i) logits[i] = logits[i] / p_.temperature;

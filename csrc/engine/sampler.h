@@ -25,8 +25,9 @@ class Sampler {
   Sampler(const SamplingParams& p, uint64_t stream) : p_(p), rng_(mix(p.seed, stream)) {}
   // Picks the next token of one row. logits [vocab] is modified (penalty, warping).
   // history: the row's tokens so far (the prompt from its first real token, and generated
-  // tokens), for the repetition penalty.
-  int32_t next(float* logits, int64_t vocab, const std::vector<int32_t>& history);
+  // tokens), for the repetition penalty. use_pool: greedy picks scan the vocabulary on the
+  // thread pool (same result; the caller must not itself be inside parallel_for).
+  int32_t next(float* logits, int64_t vocab, const std::vector<int32_t>& history, bool use_pool = false);
 
  private:
   static uint64_t mix(uint64_t seed, uint64_t stream);
@@ -37,7 +38,9 @@ class Sampler {
   std::vector<uint8_t> seen_;
 };
 
-// Helpers exposed for tests: the indices that survive top-k/top-p/min-p (in any order).
+// The first index of the largest value, NaN skipped (torch.argmax's choice among ties).
 int32_t argmax(const float* x, int64_t n);
+// The same index, parts of x scanned on the thread pool and combined in order.
+int32_t argmax_pooled(const float* x, int64_t n);
 
 }  // namespace gemma

@@ -28,6 +28,11 @@ class GenerationConfig:
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
     seed: Optional[int] = None
+    # What generate returns, as transformers: the ids, or (return_dict_in_generate) an output
+    # with .sequences and, with output_logits, .logits: one [B, vocab] array per step, the raw
+    # logits before the processors (NaN in the rows that had already finished).
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "GenerationConfig":
@@ -82,6 +87,9 @@ class GenerationConfig:
             bad("repetition_penalty", "a number > 0 (1.0: no penalty)")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2 ** 64):
             bad("seed", "an int in [0, 2**64)")
+        for name in ("output_logits", "return_dict_in_generate"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         for e in self.eos_ids():
             if not is_int(e):
                 raise ValueError(f"eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}")

@@ -164,7 +164,10 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None,
                  streamer=None, callback: Optional[Callable[[np.ndarray], Any]] = None, **kwargs) -> np.ndarray:
-        """Prompt + new tokens, [B, L + steps] int64, as transformers' generate returns.
+        """Prompt + new tokens, [B, L + steps] int64, as transformers' generate returns; with
+        return_dict_in_generate=True an output with .sequences and (output_logits=True) .logits,
+        a tuple of one [B, vocab] float32 array per step: the raw logits each token was drawn
+        from (NaN in rows that had finished).
 
         Arguments as transformers': max_new_tokens, do_sample, temperature, top_k, top_p,
         min_p, repetition_penalty, eos_token_id, pad_token_id, and seed (same seed, same
@@ -214,10 +217,16 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             if callback is not None:
                 callback(tokens)
 
-        new = self._engine.generate(ids, mask, params, on_step if (streamer or callback) else None)
+        want_logits = gc.return_dict_in_generate and gc.output_logits
+        new = self._engine.generate(ids, mask, params, on_step if (streamer or callback) else None, want_logits)
+        if want_logits:
+            new, logits = new
         if streamer is not None:
             streamer.end()
-        return np.concatenate([ids, new], axis=1).astype(np.int64)
+        sequences = np.concatenate([ids, new], axis=1).astype(np.int64)
+        if not gc.return_dict_in_generate:
+            return sequences
+        return ModelOutput(sequences=sequences, logits=tuple(logits) if want_logits else None)
 
 
 class _ScoreHead(GemmaPreTrainedModel):
