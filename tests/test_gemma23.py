@@ -86,6 +86,25 @@ def test_greedy_generation_matches_transformers(tiny, arch, kv):
         np.testing.assert_array_equal(np.asarray(out)[:, : ids.shape[1] + 4], theirs[:, : ids.shape[1] + 4])
 
 
+def test_gemma3_long_context_matches_transformers(tiny):
+    """Past 1,000 tokens of context at 3x a real-sized window (320): the prompt goes through
+    three chunks of the flash-style prompt attention (global and sliding layers), then decode
+    moves the sliding layers' buffer (2 windows + a chunk = 1152 slots) past its end. Logits of
+    every prompt position and of every decode step against transformers' eager float32."""
+    folder, ref = tiny("Gemma3ForCausalLM", "gqa", arch="gemma3", sliding_window=320, max_position_embeddings=2048)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    ids, _ = random_batch(21, 1, 3 * 320 + 100, ref.config.vocab_size)
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids)).logits.numpy()
+        gen = ref.generate(torch.tensor(ids), do_sample=False, max_new_tokens=200, min_new_tokens=200,
+                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert rel_err(model(ids).logits, theirs) <= F32_TOL
+    out = model.generate(ids, max_new_tokens=200, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
+    want = torch.stack(gen.logits, dim=1).numpy()
+    np.testing.assert_array_equal(out.sequences, gen.sequences.numpy())
+    assert rel_err(np.stack(out.logits, axis=1), want) <= F32_TOL
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_long_generation_past_the_sliding_buffer(tiny, arch):
     """Decode far past 2 windows + a chunk so the sliding layers' buffer moves its tail several

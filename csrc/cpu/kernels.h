@@ -169,9 +169,11 @@ void attention_decode(const float* q, int64_t R, const int64_t* rows, const int6
                       const AttentionRule& rule, float* out, std::vector<float>& scratch);
 
 // Prompt attention: T queries for each of R rows at slots [slot0, slot0 + T) (q, out
-// [R * T, n_heads * head_dim]); the cache holds every earlier slot. Per task one (row, head)
-// and a block of 16 queries: its scores against every key it may see are one small matmul,
-// then per query the softmax and P . V. scratch as attention_decode's.
+// [R * T, n_heads * head_dim]); the cache holds every earlier slot. Per task one row, a block
+// of 16 queries and the heads of one KV group (or one head, when the tasks would be too few
+// for the pool): the keys the block may see, and only those (the window on sliding layers),
+// in tiles of 64 read once for all its query rows, with the online softmax (running maximum,
+// sum and output per query). scratch as attention_decode's (an int8 cache's slots as float32).
 void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t slot0, int64_t T,
                        const KVLayerView& kv, const AttentionRule& rule, float* out, std::vector<float>& scratch);
 
