@@ -19,8 +19,13 @@ Columns:
                 second, from per-step timestamps
   of bound      for decode: tok/s / (B x bandwidth / bytes read per step), the bytes being
                 every weight matrix once (the tied embedding once, as the LM head; scales
-                included) plus each row's KV cache up to its context (windows applied),
-                the bandwidth measured by the same process just before (_testing.read_bandwidth)
+                included) plus each row's KV cache up to its context (windows applied). The
+                bandwidth (_testing.read_bandwidth) is measured by each gemma_cpp row's own
+                process just before its timings; the other engines' rows take the first
+                gemma_cpp row's figure from the same run.
+Every figure is the best of 2 runs (1 for prefill above 512 tokens and decode above 1024 of
+context, which take seconds each): the machine is shared, and the best run is the one least
+disturbed.
 
 It prints the tables and the issue's target ratios, and writes two PNG plots (matplotlib,
 in the bench extra): decode tok/s against context, and total tok/s against batch.
@@ -116,7 +121,8 @@ def prompts(path: str, n: int, rows: int = 1) -> list:
 # Children: `bench_scale.py --child JSON` prints RESULT {json}
 
 class StepClock:
-    """A streamer (put/end) and a callback in one: the time of every step after the prompt."""
+    """The time of every generated step: as a streamer (put/end; transformers puts the prompt
+    first, which is skipped) or as gemma_cpp's per-step callback."""
 
     def __init__(self):
         self.times, self._prompt = [], True
@@ -125,14 +131,16 @@ class StepClock:
         if self._prompt:
             self._prompt = False
             return
-        self.times.append(time.perf_counter())
+        self(None)
 
     def end(self):
         pass
 
-    __call__ = put
+    def __call__(self, _):
+        self.times.append(time.perf_counter())
 
     def rate(self, rows: int) -> float:
+        """Tokens per second from the first step's end (the prefill left out) to the last's."""
         t = self.times
         return rows * (len(t) - 1) / (t[-1] - t[0])
 
@@ -147,8 +155,7 @@ def measure(a: dict, prefill, decode) -> dict:
     decode(prompts(a["path"], 32))  # warm-up
 
     def best(ids, reps):  # the fastest of reps runs: the machine is shared
-        rates = [decode(ids) for _ in range(reps)]
-        return None if rates[0] is None else max(rates)
+        return max(decode(ids) for _ in range(reps))
 
     for c in a["contexts"]:
         res[f"decode_{c}"] = best(prompts(a["path"], c), 2 if c <= 1024 else 1)
@@ -227,9 +234,7 @@ def child_llama_cpp(a: dict) -> dict:
         llm.reset()
         llm.eval(ids)
 
-    def decode(rows):
-        if len(rows) != 1:
-            return None  # one sequence at a time through this API
+    def decode(rows):  # one sequence: the batch columns are left to the other engines
         prefill(rows[0])
         times = []
         for _ in range(N_DECODE + 1):
@@ -324,7 +329,7 @@ def main():
 
         path, args.model_name = bench_gguf.gguf_path(), "Gemma 3 270M (Q4_K_M GGUF)"
     elif args.model == "2b":
-        import gemma_cpp  # noqa: F401  (the installed package, before bench_cpu puts ../python first)
+        importlib.import_module("gemma_cpp")  # the installed package, before bench_cpu puts ../python first
         import bench_cpu
 
         path = os.path.join(os.path.expanduser("~"), ".cache", "gemma_cpp", "bench-2b-random")

@@ -431,26 +431,28 @@ constexpr int64_t kAmxMinTokens = 16;
 bool takes_amx(int64_t T, Work work) { return work == Work::Prefill && T >= kAmxMinTokens && g_forced < 0; }
 }  // namespace
 
-void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                  bool accumulate, Work work) {
-  if (takes_amx(T, work)) {
-    const int64_t done = matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate);
-    if (done == w.rows) return;
-    if (done > 0) {
-      Weight rest = w;
-      rest.data = static_cast<const uint8_t*>(w.data) + done * w.ld;
-      rest.scales = w.scales + done * (w.cols / kQBlock);
-      if (w.mins) rest.mins = w.mins + done * (w.cols / kQBlock);
-      rest.rows = w.rows - done;
-      return matmul_quant(x, T, ldx, rest, y + done, ldy, accumulate, Work::Decode);  // rows < 32: integer path
-    }
-  }
+namespace {
+// The integer kernels over all of w's rows: x quantized once, groups of 16 rows on the pool.
+void integer_matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool accumulate) {
   const QActs& a = quantize_acts(x, T, ldx, w.cols);
   const QActView av = a.view();
   const int64_t N = w.rows;
   parallel_for((N + kQGroup - 1) / kQGroup, [&](int64_t c0, int64_t c1) {
     quant_rows(w, a, av, y, ldy, accumulate, c0 * kQGroup, std::min(N, c1 * kQGroup));
   });
+}
+}  // namespace
+
+void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                  bool accumulate, Work work) {
+  const int64_t done = takes_amx(T, work) ? matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate) : 0;
+  if (done == w.rows) return;
+  Weight rest = w;  // the rows AMX left (fewer than 32), or all of them
+  rest.data = static_cast<const uint8_t*>(w.data) + done * w.ld;
+  rest.scales = w.scales + done * (w.cols / kQBlock);
+  if (w.mins) rest.mins = w.mins + done * (w.cols / kQBlock);
+  rest.rows = w.rows - done;
+  integer_matmul(x, T, ldx, rest, y + done, ldy, accumulate);
 }
 
 bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work) {
