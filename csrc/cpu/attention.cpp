@@ -81,29 +81,42 @@ void scores(const float* q, int64_t G, int64_t hd, const KT* k, int64_t ldk, int
 }
 
 // o[g] = sum_i p[g][idx[i]] v_idx[i] for GQ queries (p rows n apart, o rows hd apart), over
-// the visible value rows only (a masked slot may hold anything). The rows stream past in
-// order, each read once; the GQ sums (GQ * hd floats) stay in L1. (Keeping the sums in
-// registers instead, a few rows at a time, did less work but read the rows in an order the
-// memory system followed worse: slower on a cache read from memory.)
+// the visible value rows only (a masked slot may hold anything). The rows go in sub-tiles of
+// 16 KiB (they stay in L1, the next sub-tile's prefetched meanwhile); per sub-tile, slab by
+// slab of DV vectors, the GQ sums stay in registers over the sub-tile's rows and are added
+// to o once: one load and one store of o per sub-tile instead of per row.
 template <typename VT, int GQ>
 void weighted_sum(const float* p, int64_t n, const int32_t* idx, int64_t m, const VT* v, int64_t ldv, int64_t hd,
                   float* o) {
-  constexpr int N = VecF::N;
+  constexpr int N = VecF::N, DV = 2;
+  const int64_t sub = std::max<int64_t>(4, 16384 / (hd * static_cast<int64_t>(sizeof(VT))));
   std::fill(o, o + GQ * hd, 0.f);
-  for (int64_t i = 0; i < m; ++i) {
-    if (i + kRowsAhead < m) prefetch_row(v + idx[i + kRowsAhead] * ldv, ldv);
-    const VT* vr = v + idx[i] * ldv;
-    float pg[GQ];
-    for (int g = 0; g < GQ; ++g) pg[g] = p[g * n + idx[i]];
+  for (int64_t i0 = 0; i0 < m; i0 += sub) {
+    const int64_t i1 = std::min(m, i0 + sub);
+    for (int64_t i = i1; i < std::min(m, i1 + sub); ++i) prefetch_row(v + idx[i] * ldv, hd);
     int64_t d = 0;
-    for (; d + N <= hd; d += N) {
-      const VecF vv = VecF::load(vr + d);
-      for (int g = 0; g < GQ; ++g) simd::fma(VecF::set1(pg[g]), vv, VecF::load(o + g * hd + d)).store(o + g * hd + d);
+    for (; d + DV * N <= hd; d += DV * N) {
+      VecF acc[GQ][DV];
+      for (int g = 0; g < GQ; ++g)
+        for (int e = 0; e < DV; ++e) acc[g][e] = VecF::zero();
+      for (int64_t i = i0; i < i1; ++i) {
+        const VT* vr = v + idx[i] * ldv + d;
+        VecF vv[DV];
+        for (int e = 0; e < DV; ++e) vv[e] = VecF::load(vr + e * N);
+        for (int g = 0; g < GQ; ++g) {
+          const VecF pg = VecF::set1(p[g * n + idx[i]]);
+          for (int e = 0; e < DV; ++e) acc[g][e] = simd::fma(pg, vv[e], acc[g][e]);
+        }
+      }
+      for (int g = 0; g < GQ; ++g)
+        for (int e = 0; e < DV; ++e) simd::add(VecF::load(o + g * hd + d + e * N), acc[g][e]).store(o + g * hd + d + e * N);
     }
-    for (; d < hd; ++d) {
-      const float vd = load_scalar(vr + d);
-      for (int g = 0; g < GQ; ++g) o[g * hd + d] += pg[g] * vd;
-    }
+    for (; d < hd; ++d)
+      for (int g = 0; g < GQ; ++g) {
+        float a = 0.f;
+        for (int64_t i = i0; i < i1; ++i) a += p[g * n + idx[i]] * load_scalar(v + idx[i] * ldv + d);
+        o[g * hd + d] += a;
+      }
   }
 }
 
