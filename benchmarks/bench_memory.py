@@ -53,7 +53,7 @@ def main() -> None:
     if args.child is not None:
         return child(args.child, args.quantization, args.threads)
     gib = 2.0 ** 30
-    print(f"| tokens | quantization | RSS before GiB | peak GiB | logits GiB | extra GiB |")
+    print("| tokens | quantization | RSS before GiB | peak GiB | logits GiB | extra GiB |")
     print("|---|---|---|---|---|---|")
     for n in (int(x) for x in args.lengths.split(",")):
         r = run_child([sys.executable, __file__, "--child", str(n), "--quantization", args.quantization,

@@ -19,6 +19,7 @@
 #include "cpu/kernels.h"
 #include "cpu/quant.h"
 #include "engine/model.h"
+#include "engine/scheduler.h"
 #include "runtime/threadpool.h"
 
 namespace py = pybind11;
@@ -198,6 +199,7 @@ class Engine {
   }
 
   const ModelConfig& config() const { return model_->config(); }
+  Model& model() { return *model_; }
 
   py::tuple forward(const I32Array& input_ids, const py::object& attention_mask,
                     const I32Array& position_ids, const std::string& output, bool last_only,
@@ -262,6 +264,53 @@ class Engine {
   std::unique_ptr<Model> model_;
 };
 
+// The scheduler over an Engine's model (engine/scheduler.h); it keeps the Engine alive.
+class SchedulerHandle {
+ public:
+  SchedulerHandle(py::object engine, int64_t slots, int64_t slot_ctx, int64_t chunk)
+      : engine_(engine), s_(std::make_unique<Scheduler>(engine.cast<Engine&>().model(), slots, slot_ctx, chunk)) {}
+  ~SchedulerHandle() {
+    py::gil_scoped_release nogil;  // the loop finishes its iteration
+    s_.reset();
+  }
+  int64_t submit(const std::vector<int32_t>& prompt, const SamplingParams& params) { return s_->submit(prompt, params); }
+  void cancel(int64_t id) { s_->cancel(id); }
+  // [(id, token, finish)], waiting up to timeout seconds (without the GIL) for the first.
+  py::list poll(double timeout) {
+    std::vector<RequestEvent> ev;
+    {
+      py::gil_scoped_release nogil;
+      ev = s_->poll(timeout);
+    }
+    py::list out;
+    for (const RequestEvent& e : ev) out.append(py::make_tuple(e.id, e.token, static_cast<int>(e.finish)));
+    return out;
+  }
+  py::dict stats() const {
+    const SchedulerStats st = s_->stats();
+    py::dict d;
+    d["running"] = st.running;
+    d["waiting"] = st.waiting;
+    d["slots"] = st.slots;
+    d["prompt_tokens"] = st.prompt_tokens;
+    d["generated_tokens"] = st.generated_tokens;
+    d["requests"] = st.requests;
+    d["iterations"] = st.iterations;
+    d["peak_rows"] = st.peak_rows;
+    return d;
+  }
+  std::string error() const { return s_->error(); }
+  void shutdown() {
+    py::gil_scoped_release nogil;
+    s_->shutdown();
+  }
+  const Scheduler& get() const { return *s_; }
+
+ private:
+  py::object engine_;
+  std::unique_ptr<Scheduler> s_;
+};
+
 SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float temperature, int64_t top_k,
                            float top_p, float min_p, float repetition_penalty,
                            std::vector<int32_t> eos_token_ids, int32_t pad_token_id, uint64_t seed) {
@@ -310,6 +359,23 @@ PYBIND11_MODULE(_C, m) {
       .def("generate", &Engine::generate, py::arg("input_ids"), py::arg("attention_mask"),
            py::arg("params"), py::arg("callback"), py::arg("output_logits") = false);
 
+  py::class_<SchedulerHandle>(m, "Scheduler")
+      .def(py::init<py::object, int64_t, int64_t, int64_t>(), py::arg("engine"), py::arg("slots"),
+           py::arg("slot_ctx"), py::arg("chunk"),
+           "Continuous batching over engine's model: `slots` sequences of up to slot_ctx tokens "
+           "each, prompts in chunks of `chunk` tokens; a thread of its own runs the iterations")
+      .def("submit", &SchedulerHandle::submit, py::arg("prompt"), py::arg("params"),
+           "Queues a request (a list of token ids, SamplingParams); its id. ValueError when it cannot fit")
+      .def("cancel", &SchedulerHandle::cancel, py::arg("id"))
+      .def("poll", &SchedulerHandle::poll, py::arg("timeout"),
+           "[(id, token, finish)] queued so far, waiting up to timeout seconds for the first. finish: "
+           "0 running, 1 stop token, 2 max_new_tokens, 3 cancelled, 4 engine error (token -1: none)")
+      .def("stats", &SchedulerHandle::stats)
+      .def("error", &SchedulerHandle::error)
+      .def("shutdown", &SchedulerHandle::shutdown)
+      .def_property_readonly("slots", [](const SchedulerHandle& h) { return h.get().slots(); })
+      .def_property_readonly("slot_ctx", [](const SchedulerHandle& h) { return h.get().slot_ctx(); })
+      .def_property_readonly("chunk", [](const SchedulerHandle& h) { return h.get().chunk(); });
   m.def("bf16_to_f32", [](py::array_t<uint16_t, py::array::c_style> bits) {
     py::array_t<float> out(std::vector<py::ssize_t>(bits.shape(), bits.shape() + bits.ndim()));
     {

@@ -411,9 +411,12 @@ void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t s
   // once (every query block of a row reads most of them).
   KVLayerView kv = kv_in;
   if (kv_in.dtype == DType::Int8) {
-    const int64_t first = window > 0 ? std::max<int64_t>(kv_in.origin, slot0 - window + 1) : kv_in.origin;
-    int64_t n_rows = 0;
-    for (int64_t r = 0; r < R; ++r) n_rows = std::max(n_rows, rows[r] + 1);
+    // Every row of a prompt chunk holds [slot0 - window + 1, end_slot) at least.
+    int64_t first = window > 0 ? slot0 - window + 1 : 0, n_rows = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      first = std::max(first, kv_in.origin_of(rows[r]));
+      n_rows = std::max(n_rows, rows[r] + 1);
+    }
     const int64_t n = end_slot - first, per_row = kv_in.kv_heads * n * hd;
     if (static_cast<int64_t>(scratch.size()) < 2 * n_rows * per_row) scratch.resize(static_cast<size_t>(2 * n_rows * per_row));
     float* kf = scratch.data();
@@ -431,6 +434,7 @@ void attention_prefill(const float* q, int64_t R, const int64_t* rows, int64_t s
     kv.k_scales = kv.v_scales = nullptr;
     kv.span = n;
     kv.origin = first;
+    kv.origins = nullptr;
   }
   // Tasks: (row, heads, query block). All the heads of a KV group go in one task, so that each
   // key and value tile is read once for the group, unless that leaves the pool too few tasks

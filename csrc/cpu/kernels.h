@@ -122,8 +122,12 @@ struct KVLayerView {
   const uint16_t* v_scales = nullptr;
   DType dtype = DType::F32;
   int64_t kv_heads = 0, span = 0, origin = 0, head_dim = 0;
+  // Each row's own first slot held, when rows move at their own pace (the scheduler's
+  // sequences); nullptr: every row's is `origin`.
+  const int64_t* origins = nullptr;
   const uint8_t* valid = nullptr;
   int64_t capacity = 0;
+  int64_t origin_of(int64_t row) const { return origins ? origins[row] : origin; }
   // Slots [first, first + n) of one (row, head) as an [n, head_dim] matrix (int8: plain rows
   // of Weight's Int8 format).
   Weight keys(int64_t row, int64_t head, int64_t first, int64_t n) const {
@@ -135,7 +139,7 @@ struct KVLayerView {
 
  private:
   Weight rows_of(const void* base, const uint16_t* scales, int64_t row, int64_t head, int64_t first, int64_t n) const {
-    const int64_t off = ((row * kv_heads + head) * span + (first - origin)) * head_dim;
+    const int64_t off = ((row * kv_heads + head) * span + (first - origin_of(row))) * head_dim;
     const int64_t elem = dtype == DType::F32 ? 4 : dtype == DType::BF16 ? 2 : 1;
     Weight w;
     w.dtype = dtype;

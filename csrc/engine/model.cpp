@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/quant.h"
 #include "cpu/simd.h"
@@ -49,7 +50,7 @@ KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t
     : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
       layers(c.num_layers), dtype(c.kv_dtype), elem(c.kv_dtype == DType::F32 ? 4 : c.kv_dtype == DType::BF16 ? 2 : 1) {
   span.resize(layers);
-  origin.assign(layers, 0);
+  origin.assign(static_cast<size_t>(layers * rows), 0);
   base.resize(layers);
   int64_t total = 0;
   for (int64_t l = 0; l < layers; ++l) {
@@ -68,22 +69,22 @@ KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t
   valid.assign(static_cast<size_t>(rows * capacity), 0);
 }
 
-void KVCache::make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window) {
-  if (slot0 + T - origin[layer] <= span[layer]) return;
+void KVCache::make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window) {
+  int64_t& org = origin[layer * rows + row];
+  if (slot0 + T - org <= span[layer]) return;
   // Keep the slots the first new query still sees: (slot0 - window, slot0).
-  const int64_t keep_from = std::max<int64_t>(origin[layer], slot0 - window + 1);
-  const int64_t n = slot0 - keep_from, shift = keep_from - origin[layer];
+  const int64_t keep_from = std::max<int64_t>(org, slot0 - window + 1);
+  const int64_t n = slot0 - keep_from, shift = keep_from - org;
   if (slot0 + T - keep_from > span[layer])
     throw std::logic_error("KV cache: a chunk does not fit a sliding layer's buffer");
-  // Moves n * head_dim values (and their scales) of every (row, head) `shift` slots down.
+  // Moves n * head_dim values (and their scales) of every head of the row `shift` slots down.
   auto move = [&](auto* data, int64_t per_value_num, int64_t per_value_den) {
     using T = std::remove_pointer_t<decltype(data)>;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        T* p = data + (base[layer] + (r * kv_heads + h) * span[layer] * head_dim) * per_value_num / per_value_den;
-        std::memmove(p, p + shift * head_dim * per_value_num / per_value_den,
-                     static_cast<size_t>(n * head_dim * per_value_num / per_value_den) * sizeof(T));
-      }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      T* p = data + (base[layer] + (row * kv_heads + h) * span[layer] * head_dim) * per_value_num / per_value_den;
+      std::memmove(p, p + shift * head_dim * per_value_num / per_value_den,
+                   static_cast<size_t>(n * head_dim * per_value_num / per_value_den) * sizeof(T));
+    }
   };
   move(k.data(), elem, 1);
   move(v.data(), elem, 1);
@@ -91,7 +92,12 @@ void KVCache::make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window)
     move(k_scales.data(), 1, kQBlock);
     move(v_scales.data(), 1, kQBlock);
   }
-  origin[layer] = keep_from;
+  org = keep_from;
+}
+
+void KVCache::reset_row(int64_t row) {
+  for (int64_t l = 0; l < layers; ++l) origin[l * rows + row] = 0;
+  std::fill_n(valid.begin() + row * capacity, capacity, uint8_t{0});
 }
 
 void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value) {
@@ -123,7 +129,7 @@ KVLayerView KVCache::layer(int64_t l) const {
   }
   view.kv_heads = kv_heads;
   view.span = span[l];
-  view.origin = origin[l];
+  view.origins = &origin[l * rows];
   view.head_dim = head_dim;
   view.valid = valid.data();
   view.capacity = capacity;
@@ -176,16 +182,14 @@ void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
   }
 }
 
-void Model::attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows,
-                      int64_t slot0, int64_t T, const float* q, float* out) {
+void Model::attention(KVCache& cache, int64_t layer, const StepRows& sr, const float* q, float* out) {
   const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
-  const int64_t R = static_cast<int64_t>(rows.size());
-  if (T == 1 && cfg_.causal) {
-    ws_.slots.assign(rows.size(), slot0);
-    attention_decode(q, R, rows.data(), ws_.slots.data(), cache.layer(layer), rule, out, ws_.attn);
-  } else {
-    attention_prefill(q, R, rows.data(), slot0, T, cache.layer(layer), rule, out, ws_.attn);
-  }
+  const int64_t Md = sr.decode_tokens(), QD = cfg_.num_heads * cfg_.head_dim;
+  const KVLayerView view = cache.layer(layer);
+  if (Md > 0) attention_decode(q, Md, sr.dec_rows.data(), sr.dec_slots.data(), view, rule, out, ws_.attn);
+  if (sr.prompt_tokens() > 0)
+    attention_prefill(q + Md * QD, static_cast<int64_t>(sr.pre_rows.size()), sr.pre_rows.data(), sr.slot0, sr.T, view,
+                      rule, out + Md * QD, ws_.attn);
 }
 
 void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
@@ -205,16 +209,24 @@ void Model::block_output(const float* in, int64_t K, const Weight& w, const floa
   for (int64_t i = 0; i < M * H; ++i) x[i] += tmp[i];
 }
 
-void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
-                 const int32_t* ids, const int32_t* pos, const uint8_t* valid, float* x_out,
-                 const std::function<void(int64_t, const float*)>& layer_sink) {
+void Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos, const uint8_t* valid,
+                 float* x_out, const std::function<void(int64_t, const float*)>& layer_sink) {
   const int64_t H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
   const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads, half = hd / 2;
-  const int64_t R = static_cast<int64_t>(rows.size()), M = R * T;
+  const int64_t Md = sr.decode_tokens(), M = Md + sr.prompt_tokens(), T = sr.T;
   const int64_t QD = nH * hd, KD = nKV * hd;
-  // One token per row is decode, however many rows share the step: its kernels, and so each
-  // row's bits, do not depend on the batch (kernels.h, Work).
-  const Work work = T == 1 ? Work::Decode : Work::Prefill;
+  // The decode tokens take the decode kernels and the prompt chunk the prefill ones, however
+  // many rows share the step: each row's bits do not depend on the batch (kernels.h, Work).
+  // parts(fn) runs fn(first token, tokens, work) for each kind present.
+  auto parts = [&](auto&& fn) {
+    if (Md > 0) fn(int64_t{0}, Md, Work::Decode);
+    if (M > Md) fn(Md, M - Md, Work::Prefill);
+  };
+  // Token m's cache row and slot.
+  auto row_slot = [&](int64_t m) -> std::pair<int64_t, int64_t> {
+    if (m < Md) return {sr.dec_rows[m], sr.dec_slots[m]};
+    return {sr.pre_rows[(m - Md) / T], sr.slot0 + (m - Md) % T};
+  };
 
   float* x = grown(ws_.x, M * H);
   float* h = grown(ws_.h, M * H);
@@ -243,9 +255,10 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t t = 0; t < T; ++t)
-      cache.valid[rows[r] * cache.capacity + slot0 + t] = valid[r * T + t];
+  for (int64_t m = 0; m < M; ++m) {
+    const auto [row, slot] = row_slot(m);
+    cache.valid[row * cache.capacity + slot] = valid[m];
+  }
   if (layer_sink) layer_sink(0, x);
 
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
@@ -257,8 +270,10 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      const MatmulTarget qkv[3] = {{&L.q, q, QD}, {&L.k, k, KD}, {&L.v, v, KD}};
-      matmul_many(h, M, H, qkv, 3, work);
+      parts([&](int64_t m0, int64_t n, Work work) {
+        const MatmulTarget qkv[3] = {{&L.q, q + m0 * QD, QD}, {&L.k, k + m0 * KD, KD}, {&L.v, v + m0 * KD, KD}};
+        matmul_many(h + m0 * H, n, H, qkv, 3, work);
+      });
     }
     {
       OpTimer timer(&OpProfile::rope_cache);
@@ -267,24 +282,27 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
         rmsnorm(k, L.k_norm, k, M * nKV, hd, cfg_.rms_norm_eps);
       }
       const int64_t window = cfg_.layer_window(l);
-      if (window > 0) cache.make_room(l, slot0, T, window);
+      if (window > 0) {
+        for (int64_t i = 0; i < Md; ++i) cache.make_room(l, sr.dec_rows[i], sr.dec_slots[i], 1, window);
+        for (int64_t row : sr.pre_rows) cache.make_room(l, row, sr.slot0, T, window);
+      }
       const int64_t table = window > 0 && local_table ? M * half : 0;
       for (int64_t m = 0; m < M; ++m) {
         const float* c = &cs[table + m * half];
         const float* sv = &sn[table + m * half];
         rope_apply(q + m * QD, static_cast<int>(nH), static_cast<int>(hd), c, sv);
         rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, sv);
-        const int64_t r = m / T, t = m % T;
-        for (int64_t kh = 0; kh < nKV; ++kh) {
-          cache.store(l, rows[r], kh, slot0 + t, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
-        }
+        const auto [row, slot] = row_slot(m);
+        for (int64_t kh = 0; kh < nKV; ++kh) cache.store(l, row, kh, slot, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
       }
     }
     {
       OpTimer timer(&OpProfile::attention);
-      attention(cache, l, rows, slot0, T, q, att);
+      attention(cache, l, sr, q, att);
     }
-    block_output(att, QD, L.o, L.post_attn_norm, h, x, M, work);
+    parts([&](int64_t m0, int64_t n, Work work) {
+      block_output(att + m0 * QD, QD, L.o, L.post_attn_norm, h + m0 * H, x + m0 * H, n, work);
+    });
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
@@ -292,18 +310,38 @@ void Model::step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0
     }
     {
       OpTimer timer(&OpProfile::matmul);
-      const MatmulTarget gate_up[2] = {{&L.gate, g, F}, {&L.up, u, F}};
-      matmul_many(h, M, H, gate_up, 2, work);
+      parts([&](int64_t m0, int64_t n, Work work) {
+        const MatmulTarget gate_up[2] = {{&L.gate, g + m0 * F, F}, {&L.up, u + m0 * F, F}};
+        matmul_many(h + m0 * H, n, H, gate_up, 2, work);
+      });
     }
     {
       OpTimer timer(&OpProfile::activation);
       gelu_tanh_mul(g, u, M * F);
     }
-    block_output(g, F, L.down, L.post_mlp_norm, h, x, M, work);
+    parts([&](int64_t m0, int64_t n, Work work) {
+      block_output(g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
+    });
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
   rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
+}
+
+StepRows Model::prompt_rows(int64_t B, int64_t slot0, int64_t T) const {
+  StepRows sr;
+  // One token per row of a causal model is decode work (its kernels, as every later token).
+  if (T == 1 && cfg_.causal) {
+    for (int64_t b = 0; b < B; ++b) {
+      sr.dec_rows.push_back(b);
+      sr.dec_slots.push_back(slot0);
+    }
+    return sr;
+  }
+  for (int64_t b = 0; b < B; ++b) sr.pre_rows.push_back(b);
+  sr.slot0 = slot0;
+  sr.T = T;
+  return sr;
 }
 
 int64_t Model::chunk_tokens(int64_t B, int64_t L) const {
@@ -315,8 +353,6 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
                     std::vector<float>* hidden_states,
                     const std::function<void(int64_t, int64_t, const float*)>& on_chunk) {
   const int64_t H = cfg_.hidden_size;
-  std::vector<int64_t> rows(B);
-  for (int64_t b = 0; b < B; ++b) rows[b] = b;
   // Causal attention lets the prompt go through in chunks (a query never needs a later
   // key); bidirectional attention needs every key first, so it takes one chunk.
   const int64_t Tc = chunk_tokens(B, L);
@@ -343,7 +379,7 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
                       T * H * sizeof(float));
       };
     }
-    step(cache, rows, c0, T, ids.data(), pos.data(), valid.data(), hid.data(), sink);
+    step(cache, prompt_rows(B, c0, T), ids.data(), pos.data(), valid.data(), hid.data(), sink);
     on_chunk(c0, T, hid.data());
   }
 }
@@ -474,7 +510,10 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
       pos[i] = next_pos[active[i]]++;
     }
     hid.resize(R * H);
-    step(cache, active, L + s, 1, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
+    StepRows sr;
+    sr.dec_rows = active;
+    sr.dec_slots.assign(active.size(), L + s);
+    step(cache, sr, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
     logits(hid.data(), R, lg.data(), Work::Decode);
   }
   // Compact [B, max_new_tokens] to [B, steps].

@@ -72,24 +72,29 @@ struct ModelWeights {
 // a slot holds a real token (0 for padding); masked slots are never attended to.
 //
 // A sliding-window layer keeps only the last slots it can still see: its buffer holds
-// span[l] slots starting at logical slot origin[l], and make_room() moves the still-visible
-// tail to the front when the next chunk would not fit (span >= 2 window + chunk, so that
-// move happens at most once per window of decoded tokens).
+// span[l] slots per row, starting at that row's logical slot origin[l][row], and make_room()
+// moves a row's still-visible tail to the front when its next chunk would not fit
+// (span >= 2 window + chunk, so that move happens at most once per window of decoded tokens).
+// Rows move at their own pace: the scheduler's sequences are at different positions.
 struct KVCache {
   int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
   DType dtype = DType::F32;
   int64_t elem = 4;                         // bytes per cached value: 4, 2 or 1
-  std::vector<int64_t> span, origin, base;  // per layer: slots held, first slot held, element offset
+  std::vector<int64_t> span, base;          // per layer: slots held per row, element offset
+  std::vector<int64_t> origin;              // [layers][rows]: the first slot each row holds
   std::vector<uint8_t> k, v;                // the values, `elem` bytes each
   std::vector<uint16_t> k_scales, v_scales; // int8: fp16 scale of each block of 32 values
   std::vector<uint8_t> valid;               // [rows][capacity], logical slots
   // max_chunk: the most tokens one step() writes at once.
   KVCache(const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
   int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
-    return base[layer] + ((row * kv_heads + head) * span[layer] + (slot - origin[layer])) * head_dim;
+    return base[layer] + ((row * kv_heads + head) * span[layer] + (slot - origin[layer * rows + row])) * head_dim;
   }
-  // Before writing slots [slot0, slot0 + T) of a layer whose queries see `window` slots back.
-  void make_room(int64_t layer, int64_t slot0, int64_t T, int64_t window);
+  // Before writing slots [slot0, slot0 + T) of one row in a layer whose queries see `window`
+  // slots back.
+  void make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window);
+  // A row starts a new sequence: it holds no slot yet.
+  void reset_row(int64_t row);
   // Writes one token's key and value of one head (rounded to bf16, or quantized, as cached).
   void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
   // One layer as the attention kernels read it.
@@ -111,17 +116,29 @@ using StepCallback = std::function<void(const std::vector<int32_t>&)>;
 // rows still generating (finished rows cost nothing more, so they have none).
 using LogitsSink = std::function<void(const std::vector<int64_t>& rows, const float* logits)>;
 
+// The token rows of one step(): decode tokens first, one per row, each at its own slot; then
+// a prompt chunk, T tokens of each of pre_rows at slots [slot0, slot0 + T). The two kinds take
+// their own kernels (kernels.h, Work), so a row's bits do not depend on what shares its step.
+struct StepRows {
+  std::vector<int64_t> dec_rows, dec_slots;
+  std::vector<int64_t> pre_rows;
+  int64_t slot0 = 0, T = 0;
+  int64_t decode_tokens() const { return static_cast<int64_t>(dec_rows.size()); }
+  int64_t prompt_tokens() const { return static_cast<int64_t>(pre_rows.size()) * T; }
+};
+
 // step()'s activation buffers: sized for the largest chunk seen and kept for the model's
 // life, so that a decode step allocates nothing.
 struct Workspace {
   std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
   std::vector<float> attn;      // attention's scratch: decode's parts, an int8 cache read as float32
-  std::vector<int64_t> slots;   // decode: each row's query slot
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they
 // share the workspace, and the thread pool serialises their matmuls anyway).
 class Model {
+  friend class Scheduler;  // runs step() and the LM head on its own cache, under mu_
+
  public:
   Model(const ModelConfig& config, ModelWeights weights);  // validates config
   const ModelConfig& config() const { return cfg_; }
@@ -139,12 +156,13 @@ class Model {
                           const LogitsSink& on_logits = nullptr);
 
  private:
-  // Runs T new tokens for each of the given cache rows, written at slots
-  // [slot0, slot0 + T). ids/pos/valid: [rows.size(), T]. Leaves the final-normed hidden
-  // states in x_out [rows.size() * T, hidden]. layer_states: optional, see forward().
-  void step(KVCache& cache, const std::vector<int64_t>& rows, int64_t slot0, int64_t T,
-            const int32_t* ids, const int32_t* pos, const uint8_t* valid, float* x_out,
-            const std::function<void(int64_t, const float*)>& layer_sink);
+  // Runs the tokens of sr (ids/pos/valid: one per token, in sr's order), each written to its
+  // row's slot. Leaves the final-normed hidden states in x_out [tokens, hidden]. layer_sink:
+  // optional, see forward().
+  void step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos, const uint8_t* valid,
+            float* x_out, const std::function<void(int64_t, const float*)>& layer_sink);
+  // Rows 0..B-1 each with T prompt tokens at [slot0, slot0 + T).
+  StepRows prompt_rows(int64_t B, int64_t slot0, int64_t T) const;
   // The prompt [B, L] through step() in chunks of at most kMaxChunkTokens tokens;
   // on_chunk(c0, T, hidden [B * T, hidden]) sees each chunk's final-normed states.
   void prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
@@ -152,9 +170,8 @@ class Model {
                const std::function<void(int64_t, int64_t, const float*)>& on_chunk);
   // Tokens per row in one prefill chunk (causal attention lets a prompt go through in chunks).
   int64_t chunk_tokens(int64_t B, int64_t L) const;
-  // The layer's attention: decode (T = 1, causal) or a prompt chunk (cpu/kernels.h).
-  void attention(KVCache& cache, int64_t layer, const std::vector<int64_t>& rows, int64_t slot0,
-                 int64_t T, const float* q, float* out);
+  // The layer's attention: the decode tokens, then the prompt chunk (cpu/kernels.h).
+  void attention(KVCache& cache, int64_t layer, const StepRows& sr, const float* q, float* out);
   void logits(const float* hidden, int64_t n, float* out, Work work);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
   // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).

@@ -6,9 +6,10 @@ from .generation import GenerationConfig, TextStreamer
 from .tokenizer import GemmaTokenizer, GemmaTokenizerFast
 from .modeling import (GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification,
                        GemmaModel, ModelOutput)
+from .engine import Engine, Request
 
 __all__ = [
     "__version__", "cpu_isa", "get_num_threads", "set_num_threads", "cuda_available", "cuda_status", "GemmaConfig", "GenerationConfig",
     "TextStreamer", "GemmaTokenizer", "GemmaTokenizerFast", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification",
-    "GemmaForTokenClassification", "ModelOutput",
+    "GemmaForTokenClassification", "ModelOutput", "Engine", "Request",
 ]

@@ -162,6 +162,27 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
 
     forward = __call__
 
+    def _sampling(self, generation_config: Optional[GenerationConfig] = None, **kwargs):
+        """(the GenerationConfig with the model's defaults filled in and validated, the engine's
+        SamplingParams for it): generate's arguments, and a scheduler request's."""
+        gc = (generation_config or self.generation_config).updated(**kwargs)
+        if gc.eos_token_id is None:
+            gc.eos_token_id = self.config.eos_token_id
+        if gc.pad_token_id is None:
+            gc.pad_token_id = self.config.pad_token_id
+        if gc.pad_token_id is None:
+            eos = gc.eos_ids()
+            gc.pad_token_id = eos[0] if eos else 0
+        gc.validate()
+        do_sample = bool(gc.do_sample) and gc.temperature > 0
+        seed = gc.seed if gc.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        params = SamplingParams(
+            max_new_tokens=int(gc.max_new_tokens), do_sample=do_sample, temperature=float(gc.temperature),
+            top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0),
+            min_p=float(gc.min_p or 0.0), repetition_penalty=float(gc.repetition_penalty),
+            eos_token_ids=gc.eos_ids(), pad_token_id=int(gc.pad_token_id), seed=seed)
+        return gc, params
+
     def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None,
                  streamer=None, callback: Optional[Callable[[np.ndarray], Any]] = None, **kwargs) -> np.ndarray:
         """Prompt + new tokens, [B, L + steps] int64, as transformers' generate returns; with
@@ -177,15 +198,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         if isinstance(input_ids, dict):  # tokenizer output passed whole
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
-        gc = (generation_config or self.generation_config).updated(**kwargs)
-        if gc.eos_token_id is None:
-            gc.eos_token_id = self.config.eos_token_id
-        if gc.pad_token_id is None:
-            gc.pad_token_id = self.config.pad_token_id
-        if gc.pad_token_id is None:
-            eos = gc.eos_ids()
-            gc.pad_token_id = eos[0] if eos else 0
-        gc.validate()
+        gc, params = self._sampling(generation_config, **kwargs)
         ids, mask = self._prepare(input_ids, attention_mask)
         B, L = ids.shape
         eos = gc.eos_ids()
@@ -201,13 +214,6 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         if L + gc.max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt length {L} + max_new_tokens {gc.max_new_tokens} exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        do_sample = bool(gc.do_sample) and gc.temperature > 0
-        seed = gc.seed if gc.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        params = SamplingParams(
-            max_new_tokens=int(gc.max_new_tokens), do_sample=do_sample, temperature=float(gc.temperature),
-            top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0),
-            min_p=float(gc.min_p or 0.0), repetition_penalty=float(gc.repetition_penalty),
-            eos_token_ids=eos, pad_token_id=int(gc.pad_token_id), seed=seed)
         if streamer is not None:
             streamer.put(ids.astype(np.int64))
 

@@ -1,0 +1,270 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+
+#include "runtime/threadpool.h"
+
+namespace gemma {
+
+namespace {
+// The cache's shape, checked before it is allocated.
+const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx, int64_t chunk) {
+  if (slots < 1) throw std::invalid_argument("scheduler: slots must be >= 1, got " + std::to_string(slots));
+  if (slot_ctx < 2) throw std::invalid_argument("scheduler: a slot's context must be >= 2 tokens, got " + std::to_string(slot_ctx));
+  if (chunk < 1) throw std::invalid_argument("scheduler: the prompt chunk must be >= 1 token, got " + std::to_string(chunk));
+  if (!c.causal)
+    throw std::invalid_argument("scheduler: a bidirectional model sees the whole prompt at once; it cannot be served in chunks");
+  return c;
+}
+}  // namespace
+
+Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk)
+    : model_(model), slots_(slots), slot_ctx_(slot_ctx), chunk_(std::min(chunk, slot_ctx)),
+      cache_(checked(model.config(), slots, slot_ctx, chunk), slots, slot_ctx, std::min(chunk, slot_ctx)),
+      row_busy_(static_cast<size_t>(slots), 0) {
+  totals_.slots = slots;
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() { shutdown(); }
+
+void Scheduler::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  event_cv_.notify_all();
+}
+
+int64_t Scheduler::submit(std::vector<int32_t> prompt, const SamplingParams& params) {
+  const int64_t V = model_.config().vocab_size, P = static_cast<int64_t>(prompt.size());
+  if (P == 0) throw std::invalid_argument("the prompt is empty");
+  for (int64_t i = 0; i < P; ++i)
+    if (prompt[i] < 0 || prompt[i] >= V)
+      throw std::invalid_argument("prompt token " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
+                                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  if (params.max_new_tokens < 1)
+    throw std::invalid_argument("max_new_tokens must be >= 1, got " + std::to_string(params.max_new_tokens));
+  if (P + params.max_new_tokens > slot_ctx_)
+    throw std::invalid_argument("a prompt of " + std::to_string(P) + " tokens + max_new_tokens " +
+                                std::to_string(params.max_new_tokens) + " exceeds a slot's context of " +
+                                std::to_string(slot_ctx_) + " tokens");
+  auto s = std::make_unique<Seq>();
+  s->prompt = std::move(prompt);
+  s->params = params;
+  // Stream 0: a request draws what generate()'s row 0 draws with the same seed.
+  s->sampler = std::make_unique<Sampler>(params, 0);
+  s->history = s->prompt;
+  int64_t id;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) throw std::runtime_error("the scheduler has shut down");
+    id = s->id = next_id_++;
+    waiting_.push_back(std::move(s));
+    ++totals_.requests;
+  }
+  work_cv_.notify_one();
+  return id;
+}
+
+void Scheduler::cancel(int64_t id) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    cancels_.push_back(id);
+  }
+  work_cv_.notify_one();
+}
+
+std::vector<RequestEvent> Scheduler::poll(double timeout_s) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (events_.empty() && timeout_s > 0)
+    event_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [&] { return !events_.empty() || stop_; });
+  std::vector<RequestEvent> out;
+  out.swap(events_);
+  return out;
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  SchedulerStats s = totals_;
+  s.running = static_cast<int64_t>(active_.size());
+  s.waiting = static_cast<int64_t>(waiting_.size());
+  return s;
+}
+
+std::string Scheduler::error() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return error_;
+}
+
+void Scheduler::emit(std::vector<RequestEvent>& out, const Seq& s, int32_t token, Finish f) {
+  out.push_back(RequestEvent{s.id, token, f});
+}
+
+void Scheduler::loop() {
+  const ModelConfig& c = model_.config();
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  std::vector<int32_t> ids, pos, drawn_tokens;
+  std::vector<uint8_t> ones;
+  std::vector<float> hid, last, lg;
+  std::vector<Seq*> decoding, drawn;
+  std::vector<int64_t> drawn_at;  // each drawn sequence's token index in the step
+  for (;;) {
+    std::vector<RequestEvent> out;
+    // Between iterations: cancellations, then admissions into free rows.
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      work_cv_.wait(lk, [&] { return stop_ || !waiting_.empty() || !active_.empty() || !cancels_.empty(); });
+      if (stop_) {
+        for (auto& s : active_) emit(out, *s, -1, Finish::Cancelled);
+        for (auto& s : waiting_) emit(out, *s, -1, Finish::Cancelled);
+        active_.clear();
+        waiting_.clear();
+        events_.insert(events_.end(), out.begin(), out.end());
+        event_cv_.notify_all();
+        return;
+      }
+      for (int64_t id : cancels_) {
+        auto w = std::find_if(waiting_.begin(), waiting_.end(), [&](const auto& s) { return s->id == id; });
+        if (w != waiting_.end()) {
+          emit(out, **w, -1, Finish::Cancelled);
+          waiting_.erase(w);
+          continue;
+        }
+        auto a = std::find_if(active_.begin(), active_.end(), [&](const auto& s) { return s->id == id; });
+        if (a != active_.end()) {
+          emit(out, **a, -1, Finish::Cancelled);
+          row_busy_[(*a)->row] = 0;
+          active_.erase(a);
+        }
+      }
+      cancels_.clear();
+      while (!waiting_.empty() && static_cast<int64_t>(active_.size()) < slots_) {
+        const int64_t row = std::find(row_busy_.begin(), row_busy_.end(), 0) - row_busy_.begin();
+        row_busy_[row] = 1;
+        cache_.reset_row(row);
+        waiting_.front()->row = row;
+        active_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      if (!out.empty()) {
+        events_.insert(events_.end(), out.begin(), out.end());
+        event_cv_.notify_all();
+        out.clear();
+      }
+      if (active_.empty()) continue;
+    }
+    // The iteration (only this thread changes active_ and its sequences): every generating
+    // sequence's next token, then one chunk of the first sequence with prompt left.
+    StepRows sr;
+    ids.clear();
+    pos.clear();
+    decoding.clear();
+    drawn.clear();
+    drawn_at.clear();
+    for (auto& s : active_) {
+      if (s->cached < static_cast<int64_t>(s->prompt.size())) continue;
+      drawn_at.push_back(static_cast<int64_t>(ids.size()));
+      drawn.push_back(s.get());
+      decoding.push_back(s.get());
+      sr.dec_rows.push_back(s->row);
+      sr.dec_slots.push_back(s->cached);
+      ids.push_back(s->next);
+      pos.push_back(static_cast<int32_t>(s->cached));
+    }
+    Seq* chunk_seq = nullptr;
+    int64_t chunk_T = 0;
+    for (auto& s : active_) {
+      const int64_t P = static_cast<int64_t>(s->prompt.size());
+      if (s->cached >= P) continue;
+      chunk_seq = s.get();
+      const int64_t c0 = s->cached, end = std::min(P, (c0 / chunk_ + 1) * chunk_);
+      chunk_T = end - c0;
+      if (chunk_T == 1) {  // one token: decode work, as prompt_rows() has it
+        sr.dec_rows.push_back(s->row);
+        sr.dec_slots.push_back(c0);
+      } else {
+        sr.pre_rows.push_back(s->row);
+        sr.slot0 = c0;
+        sr.T = chunk_T;
+      }
+      for (int64_t t = c0; t < end; ++t) {
+        ids.push_back(s->prompt[t]);
+        pos.push_back(static_cast<int32_t>(t));
+      }
+      if (end == P) {  // the last prompt token's logits give the first new token
+        drawn_at.push_back(static_cast<int64_t>(ids.size()) - 1);
+        drawn.push_back(s.get());
+      }
+      break;
+    }
+    const int64_t M = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(drawn.size());
+    drawn_tokens.assign(static_cast<size_t>(n), 0);
+    try {
+      std::lock_guard<std::mutex> ml(model_.mu_);
+      ones.assign(static_cast<size_t>(M), 1);
+      hid.resize(static_cast<size_t>(M * H));
+      model_.step(cache_, sr, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
+      last.resize(static_cast<size_t>(n * H));
+      lg.resize(static_cast<size_t>(n * V));
+      for (int64_t i = 0; i < n; ++i) std::memcpy(&last[i * H], &hid[drawn_at[i] * H], H * sizeof(float));
+      // One position per sequence: the decode kernels, as generate()'s every token.
+      if (n > 0) model_.logits(last.data(), n, lg.data(), Work::Decode);
+      if (n == 1) {
+        drawn_tokens[0] = drawn[0]->sampler->next(lg.data(), V, drawn[0]->history, true);
+      } else if (n > 1) {
+        parallel_for(n, [&](int64_t a, int64_t b) {
+          for (int64_t i = a; i < b; ++i) drawn_tokens[i] = drawn[i]->sampler->next(&lg[i * V], V, drawn[i]->history, false);
+        });
+      }
+    } catch (const std::exception& e) {
+      // The engine failed: every admitted request ends with the error; the loop goes on.
+      std::lock_guard<std::mutex> lk(mu_);
+      error_ = e.what();
+      for (auto& s : active_) {
+        emit(out, *s, -1, Finish::Error);
+        row_busy_[s->row] = 0;
+      }
+      active_.clear();
+      events_.insert(events_.end(), out.begin(), out.end());
+      event_cv_.notify_all();
+      continue;
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    ++totals_.iterations;
+    totals_.peak_rows = std::max(totals_.peak_rows, static_cast<int64_t>(decoding.size()) + (chunk_seq ? 1 : 0));
+    for (Seq* s : decoding) ++s->cached;
+    if (chunk_seq) {
+      chunk_seq->cached += chunk_T;
+      totals_.prompt_tokens += chunk_T;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      Seq& s = *drawn[i];
+      const int32_t tok = drawn_tokens[i];
+      s.history.push_back(tok);
+      s.next = tok;
+      ++s.generated;
+      ++totals_.generated_tokens;
+      Finish f = Finish::None;
+      if (std::find(s.params.eos_token_ids.begin(), s.params.eos_token_ids.end(), tok) != s.params.eos_token_ids.end())
+        f = Finish::Stop;
+      else if (s.generated >= s.params.max_new_tokens)
+        f = Finish::Length;
+      emit(out, s, tok, f);
+      if (f != Finish::None) row_busy_[s.row] = 0;
+    }
+    active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& s) { return !row_busy_[s->row]; }),
+                  active_.end());
+    events_.insert(events_.end(), out.begin(), out.end());
+    event_cv_.notify_all();
+  }
+}
+
+}  // namespace gemma

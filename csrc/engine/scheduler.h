@@ -1,0 +1,110 @@
+// Continuous batching: a scheduler of sequences over one Model. Up to `slots` sequences run at
+// once, each in its own row of one KV cache, at its own position, with its own sampler, seed,
+// stop tokens and token budget; requests join and leave between iterations.
+//
+// One iteration is one Model::step(): the next token of every sequence that is generating
+// (decode work), plus one chunk of one waiting prompt (prefill work). A prompt goes in chunks
+// of `chunk` tokens at slots [i * chunk, (i + 1) * chunk): its chunks, and so its bits, are the
+// same whatever else runs, and a long prompt holds the running sequences up for one chunk per
+// iteration at most.
+//
+// Batch invariance: the decode tokens take the decode kernels and the chunk the prefill ones,
+// each row's arithmetic its own (kernels.h, Work); the LM head runs as decode work on every
+// row whose next token is drawn; each sequence draws from its own Sampler. So a request's
+// tokens are the same bits alone or beside any others, and (a whole prompt in one chunk, as
+// generate() takes it) the same as generate()'s for that prompt alone with the same seed.
+//
+// The loop runs on its own thread; submit(), cancel() and poll() may be called from any
+// thread. Events (a token, a finish) queue up for poll().
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/model.h"
+#include "engine/sampler.h"
+
+namespace gemma {
+
+// Stop: an eos token; Length: max_new_tokens; Error: the engine failed (Scheduler::error()).
+enum class Finish : int32_t { None = 0, Stop = 1, Length = 2, Cancelled = 3, Error = 4 };
+
+struct RequestEvent {
+  int64_t id = 0;
+  int32_t token = -1;  // -1: no token (a cancelled request's last event)
+  Finish finish = Finish::None;
+};
+
+struct SchedulerStats {
+  int64_t running = 0, waiting = 0, slots = 0;
+  int64_t prompt_tokens = 0, generated_tokens = 0, requests = 0;
+  int64_t iterations = 0, peak_rows = 0;  // steps run; the most sequences one step advanced
+};
+
+class Scheduler {
+ public:
+  // slot_ctx: tokens a sequence may hold (prompt + new tokens); chunk: prompt tokens per
+  // iteration. The KV cache for slots x slot_ctx is allocated here, once.
+  Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a request; its id. std::invalid_argument (nothing queued) when the prompt is empty,
+  // holds a token outside the vocabulary, asks for no new token, or prompt + max_new_tokens
+  // exceeds slot_ctx.
+  int64_t submit(std::vector<int32_t> prompt, const SamplingParams& params);
+  // The request stops at the next iteration (its last event: Finish::Cancelled); unknown or
+  // finished ids are ignored.
+  void cancel(int64_t id);
+  // The events queued so far, waiting up to timeout_s for the first one.
+  std::vector<RequestEvent> poll(double timeout_s);
+  SchedulerStats stats() const;
+  // What failed, when an iteration threw (its requests ended with Finish::Error); "" if none.
+  std::string error() const;
+  // Cancels everything and joins the loop (the destructor does it too).
+  void shutdown();
+
+  int64_t slots() const { return slots_; }
+  int64_t slot_ctx() const { return slot_ctx_; }
+  int64_t chunk() const { return chunk_; }
+
+ private:
+  struct Seq {
+    int64_t id = 0;
+    std::vector<int32_t> prompt;
+    SamplingParams params;
+    std::unique_ptr<Sampler> sampler;
+    std::vector<int32_t> history;  // prompt and generated tokens (the repetition penalty's)
+    int64_t row = -1;              // its KV cache row while admitted
+    int64_t cached = 0;            // slots [0, cached) of its row hold its tokens
+    int64_t generated = 0;
+    int32_t next = 0;              // a generating sequence's token to feed next
+  };
+  void loop();
+  void emit(std::vector<RequestEvent>& out, const Seq& s, int32_t token, Finish f);
+
+  Model& model_;
+  const int64_t slots_, slot_ctx_, chunk_;
+  KVCache cache_;
+  std::thread thread_;
+
+  mutable std::mutex mu_;  // guards everything below
+  std::condition_variable work_cv_, event_cv_;
+  bool stop_ = false;
+  int64_t next_id_ = 1;
+  std::deque<std::unique_ptr<Seq>> waiting_;
+  std::vector<std::unique_ptr<Seq>> active_;  // admitted, in admission order
+  std::vector<int64_t> cancels_;
+  std::vector<RequestEvent> events_;
+  std::vector<uint8_t> row_busy_;
+  SchedulerStats totals_;
+  std::string error_;
+};
+
+}  // namespace gemma

@@ -1,0 +1,219 @@
+"""The continuous-batching engine (gemma_cpp.Engine over csrc/engine/scheduler.h): a request's
+tokens are the same bits alone, beside others that come and go, and as generate() gives them."""
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+import gemma_cpp
+
+# Prompt lengths: one token, chunk boundaries (the tests' chunk is 8), past the sliding window
+# (5) many times over.
+LENGTHS = [1, 2, 5, 7, 8, 9, 13, 16, 17, 20, 24, 31, 33, 40, 47, 60]
+
+
+@pytest.fixture(scope="module")
+def gemma3(tiny):
+    return tiny("Gemma3ForCausalLM", "q32", arch="gemma3", vocab_size=1020)
+
+
+def _load(folder, weights="float32", **kw):
+    if weights.startswith("int"):
+        kw["quantization"] = weights
+    else:
+        kw["dtype"] = weights
+    return gemma_cpp.GemmaForCausalLM.from_pretrained(folder, **kw)
+
+
+def _requests(V, seed=0):
+    """16 prompts of different lengths; even ones greedy, odd ones sampled with their own seed,
+    budgets of 6-21 tokens (so that requests end at different iterations)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(LENGTHS):
+        kw = dict(max_new_tokens=6 + (i * 7) % 16, eos_token_id=[])
+        if i % 2:
+            kw.update(do_sample=True, temperature=1.3, top_k=0, seed=100 + i)
+        out.append((rng.integers(3, V, size=n).tolist(), kw))
+    return out
+
+
+def _staggered(engine, reqs):
+    """Submits reqs in three waves, each when an earlier request is part-way through, so that
+    requests join while others decode and prefill; returns every request's tokens."""
+    handles = [engine.submit(p, **kw) for p, kw in reqs[:5]]
+    while len(handles[0].tokens) < 2 and not handles[0].done:
+        threading.Event().wait(0.001)
+    handles += [engine.submit(p, **kw) for p, kw in reqs[5:11]]
+    while len(handles[6].tokens) < 3 and not handles[6].done:
+        threading.Event().wait(0.001)
+    handles += [engine.submit(p, **kw) for p, kw in reqs[11:]]
+    return [h.result(timeout=120) for h in handles]
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+def test_a_request_is_the_same_bits_alone_and_beside_others(gemma3, weights):
+    folder, ref = gemma3
+    model = _load(folder, weights)
+    reqs = _requests(ref.config.vocab_size)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        alone = [engine.submit(p, **kw).result(timeout=60) for p, kw in reqs]
+        assert engine.stats()["peak_rows"] == 1
+        together = _staggered(engine, reqs)
+        stats = engine.stats()
+    assert stats["peak_rows"] >= 5, "the staggered requests never ran together"
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert len(a) == reqs[i][1]["max_new_tokens"]
+        assert a == b, f"{weights}: request {i} (prompt of {LENGTHS[i]} tokens) changed beside others"
+    assert len({tuple(a) for a in alone}) == 16, "degenerate: requests generate alike"
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["requests"] == 32 and stats["prompt_tokens"] == 2 * sum(LENGTHS)
+    assert stats["generated_tokens"] == 2 * sum(kw["max_new_tokens"] for _, kw in reqs)
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_batch_invariance_holds_for_every_kv_cache(tiny, kv):
+    # head_dim 32: an int8 cache's block.
+    folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3", vocab_size=1020)
+    model = _load(folder, "float32", kv_cache_dtype=kv)
+    reqs = _requests(ref.config.vocab_size, seed=1)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        alone = [engine.submit(p, **kw).result(timeout=60) for p, kw in reqs]
+        assert _staggered(engine, reqs) == alone
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_requests_match_generate(gemma3, weights):
+    # A prompt in one chunk (the default 512), as generate() takes it: the same tokens as
+    # generate() on that prompt alone, greedy and seeded, and so transformers' (test_generate).
+    folder, ref = gemma3
+    model = _load(folder, weights)
+    reqs = _requests(ref.config.vocab_size, seed=2)
+    with gemma_cpp.Engine(model, slots=4, slot_ctx=128) as engine:
+        ours = _staggered(engine, reqs)
+    for i, (prompt, kw) in enumerate(reqs):
+        want = model.generate(np.array([prompt]), **kw)[0, len(prompt):].tolist()
+        assert ours[i] == want, f"{weights}: request {i}"
+
+
+def test_eos_stops_a_request_and_frees_its_slot(gemma3):
+    folder, ref = gemma3
+    model = _load(folder)
+    prompt = np.random.default_rng(3).integers(3, ref.config.vocab_size, size=9).tolist()
+    free = model.generate(np.array([prompt]), max_new_tokens=12, eos_token_id=[])[0, 9:].tolist()
+    eos = free[4]
+    stop_at = free.index(eos)
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=64) as engine:
+        r = engine.submit(prompt, max_new_tokens=12, eos_token_id=[eos])
+        assert r.result(timeout=60) == free[:stop_at + 1] and r.finish_reason == "stop"
+        r2 = engine.submit(prompt, max_new_tokens=3, eos_token_id=[])
+        assert r2.result(timeout=60) == free[:3] and r2.finish_reason == "length"
+
+
+def test_cancel_ends_a_request_and_frees_its_slot(gemma3):
+    folder, ref = gemma3
+    model = _load(folder)
+    prompt = list(range(3, 20))
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=128) as engine:
+        long = engine.submit(prompt, max_new_tokens=100, eos_token_id=[])
+        queued = engine.submit(prompt, max_new_tokens=100, eos_token_id=[])  # waits for the one slot
+        first = [next(long), next(long)]
+        long.cancel()
+        queued.cancel()
+        rest = list(long)  # what came before the cancel reached the loop, then the end
+        assert long.finish_reason == "cancelled" and len(first + rest) < 100
+        assert queued.result(timeout=60) == [] and queued.finish_reason == "cancelled"
+        after = engine.submit(prompt, max_new_tokens=5, eos_token_id=[]).result(timeout=60)
+        n = min(5, len(long.tokens))  # the slot starts afresh: the same first tokens
+        assert len(after) == 5 and after[:n] == long.tokens[:n]
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_async_readers_get_the_same_tokens(gemma3):
+    folder, ref = gemma3
+    model = _load(folder)
+    reqs = _requests(ref.config.vocab_size, seed=4)[:6]
+    with gemma_cpp.Engine(model, slots=3, slot_ctx=128, chunk_size=8) as engine:
+        want = [engine.submit(p, **kw).result(timeout=60) for p, kw in reqs]
+
+        async def read(p, kw):
+            return [t async for t in engine.submit(p, **kw)]
+
+        async def main():
+            return await asyncio.gather(*(read(p, kw) for p, kw in reqs))
+
+        assert asyncio.run(main()) == want
+
+        async def walk_away():  # a reader cancelled mid-stream cancels its request
+            r = engine.submit(reqs[0][0], max_new_tokens=100, eos_token_id=[])
+            task = asyncio.ensure_future(_first(r))
+            await asyncio.sleep(0)
+            await asyncio.wait_for(task, 30)
+            reader = asyncio.ensure_future(_drain(r))
+            await asyncio.sleep(0.01)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            return r
+
+        r = asyncio.run(walk_away())
+        r.result(timeout=30)
+        assert r.finish_reason in ("cancelled", "length")
+        assert engine.stats()["running"] == 0
+
+
+async def _first(r):
+    return await r.__anext__()
+
+
+async def _drain(r):
+    return [t async for t in r]
+
+
+def test_bad_requests_fail_before_any_work(gemma3):
+    folder, ref = gemma3
+    model = _load(folder)
+    V = ref.config.vocab_size
+    with gemma_cpp.Engine(model, slots=2, slot_ctx=40) as engine:
+        with pytest.raises(ValueError, match=r"a prompt of 35 tokens \+ max_new_tokens 6 exceeds a slot's context of 40"):
+            engine.submit(list(range(3, 38)), max_new_tokens=6)
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            engine.submit([], max_new_tokens=2)
+        with pytest.raises(ValueError, match=rf"prompt token {V} at position 1 is outside the vocabulary \[0, {V}\)"):
+            engine.submit([5, V], max_new_tokens=2)
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            engine.submit([5, 6], max_new_tokens=0)
+        with pytest.raises(ValueError, match="temperature"):
+            engine.submit([5, 6], temperature=-1.0)
+        with pytest.raises(ValueError, match="one sequence of token ids"):
+            engine.submit(np.zeros((2, 3), np.int64))
+        with pytest.raises(TypeError, match="output_logits"):
+            engine.submit([5, 6], output_logits=True, return_dict_in_generate=True)
+        assert engine.stats()["requests"] == 0
+        assert engine.submit(np.array([[5, 6]]), max_new_tokens=2).result(timeout=30) != []
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([5, 6])
+    max_pos = ref.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        gemma_cpp.Engine(model, slot_ctx=max_pos + 1)
+    with pytest.raises(ValueError, match="slots"):
+        gemma_cpp.Engine(model, slots=0)
+    with pytest.raises(ValueError, match="not both"):
+        gemma_cpp.Engine(model, ctx_size=64, slot_ctx=32)
+    with gemma_cpp.Engine(model, slots=4, ctx_size=100) as engine:
+        assert engine.slot_ctx == 25
+    with pytest.raises(TypeError, match="GemmaForCausalLM"):
+        gemma_cpp.Engine(object())
+
+
+def test_more_requests_than_slots_all_complete(gemma3):
+    folder, ref = gemma3
+    model = _load(folder, "int8")
+    reqs = _requests(ref.config.vocab_size, seed=5)
+    with gemma_cpp.Engine(model, slots=2, slot_ctx=128, chunk_size=16) as engine:
+        out = engine.generate([p for p, _ in reqs[:1]] * 3, max_new_tokens=4, eos_token_id=[])
+        assert out[0] == out[1] == out[2] and len(out[0]) == 4
+        handles = [engine.submit(p, **kw) for p, kw in reqs]
+        assert [len(h.result(timeout=120)) for h in handles] == [kw["max_new_tokens"] for _, kw in reqs]
