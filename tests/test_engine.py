@@ -217,3 +217,64 @@ def test_more_requests_than_slots_all_complete(gemma3):
         assert out[0] == out[1] == out[2] and len(out[0]) == 4
         handles = [engine.submit(p, **kw) for p, kw in reqs]
         assert [len(h.result(timeout=120)) for h in handles] == [kw["max_new_tokens"] for _, kw in reqs]
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def test_logprobs_are_the_models_log_softmax(gemma3):
+    folder, ref = gemma3
+    model = _load(folder)
+    prompt = np.random.default_rng(6).integers(3, ref.config.vocab_size, size=11).tolist()
+    with gemma_cpp.Engine(model, slots=2, slot_ctx=64) as engine:
+        r = engine.submit(prompt, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=2.0, top_k=0,
+                          seed=9, logprobs=5)
+        tokens = r.result(timeout=60)
+        plain = engine.submit(prompt, max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=2.0, top_k=0,
+                              seed=9)
+        assert plain.result(timeout=60) == tokens and plain.logprobs == []  # asking changes nothing drawn
+    # The reference: one forward over prompt + tokens, log-softmax at each drawing position.
+    logits = model(np.array([prompt + tokens]))["logits"][0]
+    assert len(r.logprobs) == len(r.top_logprobs) == 6
+    for i, tok in enumerate(tokens):
+        want = _log_softmax(logits[len(prompt) - 1 + i])
+        assert abs(r.logprobs[i] - want[tok]) < 1e-4
+        top = r.top_logprobs[i]
+        order = np.argsort(-want, kind="stable")[:5]
+        assert [t for t, _ in top] == order.tolist()
+        np.testing.assert_allclose([lp for _, lp in top], want[order], atol=1e-4)
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=64) as engine:
+        with pytest.raises(ValueError, match="logprobs"):
+            engine.submit(prompt, logprobs=21)
+
+
+def test_presence_and_frequency_penalties_follow_their_formula(gemma3):
+    # Greedy with OpenAI's penalties, against a numpy loop over the model's own logits:
+    # logit -= presence * (count > 0) + frequency * count, counting the new tokens only.
+    folder, ref = gemma3
+    model = _load(folder)
+    rng = np.random.default_rng(8)
+    changed = 0
+    # The random model repeats one token with a lead of ~13 logits: a count of 6-8 overtakes it.
+    for presence, frequency in ((2.0, 1.5), (0.0, 2.0), (1.0, 1.8), (-0.5, 0.0)):
+        prompt = rng.integers(3, ref.config.vocab_size, size=7).tolist()
+        with gemma_cpp.Engine(model, slots=1, slot_ctx=64) as engine:
+            ours = engine.submit(prompt, max_new_tokens=12, eos_token_id=[], presence_penalty=presence,
+                                 frequency_penalty=frequency).result(timeout=60)
+            changed += ours != engine.submit(prompt, max_new_tokens=12, eos_token_id=[]).result(timeout=60)
+        seq, counts = list(prompt), {}
+        for _ in range(12):
+            x = model(np.array([seq]))["logits"][0, -1].astype(np.float64)
+            for t, c in counts.items():
+                x[t] -= presence * (c > 0) + frequency * c
+            t = int(np.argmax(x))
+            counts[t] = counts.get(t, 0) + 1
+            seq.append(t)
+        assert ours == seq[len(prompt):], (presence, frequency)
+    assert changed >= 3, "the penalties changed almost nothing: the test would not see them"
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=64) as engine:
+        with pytest.raises(ValueError, match=r"presence_penalty must be a number in \[-2, 2\]"):
+            engine.submit([5, 6], presence_penalty=3)

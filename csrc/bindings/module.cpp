@@ -273,7 +273,9 @@ class SchedulerHandle {
     py::gil_scoped_release nogil;  // the loop finishes its iteration
     s_.reset();
   }
-  int64_t submit(const std::vector<int32_t>& prompt, const SamplingParams& params) { return s_->submit(prompt, params); }
+  int64_t submit(const std::vector<int32_t>& prompt, const SamplingParams& params, int32_t logprobs) {
+    return s_->submit(prompt, params, logprobs);
+  }
   void cancel(int64_t id) { s_->cancel(id); }
   // [(id, token, finish)], waiting up to timeout seconds (without the GIL) for the first.
   py::list poll(double timeout) {
@@ -283,7 +285,15 @@ class SchedulerHandle {
       ev = s_->poll(timeout);
     }
     py::list out;
-    for (const RequestEvent& e : ev) out.append(py::make_tuple(e.id, e.token, static_cast<int>(e.finish)));
+    for (const RequestEvent& e : ev) {
+      if (!e.with_logprobs) {
+        out.append(py::make_tuple(e.id, e.token, static_cast<int>(e.finish)));
+        continue;
+      }
+      py::list top;
+      for (const auto& t : e.top) top.append(py::make_tuple(t.first, t.second));
+      out.append(py::make_tuple(e.id, e.token, static_cast<int>(e.finish), e.logprob, top));
+    }
     return out;
   }
   py::dict stats() const {
@@ -313,7 +323,8 @@ class SchedulerHandle {
 
 SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float temperature, int64_t top_k,
                            float top_p, float min_p, float repetition_penalty,
-                           std::vector<int32_t> eos_token_ids, int32_t pad_token_id, uint64_t seed) {
+                           std::vector<int32_t> eos_token_ids, int32_t pad_token_id, uint64_t seed,
+                           float presence_penalty, float frequency_penalty) {
   SamplingParams p;
   p.max_new_tokens = max_new_tokens;
   p.do_sample = do_sample;
@@ -325,6 +336,8 @@ SamplingParams make_params(int64_t max_new_tokens, bool do_sample, float tempera
   p.eos_token_ids = std::move(eos_token_ids);
   p.pad_token_id = pad_token_id;
   p.seed = seed;
+  p.presence_penalty = presence_penalty;
+  p.frequency_penalty = frequency_penalty;
   return p;
 }
 
@@ -346,7 +359,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_params), py::arg("max_new_tokens"), py::arg("do_sample"),
            py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
            py::arg("repetition_penalty"), py::arg("eos_token_ids"), py::arg("pad_token_id"),
-           py::arg("seed"));
+           py::arg("seed"), py::arg("presence_penalty") = 0.f, py::arg("frequency_penalty") = 0.f);
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const py::object&, const py::dict&>(), py::arg("config"), py::arg("weights"),
@@ -364,12 +377,14 @@ PYBIND11_MODULE(_C, m) {
            py::arg("slot_ctx"), py::arg("chunk"),
            "Continuous batching over engine's model: `slots` sequences of up to slot_ctx tokens "
            "each, prompts in chunks of `chunk` tokens; a thread of its own runs the iterations")
-      .def("submit", &SchedulerHandle::submit, py::arg("prompt"), py::arg("params"),
-           "Queues a request (a list of token ids, SamplingParams); its id. ValueError when it cannot fit")
+      .def("submit", &SchedulerHandle::submit, py::arg("prompt"), py::arg("params"), py::arg("logprobs") = -1,
+           "Queues a request (a list of token ids, SamplingParams); its id. ValueError when it cannot fit. "
+           "logprobs >= 0: each token's event also carries its log-probability and the top `logprobs`")
       .def("cancel", &SchedulerHandle::cancel, py::arg("id"))
       .def("poll", &SchedulerHandle::poll, py::arg("timeout"),
-           "[(id, token, finish)] queued so far, waiting up to timeout seconds for the first. finish: "
-           "0 running, 1 stop token, 2 max_new_tokens, 3 cancelled, 4 engine error (token -1: none)")
+           "[(id, token, finish[, logprob, [(token, logprob)]])] queued so far, waiting up to timeout "
+           "seconds for the first. finish: 0 running, 1 stop token, 2 max_new_tokens, 3 cancelled, "
+           "4 engine error (token -1: none)")
       .def("stats", &SchedulerHandle::stats)
       .def("error", &SchedulerHandle::error)
       .def("shutdown", &SchedulerHandle::shutdown)

@@ -64,6 +64,18 @@ int32_t Sampler::next(float* logits, int64_t vocab, const std::vector<int32_t>& 
       logits[t] = logits[t] < 0 ? logits[t] * pen : logits[t] / pen;
     }
   }
+  const bool counts = p_.presence_penalty != 0.f || p_.frequency_penalty != 0.f;
+  if (counts) {
+    if (static_cast<int64_t>(drawn_.size()) != vocab) drawn_.assign(static_cast<size_t>(vocab), 0);
+    for (int32_t t : distinct_)
+      logits[t] -= p_.presence_penalty + p_.frequency_penalty * static_cast<float>(drawn_[t]);
+  }
+  const int32_t tok = pick(logits, vocab, use_pool);
+  if (counts && tok >= 0 && tok < vocab && drawn_[tok]++ == 0) distinct_.push_back(tok);
+  return tok;
+}
+
+int32_t Sampler::pick(float* logits, int64_t vocab, bool use_pool) {
   if (!p_.do_sample) return use_pool ? argmax_pooled(logits, vocab) : argmax(logits, vocab);
 
   if (p_.temperature != 1.f)

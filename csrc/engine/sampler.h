@@ -1,5 +1,6 @@
 // Token selection from logits: the processors transformers applies, in its order
-// (repetition penalty, then temperature, top-k, top-p, min-p), and the draw.
+// (repetition penalty, then temperature, top-k, top-p, min-p), and the draw. The presence and
+// frequency penalties (OpenAI's; transformers has none) go right after the repetition penalty.
 #pragma once
 #include <cstdint>
 #include <random>
@@ -15,6 +16,9 @@ struct SamplingParams {
   float top_p = 1.f;         // (0, 1]; 1: off
   float min_p = 0.f;         // [0, 1]; 0: off
   float repetition_penalty = 1.f;  // > 0; 1: off
+  // OpenAI's: logit -= presence * (count > 0) + frequency * count, count = how often the
+  // Sampler has drawn the token (the new tokens only); 0: off.
+  float presence_penalty = 0.f, frequency_penalty = 0.f;
   std::vector<int32_t> eos_token_ids;
   int32_t pad_token_id = 0;
   uint64_t seed = 0;
@@ -31,11 +35,14 @@ class Sampler {
 
  private:
   static uint64_t mix(uint64_t seed, uint64_t stream);
+  int32_t pick(float* logits, int64_t vocab, bool use_pool);  // after the penalties
   SamplingParams p_;
   std::mt19937_64 rng_;
   std::vector<int32_t> idx_;
   std::vector<float> prob_;
   std::vector<uint8_t> seen_;
+  std::vector<int32_t> drawn_;     // [vocab] counts of drawn tokens, when a penalty needs them
+  std::vector<int32_t> distinct_;  // the tokens drawn, each once
 };
 
 // The first index of the largest value, NaN skipped (torch.argmax's choice among ties).

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <cmath>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -12,6 +14,34 @@
 namespace gemma {
 
 namespace {
+constexpr int32_t kMaxLogprobs = 20;
+
+// log(sum(exp(x))) over a row, in double: the log-softmax's denominator.
+float log_sum_exp(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (!std::isfinite(m)) return m;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - m);
+  return static_cast<float>(m + std::log(sum));
+}
+
+// The k largest entries of x (ties: the lower index first), best first, as log-probabilities.
+std::vector<std::pair<int32_t, float>> top_entries(const float* x, int64_t n, int32_t k, float lse) {
+  std::vector<std::pair<int32_t, float>> top;
+  auto better = [](const std::pair<int32_t, float>& a, const std::pair<int32_t, float>& b) {
+    return a.second > b.second || (a.second == b.second && a.first < b.first);
+  };
+  for (int64_t i = 0; i < n && k > 0; ++i) {
+    const std::pair<int32_t, float> e{static_cast<int32_t>(i), x[i]};
+    if (static_cast<int32_t>(top.size()) == k && !better(e, top.back())) continue;
+    top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
+    if (static_cast<int32_t>(top.size()) > k) top.pop_back();
+  }
+  for (auto& e : top) e.second -= lse;
+  return top;
+}
+
 // The cache's shape, checked before it is allocated.
 const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx, int64_t chunk) {
   if (slots < 1) throw std::invalid_argument("scheduler: slots must be >= 1, got " + std::to_string(slots));
@@ -43,13 +73,16 @@ void Scheduler::shutdown() {
   event_cv_.notify_all();
 }
 
-int64_t Scheduler::submit(std::vector<int32_t> prompt, const SamplingParams& params) {
+int64_t Scheduler::submit(std::vector<int32_t> prompt, const SamplingParams& params, int32_t logprobs) {
   const int64_t V = model_.config().vocab_size, P = static_cast<int64_t>(prompt.size());
   if (P == 0) throw std::invalid_argument("the prompt is empty");
   for (int64_t i = 0; i < P; ++i)
     if (prompt[i] < 0 || prompt[i] >= V)
       throw std::invalid_argument("prompt token " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  if (logprobs < -1 || logprobs > kMaxLogprobs)
+    throw std::invalid_argument("logprobs must be in [0, " + std::to_string(kMaxLogprobs) + "], got " +
+                                std::to_string(logprobs));
   if (params.max_new_tokens < 1)
     throw std::invalid_argument("max_new_tokens must be >= 1, got " + std::to_string(params.max_new_tokens));
   if (P + params.max_new_tokens > slot_ctx_)
@@ -62,6 +95,7 @@ int64_t Scheduler::submit(std::vector<int32_t> prompt, const SamplingParams& par
   // Stream 0: a request draws what generate()'s row 0 draws with the same seed.
   s->sampler = std::make_unique<Sampler>(params, 0);
   s->history = s->prompt;
+  s->logprobs = logprobs;
   int64_t id;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -112,6 +146,8 @@ void Scheduler::loop() {
   const ModelConfig& c = model_.config();
   const int64_t H = c.hidden_size, V = c.vocab_size;
   std::vector<int32_t> ids, pos, drawn_tokens;
+  std::vector<float> drawn_lp;
+  std::vector<std::vector<std::pair<int32_t, float>>> drawn_top;
   std::vector<uint8_t> ones;
   std::vector<float> hid, last, lg;
   std::vector<Seq*> decoding, drawn;
@@ -207,6 +243,8 @@ void Scheduler::loop() {
     }
     const int64_t M = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(drawn.size());
     drawn_tokens.assign(static_cast<size_t>(n), 0);
+    drawn_lp.assign(static_cast<size_t>(n), 0.f);
+    drawn_top.assign(static_cast<size_t>(n), {});
     try {
       std::lock_guard<std::mutex> ml(model_.mu_);
       ones.assign(static_cast<size_t>(M), 1);
@@ -217,11 +255,26 @@ void Scheduler::loop() {
       for (int64_t i = 0; i < n; ++i) std::memcpy(&last[i * H], &hid[drawn_at[i] * H], H * sizeof(float));
       // One position per sequence: the decode kernels, as generate()'s every token.
       if (n > 0) model_.logits(last.data(), n, lg.data(), Work::Decode);
+      // Each sequence draws from its own sampler; the logprobs read the raw logits first.
+      auto draw = [&](int64_t i, bool pool) {
+        Seq& s = *drawn[i];
+        float* row = &lg[i * V];
+        if (s.logprobs < 0) {
+          drawn_tokens[i] = s.sampler->next(row, V, s.history, pool);
+          return;
+        }
+        thread_local std::vector<float> raw;
+        raw.assign(row, row + V);
+        const float lse = log_sum_exp(raw.data(), V);
+        drawn_top[i] = top_entries(raw.data(), V, s.logprobs, lse);
+        drawn_tokens[i] = s.sampler->next(row, V, s.history, pool);
+        drawn_lp[i] = raw[drawn_tokens[i]] - lse;
+      };
       if (n == 1) {
-        drawn_tokens[0] = drawn[0]->sampler->next(lg.data(), V, drawn[0]->history, true);
+        draw(0, true);
       } else if (n > 1) {
         parallel_for(n, [&](int64_t a, int64_t b) {
-          for (int64_t i = a; i < b; ++i) drawn_tokens[i] = drawn[i]->sampler->next(&lg[i * V], V, drawn[i]->history, false);
+          for (int64_t i = a; i < b; ++i) draw(i, false);
         });
       }
     } catch (const std::exception& e) {
@@ -258,6 +311,9 @@ void Scheduler::loop() {
       else if (s.generated >= s.params.max_new_tokens)
         f = Finish::Length;
       emit(out, s, tok, f);
+      out.back().with_logprobs = s.logprobs >= 0;
+      out.back().logprob = drawn_lp[i];
+      out.back().top = std::move(drawn_top[i]);
       if (f != Finish::None) row_busy_[s.row] = 0;
     }
     active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& s) { return !row_busy_[s->row]; }),

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "engine/model.h"
@@ -38,6 +39,12 @@ struct RequestEvent {
   int64_t id = 0;
   int32_t token = -1;  // -1: no token (a cancelled request's last event)
   Finish finish = Finish::None;
+  // When the request asked for logprobs: the token's log-probability under the model (the
+  // log-softmax of the raw logits, before any penalty or warping), and the `logprobs` most
+  // likely tokens with theirs (best first; ties: the lower id first).
+  bool with_logprobs = false;
+  float logprob = 0.f;
+  std::vector<std::pair<int32_t, float>> top;
 };
 
 struct SchedulerStats {
@@ -58,7 +65,8 @@ class Scheduler {
   // Queues a request; its id. std::invalid_argument (nothing queued) when the prompt is empty,
   // holds a token outside the vocabulary, asks for no new token, or prompt + max_new_tokens
   // exceeds slot_ctx.
-  int64_t submit(std::vector<int32_t> prompt, const SamplingParams& params);
+  // logprobs: -1 none, else each token's log-probability and the top `logprobs` (<= 20).
+  int64_t submit(std::vector<int32_t> prompt, const SamplingParams& params, int32_t logprobs = -1);
   // The request stops at the next iteration (its last event: Finish::Cancelled); unknown or
   // finished ids are ignored.
   void cancel(int64_t id);
@@ -85,6 +93,7 @@ class Scheduler {
     int64_t cached = 0;            // slots [0, cached) of its row hold its tokens
     int64_t generated = 0;
     int32_t next = 0;              // a generating sequence's token to feed next
+    int32_t logprobs = -1;
   };
   void loop();
   void emit(std::vector<RequestEvent>& out, const Seq& s, int32_t token, Finish f);

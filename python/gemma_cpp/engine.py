@@ -37,6 +37,10 @@ class Request:
         self.id = request_id
         self.prompt = prompt
         self.tokens: List[int] = []
+        # With logprobs: each token's log-probability (the model's log-softmax, before any
+        # penalty or warping) and the top alternatives, [(token, logprob)] best first.
+        self.logprobs: List[float] = []
+        self.top_logprobs: List[List[tuple]] = []
         self.finish_reason: Optional[str] = None
         self._scheduler = scheduler
         self._cond = threading.Condition()
@@ -52,11 +56,14 @@ class Request:
         if not self.done:
             self._scheduler.cancel(self.id)
 
-    def _push(self, token: int, finish: int) -> None:  # the engine's event thread
+    def _push(self, token: int, finish: int, logprob=None, top=None) -> None:  # the engine's event thread
         with self._cond:
             if token >= 0:
                 self.tokens.append(token)
                 self._unread.append(token)
+                if logprob is not None:
+                    self.logprobs.append(logprob)
+                    self.top_logprobs.append(top)
             if finish:
                 self.finish_reason = FINISH_REASONS.get(finish, "error")
             self._cond.notify_all()
@@ -169,11 +176,15 @@ class Engine:
     def slot_ctx(self) -> int:
         return self._scheduler.slot_ctx
 
-    def submit(self, prompt_ids, generation_config: Optional[GenerationConfig] = None, **kwargs) -> Request:
+    def submit(self, prompt_ids, generation_config: Optional[GenerationConfig] = None, *,
+               logprobs: Optional[int] = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               **kwargs) -> Request:
         """Queues one prompt (token ids: a list, a 1-D array, [1, L], or a tokenizer's output)
         with generate's arguments (max_new_tokens, do_sample, temperature, top_k, top_p, min_p,
-        repetition_penalty, eos_token_id, seed). ValueError, before any work, when the prompt
-        does not fit a slot."""
+        repetition_penalty, eos_token_id, seed), and OpenAI's presence_penalty and
+        frequency_penalty (in [-2, 2]; they count the new tokens only). logprobs (0-20): each
+        token's log-probability, and that many top alternatives (Request.logprobs,
+        Request.top_logprobs). ValueError, before any work, when the request does not fit a slot."""
         if self._closed.is_set():
             raise RuntimeError("the engine is closed")
         for name in ("output_logits", "return_dict_in_generate"):
@@ -190,9 +201,12 @@ class Engine:
             raise ValueError(f"prompt_ids must be one sequence of token ids, got an array of shape "
                              f"{ids.shape} and dtype {ids.dtype}")
         prompt = [int(t) for t in ids]
-        _, params = self.model._sampling(generation_config, **kwargs)
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+            raise ValueError(f"logprobs must be an int in [0, 20] or None, got {logprobs!r}")
+        _, params = self.model._sampling(generation_config, presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty, **kwargs)
         with self._lock:
-            request_id = self._scheduler.submit(prompt, params)
+            request_id = self._scheduler.submit(prompt, params, -1 if logprobs is None else int(logprobs))
             request = self._requests[request_id] = Request(self._scheduler, request_id, prompt)
         return request
 
@@ -233,11 +247,12 @@ def _dispatch(scheduler: Scheduler, requests: Dict[int, Request], lock: threadin
     while True:
         events = scheduler.poll(0.05)
         with lock:
-            for request_id, token, finish in events:
+            for event in events:
+                request_id, token, finish = event[:3]
                 request = requests.get(request_id)
                 if request is None:
                     continue
-                request._push(token, finish)
+                request._push(token, finish, *event[3:])
                 if finish:
                     del requests[request_id]
         if closed.is_set() and not events:

@@ -162,9 +162,14 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
 
     forward = __call__
 
-    def _sampling(self, generation_config: Optional[GenerationConfig] = None, **kwargs):
+    def _sampling(self, generation_config: Optional[GenerationConfig] = None, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, **kwargs):
         """(the GenerationConfig with the model's defaults filled in and validated, the engine's
-        SamplingParams for it): generate's arguments, and a scheduler request's."""
+        SamplingParams for it): generate's arguments, and a scheduler request's (which may also
+        set OpenAI's presence and frequency penalties, in [-2, 2])."""
+        for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
         gc = (generation_config or self.generation_config).updated(**kwargs)
         if gc.eos_token_id is None:
             gc.eos_token_id = self.config.eos_token_id
@@ -180,7 +185,8 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             max_new_tokens=int(gc.max_new_tokens), do_sample=do_sample, temperature=float(gc.temperature),
             top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0),
             min_p=float(gc.min_p or 0.0), repetition_penalty=float(gc.repetition_penalty),
-            eos_token_ids=gc.eos_ids(), pad_token_id=int(gc.pad_token_id), seed=seed)
+            eos_token_ids=gc.eos_ids(), pad_token_id=int(gc.pad_token_id), seed=seed,
+            presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty))
         return gc, params
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None,
