@@ -85,7 +85,7 @@ def test_batch_invariance_holds_for_every_kv_cache(tiny, kv):
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_requests_match_generate(gemma3, weights):
-    # A prompt in one chunk (the default 512), as generate() takes it: the same tokens as
+    # A prompt in one chunk (the default 128), as generate() takes it: the same tokens as
     # generate() on that prompt alone, greedy and seeded, and so transformers' (test_generate).
     folder, ref = gemma3
     model = _load(folder, weights)
@@ -278,3 +278,48 @@ def test_presence_and_frequency_penalties_follow_their_formula(gemma3):
     with gemma_cpp.Engine(model, slots=1, slot_ctx=64) as engine:
         with pytest.raises(ValueError, match=r"presence_penalty must be a number in \[-2, 2\]"):
             engine.submit([5, 6], presence_penalty=3)
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_prefix_reuse_is_exact_and_only_where_valid(gemma3, weights):
+    # Chunks of 8, a sliding window of 5: a finished request's row keeps its whole prompt
+    # chunks, and a request sharing them recomputes only the rest, with the same tokens as a
+    # cold start; a row whose sliding layers moved past the shared part gives nothing.
+    folder, ref = gemma3
+    model = _load(folder, weights)
+    rng = np.random.default_rng(12)
+    V = ref.config.vocab_size
+    shared = rng.integers(3, V, size=37).tolist()
+    first = shared + rng.integers(3, V, size=3).tolist()       # 40 tokens: chunks of 8 up to 40
+    second = shared[:35] + rng.integers(3, V, size=9).tolist()  # shares 35 tokens: 4 whole chunks
+    kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, temperature=1.5, top_k=0, seed=3, logprobs=2)
+
+    def run(engine, prompt, **over):  # tokens and their logprobs: the bits, not only the draws
+        r = engine.submit(prompt, **dict(kw, **over))
+        return r.result(timeout=60), r.logprobs, r.top_logprobs
+
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=128, chunk_size=8) as cold:
+        want = run(cold, second)
+        assert cold.stats()["prefix_hits"] == 0
+    with gemma_cpp.Engine(model, slots=1, slot_ctx=128, chunk_size=8) as engine:
+        engine.submit(first, max_new_tokens=1, eos_token_id=[]).result(timeout=60)
+        assert run(engine, second) == want
+        st = engine.stats()
+        assert (st["prefix_hits"], st["prefix_tokens"]) == (1, 32)
+        assert st["prompt_tokens"] == len(first) + len(second) - 32
+        # That request decoded 6 tokens past its prompt: its sliding layers moved on from slot
+        # 40 - window + 1, so the same prompt gets nothing from the row now ...
+        assert run(engine, second, max_new_tokens=1)[0] == want[0][:1]
+        assert engine.stats()["prefix_hits"] == 1
+        # ... but after one that stopped at its prompt it gets all its whole chunks (40 of 44:
+        # its last token is always computed).
+        assert run(engine, second) == want
+        assert (engine.stats()["prefix_hits"], engine.stats()["prefix_tokens"]) == (2, 32 + 40)
+    # With free rows to choose from, a request goes to the one holding its prefix.
+    with gemma_cpp.Engine(model, slots=3, slot_ctx=128, chunk_size=8) as engine:
+        other = rng.integers(3, V, size=30).tolist()
+        engine.submit(other, max_new_tokens=1, eos_token_id=[]).result(timeout=60)
+        engine.submit(first, max_new_tokens=1, eos_token_id=[]).result(timeout=60)
+        engine.submit(rng.integers(3, V, size=20).tolist(), max_new_tokens=1, eos_token_id=[]).result(timeout=60)
+        assert run(engine, second) == want
+        assert engine.stats()["prefix_tokens"] == 32

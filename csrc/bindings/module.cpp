@@ -307,6 +307,8 @@ class SchedulerHandle {
     d["requests"] = st.requests;
     d["iterations"] = st.iterations;
     d["peak_rows"] = st.peak_rows;
+    d["prefix_hits"] = st.prefix_hits;
+    d["prefix_tokens"] = st.prefix_tokens;
     return d;
   }
   std::string error() const { return s_->error(); }

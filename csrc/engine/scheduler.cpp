@@ -56,7 +56,8 @@ const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx
 Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk)
     : model_(model), slots_(slots), slot_ctx_(slot_ctx), chunk_(std::min(chunk, slot_ctx)),
       cache_(checked(model.config(), slots, slot_ctx, chunk), slots, slot_ctx, std::min(chunk, slot_ctx)),
-      row_busy_(static_cast<size_t>(slots), 0) {
+      row_busy_(static_cast<size_t>(slots), 0), row_prefix_(static_cast<size_t>(slots)),
+      row_freed_(static_cast<size_t>(slots), 0) {
   totals_.slots = slots;
   thread_ = std::thread([this] { loop(); });
 }
@@ -142,6 +143,76 @@ void Scheduler::emit(std::vector<RequestEvent>& out, const Seq& s, int32_t token
   out.push_back(RequestEvent{s.id, token, f});
 }
 
+// Prefix reuse, in the terms of DESIGN's KV cache. A row's slots [0, n) can serve a new
+// sequence whose prompt starts with the same n tokens when:
+// - they hold whole prompt chunks of the old sequence ([i * chunk, (i + 1) * chunk), computed
+//   by prefill steps of exactly those tokens): a cold start computes the same chunks with the
+//   same kernels, so reuse is bit-exact. Tokens decoded one at a time (a reply) and a last,
+//   partial chunk are never reused: a cold start would compute them as part of a chunk.
+// - n < the new prompt's length: its last token is always computed (its logits are needed).
+// - every sliding-window layer still holds what the new sequence's queries see: a query at
+//   slot q >= n sees (q - window, q], so the layer's first held slot must be at most
+//   max(0, n - window + 1). The old sequence may have moved past that (make_room drops what
+//   its own later queries no longer saw); then the row gives nothing. Global layers hold
+//   every slot.
+int64_t Scheduler::reusable(int64_t row, const std::vector<int32_t>& prompt) const {
+  const std::vector<int32_t>& held = row_prefix_[row];
+  const int64_t limit = std::min<int64_t>(static_cast<int64_t>(held.size()), static_cast<int64_t>(prompt.size()) - 1);
+  int64_t same = 0;
+  while (same < limit && held[same] == prompt[same]) ++same;
+  const int64_t n = same / chunk_ * chunk_;
+  if (n == 0) return 0;
+  const ModelConfig& c = model_.config();
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const int64_t w = c.layer_window(l);
+    if (w > 0 && cache_.origin[l * cache_.rows + row] > std::max<int64_t>(0, n - w + 1)) return 0;
+  }
+  return n;
+}
+
+void Scheduler::admit() {
+  while (!waiting_.empty() && static_cast<int64_t>(active_.size()) < slots_) {
+    Seq& s = *waiting_.front();
+    // The free row that saves the most; else the one keeping nothing, else the one released
+    // longest ago (its prefix the least likely asked for again).
+    int64_t best = -1, best_n = 0;
+    for (int64_t r = 0; r < slots_; ++r) {
+      if (row_busy_[r]) continue;
+      const int64_t n = reusable(r, s.prompt);
+      const bool better = best < 0 || n > best_n ||
+                          (n == best_n && (row_prefix_[r].empty() != row_prefix_[best].empty()
+                                               ? row_prefix_[r].empty()
+                                               : row_freed_[r] < row_freed_[best]));
+      if (better) {
+        best = r;
+        best_n = n;
+      }
+    }
+    row_busy_[best] = 1;
+    row_prefix_[best].clear();
+    if (best_n > 0) {
+      ++totals_.prefix_hits;
+      totals_.prefix_tokens += best_n;
+    } else {
+      cache_.reset_row(best);
+    }
+    s.row = best;
+    s.cached = best_n;
+    active_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+}
+
+void Scheduler::release(const Seq& s, bool keep) {
+  row_busy_[s.row] = 0;
+  row_freed_[s.row] = ++release_count_;
+  std::vector<int32_t>& held = row_prefix_[s.row];
+  held.clear();
+  if (!keep) return;
+  const int64_t P = static_cast<int64_t>(s.prompt.size());
+  held.assign(s.prompt.begin(), s.prompt.begin() + std::min(s.cached, P) / chunk_ * chunk_);
+}
+
 void Scheduler::loop() {
   const ModelConfig& c = model_.config();
   const int64_t H = c.hidden_size, V = c.vocab_size;
@@ -177,19 +248,12 @@ void Scheduler::loop() {
         auto a = std::find_if(active_.begin(), active_.end(), [&](const auto& s) { return s->id == id; });
         if (a != active_.end()) {
           emit(out, **a, -1, Finish::Cancelled);
-          row_busy_[(*a)->row] = 0;
+          release(**a, true);
           active_.erase(a);
         }
       }
       cancels_.clear();
-      while (!waiting_.empty() && static_cast<int64_t>(active_.size()) < slots_) {
-        const int64_t row = std::find(row_busy_.begin(), row_busy_.end(), 0) - row_busy_.begin();
-        row_busy_[row] = 1;
-        cache_.reset_row(row);
-        waiting_.front()->row = row;
-        active_.push_back(std::move(waiting_.front()));
-        waiting_.pop_front();
-      }
+      admit();
       if (!out.empty()) {
         events_.insert(events_.end(), out.begin(), out.end());
         event_cv_.notify_all();
@@ -283,7 +347,7 @@ void Scheduler::loop() {
       error_ = e.what();
       for (auto& s : active_) {
         emit(out, *s, -1, Finish::Error);
-        row_busy_[s->row] = 0;
+        release(*s, false);  // what the failed step left in the row is unknown
       }
       active_.clear();
       events_.insert(events_.end(), out.begin(), out.end());
@@ -314,7 +378,7 @@ void Scheduler::loop() {
       out.back().with_logprobs = s.logprobs >= 0;
       out.back().logprob = drawn_lp[i];
       out.back().top = std::move(drawn_top[i]);
-      if (f != Finish::None) row_busy_[s.row] = 0;
+      if (f != Finish::None) release(s, true);
     }
     active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& s) { return !row_busy_[s->row]; }),
                   active_.end());

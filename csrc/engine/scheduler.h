@@ -14,6 +14,10 @@
 // tokens are the same bits alone or beside any others, and (a whole prompt in one chunk, as
 // generate() takes it) the same as generate()'s for that prompt alone with the same seed.
 //
+// Prefix reuse: a row keeps what its last sequence left (see admit()), and a request whose
+// prompt begins with the same whole chunks recomputes only the rest, with the same bits as a
+// cold start.
+//
 // The loop runs on its own thread; submit(), cancel() and poll() may be called from any
 // thread. Events (a token, a finish) queue up for poll().
 #pragma once
@@ -51,6 +55,7 @@ struct SchedulerStats {
   int64_t running = 0, waiting = 0, slots = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0, requests = 0;
   int64_t iterations = 0, peak_rows = 0;  // steps run; the most sequences one step advanced
+  int64_t prefix_hits = 0, prefix_tokens = 0;  // requests that reused a row's prefix; its tokens
 };
 
 class Scheduler {
@@ -96,6 +101,13 @@ class Scheduler {
     int32_t logprobs = -1;
   };
   void loop();
+  // Moves waiting requests into free rows (under mu_), each to the row whose kept prefix
+  // saves it the most.
+  void admit();
+  // The prompt tokens a free row can give `prompt` (a multiple of chunk_, 0 if none).
+  int64_t reusable(int64_t row, const std::vector<int32_t>& prompt) const;
+  // A sequence leaves its row (under mu_): the row keeps its whole prompt chunks.
+  void release(const Seq& s, bool keep);
   void emit(std::vector<RequestEvent>& out, const Seq& s, int32_t token, Finish f);
 
   Model& model_;
@@ -112,6 +124,9 @@ class Scheduler {
   std::vector<int64_t> cancels_;
   std::vector<RequestEvent> events_;
   std::vector<uint8_t> row_busy_;
+  std::vector<std::vector<int32_t>> row_prefix_;  // per row: the prompt chunks its cache holds
+  std::vector<int64_t> row_freed_;                // per row: when it was last released
+  int64_t release_count_ = 0;
   SchedulerStats totals_;
   std::string error_;
 };

@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     sv.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
                     help="as for generate")
     sv.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), default="float32")
-    sv.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per engine iteration")
+    sv.add_argument("--chunk-size", type=int, default=128,
+                    help="prompt tokens per engine iteration, and the unit of prefix reuse (default 128)")
     sv.add_argument("--threads", type=int, default=None)
     sv.set_defaults(func=cmd_serve)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")

@@ -134,11 +134,14 @@ class Engine:
     them is allocated here, once (sliding-window layers keep only their window per slot; the
     model's kv_cache_dtype applies). chunk_size: prompt tokens per iteration; a long prompt
     holds the running requests up for one chunk at most. With a prompt of at most chunk_size
-    tokens (512: as generate takes one row's prompt) a request's tokens are the same bits as
-    generate()'s."""
+    tokens a request's tokens are the same bits as generate()'s.
+
+    A finished request's slot keeps its prompt's whole chunks: a later request whose prompt
+    starts with them (a system prompt, a chat's earlier turns) computes only the rest, with
+    the same bits as from scratch (csrc/engine/scheduler.cpp says when a slot can give them)."""
 
     def __init__(self, model: GemmaForCausalLM, slots: int = 8, ctx_size: Optional[int] = None,
-                 slot_ctx: Optional[int] = None, chunk_size: int = 512):
+                 slot_ctx: Optional[int] = None, chunk_size: int = 128):
         if not isinstance(model, GemmaForCausalLM):
             raise TypeError(f"Engine serves a GemmaForCausalLM, got {type(model).__name__}")
         for name, v in (("slots", slots), ("chunk_size", chunk_size)):
@@ -216,8 +219,10 @@ class Engine:
         return [r.result() for r in requests]
 
     def stats(self) -> dict:
-        """running, waiting, slots, and totals: requests, prompt_tokens, generated_tokens,
-        iterations (steps run) and peak_rows (the most sequences one step advanced)."""
+        """running, waiting, slots, and totals: requests, prompt_tokens (computed),
+        generated_tokens, iterations (steps run), peak_rows (the most sequences one step
+        advanced), prefix_hits and prefix_tokens (requests that reused a slot's cached prompt
+        chunks, and how many tokens they did not recompute)."""
         return self._scheduler.stats()
 
     def close(self) -> None:

@@ -252,7 +252,7 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]] = None,
                model_name: Optional[str] = None, slots: int = 8, ctx_size: Optional[int] = None,
-               slot_ctx: Optional[int] = None, chunk_size: int = 512, api_key: Optional[str] = None) -> FastAPI:
+               slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None) -> FastAPI:
     """The ASGI app serving `model` (a GemmaForCausalLM) with `tokenizer`; or, given `load`
     (a function returning (model, tokenizer)), one that loads them when it starts, answering
     503 on /health until then. slots, ctx_size / slot_ctx and chunk_size: gemma_cpp.Engine's.
@@ -628,7 +628,7 @@ async def _stream(state: _State, kind: str, rid: str, created: int, choices: Lis
 def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
         ctx_size: Optional[int] = None, api_key: Optional[str] = None, model_name: Optional[str] = None,
         quantization="auto", dtype=None, kv_cache_dtype: str = "float32", threads: Optional[int] = None,
-        chunk_size: int = 512, log_level: str = "info") -> None:
+        chunk_size: int = 128, log_level: str = "info") -> None:
     """Loads the model (the demo model when model_path is None) in the background and serves
     it with uvicorn until interrupted; /health says 503 until the model is ready."""
     import uvicorn
