@@ -28,20 +28,24 @@ def _load(folder, weights="float32", **kw):
 
 def _requests(V, seed=0):
     """16 prompts of different lengths; even ones greedy, odd ones sampled with their own seed,
-    budgets of 6-21 tokens (so that requests end at different iterations)."""
+    budgets of 6-21 tokens (so that requests end at different iterations); every third asks
+    for logprobs."""
     rng = np.random.default_rng(seed)
     out = []
     for i, n in enumerate(LENGTHS):
         kw = dict(max_new_tokens=6 + (i * 7) % 16, eos_token_id=[])
         if i % 2:
             kw.update(do_sample=True, temperature=1.3, top_k=0, seed=100 + i)
+        if i % 3 == 0:
+            kw.update(logprobs=3)
         out.append((rng.integers(3, V, size=n).tolist(), kw))
     return out
 
 
 def _staggered(engine, reqs):
     """Submits reqs in three waves, each when an earlier request is part-way through, so that
-    requests join while others decode and prefill; returns every request's tokens."""
+    requests join while others decode and prefill; returns every request's tokens (with their
+    logprobs, when asked for)."""
     handles = [engine.submit(p, **kw) for p, kw in reqs[:5]]
     while len(handles[0].tokens) < 2 and not handles[0].done:
         threading.Event().wait(0.001)
@@ -49,7 +53,12 @@ def _staggered(engine, reqs):
     while len(handles[6].tokens) < 3 and not handles[6].done:
         threading.Event().wait(0.001)
     handles += [engine.submit(p, **kw) for p, kw in reqs[11:]]
-    return [h.result(timeout=120) for h in handles]
+    return [_outcome(h) for h in handles]
+
+
+def _outcome(request):
+    tokens = request.result(timeout=120)
+    return (tokens, request.logprobs, request.top_logprobs) if request.logprobs else tokens
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
@@ -58,15 +67,16 @@ def test_a_request_is_the_same_bits_alone_and_beside_others(gemma3, weights):
     model = _load(folder, weights)
     reqs = _requests(ref.config.vocab_size)
     with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
-        alone = [engine.submit(p, **kw).result(timeout=60) for p, kw in reqs]
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
         assert engine.stats()["peak_rows"] == 1
         together = _staggered(engine, reqs)
         stats = engine.stats()
     assert stats["peak_rows"] >= 5, "the staggered requests never ran together"
     for i, (a, b) in enumerate(zip(alone, together)):
-        assert len(a) == reqs[i][1]["max_new_tokens"]
         assert a == b, f"{weights}: request {i} (prompt of {LENGTHS[i]} tokens) changed beside others"
-    assert len({tuple(a) for a in alone}) == 16, "degenerate: requests generate alike"
+    tokens = [a[0] if isinstance(a, tuple) else a for a in alone]
+    assert [len(t) for t in tokens] == [kw["max_new_tokens"] for _, kw in reqs]
+    assert len({tuple(t) for t in tokens}) == 16, "degenerate: requests generate alike"
     assert stats["running"] == stats["waiting"] == 0
     assert stats["requests"] == 32 and stats["prompt_tokens"] == 2 * sum(LENGTHS)
     assert stats["generated_tokens"] == 2 * sum(kw["max_new_tokens"] for _, kw in reqs)
@@ -79,7 +89,7 @@ def test_batch_invariance_holds_for_every_kv_cache(tiny, kv):
     model = _load(folder, "float32", kv_cache_dtype=kv)
     reqs = _requests(ref.config.vocab_size, seed=1)
     with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
-        alone = [engine.submit(p, **kw).result(timeout=60) for p, kw in reqs]
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
         assert _staggered(engine, reqs) == alone
 
 
@@ -93,8 +103,10 @@ def test_requests_match_generate(gemma3, weights):
     with gemma_cpp.Engine(model, slots=4, slot_ctx=128) as engine:
         ours = _staggered(engine, reqs)
     for i, (prompt, kw) in enumerate(reqs):
-        want = model.generate(np.array([prompt]), **kw)[0, len(prompt):].tolist()
-        assert ours[i] == want, f"{weights}: request {i}"
+        gen_kw = {k: v for k, v in kw.items() if k != "logprobs"}
+        want = model.generate(np.array([prompt]), **gen_kw)[0, len(prompt):].tolist()
+        got = ours[i][0] if isinstance(ours[i], tuple) else ours[i]
+        assert got == want, f"{weights}: request {i}"
 
 
 def test_eos_stops_a_request_and_frees_its_slot(gemma3):

@@ -429,3 +429,24 @@ def test_demo_model_serves(tmp_path):
         ids = tok.apply_chat_template(with_system, add_generation_prompt=True, return_dict=False)
         assert chat.choices[0].message.content == tok.decode(_greedy(model, tok, ids, 4), skip_special_tokens=True)
         assert json.loads(httpx.get(s.url + "/health").text) == {"status": "ok"}
+
+
+def test_incremental_text_joins_into_the_whole_decode(tiny_chat):
+    # TextStream decodes a few tokens per step; its deltas must join into decode(all), byte
+    # pieces (broken UTF-8 included) and special tokens anywhere.
+    from gemma_cpp.serve.app import TextStream, hold_ids
+
+    _, _, tok = tiny_chat
+    hold = hold_ids(tok)
+    assert len(hold) >= 256 + 4  # the byte pieces and the specials
+    rng = np.random.default_rng(0)
+    texts = ["Hello wörld, 你好 🙂\n\n  two spaces", open(os.path.join(os.path.dirname(__file__), "data",
+                                                                      "prose.txt")).read()[:1500]]
+    seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
+    seqs += [rng.integers(0, len(tok), size=50).tolist() for _ in range(200)]
+    byte_heavy = sorted(hold)[:300]
+    seqs += [rng.choice(byte_heavy + list(range(300, 400)), size=40).tolist() for _ in range(100)]
+    for ids in seqs:
+        ts = TextStream(tok, [], hold)
+        joined = "".join(ts.add(t) for t in ids) + ts.flush()
+        assert joined == tok.decode(ids, skip_special_tokens=True) == ts.text

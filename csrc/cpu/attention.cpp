@@ -80,43 +80,54 @@ void scores(const float* q, int64_t G, int64_t hd, const KT* k, int64_t ldk, int
   }
 }
 
+// P . V over the visible value rows idx[i0..i1) for GQ query rows (p rows n apart):
+// sum_i p[g][idx[i]] v_idx[i], each loaded value vector shared by the GQ rows, the sums of DV
+// vectors per row held in registers across the rows; stored to out[g] (Add: added to it).
+template <typename VT, int GQ, bool Add>
+void pv_rows(const float* p, int64_t n, const int32_t* idx, int64_t i0, int64_t i1, const VT* v, int64_t ldv,
+             int64_t hd, float* out) {
+  constexpr int N = VecF::N, DV = 2;
+  int64_t d = 0;
+  for (; d + DV * N <= hd; d += DV * N) {
+    VecF acc[GQ][DV];
+    for (int g = 0; g < GQ; ++g)
+      for (int e = 0; e < DV; ++e) acc[g][e] = VecF::zero();
+    for (int64_t i = i0; i < i1; ++i) {
+      const VT* vr = v + idx[i] * ldv + d;
+      VecF vv[DV];
+      for (int e = 0; e < DV; ++e) vv[e] = VecF::load(vr + e * N);
+      for (int g = 0; g < GQ; ++g) {
+        const VecF pg = VecF::set1(p[g * n + idx[i]]);
+        for (int e = 0; e < DV; ++e) acc[g][e] = simd::fma(pg, vv[e], acc[g][e]);
+      }
+    }
+    for (int g = 0; g < GQ; ++g)
+      for (int e = 0; e < DV; ++e) {
+        float* at = out + g * hd + d + e * N;
+        (Add ? simd::add(VecF::load(at), acc[g][e]) : acc[g][e]).store(at);
+      }
+  }
+  for (; d < hd; ++d)
+    for (int g = 0; g < GQ; ++g) {
+      float a = 0.f;
+      for (int64_t i = i0; i < i1; ++i) a += p[g * n + idx[i]] * load_scalar(v + idx[i] * ldv + d);
+      out[g * hd + d] = Add ? out[g * hd + d] + a : a;
+    }
+}
+
 // o[g] = sum_i p[g][idx[i]] v_idx[i] for GQ queries (p rows n apart, o rows hd apart), over
 // the visible value rows only (a masked slot may hold anything). The rows go in sub-tiles of
-// 16 KiB (they stay in L1, the next sub-tile's prefetched meanwhile); per sub-tile, slab by
-// slab of DV vectors, the GQ sums stay in registers over the sub-tile's rows and are added
-// to o once: one load and one store of o per sub-tile instead of per row.
+// 16 KiB (they stay in L1, the next sub-tile's prefetched meanwhile); per sub-tile the GQ
+// sums stay in registers over its rows and are added to o once.
 template <typename VT, int GQ>
 void weighted_sum(const float* p, int64_t n, const int32_t* idx, int64_t m, const VT* v, int64_t ldv, int64_t hd,
                   float* o) {
-  constexpr int N = VecF::N, DV = 2;
   const int64_t sub = std::max<int64_t>(4, 16384 / (hd * static_cast<int64_t>(sizeof(VT))));
   std::fill(o, o + GQ * hd, 0.f);
   for (int64_t i0 = 0; i0 < m; i0 += sub) {
     const int64_t i1 = std::min(m, i0 + sub);
     for (int64_t i = i1; i < std::min(m, i1 + sub); ++i) prefetch_row(v + idx[i] * ldv, hd);
-    int64_t d = 0;
-    for (; d + DV * N <= hd; d += DV * N) {
-      VecF acc[GQ][DV];
-      for (int g = 0; g < GQ; ++g)
-        for (int e = 0; e < DV; ++e) acc[g][e] = VecF::zero();
-      for (int64_t i = i0; i < i1; ++i) {
-        const VT* vr = v + idx[i] * ldv + d;
-        VecF vv[DV];
-        for (int e = 0; e < DV; ++e) vv[e] = VecF::load(vr + e * N);
-        for (int g = 0; g < GQ; ++g) {
-          const VecF pg = VecF::set1(p[g * n + idx[i]]);
-          for (int e = 0; e < DV; ++e) acc[g][e] = simd::fma(pg, vv[e], acc[g][e]);
-        }
-      }
-      for (int g = 0; g < GQ; ++g)
-        for (int e = 0; e < DV; ++e) simd::add(VecF::load(o + g * hd + d + e * N), acc[g][e]).store(o + g * hd + d + e * N);
-    }
-    for (; d < hd; ++d)
-      for (int g = 0; g < GQ; ++g) {
-        float a = 0.f;
-        for (int64_t i = i0; i < i1; ++i) a += p[g * n + idx[i]] * load_scalar(v + idx[i] * ldv + d);
-        o[g * hd + d] += a;
-      }
+    pv_rows<VT, GQ, true>(p, n, idx, i0, i1, v, ldv, hd, o);
   }
 }
 
@@ -205,35 +216,10 @@ void tile_scores(const float* q, int64_t QR, int64_t hd, const KT* k, int64_t ld
     for (int64_t j = 0; j < n; ++j) score_tile<KT, 1, 1>(q + r * hd, hd, k + j * ldk, ldk, s + r * n + j, n);
 }
 
-// P . V of a key tile for GQ query rows (p rows n apart, over the visible rows idx[0..m)):
-// ot[g] = sum_i p[g][idx[i]] v_idx[i], each loaded value vector shared by the GQ rows, the
-// sums of DV vectors per row held in registers across the tile.
+// P . V of a key tile for GQ query rows over its visible rows idx[0..m): ot[g].
 template <typename VT, int GQ>
 void pv_tile(const float* p, int64_t n, const int32_t* idx, int64_t m, const VT* v, int64_t ldv, int64_t hd, float* ot) {
-  constexpr int N = VecF::N, DV = 2;
-  int64_t d = 0;
-  for (; d + DV * N <= hd; d += DV * N) {
-    VecF acc[GQ][DV];
-    for (int g = 0; g < GQ; ++g)
-      for (int e = 0; e < DV; ++e) acc[g][e] = VecF::zero();
-    for (int64_t i = 0; i < m; ++i) {
-      const VT* vr = v + idx[i] * ldv + d;
-      VecF vv[DV];
-      for (int e = 0; e < DV; ++e) vv[e] = VecF::load(vr + e * N);
-      for (int g = 0; g < GQ; ++g) {
-        const VecF pg = VecF::set1(p[g * n + idx[i]]);
-        for (int e = 0; e < DV; ++e) acc[g][e] = simd::fma(pg, vv[e], acc[g][e]);
-      }
-    }
-    for (int g = 0; g < GQ; ++g)
-      for (int e = 0; e < DV; ++e) acc[g][e].store(ot + g * hd + d + e * N);
-  }
-  for (; d < hd; ++d)
-    for (int g = 0; g < GQ; ++g) {
-      float a = 0.f;
-      for (int64_t i = 0; i < m; ++i) a += p[g * n + idx[i]] * load_scalar(v + idx[i] * ldv + d);
-      ot[g * hd + d] = a;
-    }
+  pv_rows<VT, GQ, false>(p, n, idx, 0, m, v, ldv, hd, ot);
 }
 
 // Prompt attention of one task, flash-style: QR query rows (row g * nq + i at slot

