@@ -248,8 +248,16 @@ def main() -> int:
     ap.add_argument("--no-tf", action="store_true")
     ap.add_argument("--plot", default="bench_serve.png")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--from-json", default=None, help="print and plot a --json file again, running nothing")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        for r in rows.values():
+            r["clients"] = {int(c): x for c, x in r["clients"].items()}
+        report(args, rows)
+        return 0
     import gemma_cpp
 
     if args.model is None:
@@ -314,11 +322,12 @@ def report(args, rows) -> None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in rows.items():
-        cs = sorted(r["clients"])
-        a1.plot(cs, [r["clients"][c]["tok_s"] for c in cs], marker="o", label=name)
-        a2.plot(cs, [r["clients"][c]["ttft_p95"] for c in cs], marker="o", label=name + " TTFT p95")
-        a2.plot(cs, [r["clients"][c]["itl_p50"] for c in cs], marker="x", linestyle="--", label=name + " ITL p50")
+    for k, (name, r) in enumerate(rows.items()):  # one colour per engine in both panels
+        cs, color = sorted(r["clients"]), f"C{k}"
+        a1.plot(cs, [r["clients"][c]["tok_s"] for c in cs], marker="o", color=color, label=name)
+        a2.plot(cs, [r["clients"][c]["ttft_p95"] for c in cs], marker="o", color=color, label=name + ": TTFT p95")
+        a2.plot(cs, [r["clients"][c]["itl_p50"] for c in cs], marker="x", linestyle="--", color=color,
+                label=name + ": ITL p50")
     a1.set(xlabel="concurrent clients", ylabel="generated tok/s (all clients)", title="Throughput")
     a2.set(xlabel="concurrent clients", ylabel="seconds", yscale="log", title="Latency")
     a1.legend(fontsize=7)

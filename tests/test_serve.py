@@ -428,6 +428,18 @@ def test_demo_model_serves(tmp_path):
         chat = client.chat.completions.create(model="demo", messages=with_system, max_tokens=4, temperature=0)
         ids = tok.apply_chat_template(with_system, add_generation_prompt=True, return_dict=False)
         assert chat.choices[0].message.content == tok.decode(_greedy(model, tok, ids, 4), skip_special_tokens=True)
+        # Stop strings, n, logprobs and usage on the real vocabulary (262k pieces, byte runs).
+        whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24,
+                                          temperature=0).choices[0].text
+        stop = whole.split()[3]
+        cut = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                        stop=[stop])
+        assert cut.choices[0].text == whole[:whole.index(stop)] and cut.choices[0].finish_reason == "stop"
+        r = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                                      n=2, seed=5, logprobs=2)
+        assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 12
+        for c in r.choices:
+            assert len(c.logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in c.logprobs.token_logprobs)
         assert json.loads(httpx.get(s.url + "/health").text) == {"status": "ok"}
 
 
