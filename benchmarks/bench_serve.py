@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -128,17 +129,26 @@ def prompts_text(tok, n_clients: int, n_tokens: int):
     return [tok.decode(ids[i * n_tokens:(i + 1) * n_tokens]) for i in range(n_clients)]
 
 
-def bench_ours(args, path, texts, eos_ids) -> dict:
+@contextlib.contextmanager
+def serving(argv, health: str, what: str):
+    """A server process on a free port (argv + ["--port", port]) until the block ends: its URL."""
     port = free_port()
-    slots = max(args.clients)
-    cmd = [sys.executable, "-m", "gemma_cpp", "serve", path, "--port", str(port), "--slots", str(slots),
-           "--ctx-size", str(slots * 2048), "--threads", str(args.threads), "--quantization", args.quantization]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url + "/health", proc, "gemma-cpp serve")
-        print("gemma_cpp:", file=sys.stderr)
+        wait_healthy(url + health, proc, what)
+        print(f"{what}:", file=sys.stderr)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
+
+def bench_ours(args, path, texts, eos_ids) -> dict:
+    slots = max(args.clients)
+    argv = [sys.executable, "-m", "gemma_cpp", "serve", path, "--slots", str(slots), "--ctx-size", str(slots * 2048),
+            "--threads", str(args.threads), "--quantization", args.quantization]
+    with serving(argv, "/health", "gemma_cpp") as url:
         def body(i, tag):
             return {"prompt": tag + texts[i], "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -147,9 +157,6 @@ def bench_ours(args, path, texts, eos_ids) -> dict:
         res = {"clients": run_clients(url, body, args.clients)}
         res["prefix"] = prefix_run(url, args)
         return res
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def prefix_run(url: str, args) -> dict:
@@ -177,25 +184,16 @@ def prefix_run(url: str, args) -> dict:
 
 
 def bench_llama(args, path, texts, eos_ids) -> dict:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--n_threads",
-           str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096", "--verbose", "False",
-           "--interrupt_requests", "False"]  # queue concurrent requests (its default cuts the running one)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url + "/v1/models", proc, "llama_cpp.server")
-        print("llama-cpp-python server:", file=sys.stderr)
-
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--n_threads", str(args.threads),
+            "--n_threads_batch", str(args.threads), "--n_ctx", "4096", "--verbose", "False",
+            "--interrupt_requests", "False"]  # queue concurrent requests (its default cuts the running one)
+    with serving(argv, "/v1/models", "llama-cpp-python server") as url:
         def body(i, tag):
             return {"prompt": tag + texts[i], "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
                     "logit_bias": {str(e): -100.0 for e in eos_ids}}
 
         asyncio.run(round_of(url, [body(0, "[warm-up] ")]))
         return {"clients": run_clients(url, body, args.clients, rounds=1)}
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def child_transformers(args, path, texts) -> dict:
