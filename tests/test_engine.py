@@ -335,3 +335,31 @@ def test_prefix_reuse_is_exact_and_only_where_valid(gemma3, weights):
         engine.submit(rng.integers(3, V, size=20).tolist(), max_new_tokens=1, eos_token_id=[]).result(timeout=60)
         assert run(engine, second) == want
         assert engine.stats()["prefix_tokens"] == 32
+
+
+def test_close_ends_every_request(gemma3):
+    # Readers waiting on requests (running and queued) when the engine closes see them end as
+    # cancelled; nothing hangs.
+    folder, ref = gemma3
+    model = _load(folder)
+    engine = gemma_cpp.Engine(model, slots=1, slot_ctx=128)
+    running = engine.submit(list(range(3, 12)), max_new_tokens=100, eos_token_id=[])
+    queued = engine.submit(list(range(3, 12)), max_new_tokens=100, eos_token_id=[])
+    next(running)
+    got = {}
+
+    def read(name, r):
+        got[name] = list(r)
+
+    readers = [threading.Thread(target=read, args=(n, r), daemon=True)
+               for n, r in (("running", running), ("queued", queued))]
+    for t in readers:
+        t.start()
+    engine.close()
+    for t in readers:
+        t.join(30)
+        assert not t.is_alive(), "a reader still waits after close()"
+    assert running.finish_reason == queued.finish_reason == "cancelled"
+    assert queued.tokens == [] and len(running.tokens) < 100
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([5, 6])

@@ -162,6 +162,7 @@ class Engine:
         self._requests: Dict[int, Request] = {}
         self._lock = threading.Lock()  # submit's registration against the event thread
         self._closed = threading.Event()
+        self._closing = False
         # The event thread holds what it needs, not the engine: an engine nobody holds is
         # collected, and closes.
         self._events = threading.Thread(target=_dispatch, args=(self._scheduler, self._requests, self._lock,
@@ -186,7 +187,7 @@ class Engine:
         frequency_penalty (in [-2, 2]; they count the new tokens only). logprobs (0-20): each
         token's log-probability, and that many top alternatives (Request.logprobs,
         Request.top_logprobs). ValueError, before any work, when the request does not fit a slot."""
-        if self._closed.is_set():
+        if self._closed.is_set() or self._closing:
             raise RuntimeError("the engine is closed")
         for name in ("output_logits", "return_dict_in_generate"):
             if kwargs.get(name):
@@ -225,10 +226,13 @@ class Engine:
 
     def close(self) -> None:
         """Cancels every request and stops the engine's threads."""
-        if self._closed.is_set():
+        if self._closed.is_set() or self._closing:
             return
-        self._closed.set()
+        self._closing = True
+        # The scheduler first: its last events (every request cancelled) are queued before the
+        # event thread is told to stop, and it delivers them before it does.
         self._scheduler.shutdown()
+        self._closed.set()
         self._events.join()
 
     def __enter__(self):
