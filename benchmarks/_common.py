@@ -6,8 +6,10 @@ A row runs in its own process so that its peak RSS is its own; the child prints 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
+import sys
 import time
 
 
@@ -29,6 +31,22 @@ def run_child(argv, what: str) -> dict:
 
 def child_result(res: dict) -> None:
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_engine_child(script: str, a: dict, what: str) -> dict:
+    """Runs `script --child JSON(a)` (a["engine"] names the row's function) and returns its
+    result (ChildDied as run_child)."""
+    return run_child([sys.executable, os.path.abspath(script), "--child", json.dumps(a)], what)
+
+
+def child_main(child_arg, children: dict) -> bool:
+    """In a child process (a --child JSON argument): runs children[a["engine"]](a) and prints
+    its RESULT line. False when this is not a child."""
+    if not child_arg:
+        return False
+    a = json.loads(child_arg)
+    child_result(children[a["engine"]](a))
+    return True
 
 
 def peak_rss() -> int:

@@ -48,8 +48,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import (ChildDied, best_of, child_result, measure_bandwidth, peak_rss, reset_peak_rss,  # noqa: E402
-                     run_child, warm_up)
+from _common import (ChildDied, best_of, child_main, measure_bandwidth, peak_rss, reset_peak_rss,  # noqa: E402
+                     run_engine_child, warm_up)
 
 GEMMA_ROWS = {"float32": None, "int8 (auto)": "auto", "int8": "int8", "int4": "int4"}  # label -> quantization=
 TF_ROWS = ("float32", "bfloat16")
@@ -230,8 +230,7 @@ CHILDREN = {"gemma_cpp": child_gemma_cpp, "transformers": child_transformers, "l
 
 
 def run_engine(engine: str, args: dict):
-    return run_child([sys.executable, os.path.abspath(__file__), "--child", json.dumps(dict(args, engine=engine))],
-                     engine)
+    return run_engine_child(__file__, dict(args, engine=engine), engine)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,9 +253,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        a = json.loads(args.child)
-        child_result(CHILDREN[a["engine"]](a))
+    if child_main(args.child, CHILDREN):
         return
     if args.quick:
         args.prompts, args.new_tokens = "32,64", 8

@@ -47,7 +47,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import ChildDied, best_of, child_result, measure_bandwidth, run_child, warm_up  # noqa: E402
+from _common import ChildDied, best_of, child_main, measure_bandwidth, run_engine_child, warm_up  # noqa: E402
 
 N_DECODE = 16  # decode steps timed per measurement
 BATCH_PROMPT = 128
@@ -314,9 +314,7 @@ def main():
     ap.add_argument("--from-json", default=None, help="print and plot the results saved by --json, running nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        a = json.loads(args.child)
-        child_result(CHILDREN[a["engine"]](a))
+    if child_main(args.child, CHILDREN):
         return 0
 
     if args.quick:
@@ -370,9 +368,8 @@ def main():
         print(f"running {label} ...", flush=True)
         t = time.perf_counter()
         try:
-            r = run_child([sys.executable, os.path.abspath(__file__), "--child",
-                           json.dumps(dict(common, **(tf_cols if engine == "transformers" else {}), engine=engine,
-                                           weights=weights, kv=kv or "float32", bandwidth=bandwidth))], label)
+            r = run_engine_child(__file__, dict(common, **(tf_cols if engine == "transformers" else {}), engine=engine,
+                                                weights=weights, kv=kv or "float32", bandwidth=bandwidth), label)
         except ChildDied as e:
             print(f"  failed: {e}")
             continue

@@ -40,6 +40,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import child_main, run_engine_child  # noqa: E402
+
 PROSE = os.path.join(HERE, "..", "tests", "data", "prose.txt")
 
 
@@ -196,41 +199,41 @@ def bench_llama(args, path, texts, eos_ids) -> dict:
         return {"clients": run_clients(url, body, args.clients, rounds=1)}
 
 
-def child_transformers(args, path, texts) -> dict:
-    """In its own process: static batches of C prompts through generate()."""
-    code = r"""
-import json, os, sys, time, torch, transformers
-a = json.loads(sys.argv[1])
-torch.set_num_threads(a["threads"])
-m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(a["path"]), gguf_file=os.path.basename(a["path"]),
-        dtype=torch.float32, attn_implementation="eager").to(torch.bfloat16).eval()
-tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(a["path"]), gguf_file=os.path.basename(a["path"]))
-tok.padding_side = "left"
-out = {}
-for c in a["clients"]:
-    batch = tok(a["texts"][:c], return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        m.generate(**batch, max_new_tokens=1, do_sample=False)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        m.generate(**batch, max_new_tokens=a["new"], min_new_tokens=a["new"], do_sample=False)
-        total = time.perf_counter() - t0
-    out[c] = {"tok_s": c * a["new"] / total, "ttft_p50": ttft, "ttft_p95": ttft,
-              "itl_p50": (total - ttft) / (a["new"] - 1), "itl_p95": float("nan")}
-    print(f"  {c:>2} rows: {out[c]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-print("RESULT " + json.dumps(out))
-"""
+def child_transformers(a: dict) -> dict:
+    """In its own process (--child): static batches of C prompts through generate()."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(a["threads"])
+    folder, name = os.path.dirname(a["path"]), os.path.basename(a["path"])
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          attn_implementation="eager").to(torch.bfloat16).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok.padding_side = "left"
+    out = {}
+    for c in a["clients"]:
+        batch = tok(a["texts"][:c], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            m.generate(**batch, max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            m.generate(**batch, max_new_tokens=a["new"], min_new_tokens=a["new"], do_sample=False)
+            total = time.perf_counter() - t0
+        out[c] = {"tok_s": c * a["new"] / total, "ttft_p50": ttft, "ttft_p95": ttft,
+                  "itl_p50": (total - ttft) / (a["new"] - 1), "itl_p95": float("nan")}
+        print(f"  {c:>2} rows: {out[c]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    return {"clients": out}
+
+
+CHILDREN = {"transformers": child_transformers}
+
+
+def bench_transformers(args, path, texts) -> dict:
     print("transformers eager bf16 (static batches):", file=sys.stderr)
-    arg = json.dumps({"threads": args.threads, "path": path, "clients": args.clients, "texts": texts,
-                      "new": args.new_tokens})
-    p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
-    sys.stderr.write(p.stderr[-2000:] if p.returncode else "".join(
-        line + "\n" for line in p.stderr.splitlines() if "rows:" in line))
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not line:
-        raise RuntimeError(f"transformers failed (exit {p.returncode})")
-    return {"clients": {int(k): v for k, v in json.loads(line[-1][7:]).items()}}
+    r = run_engine_child(__file__, {"engine": "transformers", "threads": args.threads, "path": path,
+                                    "clients": args.clients, "texts": texts, "new": args.new_tokens}, "transformers")
+    return {"clients": {int(k): v for k, v in r["clients"].items()}}
 
 
 def main() -> int:
@@ -247,7 +250,10 @@ def main() -> int:
     ap.add_argument("--plot", default="bench_serve.png")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--from-json", default=None, help="print and plot a --json file again, running nothing")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if child_main(args.child, CHILDREN):
+        return 0
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.from_json:
         with open(args.from_json) as f:
@@ -276,7 +282,7 @@ def main() -> int:
         else:
             rows["llama-cpp-python server"] = bench_llama(args, path, texts, eos_ids)
     if not args.no_tf:
-        rows["transformers eager bf16 (static batch)"] = child_transformers(args, path, texts)
+        rows["transformers eager bf16 (static batch)"] = bench_transformers(args, path, texts)
     report(args, rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -221,7 +221,7 @@ void Scheduler::loop() {
   std::vector<std::vector<std::pair<int32_t, float>>> drawn_top;
   std::vector<uint8_t> ones;
   std::vector<float> hid, last, lg;
-  std::vector<Seq*> decoding, drawn;
+  std::vector<Seq*> drawn;
   std::vector<int64_t> drawn_at;  // each drawn sequence's token index in the step
   for (;;) {
     std::vector<RequestEvent> out;
@@ -266,19 +266,18 @@ void Scheduler::loop() {
     StepRows sr;
     ids.clear();
     pos.clear();
-    decoding.clear();
     drawn.clear();
     drawn_at.clear();
     for (auto& s : active_) {
       if (s->cached < static_cast<int64_t>(s->prompt.size())) continue;
       drawn_at.push_back(static_cast<int64_t>(ids.size()));
       drawn.push_back(s.get());
-      decoding.push_back(s.get());
       sr.dec_rows.push_back(s->row);
       sr.dec_slots.push_back(s->cached);
       ids.push_back(s->next);
       pos.push_back(static_cast<int32_t>(s->cached));
     }
+    const size_t n_decoding = drawn.size();  // drawn[0, n_decoding): the generating sequences
     Seq* chunk_seq = nullptr;
     int64_t chunk_T = 0;
     for (auto& s : active_) {
@@ -314,11 +313,16 @@ void Scheduler::loop() {
       ones.assign(static_cast<size_t>(M), 1);
       hid.resize(static_cast<size_t>(M * H));
       model_.step(cache_, sr, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
-      last.resize(static_cast<size_t>(n * H));
       lg.resize(static_cast<size_t>(n * V));
-      for (int64_t i = 0; i < n; ++i) std::memcpy(&last[i * H], &hid[drawn_at[i] * H], H * sizeof(float));
+      // The drawing rows' states, gathered unless they are all of the step's rows (decode only).
+      const float* states = hid.data();
+      if (n < M) {
+        last.resize(static_cast<size_t>(n * H));
+        for (int64_t i = 0; i < n; ++i) std::memcpy(&last[i * H], &hid[drawn_at[i] * H], H * sizeof(float));
+        states = last.data();
+      }
       // One position per sequence: the decode kernels, as generate()'s every token.
-      if (n > 0) model_.logits(last.data(), n, lg.data(), Work::Decode);
+      if (n > 0) model_.logits(states, n, lg.data(), Work::Decode);
       // Each sequence draws from its own sampler; the logprobs read the raw logits first.
       auto draw = [&](int64_t i, bool pool) {
         Seq& s = *drawn[i];
@@ -356,8 +360,8 @@ void Scheduler::loop() {
     }
     std::lock_guard<std::mutex> lk(mu_);
     ++totals_.iterations;
-    totals_.peak_rows = std::max(totals_.peak_rows, static_cast<int64_t>(decoding.size()) + (chunk_seq ? 1 : 0));
-    for (Seq* s : decoding) ++s->cached;
+    totals_.peak_rows = std::max(totals_.peak_rows, static_cast<int64_t>(n_decoding) + (chunk_seq ? 1 : 0));
+    for (size_t i = 0; i < n_decoding; ++i) ++drawn[i]->cached;
     if (chunk_seq) {
       chunk_seq->cached += chunk_T;
       totals_.prompt_tokens += chunk_T;

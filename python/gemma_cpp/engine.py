@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import numbers
 import threading
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from ._C import Scheduler
-from .generation import GenerationConfig
+from .generation import GenerationConfig, is_int
 from .modeling import GemmaForCausalLM
 
 FINISH_REASONS = {1: "stop", 2: "length", 3: "cancelled", 4: "error"}
@@ -143,18 +142,18 @@ class Engine:
         if not isinstance(model, GemmaForCausalLM):
             raise TypeError(f"Engine serves a GemmaForCausalLM, got {type(model).__name__}")
         for name, v in (("slots", slots), ("chunk_size", chunk_size)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         max_pos = int(model.config.max_position_embeddings)
         if ctx_size is not None and slot_ctx is not None:
             raise ValueError("give ctx_size (all slots' tokens) or slot_ctx (one slot's), not both")
         if ctx_size is not None:
-            if not _is_int(ctx_size) or ctx_size < 2 * slots:
+            if not is_int(ctx_size) or ctx_size < 2 * slots:
                 raise ValueError(f"ctx_size must be an int >= 2 tokens per slot ({2 * slots}), got {ctx_size!r}")
             slot_ctx = ctx_size // slots
         elif slot_ctx is None:
             slot_ctx = min(max_pos, 4096)
-        if not _is_int(slot_ctx) or not 2 <= slot_ctx <= max_pos:
+        if not is_int(slot_ctx) or not 2 <= slot_ctx <= max_pos:
             raise ValueError(f"a slot's context must be an int in [2, max_position_embeddings = {max_pos}], "
                              f"got {slot_ctx!r}")
         self.model = model
@@ -187,7 +186,7 @@ class Engine:
         frequency_penalty (in [-2, 2]; they count the new tokens only). logprobs (0-20): each
         token's log-probability, and that many top alternatives (Request.logprobs,
         Request.top_logprobs). ValueError, before any work, when the request does not fit a slot."""
-        if self._closed.is_set() or self._closing:
+        if self._closing:
             raise RuntimeError("the engine is closed")
         for name in ("output_logits", "return_dict_in_generate"):
             if kwargs.get(name):
@@ -203,7 +202,7 @@ class Engine:
             raise ValueError(f"prompt_ids must be one sequence of token ids, got an array of shape "
                              f"{ids.shape} and dtype {ids.dtype}")
         prompt = [int(t) for t in ids]
-        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+        if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs must be an int in [0, 20] or None, got {logprobs!r}")
         _, params = self.model._sampling(generation_config, presence_penalty=presence_penalty,
                                          frequency_penalty=frequency_penalty, **kwargs)
@@ -226,7 +225,7 @@ class Engine:
 
     def close(self) -> None:
         """Cancels every request and stops the engine's threads."""
-        if self._closed.is_set() or self._closing:
+        if self._closing:
             return
         self._closing = True
         # The scheduler first: its last events (every request cancelled) are queued before the
@@ -271,7 +270,3 @@ def _dispatch(scheduler: Scheduler, requests: Dict[int, Request], lock: threadin
                 pass
         if closed.is_set() and not events:
             return
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

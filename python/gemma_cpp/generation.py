@@ -10,6 +10,16 @@ from typing import List, Optional, Union
 from ._files import read_json_object
 
 
+def is_int(v) -> bool:
+    """An integer, not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_num(v) -> bool:
+    """A real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 @dataclasses.dataclass
 class GenerationConfig:
     """What `generate` does, with transformers' argument names and defaults.
@@ -66,12 +76,6 @@ class GenerationConfig:
     def validate(self) -> None:
         def bad(name, want):
             raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "a non-negative int")

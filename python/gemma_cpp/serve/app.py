@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import numbers
 import os
 import secrets
 import threading
@@ -21,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..engine import Engine
+from ..generation import is_int, is_num
 
 MAX_N = 16          # choices per request
 MAX_STOP = 4        # stop strings per request, as OpenAI
@@ -46,19 +46,11 @@ def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
 
 # ---- request fields -------------------------------------------------------------------
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _get_int(body: dict, name: str, default, lo=None, hi=None):
     v = body.get(name)
     if v is None:
         return default
-    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+    if not is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
         raise _bad(name, f"'{name}' must be an integer{rng}, got {v!r}")
     return int(v)
@@ -68,7 +60,7 @@ def _get_num(body: dict, name: str, default, lo=None, hi=None, lo_open=False):
     v = body.get(name)
     if v is None:
         return default
-    ok = _is_num(v) and v == v
+    ok = is_num(v) and v == v
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
     if ok and hi is not None:
@@ -185,11 +177,11 @@ class TextStream:
         return self._release()
 
     def flush(self) -> str:
-        if self.ids and not self.stopped:
-            self._decode(final=True)
-            out = self._release(final=True)
-            return out
-        return ""
+        """What is left at the end: the open window decoded, no stop string held back for."""
+        if not self.ids or self.stopped:
+            return ""
+        self._decode(final=True)
+        return self._release(final=True)
 
     def _release(self, final: bool = False) -> str:
         for i, s in sorted(((self.text.find(s, max(0, self.sent - len(s) + 1)), s) for s in self.stops),
@@ -384,7 +376,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         body = await body_of(request)
         ids = body.get("tokens")
         vocab = state.engine.model.config.vocab_size
-        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < vocab for t in ids):
+        if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab for t in ids):
             raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
         text = state.tokenizer.decode(ids)
         return {"content": text, "prompt": text}
@@ -425,9 +417,9 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         prompts = _completion_prompts(body, state.tokenizer, engine.model.config.vocab_size)
         sampling = Sampling(body, ("max_tokens",), 16)
         lp = body.get("logprobs")
-        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+        if lp is not None and (not is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise _bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
-        return await _generate(request, state, "text_completion", prompts, sampling, lp, "prompt")
+        return await _generate(state, "text_completion", prompts, sampling, lp, "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -444,7 +436,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         top = _get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
             raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        return await _generate(request, state, "chat.completion", [list(ids)], sampling,
+        return await _generate(state, "chat.completion", [list(ids)], sampling,
                                (top or 0) if want else None, "messages")
 
     return app
@@ -455,7 +447,7 @@ def _completion_prompts(body: dict, tokenizer, vocab: int) -> List[List[int]]:
     bad = _bad("prompt", "'prompt' must be a string, a list of token ids, or a list of either")
     if isinstance(p, str):
         items = [p]
-    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+    elif isinstance(p, list) and p and all(is_int(t) for t in p):
         items = [p]
     elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
         items = p
@@ -465,7 +457,7 @@ def _completion_prompts(body: dict, tokenizer, vocab: int) -> List[List[int]]:
     for x in items:
         if isinstance(x, str):
             ids = tokenizer.encode(x, add_special_tokens=True)
-        elif isinstance(x, list) and x and all(_is_int(t) for t in x):
+        elif isinstance(x, list) and x and all(is_int(t) for t in x):
             if not all(0 <= t < vocab for t in x):
                 raise _bad("prompt", f"prompt token ids must be in [0, {vocab})")
             ids = list(x)
@@ -507,12 +499,13 @@ class _Choice:
         self.finish: Optional[str] = None
 
 
-async def _generate(http: Request, state: _State, kind: str, prompts: List[List[int]], sampling: Sampling,
+async def _generate(state: _State, kind: str, prompts: List[List[int]], sampling: Sampling,
                     logprobs: Optional[int], prompt_param: str):
     engine = state.engine
     ctx = engine.slot_ctx
-    for ids in prompts:
-        limit = sampling.max_tokens if sampling.max_tokens is not None else max(ctx - len(ids), 0)
+    # Each prompt's token budget: max_tokens, else the rest of a slot's context.
+    limits = [sampling.max_tokens if sampling.max_tokens is not None else max(ctx - len(ids), 0) for ids in prompts]
+    for ids, limit in zip(prompts, limits):
         if len(ids) + max(limit, 1) > ctx:
             asked = f"{len(ids) + limit} tokens ({len(ids)} in the {prompt_param}, {limit} for the completion)" \
                 if sampling.max_tokens is not None else f"{len(ids)} tokens in the {prompt_param}"
@@ -522,8 +515,7 @@ async def _generate(http: Request, state: _State, kind: str, prompts: List[List[
                            code="context_length_exceeded")
     choices: List[_Choice] = []
     try:
-        for p, ids in enumerate(prompts):
-            limit = sampling.max_tokens if sampling.max_tokens is not None else ctx - len(ids)
+        for p, (ids, limit) in enumerate(zip(prompts, limits)):
             for j in range(sampling.n):
                 r = engine.submit(ids, **sampling.kwargs(j, limit, state.eos, logprobs))
                 choices.append(_Choice(p * sampling.n + j, r, TextStream(state.tokenizer, sampling.stop, state.hold)))
