@@ -84,7 +84,7 @@ def cache_bytes(shapes: dict, context: int, kv: str) -> float:
 
 
 def weight_bytes(path: str, label: str) -> float:
-    """Bytes of weights one decode step reads, for a row label such as gemma_cpp/int8 (auto)."""
+    """Bytes of weights one decode step reads, for a row label such as gemma_cpp/file types (auto)."""
     if path.endswith(".gguf"):
         import bench_gguf
 
@@ -171,7 +171,7 @@ def child_gemma_cpp(a: dict) -> dict:
 
     gemma_cpp.set_num_threads(a["threads"])
     kw = dict(kv_cache_dtype=a["kv"])
-    if a["weights"] == "int8 (auto)":
+    if a["weights"] == "file types (auto)":
         kw["quantization"] = "auto"
     elif a["weights"] in ("int8", "int4"):
         kw["quantization"] = a["weights"]
@@ -319,7 +319,7 @@ def main():
 
     if args.quick:
         args.prefill, args.contexts, args.batches = "128,512", "128,512", "1,4"
-        args.rows = args.rows or "gemma_cpp:int8 (auto)/float32,gemma_cpp:int8 (auto)/int8"
+        args.rows = args.rows or "gemma_cpp:file types (auto)/float32,gemma_cpp:file types (auto)/int8"
     args.prefill, args.contexts, args.batches = ([int(x) for x in s.split(",")]
                                                   for s in (args.prefill, args.contexts, args.batches))
     if args.model == "270m":
@@ -341,9 +341,9 @@ def main():
     if args.rows:
         rows = [r.split(":", 1) for r in args.rows.split(",")]
     else:
-        fmts = ["float32", "int8 (auto)", "int8", "int4"] if gguf else ["bfloat16", "int8", "int4"]
+        fmts = ["float32", "file types (auto)", "int8", "int4"] if gguf else ["bfloat16", "int8", "int4"]
         rows = [["gemma_cpp", f"{w}/float32"] for w in fmts]
-        base = "int8 (auto)" if gguf else "int8"
+        base = "file types (auto)" if gguf else "int8"
         rows += [["gemma_cpp", f"{base}/{kv}"] for kv in ("bfloat16", "int8")]
         if gguf and importlib.util.find_spec("llama_cpp"):
             rows.append(["llama.cpp", "Q4_K_M file"])

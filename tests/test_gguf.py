@@ -16,7 +16,7 @@ from gemma_cpp.formats.gguf import (  # noqa: E402
 )
 
 SUPPORTED = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
-             QT.Q4_K, QT.Q5_K, QT.Q6_K]
+             QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 BLOCKED = [t for t in SUPPORTED if GGML_BLOCK_SIZES[int(t)][0] > 1]
 REF_QUANTIZABLE = [QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
 
@@ -303,8 +303,8 @@ def test_dequantize_argument_errors():
         dequantize(np.zeros(34, np.uint8), int(QT.Q8_0), (2, 16))
     with pytest.raises(GGUFError, match="unknown ggml type 99"):
         dequantize(np.zeros(4, np.uint8), 99, (1,))
-    with pytest.raises(GGUFError, match="Q2_K is not supported"):
-        dequantize(np.zeros(84, np.uint8), int(QT.Q2_K), (256,))
+    with pytest.raises(GGUFError, match="Q8_K is not supported"):
+        dequantize(np.zeros(292, np.uint8), int(QT.Q8_K), (256,))
     with pytest.raises(GGUFError, match="uint8"):
         dequantize(np.zeros(1, np.float32), int(QT.F32), (1,))
 
@@ -326,18 +326,18 @@ def test_raw_is_a_view_and_close_is_safe(tmp_path):
 
 
 def test_unsupported_type_still_opens(tmp_path):
-    raw = np.random.default_rng(0).integers(0, 256, size=2 * 84, dtype=np.uint8)
-    path = tmp_path / "q2k.gguf"
+    raw = np.random.default_rng(0).integers(0, 256, size=2 * 292, dtype=np.uint8)
+    path = tmp_path / "q8k.gguf"
     w = GGUFWriter(path, "gemma3")
-    w.add_tensor("blk.0.w", raw.reshape(1, -1), raw_dtype=QT.Q2_K)
+    w.add_tensor("blk.0.w", raw.reshape(1, -1), raw_dtype=QT.Q8_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     with GGUFFile(path) as f:
-        assert f.tensors["blk.0.w"].type_name == "Q2_K" and f.tensors["blk.0.w"].shape == (1, 512)
+        assert f.tensors["blk.0.w"].type_name == "Q8_K" and f.tensors["blk.0.w"].shape == (1, 512)
         assert np.array_equal(f.raw("blk.0.w"), raw)
-        with pytest.raises(GGUFError, match=r"q2k\.gguf: tensor 'blk\.0\.w'.*Q2_K is not supported"):
+        with pytest.raises(GGUFError, match=r"q8k\.gguf: tensor 'blk\.0\.w'.*Q8_K is not supported"):
             f.dequantize("blk.0.w")
 
 

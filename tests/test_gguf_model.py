@@ -43,7 +43,8 @@ def random_k_blocks(rows, cols, qtype, seed=0):
 
 def write_gguf(path, ref, arch, qtype=None, vocab_names=None):
     """ref (a transformers model) as a GGUF file as llama.cpp's converter writes it; matrices
-    quantized to qtype when given."""
+    quantized to qtype when given. qtype may also be a function (gguf name, array) -> (raw
+    bytes, type), for the matrices whose rows hold whole super-blocks of 256."""
     c = ref.config
     w = gguf.GGUFWriter(str(path), arch)
     p = arch + "."
@@ -86,6 +87,11 @@ def write_gguf(path, ref, arch, qtype=None, vocab_names=None):
             continue  # lm_head tied
         if gname.endswith("norm.weight"):
             w.add_tensor(gname, a + np.float32(1))  # llama.cpp stores 1 + w
+        elif callable(qtype) and a.ndim == 2 and a.shape[1] % 256 == 0:
+            raw, qt = qtype(gname, a)
+            w.add_tensor(gname, raw, raw_dtype=qt)
+        elif callable(qtype):
+            w.add_tensor(gname, a)
         elif qtype in (QT.Q4_K, QT.Q6_K) and a.ndim == 2 and a.shape[1] % 256 == 0:
             w.add_tensor(gname, random_k_blocks(*a.shape, qtype), raw_dtype=qtype)
         elif qtype is not None and a.ndim == 2 and a.shape[1] % 32 == 0 and qtype not in (QT.Q4_K, QT.Q6_K):
@@ -218,18 +224,13 @@ def test_auto_policy_by_tensor_type(tiny, tmp_path, qtype):
         loaded = gguf_model.load(g, None, "auto")
         weights, used = loaded.weights, loaded.quantization
         assert used == "auto"
-        # A K type (ffn_down: rows of 256, one super-block) is re-quantized to int8, within half
-        # an int8 step of its exact values; F32 tensors (rows of 128 cannot be Q4_K) stay float.
+        # A K type (ffn_down: rows of 256, one super-block) keeps its type and its exact
+        # values; F32 tensors (rows of 128 cannot be Q4_K) stay float.
         for gname, ename in [("blk.0.attn_q.weight", "layers.0.q"), ("blk.0.ffn_down.weight", "layers.0.down")]:
             if types[gname] in ("Q4_K", "Q6_K"):
-                assert weights[ename][0] == "int8"
+                assert weights[ename][0] == types[gname].lower()
                 want = g.dequantize(gname)
-                got = quant.dequantize(weights[ename], want.shape[1])
-                step = np.abs(want).reshape(want.shape[0], -1, 32).max(axis=2, keepdims=True) / 127
-                # Round to nearest: half a step, plus the fp16 rounding of the scale (relative
-                # 2^-11) times |q| <= 127.
-                bound = step * (0.5 + 127 * 2.0 ** -11) * (1 + 1e-6)
-                assert np.all(np.abs(got - want).reshape(step.shape[0], -1, 32) <= bound)
+                np.testing.assert_array_equal(quant.dequantize(weights[ename], want.shape[1]), want)
             else:
                 assert isinstance(weights[ename], np.ndarray) and weights[ename].dtype == np.float32
 

@@ -83,7 +83,8 @@ def _prefill_paths():
 @pytest.mark.parametrize("prefill", _prefill_paths())
 @pytest.mark.parametrize("quantization", ["auto", "int8"])
 def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization, prefill):
-    """int8: Q8_0 and Q5_0 tensors import without loss, Q4_K and Q6_K are re-quantized. On AMX
+    """auto: every tensor as its file type (Q8_0 and Q5_0 as int8, Q4_K and Q6_K as q4_k /
+    q6_k), all without loss; int8: Q4_K and Q6_K re-quantized as well. On AMX
     a prompt's activations are rounded to bf16; on the integer kernels they are quantized per
     block of 32 to int8 as well, which moves the logits more (RMS 0.17 here). Measured on 484
     positions of prose: 99.6% top-1 agreement on AMX; on the integer kernels (AVX2 and scalar
@@ -107,6 +108,50 @@ def test_int8_top1_agreement(path, prose_ids, reference_logits, quantization, pr
     gap = ref.max(-1) - ref[np.arange(len(mine)), mine]
     assert agree >= (0.99 if prefill == "amx" else 0.95), f"top-1 agreement {agree:.4f}"
     assert gap.max() <= 0.5, f"a disagreement {gap.max():.3f} logits from the reference's best"
+
+
+def _near_ties(model, ids):
+    """The float32 model's gap between its two best logits after ids."""
+    z = np.sort(model(np.array([ids]), logits_to_keep=1).logits[0, -1])
+    return float(z[-1] - z[-2])
+
+
+def test_file_types_against_the_float32_path(path, tok, prose_ids):
+    """The default load (every tensor in its own type, the K-quants on their own kernels)
+    against the float32 path on the same file (every tensor dequantized): the weights are the
+    same values, so what differs is the int8 rounding of the activations per block of 32.
+    Measured on 484 positions of prose on the AVX2 kernels: 97.5% top-1 agreement (12
+    positions), every disagreement a near-tie within 0.17 logits of the float32 path's best
+    (the Q8_0 LM head's rounding alone gives 98.6%: reaching the issue's 99.5% needs finer
+    activations than int8 blocks, see the closing note of issue 13). Allowed: 97% and 0.25.
+    Greedy continuations of the five prompts follow the float32 path for at least 16 tokens,
+    or up to a near-tie (measured over 32 new tokens: 21, 32, 30, 32 and 32 agree); a split
+    at a near-tie must show the float32 path's top-2 gap under 0.2 logits."""
+    from gemma_cpp._C import _testing
+
+    f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)
+    _testing.set_quant_matmul_path(_testing.quant_matmul_path())  # the integer kernels, AMX or not
+    try:
+        ours = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
+        assert ours.quantization == "auto"
+        b = ours(prose_ids).logits[0]
+    finally:
+        _testing.set_quant_matmul_path("auto")
+    a = f32(prose_ids).logits[0]
+    mine = b.argmax(-1)
+    agree = (mine == a.argmax(-1)).mean()
+    gap = a.max(-1) - a[np.arange(len(mine)), mine]
+    assert agree >= 0.97, f"top-1 agreement {agree:.4f}"
+    assert gap.max() <= 0.25, f"a disagreement {gap.max():.3f} logits from the float32 path's best"
+    for prompt in PROMPTS:
+        ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+               if isinstance(prompt, list) else tok(prompt)["input_ids"])
+        x = np.asarray(ours.generate([ids], max_new_tokens=20, do_sample=False, eos_token_id=[]))[0][len(ids):]
+        y = np.asarray(f32.generate([ids], max_new_tokens=20, do_sample=False, eos_token_id=[]))[0][len(ids):]
+        n = next((i for i in range(20) if x[i] != y[i]), 20)
+        if n < 16:
+            tie = _near_ties(f32, list(ids) + list(y[:n]))
+            assert tie < 0.2, (prompt, n, tie)
 
 
 def test_int8_kv_cache_top1_against_the_float32_cache(path, prose_ids):

@@ -15,13 +15,16 @@ void need_dim(const py::array& a, const std::string& name, int axis, int64_t n) 
 }
 
 QFormat parse_format(const std::string& name) {
-  if (name == "int8") return QFormat::Int8;
-  if (name == "int4") return QFormat::Int4;
-  if (name == "int4m") return QFormat::Int4m;
-  throw py::value_error("unknown quantization '" + name + "': expected 'int8', 'int4' or 'int4m'");
+  static const char* names[] = {"int8", "int4", "int4m", "q4_k", "q5_k", "q6_k"};
+  for (int i = 0; i < 6; ++i)
+    if (name == names[i]) return static_cast<QFormat>(i);
+  throw py::value_error("unknown quantization '" + name + "': expected 'int8', 'int4', 'int4m', 'q4_k', 'q5_k' or 'q6_k'");
 }
 
-const char* format_name(QFormat f) { return f == QFormat::Int8 ? "int8" : f == QFormat::Int4 ? "int4" : "int4m"; }
+const char* format_name(QFormat f) {
+  static const char* names[] = {"int8", "int4", "int4m", "q4_k", "q5_k", "q6_k"};
+  return names[static_cast<int>(f)];
+}
 
 namespace {
 bool is_u16_matrix(const py::array& a) {
@@ -30,19 +33,34 @@ bool is_u16_matrix(const py::array& a) {
 std::string dims(int64_t rows, int64_t cols) { return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")"; }
 }  // namespace
 
-QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::array d, py::object m,
+QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::object d, py::object m,
                                  const std::string& name)
     : format(parse_format(fmt)), quants(std::move(q)), scales(std::move(d)), mins(std::move(m)) {
+  const bool one_byte = quants.ndim() == 2 && quants.itemsize() == 1 && (quants.flags() & py::array::c_style);
+  if (is_kquant(format)) {
+    if (!scales.is_none() || !mins.is_none())
+      throw py::value_error(name + ": a " + fmt + " weight is (format, quants): its scales are inside the quants");
+    const int64_t B = kquant_block_bytes(format);
+    if (!one_byte || quants.shape(1) % B != 0)
+      throw py::value_error(name + ": " + fmt + " quants must be a contiguous 2-D 1-byte array with rows of a multiple of " +
+                            std::to_string(B) + " bytes (super-blocks of 256), got " + std::string(py::str(quants.dtype())) +
+                            " " + shape_str(quants));
+    n_rows = quants.shape(0);
+    n_cols = quants.shape(1) / B * kQSuper;
+    return;
+  }
   if (format == QFormat::Int4m && mins.is_none())
     throw py::value_error(name + ": an int4m weight is (format, quants, scales, mins)");
   if (format != QFormat::Int4m && !mins.is_none())
     throw py::value_error(name + ": a quantized weight is (format, quants, scales); only int4m has mins");
-  if (!is_u16_matrix(scales))
+  if (scales.is_none()) throw py::value_error(name + ": an " + fmt + " weight is (format, quants, scales[, mins])");
+  const py::array sa = scales.cast<py::array>();
+  if (!is_u16_matrix(sa))
     throw py::value_error(name + ": scales must be a contiguous 2-D uint16 array (fp16 bits), got " +
-                          std::string(py::str(scales.dtype())) + " " + shape_str(scales));
-  const int64_t rows = scales.shape(0), nb = scales.shape(1), qb = quant_row_bytes(format, nb * kQBlock);
-  if (quants.ndim() != 2 || quants.shape(0) != rows || quants.shape(1) != qb || quants.itemsize() != 1 ||
-      !(quants.flags() & py::array::c_style))
+                          std::string(py::str(sa.dtype())) + " " + shape_str(sa));
+  scales = sa;
+  const int64_t rows = sa.shape(0), nb = sa.shape(1), qb = quant_row_bytes(format, nb * kQBlock);
+  if (!one_byte || quants.shape(0) != rows || quants.shape(1) != qb)
     throw py::value_error(name + ": quants must be a contiguous 1-byte array of shape " + dims(rows, qb) + ", got " +
                           shape_str(quants));
   if (format == QFormat::Int4m) {
@@ -52,14 +70,17 @@ QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::array 
                             shape_str(ma));
     mins = ma;
   }
+  n_rows = rows;
+  n_cols = nb * kQBlock;
 }
 
 Weight QuantizedWeight::view() const {
+  static const DType types[] = {DType::Int8, DType::Int4, DType::Int4m, DType::Q4K, DType::Q5K, DType::Q6K};
   Weight w;
-  w.dtype = format == QFormat::Int8 ? DType::Int8 : format == QFormat::Int4 ? DType::Int4 : DType::Int4m;
+  w.dtype = types[static_cast<int>(format)];
   w.data = quants.data();
-  w.scales = static_cast<const uint16_t*>(scales.data());
-  if (format == QFormat::Int4m) w.mins = static_cast<const uint16_t*>(mins.cast<py::array>().data());
+  if (!scales.is_none()) w.scales = static_cast<const uint16_t*>(scales.cast<py::array>().data());
+  if (!mins.is_none()) w.mins = static_cast<const uint16_t*>(mins.cast<py::array>().data());
   w.rows = rows();
   w.cols = cols();
   w.ld = quants.shape(1);
@@ -67,6 +88,7 @@ Weight QuantizedWeight::view() const {
 }
 
 py::tuple QuantizedWeight::to_tuple() const {
+  if (is_kquant(format)) return py::make_tuple(format_name(format), quants);
   if (format == QFormat::Int4m) return py::make_tuple(format_name(format), quants, scales, mins);
   return py::make_tuple(format_name(format), quants, scales);
 }
@@ -76,10 +98,11 @@ QuantizedWeight QuantizedWeight::from(const py::handle& o, const std::string& na
     throw py::value_error(name + ": expected a quantized weight, (format, quants, scales[, mins]), got " +
                           std::string(py::str(py::type::of(o))));
   const py::tuple t = py::reinterpret_borrow<py::tuple>(o);
-  if (t.size() < 3 || t.size() > 4)
-    throw py::value_error(name + ": a quantized weight is (format, quants, scales), or for int4m "
-                                 "(format, quants, scales, mins)");
-  return QuantizedWeight(t[0].cast<std::string>(), t[1].cast<py::array>(), t[2].cast<py::array>(),
+  if (t.size() < 2 || t.size() > 4)
+    throw py::value_error(name + ": a quantized weight is (format, quants, scales), for int4m "
+                                 "(format, quants, scales, mins), for a K-quant (format, quants)");
+  return QuantizedWeight(t[0].cast<std::string>(), t[1].cast<py::array>(),
+                         t.size() >= 3 ? py::object(t[2]) : py::object(py::none()),
                          t.size() == 4 ? py::object(t[3]) : py::object(py::none()), name);
 }
 

@@ -38,22 +38,26 @@ const char* format_name(QFormat f);
 // side of gemma_cpp.quant.QuantizedWeight, the tuple (format, quants, scales[, mins]) that
 // quantized weights cross the binding as, both ways. This struct is the one place its order
 // is read or written.
-//   quants [rows, quant_row_bytes(format, cols)], 1-byte elements
-//   scales [rows, cols / 32] uint16 (fp16 bits)
-//   mins   int4m only: as scales; None for int8 and int4
+//   int8 / int4 / int4m:
+//     quants [rows, quant_row_bytes(format, cols)], 1-byte elements
+//     scales [rows, cols / 32] uint16 (fp16 bits)
+//     mins   int4m only: as scales; None for int8 and int4
+//   q4_k / q5_k / q6_k: (format, quants) only, quants [rows, cols / 256 * B] uint8 (the
+//     super-blocks with their scales; B = kquant_block_bytes)
 // Construction checks that the arrays agree with each other; a user of the weight checks
 // rows and cols against what it expects.
 struct QuantizedWeight {
   QFormat format = QFormat::Int8;
-  py::array quants, scales;
-  py::object mins = py::none();
+  py::array quants;
+  py::object scales = py::none(), mins = py::none();
+  int64_t n_rows = 0, n_cols = 0;
 
-  QuantizedWeight(const std::string& fmt, py::array q, py::array d, py::object m, const std::string& name);
-  int64_t rows() const { return scales.shape(0); }
-  int64_t cols() const { return scales.shape(1) * kQBlock; }
+  QuantizedWeight(const std::string& fmt, py::array q, py::object d, py::object m, const std::string& name);
+  int64_t rows() const { return n_rows; }
+  int64_t cols() const { return n_cols; }
   // The kernels' view: pointers into the arrays, which must outlive it.
   Weight view() const;
-  // From a (format, quants, scales[, mins]) tuple (or QuantizedWeight); errors name `name`.
+  // From a (format, quants[, scales[, mins]]) tuple (or QuantizedWeight); errors name `name`.
   static QuantizedWeight from(const py::handle& o, const std::string& name);
   py::tuple to_tuple() const;
 };

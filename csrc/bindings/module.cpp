@@ -404,6 +404,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("quantize", [](const py::array& w, const std::string& fmt) {
     const QFormat f = parse_format(fmt);
+    if (is_kquant(f))
+      throw py::value_error("quantize: " + fmt + " weights are imported from GGUF files, not quantized here");
     if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
       throw py::value_error("quantize: expected a contiguous 2-D array");
     const bool bf16 = w.dtype().is(py::dtype::of<uint16_t>());
@@ -434,8 +436,16 @@ PYBIND11_MODULE(_C, m) {
     // Plain rows have the same shapes as interleaved ones: the same checks apply.
     const QuantizedWeight src = QuantizedWeight::from(o, "interleave");
     const Weight w = src.view();
-    const int64_t nb = w.cols / kQBlock;
+    const int64_t nb = w.kquant() ? 0 : w.cols / kQBlock;  // K-quants: one array
     py::array_t<uint8_t> qo({w.rows, w.ld});
+    if (w.kquant()) {
+      {
+        py::gil_scoped_release nogil;
+        interleave_rows(w.rows, w.ld, 0, static_cast<const uint8_t*>(w.data), nullptr, nullptr, qo.mutable_data(),
+                        nullptr, nullptr, to_groups);
+      }
+      return QuantizedWeight(format_name(src.format), qo, py::none(), py::none(), "interleave").to_tuple();
+    }
     py::array_t<uint16_t> dout({w.rows, nb});
     py::object mout = py::none();
     uint16_t* mp = nullptr;

@@ -129,6 +129,41 @@ void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16
 }
 
 namespace {
+uint16_t u16_at(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+
+// Element j (< 256) of a K-quant super-block's quants (the bytes after its meta).
+inline int kquant_q(QFormat f, const uint8_t* qs, int j) {
+  if (f == QFormat::Q6K) {
+    const int h = j / 128, c = (j % 128) / 32, l = j % 32;
+    const int lo = (qs[64 * h + 32 * (c % 2) + l] >> (4 * (c / 2))) & 15, hi = (qs[128 + 32 * h + l] >> (2 * c)) & 3;
+    return lo | (hi << 4);
+  }
+  const int s = j / 32, l = j % 32;
+  int q = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 15;
+  if (f == QFormat::Q5K) q |= ((qs[128 + l] >> s) & 1) << 4;
+  return q;
+}
+}  // namespace
+
+void dequantize_row_kquant(QFormat f, const uint8_t* row, int64_t K, float* out) {
+  const int64_t B = kquant_block_bytes(f);
+  for (int64_t sb = 0; sb < K / kQSuper; ++sb, row += B, out += kQSuper) {
+    const float d = f16_to_f32(u16_at(row));
+    const uint8_t* qs = row + kQMeta;
+    if (f == QFormat::Q6K) {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(row + 4);
+      for (int j = 0; j < kQSuper; ++j) out[j] = d * static_cast<float>(sc[j / 16]) * static_cast<float>(kquant_q(f, qs, j) - 32);
+      continue;
+    }
+    const float dmin = f16_to_f32(u16_at(row + 2));
+    for (int j = 0; j < kQSuper; ++j) {
+      const float d1 = d * static_cast<float>(row[4 + j / 32]), m1 = dmin * static_cast<float>(row[12 + j / 32]);
+      out[j] = d1 * static_cast<float>(kquant_q(f, qs, j)) - m1;  // two roundings, as ggml
+    }
+  }
+}
+
+namespace {
 // One group of 16 rows (or the plain tail): 4-byte quant words and 2-byte scales move
 // between row order and the interleaved order of quant.h.
 void interleave_group(int64_t qb, int64_t nb, const uint8_t* q, const uint16_t* d, const uint16_t* m, uint8_t* qo,
@@ -157,14 +192,14 @@ void interleave_rows(int64_t rows, int64_t qb, int64_t nb, const uint8_t* q, con
                        qo + g * kQGroup * qb, dout + g * kQGroup * nb, m ? mout + g * kQGroup * nb : nullptr, to_groups);
   });
   std::memcpy(qo + full * qb, q + full * qb, static_cast<size_t>((rows - full) * qb));
-  std::memcpy(dout + full * nb, d + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
+  if (d) std::memcpy(dout + full * nb, d + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
   if (m) std::memcpy(mout + full * nb, m + full * nb, static_cast<size_t>((rows - full) * nb) * 2);
 }
 
 void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* m) {
   if (r >= grouped_rows(w.rows)) {
     std::memcpy(q, w.q + r * w.qb, static_cast<size_t>(w.qb));
-    std::memcpy(d, w.d + r * w.nb, static_cast<size_t>(w.nb) * 2);
+    if (w.d) std::memcpy(d, w.d + r * w.nb, static_cast<size_t>(w.nb) * 2);
     if (w.m) std::memcpy(m, w.m + r * w.nb, static_cast<size_t>(w.nb) * 2);
     return;
   }
@@ -234,7 +269,8 @@ struct QActs {
   std::vector<int8_t> q;      // [T][np * 64]
   std::vector<float> dx;      // [T][np * 2]: the block scales
   std::vector<float> xsum;    // [T][np * 2]: dx_b * sum of block b's q (the offsets' term)
-  QActView view() const { return {T, np, q.data(), dx.data(), xsum.data()}; }
+  std::vector<int16_t> bsum16;  // [T][np * 4]: the sum of each half block's q (K-quants)
+  QActView view() const { return {T, np, q.data(), dx.data(), xsum.data(), bsum16.data()}; }
 };
 
 // Quantizes into the calling thread's buffers (reused from call to call: decode calls this
@@ -250,6 +286,7 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
   a.q.assign(static_cast<size_t>(T * a.np * 64), 0);
   a.dx.assign(static_cast<size_t>(T * a.np * 2), 0.f);
   a.xsum.assign(static_cast<size_t>(T * a.np * 2), 0.f);
+  a.bsum16.assign(static_cast<size_t>(T * a.np * 4), 0);
   auto row = [&](int64_t t) {
     const float* xr = x + t * ldx;
     int8_t* q = a.q.data() + t * a.np * 64;
@@ -258,13 +295,15 @@ const QActs& quantize_acts(const float* x, int64_t T, int64_t ldx, int64_t K) {
       for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(xr[b * kQBlock + j]));
       const float id = amax > 0.f ? 127.f / amax : 0.f;
       a.dx[t * a.np * 2 + b] = amax / 127.f;
-      int32_t qs = 0;
+      int32_t half[2] = {0, 0};
       for (int j = 0; j < kQBlock; ++j) {
         const float v = std::nearbyint(xr[b * kQBlock + j] * id);
         q[b * kQBlock + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
-        qs += q[b * kQBlock + j];
+        half[j / 16] += q[b * kQBlock + j];
       }
-      a.xsum[t * a.np * 2 + b] = a.dx[t * a.np * 2 + b] * static_cast<float>(qs);
+      a.bsum16[t * a.np * 4 + 2 * b] = static_cast<int16_t>(half[0]);
+      a.bsum16[t * a.np * 4 + 2 * b + 1] = static_cast<int16_t>(half[1]);
+      a.xsum[t * a.np * 2 + b] = a.dx[t * a.np * 2 + b] * static_cast<float>(half[0] + half[1]);
     }
   };
   if (T * K < (int64_t{1} << 16)) {
@@ -353,6 +392,56 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
   }
 }
 
+// One K-quant row (plain order) . one token's activations, the scalar reference of the SIMD
+// kernels: per activation block b (32 values) an exact integer sum, the sub-blocks' scales
+// sc applied in integers, then scaled by d dx_b; q4_k / q5_k take their mins' term
+// sum_b (dmin m_b) xsum_b apart, q6_k its -32 through the half blocks' sums of q.
+float kquant_dot_scalar(QFormat f, const uint8_t* row, int64_t K, const QActs& a, int64_t t) {
+  const int8_t* qx = a.q.data() + t * a.np * 64;
+  const float* dx = a.dx.data() + t * a.np * 2;
+  const int64_t B = kquant_block_bytes(f);
+  float acc = 0.f, off = 0.f;
+  for (int64_t sb = 0; sb < K / kQSuper; ++sb, row += B) {
+    const float d = f16_to_f32(u16_at(row));
+    const uint8_t* qs = row + kQMeta;
+    for (int s = 0; s < 8; ++s) {  // activation block b = 8 sb + s
+      const int64_t b = 8 * sb + s;
+      const int8_t* x = qx + b * kQBlock;
+      int32_t isum = 0;
+      if (f == QFormat::Q6K) {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(row + 4);
+        for (int h = 0; h < 2; ++h) {
+          int32_t part = 0;
+          for (int l = 0; l < 16; ++l) part += (kquant_q(f, qs, 32 * s + 16 * h + l) - 32) * x[16 * h + l];
+          isum += sc[2 * s + h] * part;
+        }
+      } else {
+        for (int l = 0; l < kQBlock; ++l) isum += kquant_q(f, qs, 32 * s + l) * x[l];
+        isum *= row[4 + s];
+        off += f16_to_f32(u16_at(row + 2)) * static_cast<float>(row[12 + s]) * a.xsum[t * a.np * 2 + b];
+      }
+      acc += static_cast<float>(isum) * (d * dx[b]);
+    }
+  }
+  return acc - off;
+}
+
+// Rows [n0, n1) of a K-quant matrix on the scalar path, any row order (rows gathered plain).
+void kquant_rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
+  const QFormat f = w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K : QFormat::Q6K;
+  thread_local std::vector<uint8_t> row;
+  row.resize(static_cast<size_t>(w.ld));
+  for (int64_t n = n0; n < n1; ++n) {
+    gather_row(QMatrix{static_cast<const uint8_t*>(w.data), nullptr, nullptr, w.rows, w.ld, 0}, n, row.data(), nullptr,
+               nullptr);
+    for (int64_t t = 0; t < a.T; ++t) {
+      const float s = kquant_dot_scalar(f, row.data(), w.cols, a, t);
+      float* o = y + t * ldy + n;
+      *o = acc ? *o + s : s;
+    }
+  }
+}
+
 // Paths, best last. Chosen once, at first use, from what this CPU supports (and what this
 // build compiled: GEMMA_QUANT_AVX512 / GEMMA_QUANT_AVX2 come from CMakeLists.txt).
 enum QPath { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
@@ -405,6 +494,18 @@ namespace {
 void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, int64_t ldy, bool accumulate,
                 int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
+  if (w.kquant()) {
+    // K-quants have one SIMD kernel, AVX2's, which the AVX-512 path's CPUs run too.
+#ifdef GEMMA_QUANT_AVX2
+    if (quant_path() >= kAvx2) {
+      const int fmt = static_cast<int>(w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K
+                                                                                                    : QFormat::Q6K);
+      n0 = kquant_groups_avx2(KQWeightView{static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.ld, fmt}, av, y, ldy,
+                              accumulate, n0, n1);
+    }
+#endif
+    return kquant_rows_scalar(w, a, y, ldy, accumulate, n0, n1);
+  }
 #if defined(GEMMA_QUANT_AVX512) || defined(GEMMA_QUANT_AVX2)
   const QWeightView wv{static_cast<const uint8_t*>(w.data), w.scales, w.dtype == DType::Int4m ? w.mins : nullptr,
                        w.rows, w.cols, w.ld, w.dtype != DType::Int8};
@@ -429,6 +530,7 @@ namespace {
 // they give a row the same bits whatever rows share the step (AMX adds in another order).
 constexpr int64_t kAmxMinTokens = 16;
 bool takes_amx(int64_t T, Work work) { return work == Work::Prefill && T >= kAmxMinTokens && g_forced < 0; }
+bool takes_amx(int64_t T, Work work, const Weight& w) { return !w.kquant() && takes_amx(T, work); }
 }  // namespace
 
 namespace {
@@ -445,7 +547,9 @@ void integer_matmul(const float* x, int64_t T, int64_t ldx, const Weight& w, flo
 
 void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                   bool accumulate, Work work) {
-  const int64_t done = takes_amx(T, work) ? matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate) : 0;
+  // (K-quants stay on the integer kernels: AMX has no dequantizer for them yet.)
+  const int64_t done = takes_amx(T, work, w) ? matmul_quant_amx(x, T, ldx, w, y, ldy, accumulate) : 0;
+  if (done == 0) return integer_matmul(x, T, ldx, w, y, ldy, accumulate);
   if (done == w.rows) return;
   Weight rest = w;  // the rows AMX left (fewer than 32), or all of them
   rest.data = static_cast<const uint8_t*>(w.data) + done * w.ld;
@@ -457,9 +561,11 @@ void matmul_quant(const float* x, int64_t T, int64_t ldx, const Weight& w, float
 
 bool matmul_quant_many(const float* x, int64_t T, int64_t ldx, const MatmulTarget* outs, int n, Work work) {
   constexpr int kMaxTargets = 8;
-  if (n <= 0 || n > kMaxTargets || takes_amx(T, work)) return false;
+  if (n <= 0 || n > kMaxTargets) return false;
   for (int i = 0; i < n; ++i)
-    if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate) return false;
+    if (!outs[i].w->quantized() || outs[i].w->cols != outs[0].w->cols || outs[i].accumulate ||
+        takes_amx(T, work, *outs[i].w))
+      return false;
   const QActs& a = quantize_acts(x, T, ldx, outs[0].w->cols);
   const QActView av = a.view();
   // Chunks of 16 rows (one interleaved group) of every matrix, one after the other: one pass

@@ -29,16 +29,46 @@
 // K must be a multiple of 32. Quantization rounds exactly as ggml's quantize_row_q8_0_ref /
 // quantize_row_q4_0_ref / quantize_row_q4_1_ref (scale computed in float32, stored as fp16
 // round-to-nearest-even).
+//
+// K-quants (the values of GGUF Q4_K, Q5_K and Q6_K): super-blocks of 256 weights along a row,
+// K a multiple of 256. One byte array per matrix, quants [rows][K / 256 * B]: each row is its
+// super-blocks one after the other, each B bytes: first 20 bytes of scales (the "meta"), then
+// the quants, as in the GGUF block. All three metas are five 4-byte words:
+//   q4_k, q5_k: d (fp16) | dmin (fp16) | sc[8] (uint8, 0..63) | m[8] (uint8, 0..63)
+//     w = (d * sc_s) * q - (dmin * m_s) for element j of sub-block s = j / 32, each product
+//     and the difference rounded to float32 (ggml's dequantize_row_q4_K; d * sc_s and
+//     dmin * m_s are exact). GGUF packs sc and m in 12 bytes of 6-bit fields: we unpack them.
+//   q6_k: d (fp16) | 0 (2 bytes) | sc[16] (int8)
+//     w = (d * sc_s) * (q - 32) for element j of sub-block s = j / 16 (exact in float32).
+// then, per format (B = 148, 180, 212; the file's blocks are 144, 176, 210 bytes):
+//   q4_k: qs[128]: byte 32 p + l holds element l of sub-block 2p (low nibble) and of 2p + 1
+//         (high nibble): the pair packing of int4, and GGUF's own bytes.
+//   q5_k: qs[128] as q4_k, then qh[32]: bit s of qh[l] is the fifth bit (16) of element l of
+//         sub-block s (GGUF's bytes).
+//   q6_k: ql[128], then qh[64] (GGUF's bytes): element 128 h + 32 c + l (half h < 2, quarter
+//         c < 4, l < 32) has low 4 bits (ql[64 h + 32 (c % 2) + l] >> 4 (c / 2)) & 15 and high
+//         2 bits (qh[32 h + l] >> 2 c) & 3.
+// The rows go in 16-row groups interleaved 4 bytes at a time, as the other formats' quants
+// (so a 64-byte line is one word of the meta or the quants for 16 rows); no other arrays.
 #pragma once
 #include <cstdint>
 
 namespace gemma {
 
 constexpr int64_t kQBlock = 32;
+constexpr int64_t kQSuper = 256;  // K-quant super-block
+constexpr int64_t kQMeta = 20;    // K-quant super-block's meta bytes
 
-enum class QFormat : int { Int8 = 0, Int4 = 1, Int4m = 2 };
+enum class QFormat : int { Int8 = 0, Int4 = 1, Int4m = 2, Q4K = 3, Q5K = 4, Q6K = 5 };
+
+inline bool is_kquant(QFormat f) { return f == QFormat::Q4K || f == QFormat::Q5K || f == QFormat::Q6K; }
+// A K-quant super-block's bytes in our rows (meta included).
+inline int64_t kquant_block_bytes(QFormat f) {
+  return kQMeta + (f == QFormat::Q4K ? 128 : f == QFormat::Q5K ? 160 : 192);
+}
 
 inline int64_t quant_row_bytes(QFormat f, int64_t K) {
+  if (is_kquant(f)) return K / kQSuper * kquant_block_bytes(f);
   return f == QFormat::Int8 ? K : (K + 63) / 64 * 32;
 }
 inline int64_t scale_row_count(int64_t K) { return K / kQBlock; }
@@ -70,6 +100,8 @@ void quantize_row_int4_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d);
 void quantize_row_int4m_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d, uint16_t* m);
 // One row back to floats. m: the row's mins (int4m only; ignored otherwise).
 void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out);
+// One K-quant row (plain order, K / 256 super-blocks) back to floats, bit-identical to ggml's.
+void dequantize_row_kquant(QFormat f, const uint8_t* row, int64_t K, float* out);
 
 // A whole matrix [rows, K] (float32, or bfloat16 bits when src_bf16) quantized row by row
 // on the thread pool. m: [rows][K / 32] mins for int4m, else unused (may be null).

@@ -200,4 +200,188 @@ void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t 
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// K-quants (quant.h): one 16-row group's super-block is 16 * B bytes of 4-byte words, word c
+// of rows 8h..8h+7 one vector at c * 64 + 32 h. The quants become bytes (q4_k nibbles, q5_k
+// plus the fifth bit, q6_k nibbles plus two bits); vpmaddubsw multiplies them with the
+// activations as the int4 kernel does, and vpmaddwd, instead of summing pairs with 1s, sums
+// them times the row's sub-block scale sc (an int16 pair per row, taken from the meta words
+// by one byte shuffle): each activation block's integer sum then holds sc q x exactly, and
+// one FMA scales it by d dx. q4_k / q5_k subtract their mins' term (dmin m) xsum per block;
+// q6_k subtracts 32 sc (sum of x) in integers first, from the half blocks' sums of x.
+namespace {
+
+// A byte shuffle control, the same for every 4-byte word: byte e of word i takes byte b_e of
+// word i (b_e < 0: zero).
+inline __m256i word_ctrl(int b0, int b1, int b2, int b3) {
+  auto byte = [](int b, int shift) { return static_cast<uint32_t>(b < 0 ? 0x80 : b) << shift; };
+  const __m256i pattern = _mm256_set1_epi32(static_cast<int32_t>(byte(b0, 0) | byte(b1, 8) | byte(b2, 16) | byte(b3, 24)));
+  const __m256i words = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808, 0x0C0C0C0C);
+  return _mm256_add_epi8(pattern, words);  // 0x80 + 4i keeps its high bit: still zero
+}
+
+// Bit b of every byte moved to bit `to` (other bits of the result: garbage, mask them).
+inline __m256i bit_to(__m256i v, int b, int to) {
+  return b <= to ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(to - b)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(b - to));
+}
+
+inline __m256i bcast_word(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int F, int RT>
+void kgroup_avx2(const KQWeightView& w, int64_t g, const QActView& a, int64_t t0, float* y, int64_t ldy,
+                 bool accumulate) {
+  constexpr bool k6 = F == static_cast<int>(QFormat::Q6K), k5 = F == static_cast<int>(QFormat::Q5K);
+  const int64_t B = kquant_block_bytes(static_cast<QFormat>(F)), nsb = w.cols / kQSuper, np = a.np;
+  const uint8_t* qg = w.q + g * kQGroup * w.ld;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int8_t* qx[RT];
+  const float* dx[RT];
+  const float* xs[RT];
+  const int16_t* bs[RT];
+  for (int t = 0; t < RT; ++t) {
+    qx[t] = a.q + (t0 + t) * np * 64;
+    dx[t] = a.dx + (t0 + t) * np * 2;
+    xs[t] = a.xsum + (t0 + t) * np * 2;
+    bs[t] = a.bsum16 + (t0 + t) * np * 4;
+  }
+  __m256 acc[2][RT];
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < RT; ++t) acc[h][t] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* blk = qg + sb * kQGroup * B;
+    if (sb + 1 < nsb)  // the next super-block's lines, while this one is multiplied
+      for (int64_t l = 0; l < B / 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(blk + kQGroup * B + 64 * l), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* base = blk + 32 * h;  // word c of rows 8h..8h+7: base + 64 c
+      auto line = [base](int64_t c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 64 * c)); };
+      // Word 0: d | dmin (fp16) per row -> 8 + 8 floats.
+      const __m256i m0 = line(0);
+      const __m256i dd = _mm256_permute4x64_epi64(
+          _mm256_packus_epi32(_mm256_and_si256(m0, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(m0, 16)), 0xD8);
+      const __m256 dv = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
+      if (!k6) {
+        const __m256 dmv = _mm256_cvtph_ps(_mm256_extracti128_si256(dd, 1));
+        const __m256i S[2] = {line(1), line(2)}, M[2] = {line(3), line(4)};
+        for (int s = 0; s < 8; ++s) {  // the mins' term: - (dmin m_s) xsum_b
+          const __m256 mv =
+              _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_shuffle_epi8(M[s / 4], word_ctrl(s % 4, -1, -1, -1))), dmv);
+          for (int t = 0; t < RT; ++t)
+            acc[h][t] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xs[t][8 * sb + s]), acc[h][t]);
+        }
+        for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high)
+          const int e0 = (2 * p) % 4, e1 = e0 + 1;
+          const __m256i sca = _mm256_shuffle_epi8(S[p / 2], word_ctrl(e0, -1, e0, -1));
+          const __m256i scb = _mm256_shuffle_epi8(S[p / 2], word_ctrl(e1, -1, e1, -1));
+          const int64_t b0 = 8 * sb + 2 * p;
+          asm volatile("" ::: "memory");
+          __m256i d0[RT], d1[RT];
+          for (int t = 0; t < RT; ++t) d0[t] = d1[t] = _mm256_setzero_si256();
+          for (int c = 0; c < 8; ++c) {
+            const __m256i v = line(5 + 8 * p + c);
+            __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            if (k5) {
+              const __m256i H = line(37 + c), b4 = _mm256_set1_epi8(16);
+              lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to(H, 2 * p, 4), b4));
+              hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to(H, 2 * p + 1, 4), b4));
+            }
+            for (int t = 0; t < RT; ++t) {
+              d0[t] = _mm256_add_epi32(d0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, bcast_word(qx[t] + b0 * 32 + 4 * c)), sca));
+              d1[t] = _mm256_add_epi32(d1[t],
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(hi, bcast_word(qx[t] + (b0 + 1) * 32 + 4 * c)), scb));
+              asm("" : "+x"(d0[t]), "+x"(d1[t]));
+            }
+          }
+          for (int t = 0; t < RT; ++t) {
+            acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0[t]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[t][b0])), acc[h][t]);
+            acc[h][t] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1[t]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[t][b0 + 1])), acc[h][t]);
+          }
+        }
+      } else {
+        const __m256i S[4] = {line(1), line(2), line(3), line(4)};  // sc[4i..4i+3], int8
+        const __m256i b30 = _mm256_set1_epi8(0x30);
+        for (int k = 0; k < 2; ++k)      // the super-block's halves: quarters 4k + j = blocks 8 sb + 4k + j
+          for (int e = 0; e < 2; ++e) {  // quarters e (low nibbles of ql run e) and e + 2 (high)
+            // Quarter j's sub-blocks 8k + 2j and 8k + 2j + 1: bytes 2e, 2e + 1 of word 2k + j / 2.
+            const __m256i W0 = S[2 * k], W1 = S[2 * k + 1];
+            const int e0 = 2 * e, e1 = 2 * e + 1;
+            const __m256i sc0[2] = {_mm256_srai_epi16(_mm256_shuffle_epi8(W0, word_ctrl(-1, e0, -1, e0)), 8),
+                                    _mm256_srai_epi16(_mm256_shuffle_epi8(W0, word_ctrl(-1, e1, -1, e1)), 8)};
+            const __m256i sc1[2] = {_mm256_srai_epi16(_mm256_shuffle_epi8(W1, word_ctrl(-1, e0, -1, e0)), 8),
+                                    _mm256_srai_epi16(_mm256_shuffle_epi8(W1, word_ctrl(-1, e1, -1, e1)), 8)};
+            const int j0 = e, j1 = e + 2;
+            const int64_t b0 = 8 * sb + 4 * k + j0, b1 = 8 * sb + 4 * k + j1;
+            asm volatile("" ::: "memory");
+            __m256i d0[RT], d1[RT];
+            for (int t = 0; t < RT; ++t) d0[t] = d1[t] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; ++c) {
+              const __m256i X = line(5 + 16 * k + 8 * e + c), H = line(37 + 8 * k + c);
+              const __m256i q0 = _mm256_or_si256(_mm256_and_si256(X, low4), _mm256_and_si256(bit_to(H, 2 * j0, 4), b30));
+              const __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(X, 4), low4),
+                                                 _mm256_and_si256(bit_to(H, 2 * j1, 4), b30));
+              for (int t = 0; t < RT; ++t) {
+                d0[t] = _mm256_add_epi32(
+                    d0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q0, bcast_word(qx[t] + b0 * 32 + 4 * c)), sc0[c / 4]));
+                d1[t] = _mm256_add_epi32(
+                    d1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q1, bcast_word(qx[t] + b1 * 32 + 4 * c)), sc1[c / 4]));
+                asm("" : "+x"(d0[t]), "+x"(d1[t]));
+              }
+            }
+            // q - 32: subtract 32 (sc_a sum x_a + sc_b sum x_b), the half blocks' sums.
+            const __m256i p0 = _mm256_srai_epi16(_mm256_shuffle_epi8(W0, word_ctrl(-1, e0, -1, e1)), 8);
+            const __m256i p1 = _mm256_srai_epi16(_mm256_shuffle_epi8(W1, word_ctrl(-1, e0, -1, e1)), 8);
+            for (int t = 0; t < RT; ++t) {
+              d0[t] = _mm256_sub_epi32(d0[t], _mm256_slli_epi32(_mm256_madd_epi16(p0, bcast_word(bs[t] + 2 * b0)), 5));
+              d1[t] = _mm256_sub_epi32(d1[t], _mm256_slli_epi32(_mm256_madd_epi16(p1, bcast_word(bs[t] + 2 * b1)), 5));
+              acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0[t]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[t][b0])), acc[h][t]);
+              acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1[t]), _mm256_mul_ps(dv, _mm256_set1_ps(dx[t][b1])), acc[h][t]);
+            }
+          }
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < RT; ++t) {
+      float* o = y + (t0 + t) * ldy + g * kQGroup + 8 * h;
+      _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), acc[h][t]) : acc[h][t]);
+    }
+}
+
+template <int F>
+void kgroups_avx2(const KQWeightView& w, int64_t g, const QActView& a, float* y, int64_t ldy, bool accumulate) {
+  for (int64_t t = 0; t < a.T;) {
+    const int64_t left = a.T - t;
+    if (left >= 4) {
+      kgroup_avx2<F, 4>(w, g, a, t, y, ldy, accumulate);
+      t += 4;
+    } else if (left >= 2) {
+      kgroup_avx2<F, 2>(w, g, a, t, y, ldy, accumulate);
+      t += 2;
+    } else {
+      kgroup_avx2<F, 1>(w, g, a, t, y, ldy, accumulate);
+      t += 1;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t kquant_groups_avx2(const KQWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
+                           int64_t n0, int64_t n1) {
+  const int64_t full = grouped_rows(w.rows);
+  for (; n0 < n1 && n0 < full; n0 += kQGroup) {
+    if (w.format == static_cast<int>(QFormat::Q4K))
+      kgroups_avx2<static_cast<int>(QFormat::Q4K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    else if (w.format == static_cast<int>(QFormat::Q5K))
+      kgroups_avx2<static_cast<int>(QFormat::Q5K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    else
+      kgroups_avx2<static_cast<int>(QFormat::Q6K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+  }
+  return n0;
+}
+
 }  // namespace gemma

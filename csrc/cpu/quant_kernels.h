@@ -13,6 +13,7 @@ struct QActView {
   const int8_t* q;       // [T][np * 64]
   const float* dx;       // [T][np * 2] block scales
   const float* xsum;     // [T][np * 2] dx_b * sum of block b's q: y += sum_b o_b xsum_b for w = d q + o
+  const int16_t* bsum16; // [T][np * 4] the sums of q over each half block (16 values): K-quants' offsets
 };
 
 // int4 and int4m share the nibble layout (int4: true) and differ in the block offset o of
@@ -28,10 +29,22 @@ struct QWeightView {
   bool int4;
 };
 
+// A K-quant matrix (quant.h): rows of super-blocks ld bytes apart, 16-row groups interleaved.
+struct KQWeightView {
+  const uint8_t* q;
+  int64_t rows, cols, ld;
+  int format;  // QFormat::Q4K, Q5K or Q6K
+};
+
 // Rows [n0, n1) of y for all tokens. scratch: room for 16 * (cols / 32 + 1) + 16 floats.
 void quant_rows_avx512vnni(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                            int64_t n0, int64_t n1, float* scratch);
 void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                      int64_t n0, int64_t n1, float* scratch);
+
+// K-quants: the whole 16-row groups among rows [n0, n1) (n0 a group's first row); returns the
+// first row it did not compute (the plain tail rows are the caller's).
+int64_t kquant_groups_avx2(const KQWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
+                           int64_t n0, int64_t n1);
 
 }  // namespace gemma

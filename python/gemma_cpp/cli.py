@@ -101,6 +101,13 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
 
 
+def _shares(sizes: dict) -> str:
+    """{kind: bytes} -> "Q4_K 1.2 MiB (10.0%), ...", largest first."""
+    total = sum(sizes.values()) or 1
+    return ", ".join(f"{k} {v / 2**20:.1f} MiB ({100 * v / total:.1f}%)"
+                     for k, v in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def cmd_info(args) -> int:
     from .config import load_config
 
@@ -115,9 +122,14 @@ def cmd_info(args) -> int:
             for t in g.tensors.values():
                 types[t.type_name] = types.get(t.type_name, 0) + t.nbytes
         print(f"file:        {os.path.abspath(folder)} ({os.path.getsize(folder) / 2**20:.1f} MiB, GGUF)")
-        print("tensors:     " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(types.items())))
+        print("tensors:     " + _shares(types))
     else:
         cfg = load_config(folder)
+        from .loading.engine_format import tensor_bytes_by_format
+
+        by_format = tensor_bytes_by_format(folder)
+        if by_format:
+            print("tensors:     " + _shares(by_format))
     n = cfg.num_parameters()
     n_emb = cfg.vocab_size * cfg.hidden_size
     print(f"model:       {os.path.abspath(folder)}")

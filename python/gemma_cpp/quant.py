@@ -12,6 +12,11 @@ csrc/bindings/common.h reads it):
   int4:  quants uint8 [rows, ceil(K / 64) * 32]: byte j of block pair p holds element j of
          block 2p in its low nibble and of block 2p + 1 in its high nibble.
   int4m: quants as int4, scales as int4, mins uint16 (fp16 bits) [rows, K / 32].
+q4_k, q5_k and q6_k hold the values of GGUF Q4_K, Q5_K and Q6_K (super-blocks of 256 with
+6-bit sub-block scales and mins, or int8 sub-block scales, and fp16 super-scales): one array,
+(format, quants), quants uint8 [rows, K / 256 * B], each row its super-blocks of B bytes, the
+scales unpacked in front of the file's quant bytes (csrc/cpu/quant.h has the byte map;
+`kquant_from_gguf` builds it, `dequantize` reads it). They are imported, never quantized here.
 Rows go in groups of 16 (csrc/cpu/quant.h): inside each whole group the rows are interleaved,
 the quants 4 bytes at a time ([row bytes / 4][16][4]) and the scales and mins per block
 ([K / 32][16]); the rows % 16 rows after the last whole group stay plain. `interleave` and
@@ -23,10 +28,18 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-FORMATS = ("int8", "int4", "int4m")
+from .formats.gguf import k_scale_min
+
+FORMATS = ("int8", "int4", "int4m")  # what a model can be quantized to
+KQUANTS = ("q4_k", "q5_k", "q6_k")     # what GGUF files bring (imported as they are)
+ALL_FORMATS = FORMATS + KQUANTS
 BLOCK = 32
+SUPER = 256  # a K-quant super-block
 GROUP = 16  # rows per interleaved group
-BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32}
+META = 20   # a K-quant super-block's scale bytes in our rows
+KQUANT_BYTES = {"q4_k": META + 128, "q5_k": META + 160, "q6_k": META + 192}  # per super-block
+BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32,
+                   **{f: b * 8 / SUPER for f, b in KQUANT_BYTES.items()}}
 
 
 class QuantizedWeight(tuple):
@@ -37,9 +50,16 @@ class QuantizedWeight(tuple):
 
     __slots__ = ()
 
-    def __new__(cls, format: str, quants: np.ndarray, scales: np.ndarray, mins: Optional[np.ndarray] = None):
-        if format not in FORMATS:
-            raise ValueError(f"unknown quantization {format!r}: expected one of {', '.join(FORMATS)}")
+    def __new__(cls, format: str, quants: np.ndarray, scales: Optional[np.ndarray] = None,
+                mins: Optional[np.ndarray] = None):
+        if format not in ALL_FORMATS:
+            raise ValueError(f"unknown quantization {format!r}: expected one of {', '.join(ALL_FORMATS)}")
+        if format in KQUANTS:
+            if scales is not None or mins is not None:
+                raise ValueError(f"a {format} weight is (format, quants): its scales are inside the quants")
+            return super().__new__(cls, (format, quants))
+        if scales is None:
+            raise ValueError(f"an {format} weight is (format, quants, scales[, mins])")
         if (mins is None) == (format == "int4m"):
             raise ValueError("an int4m weight is (format, quants, scales, mins); int8 and int4 have no mins")
         parts = (format, quants, scales) if mins is None else (format, quants, scales, mins)
@@ -55,12 +75,18 @@ class QuantizedWeight(tuple):
 
     format = property(lambda self: self[0])
     quants = property(lambda self: self[1])
-    scales = property(lambda self: self[2])
+    scales = property(lambda self: self[2] if len(self) >= 3 else None)
     mins = property(lambda self: self[3] if len(self) == 4 else None)
 
     @property
     def shape(self) -> Tuple[int, int]:
+        if self.format in KQUANTS:
+            return self.quants.shape[0], self.quants.shape[1] // KQUANT_BYTES[self.format] * SUPER
         return self.scales.shape[0], self.scales.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self[1:])
 
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.format!r}, shape={self.shape})"
@@ -129,6 +155,11 @@ def _regroup(a: np.ndarray, unit: int, to_groups: bool) -> np.ndarray:
 def _move(qw, to_groups: bool) -> QuantizedWeight:
     qw = QuantizedWeight.of(qw)
     q, d = qw.quants, qw.scales
+    if qw.format in KQUANTS:
+        if q.ndim != 2 or q.shape[1] % KQUANT_BYTES[qw.format]:
+            raise ValueError(f"{qw.format} quants must be [rows, super-blocks * {KQUANT_BYTES[qw.format]}], "
+                             f"got {q.shape}")
+        return QuantizedWeight(qw.format, _regroup(q, 4, to_groups))
     if q.ndim != 2 or d.ndim != 2 or q.shape[0] != d.shape[0] or q.shape[1] % 4:
         raise ValueError(f"a quantized weight's quants and scales must be [rows, bytes] and [rows, blocks], "
                          f"got {q.shape} and {d.shape}")
@@ -173,8 +204,56 @@ def quantize(w: np.ndarray, fmt: str) -> QuantizedWeight:
     raise ValueError(f"unknown quantization {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
+# ---- K-quants: GGUF blocks -> our rows (plain order), and back to floats.
+
+def kquant_from_gguf(blocks: np.ndarray, fmt: str) -> QuantizedWeight:
+    """GGUF Q4_K / Q5_K / Q6_K blocks, a structured array [rows, K / 256] (formats.gguf's
+    BLOCK_DTYPES), -> the q4_k / q5_k / q6_k weight in plain rows: per super-block the meta
+    (d, dmin or 0, the unpacked scales and mins) and then the block's quant bytes unchanged."""
+    rows, nsb = blocks.shape
+    out = np.zeros((rows, nsb, KQUANT_BYTES[fmt]), np.uint8)
+    out[..., 0:2] = np.ascontiguousarray(blocks["d"]).view(np.uint8).reshape(rows, nsb, 2)
+    if fmt == "q6_k":
+        out[..., 4:20] = blocks["scales"].view(np.uint8)
+        out[..., META:META + 128] = blocks["ql"]
+        out[..., META + 128:] = blocks["qh"]
+    else:
+        out[..., 2:4] = np.ascontiguousarray(blocks["dmin"]).view(np.uint8).reshape(rows, nsb, 2)
+        out[..., 4:12], out[..., 12:20] = k_scale_min(blocks["scales"])
+        out[..., META:META + 128] = blocks["qs"]
+        if fmt == "q5_k":
+            out[..., META + 128:] = blocks["qh"]
+    return QuantizedWeight(fmt, out.reshape(rows, -1))
+
+
+def _kquant_values(q: np.ndarray, fmt: str) -> np.ndarray:
+    """Our plain K-quant rows [rows, nsb * B] -> float32 [rows, nsb * 256], as ggml rounds."""
+    rows = q.shape[0]
+    b = q.reshape(rows, -1, KQUANT_BYTES[fmt])
+    nsb = b.shape[1]
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    qs = b[..., META:]
+    if fmt == "q6_k":
+        sc = np.ascontiguousarray(b[..., 4:20]).view(np.int8).astype(np.float32)  # [rows, nsb, 16]
+        ql, qh = qs[..., :128].reshape(rows, nsb, 2, 2, 32), qs[..., 128:].reshape(rows, nsb, 2, 1, 32)
+        low = np.concatenate([ql & 15, ql >> 4], axis=3)           # [.., half, quarter, 32]
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        v = ((low | (high << 4)).astype(np.int8) - 32).reshape(rows, nsb, 16, 16).astype(np.float32)
+        return ((d * sc)[..., None] * v).reshape(rows, -1)
+    sc, mn = b[..., 4:12].astype(np.float32), b[..., 12:20].astype(np.float32)
+    dmin = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    pairs = qs[..., :128].reshape(rows, nsb, 4, 1, 32)
+    v = np.concatenate([pairs & 15, pairs >> 4], axis=3).reshape(rows, nsb, 8, 32)
+    if fmt == "q5_k":
+        v = v | (((qs[..., 128:][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+    d1, m1 = (d * sc).astype(np.float32), (dmin * mn).astype(np.float32)
+    return ((d1[..., None] * v.astype(np.float32)).astype(np.float32) - m1[..., None]).reshape(rows, -1)
+
+
 def dequantize(qw, cols: int) -> np.ndarray:
     qw = deinterleave(qw)
+    if qw.format in KQUANTS:
+        return _kquant_values(qw.quants, qw.format).reshape(-1, cols)
     fmt, q, d = qw[:3]
     rows, nb = d.shape
     scale = d.view(np.float16).astype(np.float32)[..., None]

@@ -116,8 +116,16 @@ BLOCK_DTYPES: Dict[int, np.dtype] = {
     7: np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))]),
     # Q8_0, 8.5 bits/weight: 0 d | 2 qs[32] (int8); w = d * q.
     8: np.dtype([("d", "<f2"), ("qs", "i1", (32,))]),
+    # Q2_K, 2.625 bits/weight, 256 = 16 sub-blocks of 16: 0 scales[16] (low nibble the scale,
+    # high the min) | 16 qs[64] | 80 d | 82 dmin; element 128 h + 32 j + l is
+    # (qs[32 h + l] >> 2 j) & 3; w = (d * sc) * q - (dmin * m).
+    10: np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"), ("dmin", "<f2")]),
+    # Q3_K, 3.4375 bits/weight, 256 = 16 sub-blocks of 16: 0 hmask[32] | 32 qs[64] |
+    # 96 scales[12] (sixteen 6-bit scales, see _deq_q3_k) | 108 d; element 32 k + l has low
+    # bits as Q2_K's and minus 4 unless bit k of hmask[l] is set; w = (d * (sc - 32)) * q.
+    11: np.dtype([("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)), ("d", "<f2")]),
     # Q4_K, 4.5 bits/weight, 256 = 8 sub-blocks of 32: 0 d | 2 dmin | 4 scales[12]
-    # (eight 6-bit scales and eight 6-bit mins, packed, see _k_scale_min) | 16 qs[128];
+    # (eight 6-bit scales and eight 6-bit mins, packed, see k_scale_min) | 16 qs[128];
     # qs[32 i + l] holds element l of sub-block 2i (low nibble) and of 2i + 1 (high);
     # w = (d * sc) * q - (dmin * m).
     12: np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))]),
@@ -411,6 +419,17 @@ class GGUFFile:
         t = self._info(name)
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
+    def release(self, name: str, start: int = 0, end: Optional[int] = None) -> None:
+        """Drops bytes [start, end) of the tensor's data from this process's resident memory
+        (the whole pages inside; they stay in the page cache, and a later read maps them
+        again): a loader that has copied a tensor gives its pages back as it goes."""
+        t = self._info(name)
+        end = t.nbytes if end is None else min(end, t.nbytes)
+        page = mmap.PAGESIZE
+        lo, hi = -(-(t.offset + start) // page) * page, (t.offset + end) // page * page
+        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor's values as a new float32 array of shape TensorInfo.shape."""
         t = self._info(name)
@@ -518,19 +537,51 @@ def _deq_q5_1(b, out):
     out += b["m"].astype(np.float32)[:, None]
 
 
-def _k_scale_min(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """12 packed bytes -> eight 6-bit scales and eight 6-bit mins (ggml's get_scale_min_k4):
-    j < 4: sc = s[j] & 63, m = s[j+4] & 63;
+def k_scale_min(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 packed bytes [..., 12] -> eight 6-bit scales and eight 6-bit mins
+    (ggml's get_scale_min_k4): j < 4: sc = s[j] & 63, m = s[j+4] & 63;
     j >= 4: sc = (s[j+4] & 15) | (s[j-4] >> 6) << 4, m = (s[j+4] >> 4) | (s[j] >> 6) << 4."""
-    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
-    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=-1)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
     return sc, mn
+
+
+_SHIFT_2BIT = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
+
+
+def _two_bit_quants(qs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K qs [n, 64] -> [n, 16, 16]: element 128 h + 32 j + l = (qs[32 h + l] >> 2 j) & 3."""
+    n = len(qs)
+    return ((qs.reshape(n, 2, 1, 32) >> _SHIFT_2BIT) & np.uint8(3)).reshape(n, 16, 16)
+
+
+def _deq_q2_k(b, out):
+    n = len(b)
+    dl = b["d"].astype(np.float32)[:, None] * (b["scales"] & np.uint8(15)).astype(np.float32)
+    ml = b["dmin"].astype(np.float32)[:, None] * (b["scales"] >> np.uint8(4)).astype(np.float32)
+    o = out.reshape(n, 16, 16)
+    np.multiply(dl[:, :, None], _two_bit_quants(b["qs"]), out=o)
+    o -= ml[:, :, None]
+
+
+def _deq_q3_k(b, out):
+    # Scale i: low 4 bits from byte i % 8 (i < 8: low nibble, else high), high 2 bits from
+    # byte 8 + i % 4 at bits 2 (i // 4); stored with an offset of 32.
+    n = len(b)
+    s = b["scales"]
+    low = np.concatenate([s[:, :8] & np.uint8(15), s[:, :8] >> np.uint8(4)], axis=1)
+    high = (s[:, 8:12][:, None, :] >> _SHIFT_2BIT[0]) & np.uint8(3)  # [n, 4 shifts, 4 bytes]
+    sc = (low | (high.reshape(n, 16) << np.uint8(4))).astype(np.int8) - np.int8(32)
+    dl = b["d"].astype(np.float32)[:, None] * sc.astype(np.float32)
+    hbit = (b["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & np.uint8(1)  # [n, 8, 32]
+    q = _two_bit_quants(b["qs"]).view(np.int8) - ((hbit.reshape(n, 16, 16) ^ np.uint8(1)) << np.uint8(2)).view(np.int8)
+    np.multiply(dl[:, :, None], q, out=out.reshape(n, 16, 16))
 
 
 def _deq_k_4_5(b, out, q):
     n = len(b)
-    sc, mn = _k_scale_min(b["scales"])
+    sc, mn = k_scale_min(b["scales"])
     dl = b["d"].astype(np.float32)[:, None] * sc.astype(np.float32)
     ml = b["dmin"].astype(np.float32)[:, None] * mn.astype(np.float32)
     o = out.reshape(n, 8, 32)
@@ -580,7 +631,7 @@ def _deq_q6_k(b, out):
 
 _KERNELS: Dict[int, Callable[[np.ndarray, np.ndarray], None]] = {
     2: _deq_q4_0, 3: _deq_q4_1, 6: _deq_q5_0, 7: _deq_q5_1, 8: _deq_q8_0,
-    12: _deq_q4_k, 13: _deq_q5_k, 14: _deq_q6_k,
+    10: _deq_q2_k, 11: _deq_q3_k, 12: _deq_q4_k, 13: _deq_q5_k, 14: _deq_q6_k,
 }
 _CHUNK_ELEMENTS = 1 << 18   # per kernel call: temporaries stay in cache
 

@@ -6,10 +6,11 @@ model.safetensors holds tensors under the engine's names (embed, lm_head, final_
 layers.N.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}) and the heads' (score.weight, score.bias):
   float matrices as F32 or BF16; norms as F32 holding (1 + w), ready for the engine;
   quantized matrices as NAME.quants (U8) and NAME.scales (U16: fp16 bits), and for int4m
-  NAME.mins (U16: fp16 bits), rows in the engine's 16-row interleaved groups, see quant.py.
+  NAME.mins (U16: fp16 bits); K-quants (q4_k, q5_k, q6_k) as NAME.quants alone (their scales
+  are inside); rows in the engine's 16-row interleaved groups, see quant.py.
   (The tensor names are the engine's: layout.py.)
 __metadata__ (strings): format "gemma_cpp", format_version, dtype (the float weight dtype),
-quantization (JSON policy), formats (JSON {name: int8 | int4 | int4m}).
+quantization (JSON policy), formats (JSON {name: int8 | int4 | int4m | q4_k | q5_k | q6_k}).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..config import load_config
 from ..formats.gguf import is_gguf
 from ..formats.safetensors import SafetensorsFile, write_safetensors
 from ..generation import GenerationConfig
-from ..quant import FORMATS, QuantizedWeight, resolve_policy
+from ..quant import ALL_FORMATS, KQUANTS, QuantizedWeight, resolve_policy
 from ..tokenizer import GemmaTokenizer
 from . import gguf, hf
 from .layout import LoadedModel, interleaved
@@ -34,10 +35,11 @@ from .layout import LoadedModel, interleaved
 FORMAT = "gemma_cpp"
 # Version 2 added int4m tensors (NAME.mins). Version 3 stores quantized rows in the engine's
 # 16-row interleaved groups (quant.py); versions 1 and 2 held plain rows, which load by a copy
-# into that order. A file without quantized tensors is written as version 1, which every
-# release reads.
-VERSION = "3"
-READABLE_VERSIONS = ("1", "2", "3")
+# into that order. Version 4 added the K-quants (NAME.quants alone). A file is written with
+# the lowest version that holds its tensors (without quantized tensors: 1, which every
+# release reads).
+VERSION = "4"
+READABLE_VERSIONS = ("1", "2", "3", "4")
 WEIGHTS = "model.safetensors"
 # Files carried over from the source folder when present (config.json is rewritten).
 CARRY = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -123,14 +125,16 @@ def write(loaded: LoadedModel, out: str, progress=progress_bar, extra=_tokenizer
         if isinstance(v, tuple):
             v = QuantizedWeight.of(v)
             formats[name] = v.format
-            tensors += [(name + ".quants", v.quants, "U8"), (name + ".scales", v.scales, "U16")]
+            tensors.append((name + ".quants", v.quants, "U8"))
+            if v.scales is not None:
+                tensors.append((name + ".scales", v.scales, "U16"))
             if v.mins is not None:
                 tensors.append((name + ".mins", v.mins, "U16"))
         else:
             tensors.append((name, v, "BF16" if v.dtype == np.uint16 else "F32"))
     for name, (arr, dt) in loaded.heads.items():
         tensors.append((name, np.ascontiguousarray(as_float32(arr, dt)), "F32"))
-    version = VERSION if formats else "1"
+    version = "1" if not formats else VERSION if set(formats.values()) & set(KQUANTS) else "3"
     metadata = {"format": FORMAT, "format_version": version, "dtype": loaded.dtype,
                 "quantization": json.dumps(loaded.quantization), "formats": json.dumps(formats)}
     out = os.path.abspath(os.fspath(out))
@@ -145,6 +149,21 @@ def write(loaded: LoadedModel, out: str, progress=progress_bar, extra=_tokenizer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def tensor_bytes_by_format(folder: str) -> dict:
+    """{weight format: bytes} of a folder in our format (float matrices by dtype, norms and
+    heads as F32), or {} when the folder is not one."""
+    if not is_engine_checkpoint(folder):
+        return {}
+    f = SafetensorsFile(os.path.join(folder, WEIGHTS))
+    formats = json.loads(f.metadata.get("formats", "{}"))
+    out = {}
+    for name in f.names():
+        base = name.rsplit(".", 1)[0] if name.endswith((".quants", ".scales", ".mins")) else name
+        kind = formats.get(base) or {"F32": "float32", "BF16": "bfloat16"}.get(f.dtype_of(name), f.dtype_of(name))
+        out[kind] = out.get(kind, 0) + f.get(name).nbytes
     return out
 
 
@@ -167,7 +186,7 @@ def load(folder: str, dtype=None, quantization=None, config=None) -> LoadedModel
         formats = json.loads(meta["formats"])
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: damaged gemma_cpp metadata ({e})") from None
-    if not isinstance(formats, dict) or any(v not in FORMATS for v in formats.values()):
+    if not isinstance(formats, dict) or any(v not in ALL_FORMATS for v in formats.values()):
         raise ValueError(f"{path}: damaged gemma_cpp metadata (formats)")
     if dtype not in (None, "auto") and canonical_dtype(dtype) != target:
         raise ValueError(f"{folder} was converted with dtype {target}; convert again for {dtype}")
@@ -181,6 +200,9 @@ def load(folder: str, dtype=None, quantization=None, config=None) -> LoadedModel
             continue
         if name.endswith(".quants"):
             base = name[: -len(".quants")]
+            if base in formats and formats[base] in KQUANTS:
+                weights[base] = QuantizedWeight(formats[base], f.get(name))
+                continue
             if base not in formats or base + ".scales" not in names:
                 raise ValueError(f"{path}: tensor {name!r} has no format or no scales")
             mins = None

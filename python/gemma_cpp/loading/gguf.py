@@ -1,13 +1,16 @@
 """A Gemma model from a GGUF file: the config from its metadata, the engine's weights from
 its tensors.
 
-Q8_0 tensors become our int8, Q4_0 our int4 and Q4_1 our int4m without loss (same values: one
-fp16 scale per block of 32, and Q4_1's fp16 min); Q4_0 and Q5_0 also become int8 without loss
+Q8_0 tensors become our int8, Q4_0 our int4, Q4_1 our int4m and Q4_K / Q5_K / Q6_K our q4_k /
+q5_k / q6_k without loss (the same values); Q4_0 and Q5_0 also become int8 without loss
 (q - 8 and q - 16 fit). Every other type is read exactly (dequantized) and then quantized to
-the format the policy names, or kept as float32 / bfloat16 when it names none. GGUF norm
-weights already hold 1 + w, which is what the engine takes."""
+the format the policy names, or kept as float32 / bfloat16 when it names none; a load that
+re-quantizes a tensor says so in one warning. GGUF norm weights already hold 1 + w, which is
+what the engine takes."""
 from __future__ import annotations
 
+import collections
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -16,11 +19,15 @@ from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
 from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
 from ..generation import GenerationConfig
-from ..quant import GROUP, QuantizedWeight, format_for, pack_nibbles, resolve_policy
+from ..quant import GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, resolve_policy
 from .layout import LoadedModel, interleaved, is_norm, layer_shapes, quantized
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
+GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
+# The types whose values a format holds: imported without loss.
+_KEPT = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m", GGML_Q4_K: "q4_k", GGML_Q5_K: "q5_k",
+         GGML_Q6_K: "q6_k"}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # Engine tensor name (under layers.N.) -> GGUF name (under blk.N.); which of them a file has
@@ -146,13 +153,13 @@ def _fp16_bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint16)
 
 
-def _import_q8_0(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+def _import_q8_0(raw: np.ndarray, rows: int, cols: int, fmt: str = "int8") -> QuantizedWeight:
     b = quantized_blocks(raw, GGML_Q8_0, rows, cols)
     return QuantizedWeight("int8", np.ascontiguousarray(b["qs"]).view(np.uint8).reshape(rows, cols),
                            _fp16_bits(b["d"]))
 
 
-def _import_q5_0(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+def _import_q5_0(raw: np.ndarray, rows: int, cols: int, fmt: str = "int8") -> QuantizedWeight:
     """Q5_0 (w = d * (q - 16), q in 0..31: four nibble bits, a fifth from qh) -> int8 with the
     same scales: q - 16 fits, so no value changes."""
     b = quantized_blocks(raw, GGML_Q5_0, rows, cols)
@@ -169,32 +176,50 @@ def _import_q4_0(raw: np.ndarray, rows: int, cols: int, fmt: str) -> QuantizedWe
     return QuantizedWeight("int4", pack_nibbles(q), d)
 
 
-def _import_q4_1(raw: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+def _import_q4_1(raw: np.ndarray, rows: int, cols: int, fmt: str = "int4m") -> QuantizedWeight:
     """Q4_1 (w = d * q + m) -> int4m: the same d, m and q, the nibbles repacked into int4's
     block pairs."""
     b = quantized_blocks(raw, GGML_Q4_1, rows, cols)
     return QuantizedWeight("int4m", pack_nibbles(_nibbles(b["qs"])), _fp16_bits(b["d"]), _fp16_bits(b["m"]))
 
 
-_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of float32 at a time
+def _import_kquant(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> QuantizedWeight:
+    """Q4_K / Q5_K / Q6_K -> q4_k / q5_k / q6_k: the same bytes, scales unpacked (quant.py)."""
+    return kquant_from_gguf(quantized_blocks(raw, ggml_type, rows, cols), _KEPT[ggml_type])
+
+
+_CHUNK_ELEMENTS = 1 << 22  # weights per band: 16 MiB of float32, 4 MiB of Q8_0
+
+
+def _banded(g: GGUFFile, gname: str, info, convert) -> QuantizedWeight:
+    """A matrix converted a band of rows at a time: convert(raw bytes of rows, n rows, cols)
+    gives the band as a QuantizedWeight in the engine's row order, which is copied into place;
+    then the band's file pages are given back (GGUFFile.release). So neither the whole tensor
+    in another form (the 270M model's 168M-weight embedding as float32 or as a second copy)
+    nor the file's pages beside our copy ever add to the peak memory: only a band does."""
+    rows, cols = info.shape
+    row_bytes = info.nbytes // rows
+    # Whole 16-row groups per band, so the bands' interleaved rows are the whole's.
+    band = max(GROUP, _CHUNK_ELEMENTS // cols // GROUP * GROUP)
+    raw = g.raw(gname)
+    out = None
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        part = convert(raw[r0 * row_bytes: r1 * row_bytes], r1 - r0, cols)
+        if out is None:
+            out = [np.empty((rows,) + a.shape[1:], a.dtype) for a in part[1:]]
+        for o, a in zip(out, part[1:]):
+            o[r0:r1] = a
+        g.release(gname, r0 * row_bytes, r1 * row_bytes)
+    return QuantizedWeight(part[0], *out)
 
 
 def _requantize(g: GGUFFile, gname: str, info, fmt: str) -> QuantizedWeight:
-    """Dequantize and quantize to fmt a band of rows at a time, so a large tensor (the 270M
-    model's 168M-weight embedding) never exists whole as float32."""
-    rows, cols = info.shape
-    if rows * cols <= _CHUNK_ELEMENTS:
-        return quantized(np.ascontiguousarray(g.dequantize(gname), dtype=np.float32), fmt)
-    raw = g.raw(gname)
-    row_bytes = info.nbytes // rows
-    # Whole 16-row groups per band, so the bands' interleaved rows concatenate unchanged.
-    band = max(GROUP, _CHUNK_ELEMENTS // cols // GROUP * GROUP)
-    parts = []
-    for r0 in range(0, rows, band):
-        r1 = min(rows, r0 + band)
-        w = dequantize(raw[r0 * row_bytes: r1 * row_bytes], info.ggml_type, (r1 - r0, cols))
-        parts.append(quantized(np.ascontiguousarray(w, dtype=np.float32), fmt))
-    return QuantizedWeight(fmt, *(np.concatenate([p[i] for p in parts]) for i in range(1, len(parts[0]))))
+    """Dequantized and quantized to fmt a band of rows at a time (_banded)."""
+    def band(raw, rows, cols):
+        return quantized(np.ascontiguousarray(dequantize(raw, info.ggml_type, (rows, cols)), dtype=np.float32), fmt)
+
+    return _banded(g, gname, info, band)
 
 
 def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
@@ -206,19 +231,38 @@ def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
 
 def _matrix_format(policy, info, engine_name: str) -> Optional[str]:
     """The format a matrix loads as: the policy's, or under "auto" (policy None) its GGUF
-    type's own where we hold its values (Q8_0 int8, Q4_0 int4, Q4_1 int4m), float for float
-    tensors, and int8 for every other quantized type."""
+    type's own where we hold its values (Q8_0 int8, Q4_0 int4, Q4_1 int4m, Q4_K / Q5_K / Q6_K
+    q4_k / q5_k / q6_k, Q5_0 int8), float for float tensors, and int8 for every other
+    quantized type (Q2_K, Q3_K, ...)."""
     if policy is not None:
         return format_for(policy, engine_name)
-    fmt = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m"}.get(info.ggml_type)
+    fmt = _KEPT.get(info.ggml_type)
     if fmt is None and info.type_name not in _FLOAT_TYPES:
         fmt = "int8"
     return fmt
 
 
+def _lossless(info, fmt: Optional[str]) -> bool:
+    """Whether a tensor of this GGUF type loads as fmt with its values unchanged."""
+    return (fmt == _KEPT.get(info.ggml_type) or (fmt == "int8" and info.ggml_type in (GGML_Q4_0, GGML_Q5_0))
+            or (fmt is None and info.type_name in _FLOAT_TYPES))
+
+
+def _requantize_notice(path: str, changed: Dict[str, collections.Counter], asked: bool) -> Optional[str]:
+    """One line naming the tensors a load re-quantized ({GGUF type: Counter of formats})."""
+    if not changed:
+        return None
+    parts = ", ".join(f"{sum(c.values())} {t} to {'/'.join(sorted(c))}" for t, c in sorted(changed.items()))
+    why = ("as the quantization asked; quantization='auto' keeps each tensor's own type where it can" if asked
+           else "gemma_cpp has no kernels for these types")
+    return f"{path}: re-quantized {parts} ({why})"
+
+
 def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progress=None):
-    """{engine name: array or QuantizedWeight}. Q8_0, Q4_0, Q4_1 and Q5_0 are imported without
-    loss where the format holds their values, and re-quantized where it does not."""
+    """{engine name: array or QuantizedWeight}. Q8_0, Q4_0, Q4_1, Q5_0 and the K-quants Q4_K,
+    Q5_K and Q6_K are imported without loss where the format holds their values, and
+    re-quantized where it does not (one warning names what changed)."""
+    changed: Dict[str, collections.Counter] = {}
 
     def tensor(gname: str, shape):
         if gname not in g.tensors:
@@ -236,17 +280,23 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
         if fmt is not None and cols % 32:
             raise ValueError(f"{g.path}: cannot quantize {gname!r} to {fmt}: its rows of {cols} are not a "
                              "multiple of 32")
+        if fmt is not None and not _lossless(info, fmt) and info.type_name not in _FLOAT_TYPES:
+            changed.setdefault(info.type_name, collections.Counter())[fmt] += 1
         # The lossless imports give plain rows; the engine takes them in its row order.
-        if fmt == "int8" and info.ggml_type == GGML_Q8_0:
-            return interleaved(_import_q8_0(g.raw(gname), rows, cols))
-        if fmt in ("int8", "int4") and info.ggml_type == GGML_Q4_0:
-            return interleaved(_import_q4_0(g.raw(gname), rows, cols, fmt))
-        if fmt == "int4m" and info.ggml_type == GGML_Q4_1:
-            return interleaved(_import_q4_1(g.raw(gname), rows, cols))
-        if fmt == "int8" and info.ggml_type == GGML_Q5_0:
-            return interleaved(_import_q5_0(g.raw(gname), rows, cols))
+        imports = {(GGML_Q8_0, "int8"): _import_q8_0, (GGML_Q4_0, "int8"): _import_q4_0,
+                   (GGML_Q4_0, "int4"): _import_q4_0, (GGML_Q4_1, "int4m"): _import_q4_1,
+                   (GGML_Q5_0, "int8"): _import_q5_0}
+        if fmt is not None and fmt == _KEPT.get(info.ggml_type) and info.ggml_type >= GGML_Q4_K:
+            imports[(info.ggml_type, fmt)] = lambda raw, r, c, f: _import_kquant(raw, info.ggml_type, r, c)
+        if (info.ggml_type, fmt) in imports:
+            convert = imports[(info.ggml_type, fmt)]
+            return _banded(g, gname, info, lambda raw, r, c: interleaved(convert(raw, r, c, fmt)))
+        if fmt in ("q4_k", "q5_k", "q6_k"):
+            raise ValueError(f"{g.path}: {gname!r} is {info.type_name}: only a {fmt.upper()} tensor loads as {fmt}")
         if fmt is None:
-            return as_engine_dtype(g.dequantize(gname), "float32", target)
+            values = as_engine_dtype(g.dequantize(gname), "float32", target)
+            g.release(gname)
+            return values
         return _requantize(g, gname, info, fmt)
 
     def norm(gname: str, shape):
@@ -265,6 +315,9 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
             weights[ename] = norm(gname, shape) if is_norm(ename) else matrix(gname, ename, shape)
         if progress:
             progress(i + 1, config.num_hidden_layers)
+    notice = _requantize_notice(g.path, changed, asked=policy is not None)
+    if notice:
+        warnings.warn(notice, stacklevel=5)  # from_pretrained's caller
     return weights
 
 
@@ -272,10 +325,11 @@ def load(path, dtype: Optional[str] = None, quantization="auto", config: Optiona
          progress=None) -> LoadedModel:
     """A GGUF file (a path, or a GGUFFile already open).
 
-    quantization "auto": Q8_0 -> int8, Q4_0 -> int4 and Q4_1 -> int4m unchanged, Q5_0 -> int8
-    unchanged; float tensors stay float; other types (Q4_K, Q6_K, ...) become int8. A format
-    name or a policy dict chooses the format of every matrix (None: float). dtype: the float
-    weight dtype (float32 unless given)."""
+    quantization "auto": Q8_0 -> int8, Q4_0 -> int4, Q4_1 -> int4m, Q4_K / Q5_K / Q6_K ->
+    q4_k / q5_k / q6_k and Q5_0 -> int8, all unchanged; float tensors stay float; other types
+    (Q2_K, Q3_K, ...) become int8, with a warning. A format name or a policy dict chooses the
+    format of every matrix (None: float), with a warning naming the tensors whose values that
+    changed. dtype: the float weight dtype (float32 unless given)."""
     policy = resolve_gguf_policy(quantization)  # fail on a bad name before reading the file
     target = "float32" if dtype in (None, "auto") else canonical_dtype(dtype)
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
