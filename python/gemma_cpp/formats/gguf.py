@@ -36,6 +36,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from ._pages import release_pages
+
 __all__ = [
     "GGUFError", "GGML_TYPES", "GGML_BLOCK_SIZES", "BLOCK_DTYPES", "GGUF_VALUE_TYPES",
     "TensorInfo", "GGUFFile", "dequantize", "quantized_blocks", "is_gguf",
@@ -425,10 +427,7 @@ class GGUFFile:
         again): a loader that has copied a tensor gives its pages back as it goes."""
         t = self._info(name)
         end = t.nbytes if end is None else min(end, t.nbytes)
-        page = mmap.PAGESIZE
-        lo, hi = -(-(t.offset + start) // page) * page, (t.offset + end) // page * page
-        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        release_pages(self._mm, t.offset + start, t.offset + end)
 
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor's values as a new float32 array of shape TensorInfo.shape."""

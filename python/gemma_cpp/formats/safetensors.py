@@ -17,6 +17,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
+from ._pages import release_pages
+
 # dtype name -> (numpy dtype of the stored bits, element size). BF16 has no numpy dtype:
 # it is handed out as uint16 bit patterns and named "bfloat16" by dtype_of().
 _DTYPES = {
@@ -106,15 +108,11 @@ class SafetensorsFile:
     def release(self, name: str) -> None:
         """Drops the tensor's pages from this process's resident memory (they stay in the
         page cache): for tensors that were converted into new arrays and are not read again."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mmap is None:
             return
         dtype, shape, offset = self._info[name]
         nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1] if shape else _DTYPES[dtype][1]
-        page = mmap.PAGESIZE
-        start = (offset + page - 1) // page * page  # whole pages inside the tensor only
-        end = (offset + nbytes) // page * page
-        if end > start:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        release_pages(self._mmap, offset, offset + nbytes)
 
     def get(self, name: str) -> np.ndarray:
         """A read-only view of the tensor's bytes in the memory map (bf16: uint16 bits)."""
