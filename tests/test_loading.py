@@ -143,6 +143,58 @@ def test_hostile_safetensors_headers(tmp_path, header, data, n, match):
         SafetensorsFile(path)
 
 
+def _tensors(**offsets):
+    return json.dumps({k: {"dtype": "U8", "shape": [e - b], "data_offsets": [b, e]}
+                       for k, (b, e) in offsets.items()}).encode()
+
+
+@pytest.mark.parametrize("offsets, data, match", [
+    (dict(a=(0, 4), b=(6, 8)), 8, r"'b': data \[6, 8\) leaves a hole of 2 bytes"),
+    (dict(a=(2, 8)), 8, r"'a': data \[2, 8\) leaves a hole of 2 bytes"),
+    (dict(a=(0, 6), b=(4, 8)), 8, r"'b': data \[4, 8\) overlaps the tensor before it, which ends at 6"),
+    (dict(a=(0, 8), b=(0, 8)), 8, "overlaps"),
+    (dict(a=(0, 4), b=(4, 8)), 11, "3 bytes after the last tensor's data"),
+    (dict(), 5, "5 bytes after the last tensor's data"),
+])
+def test_safetensors_data_must_tile_the_data_section(tmp_path, offsets, data, match):
+    """What the format forbids: holes, overlapping tensors, and data past the last tensor
+    that the header does not account for."""
+    path = _write(tmp_path / "bad.safetensors", _tensors(**offsets), b"\0" * data)
+    with pytest.raises(ValueError, match=match):
+        SafetensorsFile(path)
+    good = _write(tmp_path / "good.safetensors", _tensors(a=(0, 4), e=(4, 4), b=(4, 8)), b"\0" * 8)
+    assert sorted(SafetensorsFile(good).names()) == ["a", "b", "e"]
+
+
+def test_writer_aligns_every_tensor_to_its_element_size(tmp_path):
+    """Tensors of odd byte counts beside wider ones: each starts at a multiple of its element
+    size from an 8-byte aligned data section, the file tiles exactly, and the safetensors
+    library reads back the same values."""
+    from safetensors.numpy import load_file
+
+    from gemma_cpp.formats.safetensors import write_safetensors
+
+    rng = np.random.default_rng(0)
+    arrays = [("odd", rng.integers(0, 255, 7).astype(np.uint8), "U8"),
+              ("f32", rng.standard_normal(5).astype(np.float32), "F32"),
+              ("u16", rng.integers(0, 9, 3).astype(np.uint16), "U16"),
+              ("f64", rng.standard_normal(3), "F64"),
+              ("odd2", rng.integers(0, 255, 3).astype(np.uint8), "U8")]
+    path = str(tmp_path / "t.safetensors")
+    write_safetensors(path, arrays, {"k": "v"})
+    f = SafetensorsFile(path)  # the tiling checks pass
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    assert (8 + n) % 8 == 0
+    for name, arr, _ in arrays:
+        assert header[name]["data_offsets"][0] % arr.itemsize == 0, (name, header[name])
+        np.testing.assert_array_equal(f.get(name), arr)
+    back = load_file(path)
+    for name, arr, _ in arrays:
+        np.testing.assert_array_equal(back[name], arr)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tiny, tmp_path):
     folder, _ = tiny("GemmaForCausalLM", "mqa")
     dst = copy_ckpt(folder, tmp_path)

@@ -5,7 +5,8 @@ The format: 8 bytes little-endian header length N, N bytes of JSON
 {name: {"dtype": str, "shape": [int], "data_offsets": [begin, end]}, "__metadata__": {...}},
 then the data; offsets count from the end of the header. Every field is checked against the
 file before use: a lying file raises ValueError naming the file and the tensor, never an
-out-of-bounds read. (We parse the header ourselves instead of safetensors.safe_open because
+out-of-bounds read. As the format requires, the tensors' data must tile the data section:
+no holes, no overlaps, no bytes after the last tensor that the header does not account for. (We parse the header ourselves instead of safetensors.safe_open because
 that returns copies; a view lets a bf16 checkpoint run straight from the page cache.)
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ class SafetensorsFile:
         self._info: Dict[str, Tuple[str, Tuple[int, ...], int]] = {}
         for name, info in header.items():
             self._info[name] = self._check(name, info, data_len, data_start)
+        self._check_tiling(header, data_len)
         self._size = size
         self._mmap = None
         if size > 0:
@@ -90,6 +92,20 @@ class SafetensorsFile:
         if count * _DTYPES[dtype][1] != offs[1] - offs[0]:
             raise ValueError(f"{where}: {offs[1] - offs[0]} bytes do not hold a {dtype} tensor of shape {shape}")
         return dtype, tuple(shape), data_start + offs[0]
+
+    def _check_tiling(self, header: dict, data_len: int) -> None:
+        """The tensors' byte ranges, in order, must cover [0, data_len) exactly once."""
+        pos = 0
+        for begin, end, name in sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items()):
+            where = f"{self.path}: tensor {name!r}: data [{begin}, {end})"
+            if begin < pos:
+                raise ValueError(f"{where} overlaps the tensor before it, which ends at {pos}")
+            if begin > pos:
+                raise ValueError(f"{where} leaves a hole of {begin - pos} bytes before it (the format has none)")
+            pos = end
+        if pos != data_len:
+            raise ValueError(f"{self.path}: {data_len - pos} bytes after the last tensor's data that the header "
+                             "does not account for")
 
     def names(self) -> Iterator[str]:
         return iter(self._info)
@@ -125,8 +141,11 @@ class SafetensorsFile:
 
 
 def write_safetensors(path: str, tensors, metadata: Dict[str, str], progress: Optional[Callable] = None) -> None:
-    """tensors: [(name, array, safetensors dtype name)], written in order, 8-byte aligned,
-    one tensor at a time (no copy of the whole model in memory); progress(done, total, name)."""
+    """tensors: [(name, array, safetensors dtype name)], one tensor at a time (no copy of the
+    whole model in memory); progress(done, total, name). The data starts 8-byte aligned and
+    the tensors go by element size, largest first (in the given order within a size), so each
+    one starts at a multiple of its element size with no padding between them."""
+    tensors = sorted(tensors, key=lambda t: -_DTYPES[t[2]][1])
     header, offset = {"__metadata__": metadata}, 0
     for name, arr, dt in tensors:
         header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
