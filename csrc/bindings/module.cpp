@@ -196,6 +196,14 @@ class Engine {
       w.layers.push_back(L);
     }
     model_ = std::make_unique<Model>(c, std::move(w));
+    // Ctrl-C reaches a long forward() or generate() within one prompt chunk or decode step:
+    // the signal only marks itself pending while the loop runs without the GIL, so the loop
+    // takes the GIL to run Python's handlers (the main thread's; elsewhere this does nothing),
+    // and their KeyboardInterrupt unwinds the call.
+    model_->set_interrupt([] {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    });
   }
 
   const ModelConfig& config() const { return model_->config(); }

@@ -360,6 +360,7 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
   std::vector<uint8_t> valid;
   std::vector<float> hid;
   for (int64_t c0 = 0; c0 < L; c0 += Tc) {
+    if (interrupt_) interrupt_();
     const int64_t T = std::min(Tc, L - c0);
     ids.resize(B * T);
     pos.resize(B * T);
@@ -499,6 +500,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     for (int64_t b : active)
       if (!finished[b]) still.push_back(b);
     if (still.empty() || s + 1 == p.max_new_tokens) break;
+    if (interrupt_) interrupt_();
     // Decode one token for the rows still running; finished rows cost nothing more.
     active.swap(still);
     const int64_t R = static_cast<int64_t>(active.size());

@@ -155,6 +155,11 @@ class Model {
                           int64_t L, const SamplingParams& params, const StepCallback& on_step,
                           const LogitsSink& on_logits = nullptr);
 
+  // Called by forward() and generate() before each prompt chunk and each decode step, on the
+  // calling thread: it may throw to abandon the call (the bindings raise a pending Ctrl-C
+  // this way), and the model stays usable for the next one.
+  void set_interrupt(std::function<void()> check) { interrupt_ = std::move(check); }
+
  private:
   // Runs the tokens of sr (ids/pos/valid: one per token, in sr's order), each written to its
   // row's slot. Leaves the final-normed hidden states in x_out [tokens, hidden]. layer_sink:
@@ -182,6 +187,7 @@ class Model {
   ModelWeights w_;
   Workspace ws_;
   std::mutex mu_;  // held by forward() and generate(): ws_ is theirs
+  std::function<void()> interrupt_;
   // head_dim / 2 rotary frequencies, float32 as transformers: full-attention layers, then
   // sliding-window layers.
   std::vector<float> inv_freq_, inv_freq_local_;

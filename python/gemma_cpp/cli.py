@@ -255,6 +255,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"gemma-cpp: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the model stops within a step; no traceback
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
