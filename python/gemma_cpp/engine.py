@@ -249,8 +249,12 @@ class Engine:
 
 def _dispatch(scheduler: Scheduler, requests: Dict[int, Request], lock: threading.Lock, closed: threading.Event):
     # Hands the scheduler's events to their requests (the scheduler itself never takes the
-    # GIL). Ends once the engine is closed and every event is delivered.
+    # GIL). Ends once the engine is closed and every event is delivered: close() sets `closed`
+    # after the scheduler has queued its last events, so a poll that starts after `closed` was
+    # seen set and finds nothing means there is nothing left. (Checking `closed` after the poll
+    # instead lost the events queued while an empty poll was returning.)
     while True:
+        closing = closed.is_set()
         events = scheduler.poll(0.05)
         wake: Dict[object, list] = {}  # one call per event loop for the whole batch of events
         with lock:
@@ -268,5 +272,5 @@ def _dispatch(scheduler: Scheduler, requests: Dict[int, Request], lock: threadin
                 loop.call_soon_threadsafe(_wake, futures)
             except RuntimeError:  # that event loop has closed
                 pass
-        if closed.is_set() and not events:
+        if closing and not events:
             return
