@@ -161,3 +161,28 @@ def test_cli_chat_exits_cleanly_on_ctrl_c():
     out, err = p.communicate(timeout=HANG)
     assert p.returncode == 130, err.decode()
     assert b"Traceback" not in err, err.decode()
+
+
+def test_cli_chat_stops_quietly_when_stdout_closes():
+    """chat's reader goes away while it replies: its next write (the reply's rest, or the
+    reply to one more line) finds the pipe closed, and it stops without a traceback."""
+    import select
+
+    p = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "chat", "--max-new-tokens", "200"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_as_from_a_terminal)
+    p.stdin.write(b"Tell me a long story about a lighthouse keeper.\n")
+    p.stdin.flush()
+    ready, _, _ = select.select([p.stdout], [], [], HANG)  # the reply has begun
+    assert ready, p.stderr.read().decode()
+    p.stdout.read1(1)
+    p.stdout.close()
+    try:  # (chat may have stopped already: then this pipe is closed too)
+        p.stdin.write(b"And then?\n")
+        p.stdin.close()
+    except BrokenPipeError:
+        pass
+    err = p.stderr.read()
+    p.wait(timeout=HANG)
+    assert p.returncode == 1, (p.returncode, err.decode())
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
