@@ -719,6 +719,12 @@ def test_model_reader_bad_files(model_dir, tmp_path):
     (bad / "tokenizer.model").write_bytes(b"\x0a\x05abc")
     with pytest.raises(ValueError, match="tokenizer.model"):
         GemmaTokenizer.from_pretrained(bad)
+    # A piece that is not UTF-8 (protobuf hands it over as bytes; found by fuzzing, where it
+    # broke the added-token matcher with a TypeError): one byte of a piece's text replaced.
+    i = data.index(b"<start_of_turn>")
+    (bad / "tokenizer.model").write_bytes(data[:i + 1] + b"\x8d" + data[i + 2:])
+    with pytest.raises(ValueError, match=r"piece \d+ .* is not valid UTF-8"):
+        GemmaTokenizer.from_pretrained(bad)
 
 
 def test_pickle_round_trip(tok, texts):

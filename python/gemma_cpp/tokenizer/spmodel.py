@@ -110,6 +110,10 @@ class SentencePieceModel:
         for i, t in enumerate(self.types):
             if t not in PIECE_TYPES:
                 raise ValueError(f"{path}: piece {i} ({self.pieces[i]!r}) has unknown type {t}")
+            # protobuf hands a string field that is not UTF-8 over as bytes (found by fuzzing:
+            # such a piece broke the added-token matcher with a TypeError).
+            if not isinstance(self.pieces[i], str):
+                raise ValueError(f"{path}: piece {i} ({self.pieces[i]!r}) is not valid UTF-8")
         ns = proto.normalizer_spec
         self.normalizer = {"name": ns.name, "charsmap": len(ns.precompiled_charsmap),
                            "add_dummy_prefix": ns.add_dummy_prefix,
