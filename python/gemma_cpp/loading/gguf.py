@@ -183,9 +183,17 @@ def _import_q4_1(raw: np.ndarray, rows: int, cols: int, fmt: str = "int4m") -> Q
     return QuantizedWeight("int4m", pack_nibbles(_nibbles(b["qs"])), _fp16_bits(b["d"]), _fp16_bits(b["m"]))
 
 
-def _import_kquant(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> QuantizedWeight:
+def _import_kquant(raw: np.ndarray, rows: int, cols: int, fmt: str) -> QuantizedWeight:
     """Q4_K / Q5_K / Q6_K -> q4_k / q5_k / q6_k: the same bytes, scales unpacked (quant.py)."""
-    return kquant_from_gguf(quantized_blocks(raw, ggml_type, rows, cols), _KEPT[ggml_type])
+    ggml_type = {"q4_k": GGML_Q4_K, "q5_k": GGML_Q5_K, "q6_k": GGML_Q6_K}[fmt]
+    return kquant_from_gguf(quantized_blocks(raw, ggml_type, rows, cols), fmt)
+
+
+# (GGUF type, format) -> the import that keeps every value (plain rows).
+_IMPORTS = {(GGML_Q8_0, "int8"): _import_q8_0, (GGML_Q4_0, "int8"): _import_q4_0, (GGML_Q4_0, "int4"): _import_q4_0,
+            (GGML_Q4_1, "int4m"): _import_q4_1, (GGML_Q5_0, "int8"): _import_q5_0,
+            (GGML_Q4_K, "q4_k"): _import_kquant, (GGML_Q5_K, "q5_k"): _import_kquant,
+            (GGML_Q6_K, "q6_k"): _import_kquant}
 
 
 _CHUNK_ELEMENTS = 1 << 22  # weights per band: 16 MiB of float32, 4 MiB of Q8_0
@@ -244,8 +252,7 @@ def _matrix_format(policy, info, engine_name: str) -> Optional[str]:
 
 def _lossless(info, fmt: Optional[str]) -> bool:
     """Whether a tensor of this GGUF type loads as fmt with its values unchanged."""
-    return (fmt == _KEPT.get(info.ggml_type) or (fmt == "int8" and info.ggml_type in (GGML_Q4_0, GGML_Q5_0))
-            or (fmt is None and info.type_name in _FLOAT_TYPES))
+    return (info.ggml_type, fmt) in _IMPORTS or (fmt is None and info.type_name in _FLOAT_TYPES)
 
 
 def _requantize_notice(path: str, changed: Dict[str, collections.Counter], asked: bool) -> Optional[str]:
@@ -282,17 +289,11 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
                              "multiple of 32")
         if fmt is not None and not _lossless(info, fmt) and info.type_name not in _FLOAT_TYPES:
             changed.setdefault(info.type_name, collections.Counter())[fmt] += 1
-        # The lossless imports give plain rows; the engine takes them in its row order.
-        imports = {(GGML_Q8_0, "int8"): _import_q8_0, (GGML_Q4_0, "int8"): _import_q4_0,
-                   (GGML_Q4_0, "int4"): _import_q4_0, (GGML_Q4_1, "int4m"): _import_q4_1,
-                   (GGML_Q5_0, "int8"): _import_q5_0}
-        if fmt is not None and fmt == _KEPT.get(info.ggml_type) and info.ggml_type >= GGML_Q4_K:
-            imports[(info.ggml_type, fmt)] = lambda raw, r, c, f: _import_kquant(raw, info.ggml_type, r, c)
-        if (info.ggml_type, fmt) in imports:
-            convert = imports[(info.ggml_type, fmt)]
+        # The lossless imports give plain rows; the engine takes them in its row order. (A
+        # K-quant format is only ever the tensor's own type: policies cannot name one.)
+        convert = _IMPORTS.get((info.ggml_type, fmt))
+        if convert is not None:
             return _banded(g, gname, info, lambda raw, r, c: interleaved(convert(raw, r, c, fmt)))
-        if fmt in ("q4_k", "q5_k", "q6_k"):
-            raise ValueError(f"{g.path}: {gname!r} is {info.type_name}: only a {fmt.upper()} tensor loads as {fmt}")
         if fmt is None:
             values = as_engine_dtype(g.dequantize(gname), "float32", target)
             g.release(gname)
