@@ -132,3 +132,28 @@ def available_paths(setter, names):
             pass
     setter("auto")
     return have
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny, tmp_path_factory):
+    """A tiny Gemma 3 whose vocabulary is a trained tokenizer's (with Gemma's turn tokens)."""
+    import shutil
+
+    import sentencepiece as spm
+
+    import gemma_cpp
+    from tiny_tokenizer import train_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("serve-ckpt")
+    sp = train_tiny_tokenizer(str(folder / "sp"))
+    vocab = spm.SentencePieceProcessor(model_file=sp).get_piece_size()
+    # initializer_range 0.05: logits flat enough that sampled choices differ; 2048 positions:
+    # streams long enough to leave in the middle of.
+    src, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3", vocab_size=vocab, initializer_range=0.05,
+                    max_position_embeddings=2048)
+    shutil.copytree(src, folder / "model")
+    shutil.copy(sp, folder / "model" / "tokenizer.model")
+    path = str(folder / "model")
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, dtype="float32")
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(path)
+    return path, model, tok

@@ -3,7 +3,6 @@ official `openai` client and by httpx; its answers against generate() on the sam
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,64 +13,15 @@ import numpy as np
 import pytest
 
 import gemma_cpp
-from tiny_tokenizer import train_tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from gemma_cpp.serve import create_app  # noqa: E402
+from serving import Server, greedy as _greedy  # noqa: E402
 
 NAME = "tiny"
-
-
-class Server:
-    """uvicorn serving an app on a socket bound to 127.0.0.1:0, on a thread of this process."""
-
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tiny, tmp_path_factory):
-    """A tiny Gemma 3 whose vocabulary is a trained tokenizer's (with Gemma's turn tokens)."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("serve-ckpt")
-    sp = train_tiny_tokenizer(str(folder / "sp"))
-    vocab = spm.SentencePieceProcessor(model_file=sp).get_piece_size()
-    # initializer_range 0.05: logits flat enough that sampled choices differ; 2048 positions:
-    # streams long enough to leave in the middle of.
-    src, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3", vocab_size=vocab, initializer_range=0.05,
-                    max_position_embeddings=2048)
-    shutil.copytree(src, folder / "model")
-    shutil.copy(sp, folder / "model" / "tokenizer.model")
-    path = str(folder / "model")
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, dtype="float32")
-    tok = gemma_cpp.GemmaTokenizer.from_pretrained(path)
-    return path, model, tok
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +30,6 @@ def server(tiny_chat):
     # Prompts in one chunk, as generate() takes them: the same bits, so greedy text compares exactly.
     with Server(create_app(model, tok, model_name=NAME, slots=4, slot_ctx=128)) as s:
         yield s
-
-
-def _eos(model, tok):
-    return model.generation_config.eos_ids() + [tok.convert_tokens_to_ids("<end_of_turn>")]
-
-
-def _greedy(model, tok, ids, n):
-    out = model.generate(np.array([ids]), max_new_tokens=n, eos_token_id=_eos(model, tok))[0, len(ids):].tolist()
-    stop = [i for i, t in enumerate(out) if t in _eos(model, tok)]
-    return out[:stop[0] + 1] if stop else out
 
 
 def test_health_models_tokenize_detokenize(server, tiny_chat):
@@ -282,6 +222,23 @@ def test_health_is_503_while_the_model_loads(tiny_chat):
             assert time.time() < deadline
             time.sleep(0.02)
         assert s.client().completions.create(model=NAME, prompt="hi", max_tokens=2).choices
+
+
+def test_a_dead_engine_is_reported(tiny_chat):
+    # What a Ray replica's health check reads (gemma_cpp.serve.ray): /health and every request
+    # say that the engine is down, and why.
+    _, model, tok = tiny_chat
+    app = create_app(model, tok, model_name=NAME, slots=1, slot_ctx=64)
+    with Server(app) as s:
+        engine = app.state.gemma.engine
+        assert httpx.get(s.url + "/health").status_code == 200 and engine.failure() is None
+        engine.close()
+        assert engine.failure() == "the engine is closed"
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 500 and r.json() == {"status": "error", "message": "the engine is closed"}
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
+        assert "the engine is closed" in r.json()["error"]["message"]
 
 
 def _metrics(url):

@@ -151,19 +151,34 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if not args.ray:
+        for flag, v in (("--replicas", args.replicas), ("--max-replicas", args.max_replicas),
+                        ("--ray-address", args.ray_address)):
+            if v is not None:
+                raise ValueError(f"{flag} is for --ray")
     try:
-        from .serve import run
+        if args.ray:
+            from .serve.ray import run
+        else:
+            from .serve import run
     except ImportError as e:
-        raise ValueError(f"gemma-cpp serve needs FastAPI and uvicorn ({e.name} is missing): "
-                         f"pip install 'gemma_cpp[serve]'") from None
+        extra = "ray" if args.ray else "serve"
+        raise ValueError(f"gemma-cpp serve{' --ray' if args.ray else ''} needs {e.name}, which is missing: "
+                         f"pip install 'gemma_cpp[{extra}]'") from None
     path = args.model if args.model is not None else demo_model_path()  # a missing demo: said now
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
     name = args.model_name or (None if args.model is not None else "gemma-3-270m")
     api_key = args.api_key if args.api_key is not None else os.environ.get("GEMMA_CPP_API_KEY")
+    options = dict(host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=api_key,
+                   model_name=name, quantization=quantization, dtype=args.dtype,
+                   kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, chunk_size=args.chunk_size)
+    if args.ray:
+        print(f"serving {path} with Ray ({args.slots} slots per replica); starting the replicas", file=sys.stderr)
+        run(os.path.abspath(path), replicas=args.replicas or 1, max_replicas=args.max_replicas,
+            ray_address=args.ray_address, **options)
+        return 0
     print(f"serving {path} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr)
-    run(path, host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=api_key,
-        model_name=name, quantization=quantization, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-        threads=args.threads, chunk_size=args.chunk_size)
+    run(path, **options)
     return 0
 
 
@@ -203,8 +218,9 @@ def main(argv=None) -> int:
         p.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
                        help="int8 / int4 / int4m: quantize every linear layer and the embedding on load; none: "
                             "keep floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
-                            "checkpoint, for a GGUF file Q8_0/Q5_0 as int8, Q4_0 as int4 and Q4_1 as int4m "
-                            "unchanged, other quantized types re-quantized to int8")
+                            "checkpoint; for a GGUF file each tensor in its own type (Q8_0/Q5_0 as int8, Q4_0 "
+                            "as int4, Q4_1 as int4m, Q4_K/Q5_K/Q6_K as q4_k/q5_k/q6_k), Q2_K/Q3_K re-quantized "
+                            "to int8")
         p.add_argument("--threads", type=int, default=None)
         _add_sampling(p)
     g.set_defaults(func=cmd_generate)
@@ -228,7 +244,17 @@ def main(argv=None) -> int:
     sv.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), default="float32")
     sv.add_argument("--chunk-size", type=int, default=128,
                     help="prompt tokens per engine iteration, and the unit of prefix reuse (default 128)")
-    sv.add_argument("--threads", type=int, default=None)
+    sv.add_argument("--threads", type=int, default=None,
+                    help="engine threads (with --ray: per replica, and the CPUs Ray reserves for each; default: "
+                         "this machine's CPUs shared among the replicas)")
+    sv.add_argument("--ray", action="store_true",
+                    help="serve as Ray Serve replicas behind one HTTP port (pip install 'gemma_cpp[ray]')")
+    sv.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, each its own engine (default 1)")
+    sv.add_argument("--max-replicas", type=int, default=None,
+                    help="with --ray: autoscale between --replicas and this many, as the requests in flight ask")
+    sv.add_argument("--ray-address", default=None,
+                    help="with --ray: join this running Ray cluster ('auto': the one this node belongs to) instead "
+                         "of starting a local instance; the model must be at the same path on every node")
     sv.set_defaults(func=cmd_serve)
     c = sub.add_parser("convert", help="write a checkpoint in gemma_cpp's own format (loads by mmap)")
     c.add_argument("src", help="a Hugging Face checkpoint folder, a .gguf file (or, with --from original, a "

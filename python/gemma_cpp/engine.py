@@ -223,6 +223,17 @@ class Engine:
         chunks, and how many tokens they did not recompute)."""
         return self._scheduler.stats()
 
+    def failure(self) -> Optional[str]:
+        """None while the engine runs; else why it does not: closed, its event thread gone, or
+        a step that failed (that step's requests ended with finish_reason "error"). A server
+        reports such an engine unhealthy, so that whatever runs it can replace it."""
+        if self._closing:
+            return "the engine is closed"
+        if not self._events.is_alive():
+            return "the engine's event thread has stopped"
+        error = self._scheduler.error()
+        return f"the engine failed: {error}" if error else None
+
     def close(self) -> None:
         """Cancels every request and stops the engine's threads."""
         if self._closing:

@@ -235,7 +235,16 @@ class _State:
             if self.error:
                 raise ApiError(500, f"the model failed to load: {self.error}", kind="server_error")
             raise ApiError(503, "the model is loading", kind="server_error", code="model_loading")
+        failure = self.engine.failure()
+        if failure:
+            raise ApiError(503, f"the server takes no requests: {failure}", kind="server_error", code="engine_down")
         return self.engine
+
+    def failure(self) -> Optional[str]:
+        """Why the server cannot serve (its model failed to load, its engine is down), or None."""
+        if self.engine is not None:
+            return self.engine.failure()
+        return f"the model failed to load: {self.error}" if self.error else None
 
 
 class _Guard:
@@ -348,11 +357,12 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
 
     @app.get("/health")
     async def health():
-        if state.engine is not None:
-            return {"status": "ok"}
-        if state.error:
-            return JSONResponse(status_code=500, content={"status": "error", "message": state.error})
-        return JSONResponse(status_code=503, content={"status": "loading"})
+        failure = state.failure()
+        if failure:
+            return JSONResponse(status_code=500, content={"status": "error", "message": failure})
+        if state.engine is None:
+            return JSONResponse(status_code=503, content={"status": "loading"})
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
@@ -671,6 +681,28 @@ async def _stream(state: _State, kind: str, rid: str, created: int, choices: Lis
             c.request.cancel()
 
 
+def load_model(model_path: Optional[str] = None, *, quantization="auto", dtype=None,
+               kv_cache_dtype: str = "float32", model_name: Optional[str] = None) -> tuple:
+    """(model, tokenizer, the model's id in the API) for a checkpoint folder or GGUF file, or
+    the demo model when model_path is None: what `gemma-cpp serve` and each Ray replica load."""
+    from ..modeling import GemmaForCausalLM
+    from ..tokenizer import GemmaTokenizer
+
+    model_path, name = model_source(model_path, model_name)
+    tok = GemmaTokenizer.from_pretrained(model_path)
+    model = GemmaForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization,
+                                             kv_cache_dtype=kv_cache_dtype)
+    return model, tok, name
+
+
+def model_source(model_path: Optional[str], model_name: Optional[str] = None) -> Tuple[str, str]:
+    """(the model's path, its id in the API): the demo model's when model_path is None."""
+    if model_path is None:
+        from .._demo import demo_model_path
+        return demo_model_path(), model_name or "gemma-3-270m-it-qat-q4_k_m"
+    return model_path, model_name or os.path.basename(os.path.normpath(model_path))
+
+
 def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
         ctx_size: Optional[int] = None, api_key: Optional[str] = None, model_name: Optional[str] = None,
         quantization="auto", dtype=None, kv_cache_dtype: str = "float32", threads: Optional[int] = None,
@@ -679,21 +711,14 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
     it with uvicorn until interrupted; /health says 503 until the model is ready."""
     import uvicorn
 
-    import gemma_cpp
+    from .._C import set_num_threads
 
     if threads:
-        gemma_cpp.set_num_threads(threads)
-    if model_path is None:
-        from .._demo import demo_model_path
-        model_path = demo_model_path()
-        name = model_name or "gemma-3-270m-it-qat-q4_k_m"
-    else:
-        name = model_name or os.path.basename(os.path.normpath(model_path))
+        set_num_threads(threads)
+    model_path, name = model_source(model_path, model_name)
 
     def load():
-        tok = gemma_cpp.GemmaTokenizer.from_pretrained(model_path)
-        model = gemma_cpp.GemmaForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization,
-                                                           kv_cache_dtype=kv_cache_dtype)
+        model, tok, _ = load_model(model_path, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
         return model, tok
 
     app = create_app(load=load, model_name=name, slots=slots, ctx_size=ctx_size, chunk_size=chunk_size,
