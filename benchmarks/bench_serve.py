@@ -24,6 +24,12 @@ against concurrency).
 
   python benchmarks/bench_serve.py                       # ~6 min
   python benchmarks/bench_serve.py --clients 1,8 --no-tf --new-tokens 32   # a smoke run
+  python benchmarks/bench_serve.py --ray --no-llama --no-tf    # our server against itself on Ray
+
+With --ray, our server also runs as Ray Serve replicas (`gemma-cpp serve --ray`): one replica
+of --threads threads, and --threads replicas of one thread, the same slots in all; and each
+server's p50 latency at one client, one request at a time (/tokenize: the HTTP path alone; a
+whole non-streamed completion of the workload), against the plain server's.
 """
 from __future__ import annotations
 
@@ -147,19 +153,53 @@ def serving(argv, health: str, what: str):
         proc.wait(30)
 
 
-def bench_ours(args, path, texts, eos_ids) -> dict:
+def bench_ours(args, path, texts, eos_ids, replicas: int = 0) -> dict:
+    """Our server: one process, or (replicas > 0) `replicas` Ray replicas sharing --threads,
+    with --slots... all clients' slots in all (each replica its share)."""
     slots = max(args.clients)
-    argv = [sys.executable, "-m", "gemma_cpp", "serve", path, "--slots", str(slots), "--ctx-size", str(slots * 2048),
-            "--threads", str(args.threads), "--quantization", args.quantization]
-    with serving(argv, "/health", "gemma_cpp") as url:
+    argv = [sys.executable, "-m", "gemma_cpp", "serve", path, "--quantization", args.quantization]
+    if replicas:
+        per = slots // replicas
+        argv += ["--ray", "--replicas", str(replicas), "--threads", str(args.threads // replicas),
+                 "--slots", str(per), "--ctx-size", str(per * 2048)]
+        what = f"gemma_cpp on Ray, {replicas} x {args.threads // replicas} threads"
+    else:
+        argv += ["--threads", str(args.threads), "--slots", str(slots), "--ctx-size", str(slots * 2048)]
+        what = "gemma_cpp"
+    with serving(argv, "/health", what) as url:
         def body(i, tag):
             return {"prompt": tag + texts[i], "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
 
-        asyncio.run(round_of(url, [body(0, "[warm-up] ")]))
+        asyncio.run(round_of(url, [body(0, "[warm-up] ")] * max(replicas, 1)))
         res = {"clients": run_clients(url, body, args.clients)}
-        res["prefix"] = prefix_run(url, args)
+        if args.ray:
+            res["latency"] = latency_run(url, body)
+        if not replicas:
+            res["prefix"] = prefix_run(url, args)
         return res
+
+
+def latency_run(url: str, body, n: int = 15) -> dict:
+    """One client, one request at a time: the p50 latency of /tokenize (no engine work: the
+    HTTP path alone) and of a whole non-streamed completion of the workload."""
+    import httpx
+
+    tok, whole = [], []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for i in range(n):
+            t = time.perf_counter()
+            client.post("/tokenize", json={"content": "The capital of France is"}).raise_for_status()
+            tok.append(time.perf_counter() - t)
+            b = dict(body(0, f"[lat {i}] "), stream=False)
+            b.pop("stream_options")
+            t = time.perf_counter()
+            client.post("/v1/completions", json=b).raise_for_status()
+            whole.append(time.perf_counter() - t)
+    out = {"tokenize_p50": statistics.median(tok), "completion_p50": statistics.median(whole)}
+    print(f"  1 client, p50: /tokenize {out['tokenize_p50'] * 1e3:.1f} ms, a whole completion "
+          f"{out['completion_p50']:.3f} s", file=sys.stderr, flush=True)
+    return out
 
 
 def prefix_run(url: str, args) -> dict:
@@ -247,6 +287,9 @@ def main() -> int:
     ap.add_argument("--quantization", default="int8")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-tf", action="store_true")
+    ap.add_argument("--ray", action="store_true",
+                    help="also our server as Ray replicas (pip install '.[ray]'): 1 x --threads threads and "
+                         "--threads x 1 thread, and the latency Ray adds at 1 client")
     ap.add_argument("--plot", default="bench_serve.png")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--from-json", default=None, help="print and plot a --json file again, running nothing")
@@ -273,6 +316,10 @@ def main() -> int:
     texts = prompts_text(tok, max(args.clients), args.prompt_tokens)
     eos_ids = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
     rows = {"gemma_cpp " + args.quantization: bench_ours(args, path, texts, eos_ids)}
+    if args.ray:
+        for replicas in sorted({1, args.threads}):
+            rows[f"gemma_cpp {args.quantization}, Ray {replicas} x {args.threads // replicas} threads"] = \
+                bench_ours(args, path, texts, eos_ids, replicas=replicas)
     if not args.no_llama:
         missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
                    if importlib.util.find_spec(m) is None]
@@ -318,6 +365,19 @@ def report(args, rows) -> None:
     if p:
         print(f"- a repeated {p['prefix_tokens']}-token prefix: TTFT {p['warm']:.3f} s against {p['cold']:.3f} s "
               f"cold = {p['ratio']:.0%} (target <= 25%)")
+    lat = {name: r["latency"] for name, r in rows.items() if r.get("latency")}
+    if len(lat) > 1:
+        plain, base = next(iter(lat.items()))
+        print("\nOne client, one request at a time (p50 of 15):\n")
+        print("| server | /tokenize ms | whole completion s | Ray adds to /tokenize, ms | Ray adds to a completion, ms |")
+        print("|---|---|---|---|---|")
+        for name, x in lat.items():
+            added = ["", ""]
+            if name != plain:
+                added[0] = f"{(x['tokenize_p50'] - base['tokenize_p50']) * 1e3:+.1f}"
+            if name.endswith(f"Ray 1 x {args.threads} threads"):  # the same threads per request as the plain one
+                added[1] = f"{(x['completion_p50'] - base['completion_p50']) * 1e3:+.1f}"
+            print(f"| {name} | {x['tokenize_p50'] * 1e3:.1f} | {x['completion_p50']:.3f} | {added[0]} | {added[1]} |")
     try:
         import matplotlib
         matplotlib.use("Agg")

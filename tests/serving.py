@@ -40,6 +40,28 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, proc, timeout: float) -> None:
+    """Until http://127.0.0.1:port/health says 200; fails with the server's output if its
+    process ends first or the time runs out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+        time.sleep(0.1)
+
+
 def eos_ids(model, tok):
     return model.generation_config.eos_ids() + [tok.convert_tokens_to_ids("<end_of_turn>")]
 

@@ -3,7 +3,6 @@ official `openai` client and by httpx; its answers against generate() on the sam
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from gemma_cpp.serve import create_app  # noqa: E402
-from serving import Server, greedy as _greedy  # noqa: E402
+from serving import Server, free_port, greedy as _greedy, wait_healthy  # noqa: E402
 
 NAME = "tiny"
 
@@ -331,23 +330,13 @@ def test_load_faults_and_memory(tiny_chat):
 
 def test_the_cli_serves(tiny_chat):
     path, model, tok = tiny_chat
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, GEMMA_CPP_API_KEY="k")
     proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--port", str(port), "--slots", "2",
                              "--ctx-size", "256", "--quantization", "none"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
-            time.sleep(0.1)
+        wait_healthy(port, proc, 60)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         name = os.path.basename(path)
         r = client.completions.create(model=name, prompt="Once upon a time", max_tokens=6, temperature=0)

@@ -4,7 +4,6 @@ same requests; a replica killed mid-run; a replica whose engine died; shutdown; 
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,19 +19,13 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 from gemma_cpp.serve import create_app  # noqa: E402
 from gemma_cpp.serve.ray import REPLICA_HEADER, deployment  # noqa: E402
-from serving import Server, greedy  # noqa: E402
+from serving import Server, free_port, greedy, wait_healthy  # noqa: E402
 
 NAME = "tiny"
 # One engine setting for the replicas and the single-process reference: prompts fit one chunk
 # (128 tokens), so a request's tokens are the same bits whatever runs beside it; 2048-token
 # slots, so that a request can be long enough to be in flight when its replica is killed.
 ENGINE = dict(slots=4, slot_ctx=2048)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_processes(root: psutil.Process):
@@ -66,7 +59,7 @@ def _all_gone(procs, timeout: float) -> list:
 
 class Cluster:
     def __init__(self, path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         serve.start(http_options={"host": "127.0.0.1", "port": self.port}, logging_config={"log_level": "WARNING"})
@@ -265,6 +258,36 @@ def test_a_replica_whose_engine_died_is_replaced(cluster):
     assert len(set(now) - set(before)) == 1
 
 
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s`:DeprecationWarning")
+def test_autoscaling_adds_a_replica_under_load(cluster, tiny_chat):
+    # The app deployed anew: 1 to 2 replicas of 2 slots, Ray's delays shortened (metrics_interval_s
+    # is deprecated, for environment variables that would have to be set before Ray starts).
+    app = deployment(tiny_chat[0], autoscaling={"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0,
+                                                "metrics_interval_s": 0.2, "look_back_period_s": 0.5},
+                     num_cpus=1, model_name=NAME, quantization=None, dtype="float32", slots=2, slot_ctx=2048)
+    serve.delete("gemma_cpp")
+    cluster.handle = serve.run(app, name="gemma_cpp", route_prefix="/", logging_config={"log_level": "WARNING"})
+    first = set(cluster.replicas(20))
+    assert len(first) == 1
+
+    async def load():
+        # 8 clients, each sending long requests one after another, until a second replica has
+        # answered one.
+        served = set()
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as client:
+            async def user():
+                while len(served - first) == 0:
+                    status, replica, _ = await _long(client, stream=False)
+                    assert status == 200
+                    served.add(replica)
+
+            await asyncio.wait_for(asyncio.gather(*(user() for _ in range(8))), 90)
+        return served
+
+    served = asyncio.run(load())
+    assert len(served) == 2 and first < served
+
+
 def test_shutdown_leaves_no_ray_processes(cluster):
     procs = _ray_processes(psutil.Process())
     names = " ".join(" ".join(p.cmdline()) for p in procs)
@@ -275,22 +298,14 @@ def test_shutdown_leaves_no_ray_processes(cluster):
 
 def test_the_cli_serves_on_ray(tiny_chat):
     path, model, tok = tiny_chat
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--ray", "--replicas", "2",
                              "--threads", "1", "--port", str(port), "--slots", "2", "--ctx-size", "512",
                              "--quantization", "none", "--model-name", NAME],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
-            time.sleep(0.2)
+        wait_healthy(port, proc, 120)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         ids = tok.encode("Once upon a time")
         r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
