@@ -31,6 +31,51 @@ class ModelOutput(dict):
             raise AttributeError(name) from None
 
 
+def _check_return_tensors(return_tensors) -> None:
+    if return_tensors not in (None, "np", "pt"):
+        raise ValueError(f"return_tensors must be None or 'np' (numpy arrays) or 'pt' (torch tensors), "
+                         f"got {return_tensors!r}")
+
+
+def _tensors(out, return_tensors):
+    """out (an array, a tuple of them, or a ModelOutput of either) as return_tensors asks:
+    numpy as it is, or torch tensors on the same memory (DLPack: nothing is copied)."""
+    if return_tensors != "pt" or out is None:
+        return out
+    if isinstance(out, ModelOutput):
+        return ModelOutput({k: _tensors(v, return_tensors) for k, v in out.items()})
+    if isinstance(out, tuple):
+        return tuple(_tensors(v, return_tensors) for v in out)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("return_tensors='pt' needs torch; install it or use return_tensors='np'") from e
+    return torch.from_dlpack(out)
+
+
+def parse_device(device) -> str:
+    """'cpu', 'cuda' or 'cuda:N' (a torch.device works too), checked: on a machine where
+    CUDA cannot run, 'cuda' raises RuntimeError saying why (gemma_cpp.cuda_status())."""
+    if device is None:
+        return "cpu"
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    from .cuda import cuda_status
+
+    st = cuda_status()
+    if not st["available"]:
+        raise RuntimeError(f"device={text!r}: CUDA cannot run here: {st['reason']}")
+    n = int(index or 0)
+    if n >= st["device_count"]:
+        raise ValueError(f"device={text!r}: this machine has {st['device_count']} CUDA device(s)")
+    raise NotImplementedError(f"device={text!r}: whole models do not run on the GPU yet (the CUDA kernels are "
+                              f"built and tested op by op); load on the CPU")
+
+
 def _as_ids(x, name: str) -> np.ndarray:
     """int32 [B, L] from a list, a numpy array or a torch tensor (1-D means one row)."""
     if x is None:
@@ -57,6 +102,8 @@ def _as_ids(x, name: str) -> np.ndarray:
 class GemmaPreTrainedModel:
     """Shared loading and the engine's forward; the subclasses add their head."""
 
+    device = "cpu"
+
     def __init__(self, loaded: LoadedModel, kv_cache_dtype: str = "float32"):
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
@@ -72,7 +119,7 @@ class GemmaPreTrainedModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, dtype=None, config: Optional[GemmaConfig] = None,
                         torch_dtype=None, quantization="auto", kv_cache_dtype: str = "float32",
-                        gguf_file: Optional[str] = None, **kwargs):
+                        gguf_file: Optional[str] = None, device=None, **kwargs):
         """Load a Hugging Face checkpoint folder (config.json + safetensors), a folder that
         `gemma-cpp convert` wrote, or a GGUF file (a path to it, or a folder and gguf_file=).
 
@@ -82,15 +129,21 @@ class GemmaPreTrainedModel:
         quantization: None, 'int8', 'int4' or 'int4m' (every linear layer and the embedding / LM head;
         norms stay float32), or a dict by group, e.g. {'layers': 'int4', 'embed': 'int8'}
         (groups: embed, attention, mlp, or layers for both). Unnamed groups keep dtype.
-        'auto' (the default): none for a Hugging Face checkpoint; for a GGUF file, Q8_0
-        tensors load as int8, Q4_0 as int4 and Q4_1 as int4m without loss, float tensors stay float, and
-        other types (Q4_K, Q5_0, Q6_K, ...) are read exactly and quantized to int8. None
-        dequantizes a GGUF file to dtype (float32 by default).
+        'auto' (the default): none for a Hugging Face checkpoint; for a GGUF file every tensor
+        in its own type, without loss: Q8_0 and Q5_0 as int8, Q4_0 as int4, Q4_1 as int4m,
+        Q4_K / Q5_K / Q6_K as q4_k / q5_k / q6_k, float tensors as float; Q2_K and Q3_K are
+        read exactly and quantized to int8 (a warning says so). None dequantizes a GGUF file
+        to dtype (float32 by default).
 
         kv_cache_dtype: 'float32' (as transformers' float32 model), 'bfloat16' (half the
         memory for long prompts; keys and values rounded to bf16) or 'int8' (a quarter and a
         bit: blocks of 32 values with one fp16 scale, the values of GGUF's Q8_0; needs a
-        head_dim that is a multiple of 32)."""
+        head_dim that is a multiple of 32).
+
+        device: 'cpu' (the default). 'cuda' / 'cuda:N' raises RuntimeError saying why CUDA
+        cannot run on this machine, or NotImplementedError where it can: whole models do not
+        run on the GPU yet."""
+        parse_device(device)  # before any weight is read
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
         if dtype is None and torch_dtype is not None:
@@ -138,13 +191,16 @@ class GemmaPreTrainedModel:
 class GemmaModel(GemmaPreTrainedModel):
     """The decoder: `last_hidden_state` [B, L, hidden] after the final norm."""
 
-    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False):
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False, return_tensors=None):
+        """last_hidden_state [B, L, hidden] (and with output_hidden_states, the embeddings' and
+        every layer's output). return_tensors='pt': torch tensors on the same memory."""
+        _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         hidden, states = self._run(ids, mask, "hidden", output_hidden_states=output_hidden_states)
         out = ModelOutput(last_hidden_state=hidden)
         if output_hidden_states:
             out["hidden_states"] = tuple(states)
-        return out
+        return _tensors(out, return_tensors)
 
     forward = __call__
 
@@ -152,13 +208,15 @@ class GemmaModel(GemmaPreTrainedModel):
 class GemmaForCausalLM(GemmaPreTrainedModel):
     """Logits over the vocabulary through the tied embedding; `generate`."""
 
-    def __call__(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
-        """logits [B, L, vocab] (numpy float32); logits_to_keep=1: the last position only."""
+    def __call__(self, input_ids, attention_mask=None, logits_to_keep: int = 0, return_tensors=None):
+        """logits [B, L, vocab] (numpy float32; return_tensors='pt': torch, on the same
+        memory); logits_to_keep=1: the last position only."""
+        _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         if logits_to_keep not in (0, 1):
             raise ValueError("logits_to_keep must be 0 (all positions) or 1 (the last one)")
         logits, _ = self._run(ids, mask, "logits", last_only=logits_to_keep == 1)
-        return ModelOutput(logits=logits)
+        return _tensors(ModelOutput(logits=logits), return_tensors)
 
     forward = __call__
 
@@ -190,7 +248,8 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         return gc, params
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: Optional[GenerationConfig] = None,
-                 streamer=None, callback: Optional[Callable[[np.ndarray], Any]] = None, **kwargs) -> np.ndarray:
+                 streamer=None, callback: Optional[Callable[[np.ndarray], Any]] = None, return_tensors=None,
+                 **kwargs) -> np.ndarray:
         """Prompt + new tokens, [B, L + steps] int64, as transformers' generate returns; with
         return_dict_in_generate=True an output with .sequences and (output_logits=True) .logits,
         a tuple of one [B, vocab] float32 array per step: the raw logits each token was drawn
@@ -200,7 +259,9 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         min_p, repetition_penalty, eos_token_id, pad_token_id, and seed (same seed, same
         tokens). Rows that finish (eos) are filled with pad_token_id while others go on.
         streamer: an object with put(ids)/end() (transformers' TextStreamer works);
-        callback: called with the new token of every row after each step."""
+        callback: called with the new token of every row after each step. return_tensors='pt':
+        the sequences (and logits) as torch tensors on the same memory."""
+        _check_return_tensors(return_tensors)
         if isinstance(input_ids, dict):  # tokenizer output passed whole
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
@@ -237,8 +298,9 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             streamer.end()
         sequences = np.concatenate([ids, new], axis=1).astype(np.int64)
         if not gc.return_dict_in_generate:
-            return sequences
-        return ModelOutput(sequences=sequences, logits=tuple(logits) if want_logits else None)
+            return _tensors(sequences, return_tensors)
+        return _tensors(ModelOutput(sequences=sequences, logits=tuple(logits) if want_logits else None),
+                        return_tensors)
 
 
 class _ScoreHead(GemmaPreTrainedModel):
@@ -270,7 +332,8 @@ class _ScoreHead(GemmaPreTrainedModel):
 class GemmaForSequenceClassification(_ScoreHead):
     """`score` (no bias) at the rightmost non-pad token of each row: logits [B, num_labels]."""
 
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, return_tensors=None):
+        _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         pad = self.config.pad_token_id
         B, L = ids.shape
@@ -283,7 +346,7 @@ class GemmaForSequenceClassification(_ScoreHead):
             last = (np.arange(L)[None, :] * (ids != pad)).argmax(axis=1)
         hidden, _ = self._run(ids, mask, "hidden")
         pooled = hidden[np.arange(B), last]
-        return ModelOutput(logits=self._score(pooled))
+        return _tensors(ModelOutput(logits=self._score(pooled)), return_tensors)
 
     forward = __call__
 
@@ -293,9 +356,10 @@ class GemmaForTokenClassification(_ScoreHead):
 
     _bias = True
 
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, return_tensors=None):
+        _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         hidden, _ = self._run(ids, mask, "hidden")
-        return ModelOutput(logits=self._score(hidden))
+        return _tensors(ModelOutput(logits=self._score(hidden)), return_tensors)
 
     forward = __call__
