@@ -84,7 +84,10 @@ cd /tmp
 cd - >/dev/null
 
 # ---- 3. tests -----------------------------------------------------------------------------
-run_step "tests/test_cuda.py" 300 "$PY" -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_cuda.py || true
+# GEMMA_CPP_REQUIRE_GPU=1: a run where CUDA cannot start fails, instead of skipping every test;
+# -x: one kernel fault poisons the context for every later test.
+run_step "tests/test_cuda.py" 300 env GEMMA_CPP_REQUIRE_GPU=1 "$PY" -m pytest -x -q -rfEs --tb=short \
+  -p no:cacheprovider tests/test_cuda.py || true
 
 if [ "${GPU_CHECK_SANITIZE:-0}" = "1" ] && command -v compute-sanitizer >/dev/null 2>&1; then
   run_step "compute-sanitizer memcheck (a few tests)" 240 compute-sanitizer --tool memcheck --error-exitcode 9 \

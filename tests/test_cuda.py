@@ -9,6 +9,7 @@ against the CPU engine's twins, so that a GPU run starts from oracles known to b
 
 U below is float32's unit roundoff 2^-24; gamma(n) = n U / (1 - n U) bounds the relative
 error of an n-term float32 sum in any order (Higham, Thm 3.1)."""
+import os
 import zlib
 
 import numpy as np
@@ -248,6 +249,13 @@ def kept_ref(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
 
 # ---------------------------------------------------------------------------------------
 # Everywhere: the status API, the CPU engine, the references against the CPU twins
+
+def test_a_gpu_run_that_finds_no_gpu_fails():
+    # gpu_check.sh sets GEMMA_CPP_REQUIRE_GPU=1: there, every @gpu test skipping (a driver too
+    # old for the runtime, a build without CUDA) must fail the run instead of looking green.
+    if os.environ.get("GEMMA_CPP_REQUIRE_GPU") == "1":
+        assert STATUS["available"], f"GEMMA_CPP_REQUIRE_GPU=1 but CUDA cannot run: {STATUS['reason']}"
+
 
 def test_cuda_status_gives_a_reason_and_the_cpu_engine_runs():
     s = gemma_cpp.cuda_status()

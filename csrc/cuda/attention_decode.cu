@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads)
     decode_split_kernel(const float* __restrict__ q, KVLayer cache, const int32_t* __restrict__ cache_row,
                         const int32_t* __restrict__ q_slot, AttnParams p, int G, int chunk, int64_t splits,
                         float* __restrict__ ws_m, float* __restrict__ ws_l, float* __restrict__ ws_o) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // read as float4
   const int hd = static_cast<int>(p.head_dim);
   float* q_s = smem;                 // [G][hd]
   float* sc = smem + GMAX * hd;      // [G][chunk]: scores, then probabilities

@@ -105,7 +105,9 @@ cudaError_t geglu(const float* gate, const float* up, float* out, int64_t n, cud
 //   Int8 / Int4: x quantized per block of 32 to int8 exactly as the CPU's quantize_acts
 //     (dx = amax / 127, q = nearest-even(x * (127 / amax))), integer dot products per block
 //     (dp4a), float32 scale and sum: the CPU's quantized matmul, summed in another order.
-// workspace: gemv_workspace_bytes(T, w.cols) bytes of device memory (0 for F32).
+// workspace: gemv_workspace_bytes(T, w.cols) bytes of device memory, for every format (the
+// dense kernels stage the padded x there too). Formats other than F32 / BF16 / Int8 / Int4
+// (int4m, the K-quants) return cudaErrorNotSupported, before any launch.
 // Rows of x are ldx floats apart, rows of y ldy. accumulate: y += instead of y =.
 size_t gemv_workspace_bytes(int64_t T, int64_t K);
 cudaError_t gemv(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy,

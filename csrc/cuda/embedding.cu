@@ -39,12 +39,18 @@ __global__ void embed_kernel(Weight table, const int32_t* __restrict__ ids, floa
       }
       break;
     }
+    default:  // refused by embed() before the launch
+      break;
   }
 }
 
 }  // namespace
 
 cudaError_t embed(const Weight& table, const int32_t* ids, int64_t T, float scale, float* out, cudaStream_t stream) {
+  switch (table.dtype) {  // the kernel's cases; any other format is refused on the host
+    case DType::F32: case DType::BF16: case DType::Int8: case DType::Int4: break;
+    default: return cudaErrorNotSupported;
+  }
   if (T <= 0) return cudaSuccess;
   embed_kernel<<<static_cast<unsigned>(T), 256, 0, stream>>>(table, ids, scale, out);
   return cudaGetLastError();

@@ -12,6 +12,12 @@ size_t gemv_workspace_bytes(int64_t T, int64_t K) {
 
 cudaError_t gemv(const float* x, int64_t T, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool accumulate,
                  void* workspace, cudaStream_t stream) {
+  // The formats the kernels read; any other (int4m, the K-quants) is refused here, on the
+  // host, rather than read as float32 past its rows' ends.
+  switch (w.dtype) {
+    case DType::F32: case DType::BF16: case DType::Int8: case DType::Int4: break;
+    default: return cudaErrorNotSupported;
+  }
   if (T <= 0 || w.rows <= 0) return cudaSuccess;
   const bool quant = w.dtype == DType::Int8 || w.dtype == DType::Int4;
   if (quant && w.cols % 32 != 0) return cudaErrorInvalidValue;

@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void argmax_kernel(const float* __restrict__ logits, int64_t V, int32_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) argmax_kernel(const float* __restrict__ logits, int64_t V, int32_t* __restrict__ out) {
   const ArgMax a = block_argmax(logits + blockIdx.x * V, V, 1.f, false);
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int32_t>(a.i);
 }
