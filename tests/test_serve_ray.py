@@ -3,9 +3,11 @@ the tiny chat model, 1 CPU each. Their answers against the single-process server
 same requests; a replica killed mid-run; a replica whose engine died; shutdown; the CLI."""
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -321,3 +323,38 @@ def test_the_cli_serves_on_ray(tiny_chat):
             raise
     assert proc.returncode == 0, out
     assert not _all_gone(procs, 30), out
+
+
+def test_the_cli_joins_a_running_cluster(tiny_chat):
+    # A one-node cluster started apart (`ray start --head`, as on a cluster's head node); the
+    # CLI joins it with --ray-address, serves, and on SIGTERM deletes only its application.
+    path, model, tok = tiny_chat
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    gcs, port = free_port(), free_port()
+    # Token authentication off on both sides: a cluster on 127.0.0.1 only, for this test.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    started = subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                              "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--ray", "--ray-address",
+                                 f"127.0.0.1:{gcs}", "--replicas", "1", "--threads", "1", "--port", str(port),
+                                 "--slots", "2", "--ctx-size", "512", "--quantization", "none", "--model-name", NAME],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(port, proc, 120)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            ids = tok.encode("Once upon a time")
+            r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
+            assert r.choices[0].text == tok.decode(greedy(model, tok, ids, 6), skip_special_tokens=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 0, out
+        # The cluster and its Serve proxy are still up; the application is gone.
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 404
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
