@@ -648,6 +648,35 @@ def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, wi
     assert (out[1] == 0).all()  # cache row 2 at slot 3: every visible slot is padding
 
 
+@gpu
+@pytest.mark.parametrize("chunk", [32, 64, 128, 256])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_attention_decode_every_split_chunk(chunk, cache_dtype):
+    """On a big GPU the automatic split-K chunk of the shapes above is 32; every chunk size,
+    forced, against float64, on keys that span several chunks and a window that starts
+    mid-chunk."""
+    rng = rng_for("decode-chunk", chunk, cache_dtype)
+    rows, n_heads, n_kv, hd, S, window = 3, 8, 2, 64, 1000, 300
+    valid = np.ones((rows, S), np.uint8)
+    valid[0, :7] = 0
+    cache_row = np.array([2, 0, 1], np.int32)
+    q_slot = np.array([S - 1, 513, 40], np.int32)
+    (Kc, Vc), extra, Kf, Vf = cache_for("cuda", rng, rows, n_kv, S, hd, cache_dtype, valid,
+                                        poison_from=[q_slot[list(cache_row).index(r)] + 1 for r in range(rows)])
+    q = rng.standard_normal((rows, n_heads * hd)).astype(np.float32)
+    scale = float(np.float32(hd ** -0.5))
+    _testing.cuda_set_attention_decode_chunk(chunk)
+    try:
+        out = _testing.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, scale, 0.0, window,
+                                                **extra)
+    finally:
+        _testing.cuda_set_attention_decode_chunk(0)
+    for r in range(rows):
+        cr = cache_row[r]
+        ref, bound = attention_ref(q[r:r + 1], Kf[cr], Vf[cr], valid[cr], [q_slot[r]], n_heads, scale, 0.0, window)
+        assert_within(out[r:r + 1], ref, bound, f"chunk {chunk}, row {r}")
+
+
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
 def test_cpu_decode_attention_rows_are_independent(cache_dtype):
     """Batch invariance of the CPU's decode attention: a row's output is the same bits alone,

@@ -361,6 +361,12 @@ void register_cuda(py::module_& m, py::module_& testing) {
   }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("valid"), py::arg("cache_row"), py::arg("q_slot"),
      py::arg("n_slots"), py::arg("n_heads"), py::arg("scale"), py::arg("softcap") = 0.f, py::arg("window") = 0);
 
+  testing.def("cuda_set_attention_decode_chunk", [](int chunk) {
+    if (chunk != 0 && chunk != 32 && chunk != 64 && chunk != 128 && chunk != 256)
+      throw py::value_error("chunk must be 0 (automatic), 32, 64, 128 or 256");
+    cuda::set_attention_decode_chunk(chunk);
+  }, py::arg("chunk"), "Tests: fixes the decode attention's split-K chunk (0: automatic)");
+
   testing.def("cuda_op_attention_prefill", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                         const py::array& valid, const py::array& cache_row, int64_t slot0,
                                         int64_t n_heads, float scale, float softcap, int64_t window, bool causal) {

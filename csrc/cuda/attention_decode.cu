@@ -7,6 +7,8 @@
 // o = sum p v with threads along head_dim (coalesced value rows). Pass 2 merges the chunks:
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s; a query that saw no
 // key in any chunk gets zeros (the CPU's rule).
+#include <atomic>
+
 #include "cuda/attention.cuh"
 
 namespace gemma::cuda {
@@ -19,11 +21,17 @@ struct Split {
   int64_t splits = 1;
 };
 
+std::atomic<int> g_chunk_override{0};  // set_attention_decode_chunk (tests)
+
 // Slots per chunk: 256, halved (down to 32) while the grid has fewer than 2 blocks per SM.
 Split choose_split(int64_t R, int64_t n_kv, int64_t n_slots) {
   Split s;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());
-  while (s.chunk > 32 && R * n_kv * ceil_div(n_slots, s.chunk) < target) s.chunk /= 2;
+  if (const int forced = g_chunk_override.load()) {
+    s.chunk = forced;
+  } else {
+    while (s.chunk > 32 && R * n_kv * ceil_div(n_slots, s.chunk) < target) s.chunk /= 2;
+  }
   s.splits = ceil_div(std::max<int64_t>(n_slots, 1), s.chunk);
   return s;
 }
@@ -181,6 +189,10 @@ cudaError_t launch(const float* q, const KVLayer& cache, const int32_t* cache_ro
 }
 
 }  // namespace
+
+void set_attention_decode_chunk(int chunk) {
+  g_chunk_override.store(chunk == 32 || chunk == 64 || chunk == 128 || chunk == 256 ? chunk : 0);
+}
 
 size_t attention_decode_workspace_bytes(int64_t R, int64_t n_slots, const AttnParams& p) {
   const Split sp = choose_split(R, p.n_kv, n_slots);

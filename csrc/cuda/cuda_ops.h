@@ -138,6 +138,10 @@ struct AttnParams {
 // with the log-sum-exp rule. n_slots (host) bounds every q_slot + 1. head_dim % 32 == 0
 // and <= 256. out [R, n_heads * hd].
 size_t attention_decode_workspace_bytes(int64_t R, int64_t n_slots, const AttnParams& p);
+// Tests only: 32, 64, 128 or 256 fixes the slots per split-K chunk (0: chosen by the grid's
+// size, as always otherwise), so that every chunk size runs on any GPU. Process-wide; set it
+// before computing the workspace.
+void set_attention_decode_chunk(int chunk);
 cudaError_t attention_decode(const float* q, const KVLayer& cache, const int32_t* cache_row, const int32_t* q_slot,
                              int64_t R, int64_t n_slots, const AttnParams& p, float* out, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream);
