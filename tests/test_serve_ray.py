@@ -298,30 +298,48 @@ def test_shutdown_leaves_no_ray_processes(cluster):
     assert not _all_gone(procs, 30)
 
 
+def _serve_cli(path, port, args, env=None):
+    """`gemma-cpp serve PATH --ray ARGS` on the tiny model, healthy: its process."""
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--ray", "--port", str(port),
+                             "--threads", "1", "--slots", "2", "--ctx-size", "512", "--quantization", "none",
+                             "--model-name", NAME] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(port, proc, 120)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def _answers_greedy(port, model, tok):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    ids = tok.encode("Once upon a time")
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert r.choices[0].text == tok.decode(greedy(model, tok, ids, 6), skip_special_tokens=True)
+
+
+def _stop(proc) -> str:
+    """SIGTERM, as a service manager stops it; its output. It must exit 0, soon."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=60)[0].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out
+    return out
+
+
 def test_the_cli_serves_on_ray(tiny_chat):
     path, model, tok = tiny_chat
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--ray", "--replicas", "2",
-                             "--threads", "1", "--port", str(port), "--slots", "2", "--ctx-size", "512",
-                             "--quantization", "none", "--model-name", NAME],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    root = psutil.Process(proc.pid)
+    proc = _serve_cli(path, port, ["--replicas", "2"])
     try:
-        wait_healthy(port, proc, 120)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        ids = tok.encode("Once upon a time")
-        r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
-        assert r.choices[0].text == tok.decode(greedy(model, tok, ids, 6), skip_special_tokens=True)
-        procs = _ray_processes(root)
+        _answers_greedy(port, model, tok)
+        procs = _ray_processes(psutil.Process(proc.pid))
         assert sum("ServeReplica" in " ".join(p.cmdline()) for p in procs) == 2
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out = proc.communicate(timeout=60)[0].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, out
+        out = _stop(proc)
     assert not _all_gone(procs, 30), out
 
 
@@ -339,20 +357,11 @@ def test_the_cli_joins_a_running_cluster(tiny_chat):
                              env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "serve", path, "--ray", "--ray-address",
-                                 f"127.0.0.1:{gcs}", "--replicas", "1", "--threads", "1", "--port", str(port),
-                                 "--slots", "2", "--ctx-size", "512", "--quantization", "none", "--model-name", NAME],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = _serve_cli(path, port, ["--ray-address", f"127.0.0.1:{gcs}", "--replicas", "1"], env=env)
         try:
-            wait_healthy(port, proc, 120)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-            ids = tok.encode("Once upon a time")
-            r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
-            assert r.choices[0].text == tok.decode(greedy(model, tok, ids, 6), skip_special_tokens=True)
+            _answers_greedy(port, model, tok)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            out = proc.communicate(timeout=60)[0].decode()
-        assert proc.returncode == 0, out
+            _stop(proc)
         # The cluster and its Serve proxy are still up; the application is gone.
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 404
     finally:
