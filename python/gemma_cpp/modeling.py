@@ -15,6 +15,7 @@ from ._dtypes import as_float32
 from .config import GemmaConfig
 from .generation import GenerationConfig
 from .loading import LoadedModel, engine_config, load
+from .tokenizer.base import _check_return_tensors  # the tokenizers' rule: None, 'np', 'pt' or a TensorType
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
@@ -29,12 +30,6 @@ class ModelOutput(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-def _check_return_tensors(return_tensors) -> None:
-    if return_tensors not in (None, "np", "pt"):
-        raise ValueError(f"return_tensors must be None or 'np' (numpy arrays) or 'pt' (torch tensors), "
-                         f"got {return_tensors!r}")
 
 
 def _tensors(out, return_tensors):
@@ -194,7 +189,7 @@ class GemmaModel(GemmaPreTrainedModel):
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False, return_tensors=None):
         """last_hidden_state [B, L, hidden] (and with output_hidden_states, the embeddings' and
         every layer's output). return_tensors='pt': torch tensors on the same memory."""
-        _check_return_tensors(return_tensors)
+        return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         hidden, states = self._run(ids, mask, "hidden", output_hidden_states=output_hidden_states)
         out = ModelOutput(last_hidden_state=hidden)
@@ -211,7 +206,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
     def __call__(self, input_ids, attention_mask=None, logits_to_keep: int = 0, return_tensors=None):
         """logits [B, L, vocab] (numpy float32; return_tensors='pt': torch, on the same
         memory); logits_to_keep=1: the last position only."""
-        _check_return_tensors(return_tensors)
+        return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         if logits_to_keep not in (0, 1):
             raise ValueError("logits_to_keep must be 0 (all positions) or 1 (the last one)")
@@ -261,7 +256,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         streamer: an object with put(ids)/end() (transformers' TextStreamer works);
         callback: called with the new token of every row after each step. return_tensors='pt':
         the sequences (and logits) as torch tensors on the same memory."""
-        _check_return_tensors(return_tensors)
+        return_tensors = _check_return_tensors(return_tensors)
         if isinstance(input_ids, dict):  # tokenizer output passed whole
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
@@ -333,7 +328,7 @@ class GemmaForSequenceClassification(_ScoreHead):
     """`score` (no bias) at the rightmost non-pad token of each row: logits [B, num_labels]."""
 
     def __call__(self, input_ids, attention_mask=None, return_tensors=None):
-        _check_return_tensors(return_tensors)
+        return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         pad = self.config.pad_token_id
         B, L = ids.shape
@@ -357,7 +352,7 @@ class GemmaForTokenClassification(_ScoreHead):
     _bias = True
 
     def __call__(self, input_ids, attention_mask=None, return_tensors=None):
-        _check_return_tensors(return_tensors)
+        return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         hidden, _ = self._run(ids, mask, "hidden")
         return _tensors(ModelOutput(logits=self._score(hidden)), return_tensors)
