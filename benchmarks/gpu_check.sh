@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU check in one call: build the extension with its CUDA kernels, run the CUDA op
-# tests, time the decode GEMVs on Gemma-2B shapes. Made for a machine with one NVIDIA
-# Hopper GPU (H100 / H200), torch and the build tools (nvcc, cmake, ninja, pybind11,
-# scikit-build-core) installed and no network; it finishes in about 3-5 minutes (the budget
-# is 8).
+# One GPU check in one call: build the extension with its CUDA kernels, run the CUDA op and
+# model tests, time the decode GEMVs on Gemma-2B shapes, then whole Gemma-2B-shaped models
+# against transformers. Made for a machine with one NVIDIA Hopper GPU (H100 / H200), torch,
+# transformers and the build tools (nvcc, cmake, ninja, pybind11, scikit-build-core) installed
+# and no network; the budget is 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #
@@ -12,14 +12,21 @@
 #   2. pip install --no-build-isolation --no-deps . with GEMMA_CPP_CUDA=ON and only the
 #      GPU's own architecture (CUDAARCHS, default 90): offline, the build requirements must
 #      already be installed, which they are on this workplace's CUDA image
-#   3. pytest tests/test_cuda.py: every kernel against the CPU engine and float64 numpy
+#   3. pytest tests/test_cuda.py (every kernel against the CPU engine and float64 numpy), then
+#      tests/test_cuda_model.py (whole models on device="cuda" against the CPU engine and
+#      transformers on CUDA; the scheduler there)
 #   4. GEMV timing on Gemma-2B shapes, batch 1 and 16, bf16 / int8 / int4 weights resident
 #      on the GPU, against torch's bf16 F.linear on the same shapes, as a fraction of the
 #      HBM bandwidth (4.8 TB/s, the H200's datasheet figure; GPU_CHECK_HBM_TBS overrides)
 #      and of a device-to-device copy measured in the same run.
+#   5. benchmarks/bench_gpu.py: random Gemma-2B weights, decode at batch 1 and 8 and a
+#      512-token prefill in bf16, int8 and int4 on device="cuda", next to transformers eager
+#      bf16 on the same GPU; one table and issue 16's targets (JSON in the output folder).
+#      tests/test_bench_gpu.py runs the same script on a tiny model on the CPU in CI.
 #
-# NOT in this slice: the whole decoder on the GPU, CUDA graphs, generate(device="cuda"),
-# and the end-to-end decode / prefill table against transformers (issue 5's final table).
+# NOT yet: CUDA graphs, sampling on the GPU (the logits come to the host each step), the
+# quantized prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16
+# tokens), torch tensors on CUDA from return_tensors="pt".
 #
 # Environment: CUDAARCHS (default 90), GPU_CHECK_OUT (log and JSON folder; default $OUT when
 # set, else /tmp), GPU_CHECK_SANITIZE=1 (also run a few tests under compute-sanitizer).
@@ -88,6 +95,8 @@ cd - >/dev/null
 # -x: one kernel fault poisons the context for every later test.
 run_step "tests/test_cuda.py" 300 env GEMMA_CPP_REQUIRE_GPU=1 "$PY" -m pytest -x -q -rfEs --tb=short \
   -p no:cacheprovider tests/test_cuda.py || true
+run_step "tests/test_cuda_model.py" 180 env GEMMA_CPP_REQUIRE_GPU=1 "$PY" -m pytest -q -rfEs --tb=short \
+  -p no:cacheprovider tests/test_cuda_model.py || true
 
 if [ "${GPU_CHECK_SANITIZE:-0}" = "1" ] && command -v compute-sanitizer >/dev/null 2>&1; then
   run_step "compute-sanitizer memcheck (a few tests)" 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -187,6 +196,11 @@ PYEOF
 export -f bench
 cd /tmp && run_step "GEMV timing (Gemma-2B shapes)" 240 bench || true
 cd - >/dev/null
+
+# ---- 5. whole models ------------------------------------------------------------------------
+models() { "$PY" benchmarks/bench_gpu.py --json "$OUT_DIR/gpu_check_models.json"; }
+export -f models
+run_step "whole models: Gemma-2B shapes against transformers (bench_gpu.py)" 300 models || true
 
 say "done, status $status (log: $LOG)"
 exit $status

@@ -572,6 +572,33 @@ def test_gemm_bf16(M, K, N, accumulate):
     assert_within(out, cpu.astype(np.float64), 2 * bound, "gemm vs cpu")
 
 
+@gpu
+@pytest.mark.parametrize("op, fmt", [("gemv", "float32"), ("gemv", "bfloat16"), ("gemv", "int8"), ("gemv", "int4"),
+                                     ("gemm_bf16", "bfloat16")])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_strides(op, fmt, accumulate):
+    """Rows of x ldx > K apart and of y ldy > N apart (REVIEW_CUDA item 5), as a caller with
+    wider buffers passes them: the first K columns of each x row are read, the first N of each
+    y row written (added to, with accumulate), and the gap columns between rows never touched
+    (they keep y0's values, or the hook's NaN poison)."""
+    rng = rng_for("strides", op, fmt, accumulate)
+    T, K, N, pad_x, pad_y = (19, 96, 40, 13, 7) if op == "gemm_bf16" else (5, 96, 40, 13, 7)
+    xw = (rng.standard_normal((T, K + pad_x))).astype(np.float32)
+    xw[:, K:] = np.nan  # never read
+    x = np.ascontiguousarray(xw[:, :K])
+    w = weight_of(fmt, N, K, rng)
+    y0 = rng.standard_normal((T, N + pad_y)).astype(np.float32) if accumulate else None
+    hook = _testing.cuda_op_gemv if op == "gemv" else _testing.cuda_op_gemm_bf16
+    want = hook(x, w, None if y0 is None else np.ascontiguousarray(y0[:, :N]))
+    got = hook(xw, w, y0, ldy=N + pad_y)
+    assert got.shape == (T, N + pad_y)
+    np.testing.assert_array_equal(got[:, :N], want)  # the same kernel on the same values: same bits
+    if accumulate:
+        np.testing.assert_array_equal(got[:, N:], y0[:, N:])
+    else:
+        assert np.isnan(got[:, N:]).all()
+
+
 def random_cache(rng, rows, n_kv, S, hd, dtype, valid, poison_from=None):
     """K, V [rows, n_kv, S, hd] (float32, or bf16 bits) with NaN in every invalid slot and
     from `poison_from[row]` on: a kernel must never let a slot it may not see leak in."""
@@ -652,9 +679,8 @@ def test_attention_decode(device, cache_dtype, n_heads, n_kv, hd, S, softcap, wi
 @pytest.mark.parametrize("chunk", [32, 64, 128, 256])
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_attention_decode_every_split_chunk(chunk, cache_dtype):
-    """On a big GPU the automatic split-K chunk of the shapes above is 32; every chunk size,
-    forced, against float64, on keys that span several chunks and a window that starts
-    mid-chunk."""
+    """The split-K chunk is fixed at 64; every chunk size, forced, against float64, on keys
+    that span several chunks and a window that starts mid-chunk."""
     rng = rng_for("decode-chunk", chunk, cache_dtype)
     rows, n_heads, n_kv, hd, S, window = 3, 8, 2, 64, 1000, 300
     valid = np.ones((rows, S), np.uint8)
@@ -675,6 +701,29 @@ def test_attention_decode_every_split_chunk(chunk, cache_dtype):
         cr = cache_row[r]
         ref, bound = attention_ref(q[r:r + 1], Kf[cr], Vf[cr], valid[cr], [q_slot[r]], n_heads, scale, 0.0, window)
         assert_within(out[r:r + 1], ref, bound, f"chunk {chunk}, row {r}")
+
+
+@gpu
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_cuda_decode_attention_rows_are_independent(cache_dtype):
+    """Batch invariance on the GPU: a row's output is the same bits alone (its own n_slots) and
+    beside three rows that reach further (the scheduler's decode steps mix such rows)."""
+    rng = rng_for("cuda-decode-rows", cache_dtype)
+    rows, n_heads, n_kv, hd, S = 4, 8, 2, 64, 900
+    valid = np.ones((rows, S), np.uint8)
+    valid[2, :40] = 0
+    q_slot = np.array([899, 300, 650, 17], np.int32)
+    cache_row = np.arange(rows, dtype=np.int32)
+    (Kc, Vc), extra, _, _ = cache_for("cuda", rng, rows, n_kv, S, hd, cache_dtype, valid,
+                                      poison_from=list(q_slot + 1))
+    q = rng.standard_normal((rows, n_heads * hd)).astype(np.float32)
+    together = _testing.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, 0.125, 0.0, 0,
+                                                 **extra)
+    assert np.isfinite(together).all()
+    for r in range(rows):
+        alone = _testing.cuda_op_attention_decode(q[r:r + 1], Kc, Vc, valid, cache_row[r:r + 1], q_slot[r:r + 1],
+                                                  int(q_slot[r]) + 1, n_heads, 0.125, 0.0, 0, **extra)
+        np.testing.assert_array_equal(alone[0], together[r])
 
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])

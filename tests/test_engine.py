@@ -159,12 +159,21 @@ def test_async_readers_get_the_same_tokens(gemma3):
         assert asyncio.run(main()) == want
 
         async def walk_away():  # a reader cancelled mid-stream cancels its request
-            r = engine.submit(reqs[0][0], max_new_tokens=100, eos_token_id=[])
-            task = asyncio.ensure_future(_first(r))
-            await asyncio.sleep(0)
-            await asyncio.wait_for(task, 30)
-            reader = asyncio.ensure_future(_drain(r))
-            await asyncio.sleep(0.01)
+            # As many tokens as the slot holds; the reader is cancelled as soon as it has one
+            # (a fixed sleep let a fast machine finish the whole request first).
+            r = engine.submit(reqs[0][0], max_new_tokens=128 - len(reqs[0][0]), eos_token_id=[])
+            seen = []
+
+            async def drain():
+                async for t in r:
+                    seen.append(t)
+
+            reader = asyncio.ensure_future(drain())
+            for _ in range(30000):  # 30 s at most
+                if seen:
+                    break
+                await asyncio.sleep(0.001)
+            assert seen and not reader.done(), "the request ended before its reader could walk away"
             reader.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await reader
@@ -174,14 +183,6 @@ def test_async_readers_get_the_same_tokens(gemma3):
         r.result(timeout=30)
         assert r.finish_reason in ("cancelled", "length")
         assert engine.stats()["running"] == 0
-
-
-async def _first(r):
-    return await r.__anext__()
-
-
-async def _drain(r):
-    return [t async for t in r]
 
 
 def test_bad_requests_fail_before_any_work(gemma3):

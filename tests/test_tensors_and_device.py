@@ -83,11 +83,10 @@ def test_device_is_checked_before_loading(tmp_path):
         for device in ("cuda", "cuda:1", torch.device("cuda:0")):
             with pytest.raises(RuntimeError, match="CUDA cannot run here: " + re.escape(status["reason"])):
                 gemma_cpp.GemmaForCausalLM.from_pretrained(missing, device=device)
-    else:  # pragma: no cover - a GPU machine: whole models there are not built yet
+    else:  # a GPU machine (tests/test_cuda_model.py runs models there)
+        assert parse_device("cuda") == parse_device(torch.device("cuda:0")) == "cuda:0"
         with pytest.raises(ValueError, match="CUDA device"):
             parse_device(f"cuda:{status['device_count']}")
-        with pytest.raises(NotImplementedError, match="whole models do not run on the GPU yet"):
-            gemma_cpp.GemmaForCausalLM.from_pretrained(missing, device="cuda")
 
 
 def test_the_cpu_device_loads(tiny):

@@ -298,43 +298,40 @@ void register_cuda(py::module_& m, py::module_& testing) {
     return down<float>(out, {n});
   }, py::arg("gate"), py::arg("up"));
 
-  testing.def("cuda_op_gemv", [](const py::array& x, const py::object& w, const py::object& y0) {
-    require_gpu();
-    need<float>(x, "x", 2);
-    DevWeight dw = upload_weight(w, "w");
-    const int64_t T = x.shape(0), K = x.shape(1), N = dw.w.rows;
-    if (dw.w.cols != K) throw py::value_error("w: " + std::to_string(dw.w.cols) + " inputs, x has " + std::to_string(K));
-    DeviceBuffer dx = up(x), ws(cuda::gemv_workspace_bytes(T, K)), y = poisoned(T * N * 4);
-    if (!y0.is_none()) {
-      const py::array a = y0.cast<py::array>();
-      need<float>(a, "y0", 2);
-      need_dim(a, "y0", 0, T);
-      need_dim(a, "y0", 1, N);
-      y.upload(a.data(), static_cast<size_t>(a.nbytes()));
-    }
-    run(cuda::gemv(dx.as<float>(), T, K, dw.w, y.as<float>(), N, !y0.is_none(), ws.get(), nullptr), "gemv");
-    return down<float>(y, {T, N});
-  }, py::arg("x"), py::arg("w"), py::arg("y0") = py::none(),
-     "x @ W.T by the decode GEMV (y0 given: y0 + x @ W.T, the accumulate path)");
-
-  testing.def("cuda_op_gemm_bf16", [](const py::array& x, const py::array& w, const py::object& y0) {
-    require_gpu();
-    need<float>(x, "x", 2);
-    need<uint16_t>(w, "w", 2);
-    DevWeight dw = upload_weight(w, "w");
-    const int64_t M = x.shape(0), K = x.shape(1), N = dw.w.rows;
-    need_dim(w, "w", 1, K);
-    DeviceBuffer dx = up(x), y = poisoned(M * N * 4);
-    if (!y0.is_none()) {
-      const py::array a = y0.cast<py::array>();
-      need<float>(a, "y0", 2);
-      need_dim(a, "y0", 0, M);
-      need_dim(a, "y0", 1, N);
-      y.upload(a.data(), static_cast<size_t>(a.nbytes()));
-    }
-    run(cuda::gemm_bf16(dx.as<float>(), M, K, dw.w, y.as<float>(), N, !y0.is_none(), nullptr), "gemm_bf16");
-    return down<float>(y, {M, N});
-  }, py::arg("x"), py::arg("w"), py::arg("y0") = py::none());
+  // x [T, ldx] with ldx >= w's K: rows ldx apart, the first K columns read (ldx > K tests the
+  // stride). ldy (0: N): y's rows ldy apart; the returned y is [T, ldy], the columns past N
+  // as the op left them (NaN unless y0 gave them).
+  auto matmul_hook = [](const char* what, bool bf16_gemm) {
+    return [what, bf16_gemm](const py::array& x, const py::object& w, const py::object& y0, int64_t ldy) {
+      require_gpu();
+      need<float>(x, "x", 2);
+      if (bf16_gemm) need<uint16_t>(w.cast<py::array>(), "w", 2);
+      DevWeight dw = upload_weight(w, "w");
+      const int64_t T = x.shape(0), ldx = x.shape(1), K = dw.w.cols, N = dw.w.rows;
+      if (K > ldx) throw py::value_error("w: " + std::to_string(K) + " inputs, x rows have " + std::to_string(ldx));
+      if (ldy == 0) ldy = N;
+      if (ldy < N) throw py::value_error("ldy must be >= N (" + std::to_string(N) + "), got " + std::to_string(ldy));
+      DeviceBuffer dx = up(x), y = poisoned(static_cast<size_t>(T * ldy * 4));
+      if (!y0.is_none()) {
+        const py::array a = y0.cast<py::array>();
+        need<float>(a, "y0", 2);
+        need_dim(a, "y0", 0, T);
+        need_dim(a, "y0", 1, ldy);
+        y.upload(a.data(), static_cast<size_t>(a.nbytes()));
+      }
+      if (bf16_gemm) {
+        run(cuda::gemm_bf16(dx.as<float>(), T, ldx, dw.w, y.as<float>(), ldy, !y0.is_none(), nullptr), what);
+      } else {
+        DeviceBuffer ws(cuda::gemv_workspace_bytes(T, K));
+        run(cuda::gemv(dx.as<float>(), T, ldx, dw.w, y.as<float>(), ldy, !y0.is_none(), ws.get(), nullptr), what);
+      }
+      return down<float>(y, {T, ldy});
+    };
+  };
+  testing.def("cuda_op_gemv", matmul_hook("gemv", false), py::arg("x"), py::arg("w"), py::arg("y0") = py::none(),
+              py::arg("ldy") = 0, "x @ W.T by the decode GEMV (y0 given: y0 + x @ W.T, the accumulate path)");
+  testing.def("cuda_op_gemm_bf16", matmul_hook("gemm_bf16", true), py::arg("x"), py::arg("w"),
+              py::arg("y0") = py::none(), py::arg("ldy") = 0, "x @ W.T by the bf16 tensor-core GEMM");
 
   testing.def("cuda_op_attention_decode", [](const py::array& q, const py::array& k_cache, const py::array& v_cache,
                                        const py::array& valid, const py::array& cache_row, const py::array& q_slot,

@@ -22,6 +22,10 @@
 #include "engine/scheduler.h"
 #include "runtime/threadpool.h"
 
+#ifdef GEMMA_CPP_HAVE_CUDA
+#include "engine/device_cuda.h"
+#endif
+
 namespace py = pybind11;
 using namespace gemma;
 using namespace gemma::bind;
@@ -148,7 +152,8 @@ ModelConfig engine_config(const py::object& o) {
 
 class Engine {
  public:
-  Engine(const py::object& config, const py::dict& weights) {
+  Engine(const py::object& config, const py::dict& weights, const std::string& device) {
+    std::shared_ptr<Device> dev = make_device(device);
     const ModelConfig c = engine_config(config);
     c.validate();  // before the sizes below index anything
     // A matrix: an array (float32 / bf16 bits) or a QuantizedWeight; the engine reads its
@@ -195,7 +200,10 @@ class Engine {
       }
       w.layers.push_back(L);
     }
-    model_ = std::make_unique<Model>(c, std::move(w));
+    model_ = std::make_unique<Model>(c, std::move(w), std::move(dev));
+    // A GPU has its copy of every weight now: the host arrays (a quantizer's output, a file's
+    // memory map) are not held for it. (The CPU devices, the staged one too, read them.)
+    if (device != "cpu") keep_ = py::list();
     // Ctrl-C reaches a long forward() or generate() within one prompt chunk or decode step:
     // the signal only marks itself pending while the loop runs without the GIL, so the loop
     // takes the GIL to run Python's handlers (the main thread's; elsewhere this does nothing),
@@ -268,6 +276,20 @@ class Engine {
   }
 
  private:
+  // "cpu" (null: Model's default), or "cuda:N" where this build has the CUDA kernels.
+  static std::shared_ptr<Device> make_device(const std::string& device) {
+    if (device == "cpu") return nullptr;
+    if (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
+        device.find_first_not_of("0123456789", 5) == std::string::npos && device.size() < 15) {
+#ifdef GEMMA_CPP_HAVE_CUDA
+      return cuda::make_cuda_device(std::stoi(device.substr(5)));
+#else
+      throw std::runtime_error("device '" + device + "': this build has no CUDA kernels (see gemma_cpp.cuda_status())");
+#endif
+    }
+    throw py::value_error("engine device must be 'cpu' or 'cuda:N', got '" + device + "'");
+  }
+
   py::list keep_;
   std::unique_ptr<Model> model_;
 };
@@ -372,10 +394,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed"), py::arg("presence_penalty") = 0.f, py::arg("frequency_penalty") = 0.f);
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init<const py::object&, const py::dict&>(), py::arg("config"), py::arg("weights"),
+      .def(py::init<const py::object&, const py::dict&, const std::string&>(), py::arg("config"),
+           py::arg("weights"), py::arg("device") = "cpu",
            "config: an EngineConfig (or a dict of its fields); weights: {engine name: array or "
-           "(format, quants, scales[, mins])}")
+           "(format, quants, scales[, mins])}; device: 'cpu' or 'cuda:N' (the weights are uploaded once)")
       .def_property_readonly("config", &Engine::config)
+      .def_property_readonly("device_name", [](Engine& e) { return e.model().device().name(); },
+                             "Where the model's ops run: 'cpu' (tests: 'cpu (staged)')")
       .def("forward", &Engine::forward, py::arg("input_ids"), py::arg("attention_mask"),
            py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
            py::arg("output_hidden_states"))

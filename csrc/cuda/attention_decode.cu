@@ -23,15 +23,16 @@ struct Split {
 
 std::atomic<int> g_chunk_override{0};  // set_attention_decode_chunk (tests)
 
-// Slots per chunk: 256, halved (down to 32) while the grid has fewer than 2 blocks per SM.
-Split choose_split(int64_t R, int64_t n_kv, int64_t n_slots) {
+// Slots per chunk: always kDecodeChunk (tests may force another). A row's chunks start at
+// slot 0 and its merge skips the chunks it sees nothing of, so its bits depend on its own
+// slots only, never on how many rows share the call or how far the others reach (batch
+// invariance: the scheduler's steps mix rows of every length). A chunk sized to fill the
+// grid (once: 256, halved while under 2 blocks per SM) changed a row's sums with the batch.
+constexpr int kDecodeChunk = 64;
+Split choose_split(int64_t, int64_t, int64_t n_slots) {
   Split s;
-  const int64_t target = 2 * static_cast<int64_t>(sm_count());
-  if (const int forced = g_chunk_override.load()) {
-    s.chunk = forced;
-  } else {
-    while (s.chunk > 32 && R * n_kv * ceil_div(n_slots, s.chunk) < target) s.chunk /= 2;
-  }
+  const int forced = g_chunk_override.load();
+  s.chunk = forced ? forced : kDecodeChunk;
   s.splits = ceil_div(std::max<int64_t>(n_slots, 1), s.chunk);
   return s;
 }

@@ -96,6 +96,9 @@ cudaError_t rope_kv_write(float* q, const float* k, const float* v, int64_t M, i
 // u = sqrt(2/pi) (a + 0.044715 a^3). out may alias gate. Twin: gelu_tanh_mul().
 cudaError_t geglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
 
+// x[i] += y[i], n elements (the residual add). Twin: Model::block_output's add; exact.
+cudaError_t add(float* x, const float* y, int64_t n, cudaStream_t stream);
+
 // ---- Matrix products ---------------------------------------------------------------------
 
 // y[t, n] (+)= sum_k x[t, k] w[n, k] for t < T, n < w.rows, k < w.cols: the decode GEMV
@@ -133,14 +136,14 @@ struct AttnParams {
 // a query that sees no key gets a zero output.
 
 // Decode: one query per row r (q [R, n_heads * hd]) at slot q_slot[r] of cache row
-// cache_row[r] (null: r), causal. Split-K: the slots [0, n_slots) are cut into chunks
+// cache_row[r] (null: r), causal. Split-K: the slots [0, n_slots) are cut into chunks of 64
 // processed by separate blocks (each block: every query head of one kv head), then merged
-// with the log-sum-exp rule. n_slots (host) bounds every q_slot + 1. head_dim % 32 == 0
-// and <= 256. out [R, n_heads * hd].
+// with the log-sum-exp rule in chunk order, skipping the chunks a row sees nothing of: a
+// row's result does not depend on R or on the other rows' slots (batch invariance).
+// n_slots (host) bounds every q_slot + 1. head_dim % 32 == 0 and <= 256. out [R, n_heads * hd].
 size_t attention_decode_workspace_bytes(int64_t R, int64_t n_slots, const AttnParams& p);
-// Tests only: 32, 64, 128 or 256 fixes the slots per split-K chunk (0: chosen by the grid's
-// size, as always otherwise), so that every chunk size runs on any GPU. Process-wide; set it
-// before computing the workspace.
+// Tests only: 32, 64, 128 or 256 fixes the slots per split-K chunk (0: the fixed 64), so that
+// every chunk size runs. Process-wide; set it before computing the workspace.
 void set_attention_decode_chunk(int chunk);
 cudaError_t attention_decode(const float* q, const KVLayer& cache, const int32_t* cache_row, const int32_t* q_slot,
                              int64_t R, int64_t n_slots, const AttnParams& p, float* out, void* workspace,

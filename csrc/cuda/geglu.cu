@@ -1,4 +1,4 @@
-// GeGLU: out = gelu_tanh(gate) * up, element-wise, float32, grid-stride.
+// GeGLU: out = gelu_tanh(gate) * up, element-wise, float32, grid-stride; and the residual add.
 #include "cuda/common.cuh"
 
 namespace gemma::cuda {
@@ -19,12 +19,27 @@ __global__ void geglu_kernel(const float* gate, const float* __restrict__ up, fl
     out[i] = gelu_tanh(gate[i]) * up[i];
 }
 
+__global__ void add_kernel(float* x, const float* __restrict__ y, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) x[i] += y[i];
+}
+
+unsigned grid(int64_t n) {
+  const int64_t blocks = ceil_div(n, 256);
+  return static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+}
+
 }  // namespace
+
+cudaError_t add(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  add_kernel<<<grid(n), 256, 0, stream>>>(x, y, n);
+  return cudaGetLastError();
+}
 
 cudaError_t geglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(n, 256);
-  geglu_kernel<<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(gate, up, out, n);
+  geglu_kernel<<<grid(n), 256, 0, stream>>>(gate, up, out, n);
   return cudaGetLastError();
 }
 

@@ -46,8 +46,8 @@ T* grown(std::vector<T>& v, int64_t n) {
 constexpr int64_t kMaxChunkTokens = 512;
 }  // namespace
 
-KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t max_chunk)
-    : rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
+KVCache::KVCache(Device& d, const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t max_chunk)
+    : device(&d), rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
       layers(c.num_layers), dtype(c.kv_dtype), elem(c.kv_dtype == DType::F32 ? 4 : c.kv_dtype == DType::BF16 ? 2 : 1) {
   span.resize(layers);
   origin.assign(static_cast<size_t>(layers * rows), 0);
@@ -56,17 +56,23 @@ KVCache::KVCache(const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = c.layer_window(l);
     // A bidirectional layer sees the whole prompt at once: it keeps every slot.
-    span[l] = (w > 0 && c.causal) ? std::min(capacity, 2 * w + max_chunk) : capacity;
+    // A device without sliding buffers keeps every slot too.
+    span[l] = (w > 0 && c.causal && d.ring_cache()) ? std::min(capacity, 2 * w + max_chunk) : capacity;
     base[l] = total;
     total += rows * kv_heads * span[l] * head_dim;
   }
-  k.resize(static_cast<size_t>(total * elem));
-  v.resize(static_cast<size_t>(total * elem));
+  auto zeros = [&](int64_t bytes) {
+    DeviceArray a(device, static_cast<size_t>(bytes));
+    if (bytes) device->fill(a.get(), 0, static_cast<size_t>(bytes));
+    return a;
+  };
+  k = zeros(total * elem);
+  v = zeros(total * elem);
   if (dtype == DType::Int8) {
-    k_scales.resize(static_cast<size_t>(total / kQBlock));
-    v_scales.resize(static_cast<size_t>(total / kQBlock));
+    k_scales = zeros(total / kQBlock * 2);
+    v_scales = zeros(total / kQBlock * 2);
   }
-  valid.assign(static_cast<size_t>(rows * capacity), 0);
+  valid = zeros(rows * capacity);
 }
 
 void KVCache::make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window) {
@@ -78,60 +84,40 @@ void KVCache::make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, in
   if (slot0 + T - keep_from > span[layer])
     throw std::logic_error("KV cache: a chunk does not fit a sliding layer's buffer");
   // Moves n * head_dim values (and their scales) of every head of the row `shift` slots down.
-  auto move = [&](auto* data, int64_t per_value_num, int64_t per_value_den) {
-    using T = std::remove_pointer_t<decltype(data)>;
+  auto move = [&](const DeviceArray& data, int64_t bytes_num, int64_t bytes_den) {
     for (int64_t h = 0; h < kv_heads; ++h) {
-      T* p = data + (base[layer] + (row * kv_heads + h) * span[layer] * head_dim) * per_value_num / per_value_den;
-      std::memmove(p, p + shift * head_dim * per_value_num / per_value_den,
-                   static_cast<size_t>(n * head_dim * per_value_num / per_value_den) * sizeof(T));
+      char* p = data.as<char>() + (base[layer] + (row * kv_heads + h) * span[layer] * head_dim) * bytes_num / bytes_den;
+      device->copy(p, p + shift * head_dim * bytes_num / bytes_den, static_cast<size_t>(n * head_dim * bytes_num / bytes_den));
     }
   };
-  move(k.data(), elem, 1);
-  move(v.data(), elem, 1);
+  move(k, elem, 1);
+  move(v, elem, 1);
   if (dtype == DType::Int8) {
-    move(k_scales.data(), 1, kQBlock);
-    move(v_scales.data(), 1, kQBlock);
+    move(k_scales, 2, kQBlock);
+    move(v_scales, 2, kQBlock);
   }
   org = keep_from;
 }
 
 void KVCache::reset_row(int64_t row) {
   for (int64_t l = 0; l < layers; ++l) origin[l * rows + row] = 0;
-  std::fill_n(valid.begin() + row * capacity, capacity, uint8_t{0});
-}
-
-void KVCache::store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value) {
-  const int64_t o = offset(layer, row, head, slot);
-  if (dtype == DType::Int8) {
-    quantize_row_int8_ref(key, head_dim, reinterpret_cast<int8_t*>(&k[o]), &k_scales[o / kQBlock]);
-    quantize_row_int8_ref(value, head_dim, reinterpret_cast<int8_t*>(&v[o]), &v_scales[o / kQBlock]);
-  } else if (dtype == DType::BF16) {
-    uint16_t* kb = reinterpret_cast<uint16_t*>(k.data()) + o;
-    uint16_t* vb = reinterpret_cast<uint16_t*>(v.data()) + o;
-    for (int64_t i = 0; i < head_dim; ++i) {
-      kb[i] = f32_to_bf16(key[i]);
-      vb[i] = f32_to_bf16(value[i]);
-    }
-  } else {
-    std::memcpy(&k[o * 4], key, head_dim * sizeof(float));
-    std::memcpy(&v[o * 4], value, head_dim * sizeof(float));
-  }
+  device->fill(valid.as<uint8_t>() + row * capacity, 0, static_cast<size_t>(capacity));
 }
 
 KVLayerView KVCache::layer(int64_t l) const {
   KVLayerView view;
   view.dtype = dtype;
-  view.k = k.data() + base[l] * elem;
-  view.v = v.data() + base[l] * elem;
+  view.k = k.as<uint8_t>() + base[l] * elem;
+  view.v = v.as<uint8_t>() + base[l] * elem;
   if (dtype == DType::Int8) {
-    view.k_scales = k_scales.data() + base[l] / kQBlock;
-    view.v_scales = v_scales.data() + base[l] / kQBlock;
+    view.k_scales = k_scales.as<uint16_t>() + base[l] / kQBlock;
+    view.v_scales = v_scales.as<uint16_t>() + base[l] / kQBlock;
   }
   view.kv_heads = kv_heads;
   view.span = span[l];
   view.origins = &origin[l * rows];
   view.head_dim = head_dim;
-  view.valid = valid.data();
+  view.valid = valid.as<uint8_t>();
   view.capacity = capacity;
   return view;
 }
@@ -152,8 +138,19 @@ void ModelConfig::validate() const {
     fail("RoPE bases and factors must be positive, soft-caps >= 0");
 }
 
-Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_(std::move(weights)) {
+namespace {
+bool default_cpu_staged = false, default_cpu_ring = true;
+}  // namespace
+
+void set_default_cpu_staged(bool staged, bool ring) {
+  default_cpu_staged = staged;
+  default_cpu_ring = ring;
+}
+
+Model::Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<Device> device)
+    : cfg_(config), dev_(device ? std::move(device) : make_cpu_device(default_cpu_staged, default_cpu_ring)) {
   cfg_.validate();
+  w_ = dev_->place(cfg_, weights);
   if (cfg_.rope_theta_local == 0.f) cfg_.rope_theta_local = cfg_.rope_theta;
   // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
   // Linear scaling divides the frequencies by the factor (positions / factor).
@@ -171,25 +168,26 @@ Model::Model(const ModelConfig& config, ModelWeights weights) : cfg_(config), w_
   inv_freq_local_ = table(cfg_.rope_theta_local, cfg_.rope_factor_local);
 }
 
-void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
-  OpTimer timer(&OpProfile::lm_head);
-  matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, cfg_.vocab_size, false, work);
-  if (cfg_.final_softcap > 0.f) {
-    const float cap = cfg_.final_softcap;
-    parallel_for(n * cfg_.vocab_size, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) out[i] = std::tanh(out[i] / cap) * cap;
-    });
-  }
+float* Model::scratch(DeviceArray& a, int64_t n) {
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  if (a.bytes() < bytes) a = DeviceArray(dev_.get(), bytes);
+  return a.as<float>();
 }
 
-void Model::attention(KVCache& cache, int64_t layer, const StepRows& sr, const float* q, float* out) {
-  const AttentionRule rule{cfg_.num_heads, cfg_.layer_window(layer), cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
-  const int64_t Md = sr.decode_tokens(), QD = cfg_.num_heads * cfg_.head_dim;
-  const KVLayerView view = cache.layer(layer);
-  if (Md > 0) attention_decode(q, Md, sr.dec_rows.data(), sr.dec_slots.data(), view, rule, out, ws_.attn);
-  if (sr.prompt_tokens() > 0)
-    attention_prefill(q + Md * QD, static_cast<int64_t>(sr.pre_rows.size()), sr.pre_rows.data(), sr.slot0, sr.T, view,
-                      rule, out + Md * QD, ws_.attn);
+void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
+  OpTimer timer(&OpProfile::lm_head);
+  dev_->matmul(hidden, n, cfg_.hidden_size, w_.lm_head.data ? w_.lm_head : w_.embed, out, false, work);
+  if (cfg_.final_softcap > 0.f) dev_->softcap(out, n * cfg_.vocab_size, cfg_.final_softcap);
+}
+
+float* Model::host_logits(const float* hidden, int64_t n, Work work, std::vector<float>& stage) {
+  const int64_t count = n * cfg_.vocab_size;
+  float* lg = scratch(ws_.lg, count);
+  logits(hidden, n, lg, work);
+  if (dev_->host_memory()) return lg;
+  stage.resize(static_cast<size_t>(count));
+  dev_->download(stage.data(), lg, static_cast<size_t>(count) * sizeof(float));
+  return stage.data();
 }
 
 void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
@@ -197,22 +195,22 @@ void Model::block_output(const float* in, int64_t K, const Weight& w, const floa
   const int64_t H = cfg_.hidden_size;
   if (!cfg_.sandwich_norms) {
     OpTimer timer(&OpProfile::matmul);
-    matmul(in, M, K, w, x, H, /*accumulate=*/true, work);
+    dev_->matmul(in, M, K, w, x, /*accumulate=*/true, work);
     return;
   }
   {
     OpTimer timer(&OpProfile::matmul);
-    matmul(in, M, K, w, tmp, H, false, work);
+    dev_->matmul(in, M, K, w, tmp, false, work);
   }
   OpTimer timer(&OpProfile::norm);
-  rmsnorm(tmp, post_norm, tmp, M, H, cfg_.rms_norm_eps);
-  for (int64_t i = 0; i < M * H; ++i) x[i] += tmp[i];
+  dev_->rmsnorm(tmp, post_norm, tmp, M, H, cfg_.rms_norm_eps);
+  dev_->add(x, tmp, M * H);
 }
 
-void Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos, const uint8_t* valid,
-                 float* x_out, const std::function<void(int64_t, const float*)>& layer_sink) {
+const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
+                         const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink) {
   const int64_t H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
-  const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads, half = hd / 2;
+  const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads;
   const int64_t Md = sr.decode_tokens(), M = Md + sr.prompt_tokens(), T = sr.T;
   const int64_t QD = nH * hd, KD = nKV * hd;
   // The decode tokens take the decode kernels and the prompt chunk the prefill ones, however
@@ -222,43 +220,31 @@ void Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const i
     if (Md > 0) fn(int64_t{0}, Md, Work::Decode);
     if (M > Md) fn(Md, M - Md, Work::Prefill);
   };
-  // Token m's cache row and slot.
-  auto row_slot = [&](int64_t m) -> std::pair<int64_t, int64_t> {
-    if (m < Md) return {sr.dec_rows[m], sr.dec_slots[m]};
-    return {sr.pre_rows[(m - Md) / T], sr.slot0 + (m - Md) % T};
-  };
-
-  float* x = grown(ws_.x, M * H);
-  float* h = grown(ws_.h, M * H);
-  float* q = grown(ws_.q, M * QD);
-  float* k = grown(ws_.k, M * KD);
-  float* v = grown(ws_.v, M * KD);
-  float* att = grown(ws_.att, M * QD);
-  float* g = grown(ws_.g, M * F);
-  float* u = grown(ws_.u, M * F);
-  // cos / sin of every token's position: full-attention layers' table, then the sliding
-  // layers' own one only when their RoPE differs (Gemma 3).
-  const bool local_table = inv_freq_local_ != inv_freq_;
-  const int64_t n_tables = local_table ? 2 : 1;
-  float* cs = grown(ws_.cs, n_tables * M * half);
-  float* sn = grown(ws_.sn, n_tables * M * half);
-
-  for (int64_t m = 0; m < M; ++m) {
-    weight_row(w_.embed, ids[m], x + m * H);
-    for (int64_t i = 0; i < H; ++i) x[m * H + i] *= cfg_.embed_scale;
-    for (int64_t tb = 0; tb < n_tables; ++tb) {
-      const float* freq = tb == 0 ? inv_freq_.data() : inv_freq_local_.data();
-      for (int64_t i = 0; i < half; ++i) {
-        const float f = static_cast<float>(pos[m]) * freq[i];
-        cs[(tb * M + m) * half + i] = std::cos(f);
-        sn[(tb * M + m) * half + i] = std::sin(f);
-      }
-    }
+  StepTokens tokens;
+  tokens.rows = &sr;
+  tokens.ids = ids;
+  tokens.pos = pos;
+  tokens.valid = valid;
+  tokens.M = M;
+  tokens.row.resize(static_cast<size_t>(M));
+  tokens.slot.resize(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {  // token m's cache row and slot
+    tokens.row[m] = m < Md ? sr.dec_rows[m] : sr.pre_rows[(m - Md) / T];
+    tokens.slot[m] = m < Md ? sr.dec_slots[m] : sr.slot0 + (m - Md) % T;
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const auto [row, slot] = row_slot(m);
-    cache.valid[row * cache.capacity + slot] = valid[m];
-  }
+
+  float* x = scratch(ws_.x, M * H);
+  float* h = scratch(ws_.h, M * H);
+  float* q = scratch(ws_.q, M * QD);
+  float* k = scratch(ws_.k, M * KD);
+  float* v = scratch(ws_.v, M * KD);
+  float* att = scratch(ws_.att, M * QD);
+  float* g = scratch(ws_.g, M * F);
+  float* u = scratch(ws_.u, M * F);
+  float* x_out = scratch(ws_.out, M * H);
+
+  dev_->begin_step(tokens, cache, inv_freq_, inv_freq_local_);
+  dev_->embed(w_.embed, cfg_.embed_scale, x);
   if (layer_sink) layer_sink(0, x);
 
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
@@ -266,39 +252,29 @@ void Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const i
     // Attention block.
     {
       OpTimer timer(&OpProfile::norm);
-      rmsnorm(x, L.attn_norm, h, M, H, cfg_.rms_norm_eps);
+      dev_->rmsnorm(x, L.attn_norm, h, M, H, cfg_.rms_norm_eps);
     }
     {
       OpTimer timer(&OpProfile::matmul);
       parts([&](int64_t m0, int64_t n, Work work) {
         const MatmulTarget qkv[3] = {{&L.q, q + m0 * QD, QD}, {&L.k, k + m0 * KD, KD}, {&L.v, v + m0 * KD, KD}};
-        matmul_many(h + m0 * H, n, H, qkv, 3, work);
+        dev_->matmul_many(h + m0 * H, n, H, qkv, 3, work);
       });
     }
+    const int64_t window = cfg_.layer_window(l);
     {
       OpTimer timer(&OpProfile::rope_cache);
-      if (cfg_.qk_norm) {  // in place: one row per head
-        rmsnorm(q, L.q_norm, q, M * nH, hd, cfg_.rms_norm_eps);
-        rmsnorm(k, L.k_norm, k, M * nKV, hd, cfg_.rms_norm_eps);
-      }
-      const int64_t window = cfg_.layer_window(l);
       if (window > 0) {
         for (int64_t i = 0; i < Md; ++i) cache.make_room(l, sr.dec_rows[i], sr.dec_slots[i], 1, window);
         for (int64_t row : sr.pre_rows) cache.make_room(l, row, sr.slot0, T, window);
       }
-      const int64_t table = window > 0 && local_table ? M * half : 0;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* c = &cs[table + m * half];
-        const float* sv = &sn[table + m * half];
-        rope_apply(q + m * QD, static_cast<int>(nH), static_cast<int>(hd), c, sv);
-        rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, sv);
-        const auto [row, slot] = row_slot(m);
-        for (int64_t kh = 0; kh < nKV; ++kh) cache.store(l, row, kh, slot, &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
-      }
+      dev_->rope_kv(cache, l, window > 0, q, k, v, cfg_.qk_norm ? L.q_norm : nullptr,
+                    cfg_.qk_norm ? L.k_norm : nullptr, cfg_.rms_norm_eps, nH);
     }
     {
       OpTimer timer(&OpProfile::attention);
-      attention(cache, l, sr, q, att);
+      const AttentionRule rule{nH, window, cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
+      dev_->attention(cache, l, rule, q, att);
     }
     parts([&](int64_t m0, int64_t n, Work work) {
       block_output(att + m0 * QD, QD, L.o, L.post_attn_norm, h + m0 * H, x + m0 * H, n, work);
@@ -306,26 +282,27 @@ void Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const i
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
     {
       OpTimer timer(&OpProfile::norm);
-      rmsnorm(x, L.mlp_norm, h, M, H, cfg_.rms_norm_eps);
+      dev_->rmsnorm(x, L.mlp_norm, h, M, H, cfg_.rms_norm_eps);
     }
     {
       OpTimer timer(&OpProfile::matmul);
       parts([&](int64_t m0, int64_t n, Work work) {
         const MatmulTarget gate_up[2] = {{&L.gate, g + m0 * F, F}, {&L.up, u + m0 * F, F}};
-        matmul_many(h + m0 * H, n, H, gate_up, 2, work);
+        dev_->matmul_many(h + m0 * H, n, H, gate_up, 2, work);
       });
     }
     {
       OpTimer timer(&OpProfile::activation);
-      gelu_tanh_mul(g, u, M * F);
+      dev_->geglu(g, u, M * F);
     }
     parts([&](int64_t m0, int64_t n, Work work) {
       block_output(g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
     });
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
-  rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  dev_->rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
+  return x_out;
 }
 
 StepRows Model::prompt_rows(int64_t B, int64_t slot0, int64_t T) const {
@@ -358,7 +335,6 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
   const int64_t Tc = chunk_tokens(B, L);
   std::vector<int32_t> ids, pos;
   std::vector<uint8_t> valid;
-  std::vector<float> hid;
   for (int64_t c0 = 0; c0 < L; c0 += Tc) {
     if (interrupt_) interrupt_();
     const int64_t T = std::min(Tc, L - c0);
@@ -371,17 +347,15 @@ void Model::prefill(KVCache& cache, const int32_t* input_ids, const int32_t* att
         pos[b * T + t] = positions[b * L + c0 + t];
         valid[b * T + t] = attention_mask ? attention_mask[b * L + c0 + t] != 0 : 1;
       }
-    hid.resize(B * T * H);
     std::function<void(int64_t, const float*)> sink;
     if (hidden_states) {
       sink = [&](int64_t layer, const float* xs) {
         for (int64_t b = 0; b < B; ++b)
-          std::memcpy(hidden_states->data() + ((layer * B + b) * L + c0) * H, xs + b * T * H,
-                      T * H * sizeof(float));
+          dev_->download(hidden_states->data() + ((layer * B + b) * L + c0) * H, xs + b * T * H,
+                         T * H * sizeof(float));
       };
     }
-    step(cache, prompt_rows(B, c0, T), ids.data(), pos.data(), valid.data(), hid.data(), sink);
-    on_chunk(c0, T, hid.data());
+    on_chunk(c0, T, step(cache, prompt_rows(B, c0, T), ids.data(), pos.data(), valid.data(), sink));
   }
 }
 
@@ -395,8 +369,9 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
   std::vector<float> out(static_cast<size_t>(B * out_L * D));
   if (hidden_states) hidden_states->assign(static_cast<size_t>((cfg_.num_layers + 1) * B * L * H), 0.f);
 
-  KVCache cache(cfg_, B, L, chunk_tokens(B, L));
-  std::vector<float> sel, lg;
+  KVCache cache(*dev_, cfg_, B, L, chunk_tokens(B, L));
+  const bool host = dev_->host_memory();
+  std::vector<float> stage;
   prefill(cache, input_ids, attention_mask, positions, B, L, hidden_states,
           [&](int64_t c0, int64_t T, const float* hid) {
             // Keep what this call returns: the last position only, or the whole chunk.
@@ -405,22 +380,28 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
             const int64_t dst_t0 = last_only ? 0 : c0;
             const float* src = hid;
             if (keep_T != T) {
-              sel.resize(static_cast<size_t>(B * keep_T * H));
+              float* sel = scratch(ws_.sel, B * keep_T * H);
               for (int64_t b = 0; b < B; ++b)
-                std::memcpy(&sel[b * keep_T * H], &hid[(b * T + keep_t0) * H], keep_T * H * sizeof(float));
-              src = sel.data();
+                dev_->copy(&sel[b * keep_T * H], &hid[(b * T + keep_t0) * H], keep_T * H * sizeof(float));
+              src = sel;
             }
             // The chunk's rows [B, keep_T] are contiguous in out when they are all of its
-            // rows (one chunk, or one row): logits go there directly, no chunk-sized copy.
+            // rows (one chunk, or one row): logits go there directly (through the device's
+            // buffer when it has memory of its own), no chunk-sized copy on the host.
             const bool in_place = B == 1 || keep_T == out_L;
-            if (output == Output::Logits && in_place) {
-              logits(src, B * keep_T, &out[dst_t0 * V], Work::Prefill);
-              return;
-            }
             if (output == Output::Logits) {
-              lg.resize(static_cast<size_t>(B * keep_T * V));
-              logits(src, B * keep_T, lg.data(), Work::Prefill);
-              src = lg.data();
+              float* lg = in_place && host ? &out[dst_t0 * V] : scratch(ws_.lg, B * keep_T * V);
+              logits(src, B * keep_T, lg, Work::Prefill);
+              if (in_place) {
+                if (!host) dev_->download(&out[dst_t0 * V], lg, B * keep_T * V * sizeof(float));
+                return;
+              }
+              src = lg;
+            }
+            if (!host) {
+              stage.resize(static_cast<size_t>(B * keep_T * D));
+              dev_->download(stage.data(), src, stage.size() * sizeof(float));
+              src = stage.data();
             }
             for (int64_t b = 0; b < B; ++b)
               std::memcpy(&out[(b * out_L + dst_t0) * D], src + b * keep_T * D, keep_T * D * sizeof(float));
@@ -435,7 +416,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   GenerateResult res;
   if (p.max_new_tokens <= 0) return res;
-  KVCache cache(cfg_, B, L + p.max_new_tokens, chunk_tokens(B, L));
+  KVCache cache(*dev_, cfg_, B, L + p.max_new_tokens, chunk_tokens(B, L));
   std::vector<int64_t> rows(B);
   std::vector<std::vector<int32_t>> history(B);
   std::vector<int32_t> next_pos(B), positions(B * L);
@@ -458,15 +439,17 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
   }
 
   // Prefill the whole prompt, then the LM head on the last slot of each row.
-  std::vector<float> lg(B * V), hid, last(B * H);
+  const DeviceArray last(dev_.get(), static_cast<size_t>(B * H) * sizeof(float));
   prefill(cache, input_ids, attention_mask, positions.data(), B, L, nullptr,
           [&](int64_t c0, int64_t T, const float* h) {
             if (c0 + T != L) return;
             for (int64_t b = 0; b < B; ++b)
-              std::memcpy(&last[b * H], &h[(b * T + T - 1) * H], H * sizeof(float));
+              dev_->copy(last.as<float>() + b * H, &h[(b * T + T - 1) * H], H * sizeof(float));
           });
   // One position per row: the decode kernels, as every later step (batch invariance).
-  logits(last.data(), B, lg.data(), Work::Decode);
+  // lg: the active rows' logits, in host memory the samplers may change.
+  std::vector<float> stage;
+  float* lg = host_logits(last.as<float>(), B, Work::Decode, stage);
 
   res.tokens.assign(static_cast<size_t>(B * p.max_new_tokens), p.pad_token_id);
   std::vector<uint8_t> finished(B, 0);
@@ -474,7 +457,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
   std::vector<int32_t> step_tokens(B), ids, pos;
   std::vector<uint8_t> ones;
   for (int64_t s = 0; s < p.max_new_tokens; ++s) {
-    if (on_logits) on_logits(active, lg.data());
+    if (on_logits) on_logits(active, lg);
     std::fill(step_tokens.begin(), step_tokens.end(), p.pad_token_id);
     // Each row's token from its own sampler: rows spread over the thread pool, or a lone
     // row's scan of the vocabulary spread over it.
@@ -511,12 +494,10 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
       ids[i] = step_tokens[active[i]];
       pos[i] = next_pos[active[i]]++;
     }
-    hid.resize(R * H);
     StepRows sr;
     sr.dec_rows = active;
     sr.dec_slots.assign(active.size(), L + s);
-    step(cache, sr, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
-    logits(hid.data(), R, lg.data(), Work::Decode);
+    lg = host_logits(step(cache, sr, ids.data(), pos.data(), ones.data(), nullptr), R, Work::Decode, stage);
   }
   // Compact [B, max_new_tokens] to [B, steps].
   if (res.steps < p.max_new_tokens) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "engine/device.h"
 #include "engine/sampler.h"
 
 namespace gemma {
@@ -77,16 +78,17 @@ struct ModelWeights {
 // (span >= 2 window + chunk, so that move happens at most once per window of decoded tokens).
 // Rows move at their own pace: the scheduler's sequences are at different positions.
 struct KVCache {
+  Device* device = nullptr;                 // where the values live (the model's device)
   int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
   DType dtype = DType::F32;
   int64_t elem = 4;                         // bytes per cached value: 4, 2 or 1
   std::vector<int64_t> span, base;          // per layer: slots held per row, element offset
-  std::vector<int64_t> origin;              // [layers][rows]: the first slot each row holds
-  std::vector<uint8_t> k, v;                // the values, `elem` bytes each
-  std::vector<uint16_t> k_scales, v_scales; // int8: fp16 scale of each block of 32 values
-  std::vector<uint8_t> valid;               // [rows][capacity], logical slots
-  // max_chunk: the most tokens one step() writes at once.
-  KVCache(const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
+  std::vector<int64_t> origin;              // [layers][rows]: the first slot each row holds (host)
+  DeviceArray k, v;                         // the values, `elem` bytes each
+  DeviceArray k_scales, v_scales;           // int8: fp16 scale of each block of 32 values
+  DeviceArray valid;                        // uint8 [rows][capacity], logical slots
+  // max_chunk: the most tokens one step() writes at once. Every byte starts at zero.
+  KVCache(Device& device, const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
   int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
     return base[layer] + ((row * kv_heads + head) * span[layer] + (slot - origin[layer * rows + row])) * head_dim;
   }
@@ -95,9 +97,7 @@ struct KVCache {
   void make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window);
   // A row starts a new sequence: it holds no slot yet.
   void reset_row(int64_t row);
-  // Writes one token's key and value of one head (rounded to bf16, or quantized, as cached).
-  void store(int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key, const float* value);
-  // One layer as the attention kernels read it.
+  // One layer as the attention kernels read it (device pointers).
   KVLayerView layer(int64_t l) const;
 };
 
@@ -127,11 +127,11 @@ struct StepRows {
   int64_t prompt_tokens() const { return static_cast<int64_t>(pre_rows.size()) * T; }
 };
 
-// step()'s activation buffers: sized for the largest chunk seen and kept for the model's
-// life, so that a decode step allocates nothing.
+// The activation buffers, in the model's device memory: sized for the largest chunk seen and
+// kept for the model's life, so that a decode step allocates nothing. out: step()'s final
+// hidden states; lg: logits; sel: rows gathered from out.
 struct Workspace {
-  std::vector<float> x, h, q, k, v, att, g, u, cs, sn;
-  std::vector<float> attn;      // attention's scratch: decode's parts, an int8 cache read as float32
+  DeviceArray x, h, q, k, v, att, g, u, out, lg, sel;
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they
@@ -140,8 +140,12 @@ class Model {
   friend class Scheduler;  // runs step() and the LM head on its own cache, under mu_
 
  public:
-  Model(const ModelConfig& config, ModelWeights weights);  // validates config
+  // Validates config. device: where the ops run (null: the CPU, staged when
+  // set_default_cpu_staged() says so); weights are placed there once (Device::place throws
+  // what the device cannot run).
+  Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<Device> device = nullptr);
   const ModelConfig& config() const { return cfg_; }
+  Device& device() const { return *dev_; }
 
   // input_ids, attention_mask, positions: [B, L] row-major. Returns float32
   // [B, last_only ? 1 : L, hidden or vocab] (the buffer the output was computed in: callers
@@ -161,30 +165,36 @@ class Model {
   void set_interrupt(std::function<void()> check) { interrupt_ = std::move(check); }
 
  private:
-  // Runs the tokens of sr (ids/pos/valid: one per token, in sr's order), each written to its
-  // row's slot. Leaves the final-normed hidden states in x_out [tokens, hidden]. layer_sink:
-  // optional, see forward().
-  void step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos, const uint8_t* valid,
-            float* x_out, const std::function<void(int64_t, const float*)>& layer_sink);
+  // Runs the tokens of sr (ids/pos/valid: one per token, in sr's order, host memory), each
+  // written to its row's slot. Returns the final-normed hidden states [tokens, hidden] in the
+  // device's memory (ws_.out, valid until the next step). layer_sink (optional): each layer's
+  // input and the final output as they are made, device pointers.
+  const float* step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
+                    const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink);
   // Rows 0..B-1 each with T prompt tokens at [slot0, slot0 + T).
   StepRows prompt_rows(int64_t B, int64_t slot0, int64_t T) const;
   // The prompt [B, L] through step() in chunks of at most kMaxChunkTokens tokens;
-  // on_chunk(c0, T, hidden [B * T, hidden]) sees each chunk's final-normed states.
+  // on_chunk(c0, T, hidden [B * T, hidden]) sees each chunk's final-normed states (device).
   void prefill(KVCache& cache, const int32_t* input_ids, const int32_t* attention_mask,
                const int32_t* positions, int64_t B, int64_t L, std::vector<float>* hidden_states,
                const std::function<void(int64_t, int64_t, const float*)>& on_chunk);
   // Tokens per row in one prefill chunk (causal attention lets a prompt go through in chunks).
   int64_t chunk_tokens(int64_t B, int64_t L) const;
-  // The layer's attention: the decode tokens, then the prompt chunk (cpu/kernels.h).
-  void attention(KVCache& cache, int64_t layer, const StepRows& sr, const float* q, float* out);
+  // Logits of n hidden states (device memory) into out (device memory).
   void logits(const float* hidden, int64_t n, float* out, Work work);
+  // The same, left in host memory the caller may change: the device's own buffer when it is
+  // host memory, else `stage` downloaded.
+  float* host_logits(const float* hidden, int64_t n, Work work, std::vector<float>& stage);
+  // a grown to hold at least n floats (its contents are lost when it grows).
+  float* scratch(DeviceArray& a, int64_t n);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
   // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).
   void block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
                     int64_t M, Work work);
 
   ModelConfig cfg_;
-  ModelWeights w_;
+  std::shared_ptr<Device> dev_;
+  ModelWeights w_;  // on dev_
   Workspace ws_;
   std::mutex mu_;  // held by forward() and generate(): ws_ is theirs
   std::function<void()> interrupt_;
@@ -192,5 +202,10 @@ class Model {
   // sliding-window layers.
   std::vector<float> inv_freq_, inv_freq_local_;
 };
+
+// Tests: models built after this (without a device of their own) run on the staged CPU
+// device (engine/device.h), which takes every path a device with its own memory takes;
+// ring = false gives it the KV cache of the CUDA device (no sliding-window buffers).
+void set_default_cpu_staged(bool staged, bool ring = true);
 
 }  // namespace gemma

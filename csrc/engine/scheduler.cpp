@@ -55,7 +55,7 @@ const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx
 
 Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk)
     : model_(model), slots_(slots), slot_ctx_(slot_ctx), chunk_(std::min(chunk, slot_ctx)),
-      cache_(checked(model.config(), slots, slot_ctx, chunk), slots, slot_ctx, std::min(chunk, slot_ctx)),
+      cache_(model.device(), checked(model.config(), slots, slot_ctx, chunk), slots, slot_ctx, std::min(chunk, slot_ctx)),
       row_busy_(static_cast<size_t>(slots), 0), row_prefix_(static_cast<size_t>(slots)),
       row_freed_(static_cast<size_t>(slots), 0) {
   totals_.slots = slots;
@@ -220,7 +220,7 @@ void Scheduler::loop() {
   std::vector<float> drawn_lp;
   std::vector<std::vector<std::pair<int32_t, float>>> drawn_top;
   std::vector<uint8_t> ones;
-  std::vector<float> hid, last, lg;
+  std::vector<float> lg_stage;  // the logits, where the model's device has memory of its own
   std::vector<Seq*> drawn;
   std::vector<int64_t> drawn_at;  // each drawn sequence's token index in the step
   for (;;) {
@@ -311,18 +311,16 @@ void Scheduler::loop() {
     try {
       std::lock_guard<std::mutex> ml(model_.mu_);
       ones.assign(static_cast<size_t>(M), 1);
-      hid.resize(static_cast<size_t>(M * H));
-      model_.step(cache_, sr, ids.data(), pos.data(), ones.data(), hid.data(), nullptr);
-      lg.resize(static_cast<size_t>(n * V));
+      const float* hid = model_.step(cache_, sr, ids.data(), pos.data(), ones.data(), nullptr);
       // The drawing rows' states, gathered unless they are all of the step's rows (decode only).
-      const float* states = hid.data();
+      const float* states = hid;
       if (n < M) {
-        last.resize(static_cast<size_t>(n * H));
-        for (int64_t i = 0; i < n; ++i) std::memcpy(&last[i * H], &hid[drawn_at[i] * H], H * sizeof(float));
-        states = last.data();
+        float* sel = model_.scratch(model_.ws_.sel, n * H);
+        for (int64_t i = 0; i < n; ++i) model_.device().copy(sel + i * H, hid + drawn_at[i] * H, H * sizeof(float));
+        states = sel;
       }
       // One position per sequence: the decode kernels, as generate()'s every token.
-      if (n > 0) model_.logits(states, n, lg.data(), Work::Decode);
+      float* lg = n > 0 ? model_.host_logits(states, n, Work::Decode, lg_stage) : nullptr;
       // Each sequence draws from its own sampler; the logprobs read the raw logits first.
       auto draw = [&](int64_t i, bool pool) {
         Seq& s = *drawn[i];

@@ -49,8 +49,9 @@ def _tensors(out, return_tensors):
 
 
 def parse_device(device) -> str:
-    """'cpu', 'cuda' or 'cuda:N' (a torch.device works too), checked: on a machine where
-    CUDA cannot run, 'cuda' raises RuntimeError saying why (gemma_cpp.cuda_status())."""
+    """'cpu', 'cuda' or 'cuda:N' (a torch.device works too), checked, as 'cpu' or 'cuda:N': on
+    a machine where CUDA cannot run, 'cuda' raises RuntimeError saying why
+    (gemma_cpp.cuda_status()); an index past the device count raises ValueError."""
     if device is None:
         return "cpu"
     text = str(device)
@@ -67,8 +68,7 @@ def parse_device(device) -> str:
     n = int(index or 0)
     if n >= st["device_count"]:
         raise ValueError(f"device={text!r}: this machine has {st['device_count']} CUDA device(s)")
-    raise NotImplementedError(f"device={text!r}: whole models do not run on the GPU yet (the CUDA kernels are "
-                              f"built and tested op by op); load on the CPU")
+    return f"cuda:{n}"
 
 
 def _as_ids(x, name: str) -> np.ndarray:
@@ -97,18 +97,17 @@ def _as_ids(x, name: str) -> np.ndarray:
 class GemmaPreTrainedModel:
     """Shared loading and the engine's forward; the subclasses add their head."""
 
-    device = "cpu"
-
-    def __init__(self, loaded: LoadedModel, kv_cache_dtype: str = "float32"):
+    def __init__(self, loaded: LoadedModel, kv_cache_dtype: str = "float32", device="cpu"):
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        self.device = parse_device(device)
         self.config: GemmaConfig = loaded.config
         self.dtype = loaded.dtype
         self.quantization = loaded.quantization
         self.name_or_path = loaded.name_or_path
         self.generation_config: GenerationConfig = loaded.generation_config
         self.kv_cache_dtype = kv_cache_dtype
-        self._engine = Engine(engine_config(loaded.config, loaded.dtype, kv_cache_dtype), loaded.weights)
+        self._engine = Engine(engine_config(loaded.config, loaded.dtype, kv_cache_dtype), loaded.weights, self.device)
         self._load_head(loaded.name_or_path, loaded.heads)
 
     @classmethod
@@ -135,10 +134,13 @@ class GemmaPreTrainedModel:
         bit: blocks of 32 values with one fp16 scale, the values of GGUF's Q8_0; needs a
         head_dim that is a multiple of 32).
 
-        device: 'cpu' (the default). 'cuda' / 'cuda:N' raises RuntimeError saying why CUDA
-        cannot run on this machine, or NotImplementedError where it can: whole models do not
-        run on the GPU yet."""
-        parse_device(device)  # before any weight is read
+        device: 'cpu' (the default), 'cuda' or 'cuda:N': the weights are uploaded to that GPU
+        once and every forward, generate() and head runs there; outputs come back as numpy
+        (or, with return_tensors='pt', torch tensors on the CPU). float32, bfloat16, int8 and
+        int4 weights run on CUDA, with a float32 or bfloat16 KV cache; int4m and the K-quants
+        raise ValueError (quantize to int8 / int4 instead). Where CUDA cannot run, 'cuda' raises
+        RuntimeError saying why, before any weight is read."""
+        device = parse_device(device)  # before any weight is read
         if kwargs:
             raise TypeError(f"from_pretrained() got unexpected argument(s): {', '.join(kwargs)}")
         if dtype is None and torch_dtype is not None:
@@ -147,7 +149,7 @@ class GemmaPreTrainedModel:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         loaded = load(pretrained_model_name_or_path, dtype=dtype, quantization=quantization, config=config,
                       gguf_file=gguf_file)
-        return cls(loaded, kv_cache_dtype)
+        return cls(loaded, kv_cache_dtype, device)
 
     def _load_head(self, name_or_path, heads):
         pass

@@ -1,0 +1,318 @@
+// The CUDA device: engine/device.h's ops on cuda/cuda_ops.h's kernels, every op queued on
+// one stream of the device. Host code only (the kernels live in the .cu files).
+//
+// Memory: the weights are uploaded once by place(), straight from the caller's memory (the
+// file's memory map or the quantizer's arrays), one matrix at a time; the KV cache and the
+// activations are cudaMalloc'd through allocate(). Per step, begin_step() uploads the tokens'
+// ids, positions, rows, slots and padding flags in one copy; the ops then run without the
+// host until Model downloads the logits (or hidden states).
+//
+// What runs where:
+// - matmuls: decode work takes the GEMV (every format, batches in passes of 16 tokens that
+//   each read the weights once), prompt work takes the bf16 tensor-core GEMM for bf16
+//   weights and the GEMV otherwise: by the kind of work, never the batch size.
+// - the KV cache keeps every slot of every layer (ring_cache() false): the kernels address
+//   slot s at position s; float32 or bf16 values.
+#include "engine/device_cuda.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_ops.h"
+#include "cuda/device_buffer.h"
+#include "engine/model.h"
+
+namespace gemma::cuda {
+namespace {
+
+// Bytes of a weight's arrays: data (rows ld apart) and, quantized, the fp16 block scales.
+size_t data_bytes(const Weight& w) {
+  const int64_t elem = w.dtype == DType::F32 ? 4 : w.dtype == DType::BF16 ? 2 : 1;
+  return static_cast<size_t>(w.rows * w.ld * elem);
+}
+size_t scale_bytes(const Weight& w) {
+  return w.quantized() ? static_cast<size_t>(w.rows * (w.cols / 32)) * sizeof(uint16_t) : 0;
+}
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "bfloat16";
+    case DType::Int8: return "int8";
+    case DType::Int4: return "int4";
+    case DType::Int4m: return "int4m";
+    case DType::Q4K: return "q4_k";
+    case DType::Q5K: return "q5_k";
+    case DType::Q6K: return "q6_k";
+  }
+  return "?";
+}
+
+class CudaDevice final : public Device {
+ public:
+  explicit CudaDevice(int index) : index_(index) {
+    const DeviceStatus& s = device_status();
+    if (!s.available) throw std::runtime_error("CUDA is not available: " + s.reason);
+    if (index < 0 || index >= s.device_count)
+      throw std::invalid_argument("cuda:" + std::to_string(index) + ": this machine has " +
+                                  std::to_string(s.device_count) + " CUDA device(s)");
+    use();
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  ~CudaDevice() override {
+    cudaSetDevice(index_);
+    cudaStreamSynchronize(stream_);
+    weights_.clear();
+    for (DeviceArray* a : {&inv_freq_, &inv_freq_local_, &step_ints_, &step_valid_, &gemv_ws_, &attn_ws_})
+      *a = DeviceArray();
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda:" + std::to_string(index_); }
+  bool host_memory() const override { return false; }
+  bool ring_cache() const override { return false; }
+
+  void* allocate(size_t bytes) override {
+    if (bytes == 0) return nullptr;
+    use();
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw std::runtime_error("CUDA out of memory on " + name() + ": " + std::to_string(bytes >> 20) +
+                               " MiB asked, " + std::to_string(free_b >> 20) + " MiB free of " +
+                               std::to_string(total_b >> 20) + " MiB (" + cudaGetErrorName(e) + ")");
+    }
+    return p;
+  }
+  void release(void* p) override {
+    if (!p) return;
+    cudaSetDevice(index_);
+    cudaStreamSynchronize(stream_);  // no kernel may still read it
+    cudaFree(p);
+  }
+  void upload(void* dst, const void* host, size_t bytes) override {
+    if (!bytes) return;
+    use();
+    check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpy to the device");
+    check(cudaStreamSynchronize(stream_), "cudaMemcpy to the device");  // the host buffer may go
+  }
+  void download(void* host, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    use();
+    check(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpy to the host");
+    check(cudaStreamSynchronize(stream_), "the step's kernels");
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (!bytes || dst == src) return;
+    use();
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    if (d < s + bytes && s < d + bytes) {  // overlapping: through a buffer of its own
+      DeviceArray tmp(this, bytes);
+      check(cudaMemcpyAsync(tmp.get(), src, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy on the device");
+      check(cudaMemcpyAsync(dst, tmp.get(), bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy on the device");
+      return;  // tmp's release waits for the stream
+    }
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy on the device");
+  }
+  void fill(void* dst, int byte, size_t bytes) override {
+    if (!bytes) return;
+    use();
+    check(cudaMemsetAsync(dst, byte, bytes, stream_), "cudaMemset");
+  }
+
+  ModelWeights place(const ModelConfig& c, const ModelWeights& w) override {
+    if (c.kv_dtype != DType::F32 && c.kv_dtype != DType::BF16)
+      throw std::invalid_argument(std::string("a ") + dtype_name(c.kv_dtype) +
+                                  " KV cache does not run on CUDA: use kv_cache_dtype float32 or bfloat16");
+    if (c.head_dim % 32 != 0 || c.head_dim > 256)
+      throw std::invalid_argument("CUDA attention needs head_dim a multiple of 32 up to 256, got " +
+                                  std::to_string(c.head_dim));
+    if (c.num_heads / c.num_kv_heads > 8)
+      throw std::invalid_argument("CUDA decode attention takes at most 8 query heads per KV head, got " +
+                                  std::to_string(c.num_heads / c.num_kv_heads));
+    if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
+    ModelWeights out = w;
+    out.embed = matrix(w.embed, "embed");
+    if (w.lm_head.data) out.lm_head = matrix(w.lm_head, "lm_head");
+    out.final_norm = vector(w.final_norm, c.hidden_size);
+    for (size_t l = 0; l < w.layers.size(); ++l) {
+      const LayerWeights& a = w.layers[l];
+      LayerWeights& b = out.layers[l];
+      const std::string p = "layers." + std::to_string(l) + ".";
+      b.q = matrix(a.q, p + "q");
+      b.k = matrix(a.k, p + "k");
+      b.v = matrix(a.v, p + "v");
+      b.o = matrix(a.o, p + "o");
+      b.gate = matrix(a.gate, p + "gate");
+      b.up = matrix(a.up, p + "up");
+      b.down = matrix(a.down, p + "down");
+      b.attn_norm = vector(a.attn_norm, c.hidden_size);
+      b.mlp_norm = vector(a.mlp_norm, c.hidden_size);
+      b.post_attn_norm = vector(a.post_attn_norm, c.hidden_size);
+      b.post_mlp_norm = vector(a.post_mlp_norm, c.hidden_size);
+      b.q_norm = vector(a.q_norm, c.head_dim);
+      b.k_norm = vector(a.k_norm, c.head_dim);
+    }
+    return out;
+  }
+
+  void begin_step(const StepTokens& t, KVCache&, const std::vector<float>& inv_freq,
+                  const std::vector<float>& inv_freq_local) override {
+    use();
+    if (!inv_freq_.get()) {
+      inv_freq_ = DeviceArray(this, inv_freq.size() * sizeof(float));
+      upload(inv_freq_.get(), inv_freq.data(), inv_freq.size() * sizeof(float));
+      inv_freq_local_ = DeviceArray(this, inv_freq_local.size() * sizeof(float));
+      upload(inv_freq_local_.get(), inv_freq_local.data(), inv_freq_local.size() * sizeof(float));
+    }
+    const StepRows& sr = *t.rows;
+    M_ = t.M;
+    Md_ = sr.decode_tokens();
+    R_ = static_cast<int64_t>(sr.pre_rows.size());
+    slot0_ = sr.slot0;
+    T_ = sr.T;
+    n_slots_ = 0;
+    for (int64_t s : sr.dec_slots) n_slots_ = std::max(n_slots_, s + 1);
+    // One upload: ids, positions, rows and slots of the M tokens, then the prompt rows.
+    host_ints_.resize(static_cast<size_t>(4 * M_ + R_));
+    for (int64_t m = 0; m < M_; ++m) {
+      host_ints_[m] = t.ids[m];
+      host_ints_[M_ + m] = t.pos[m];
+      host_ints_[2 * M_ + m] = static_cast<int32_t>(t.row[m]);
+      host_ints_[3 * M_ + m] = static_cast<int32_t>(t.slot[m]);
+    }
+    for (int64_t r = 0; r < R_; ++r) host_ints_[4 * M_ + r] = static_cast<int32_t>(sr.pre_rows[r]);
+    grow(step_ints_, host_ints_.size() * sizeof(int32_t));
+    grow(step_valid_, static_cast<size_t>(M_));
+    upload(step_ints_.get(), host_ints_.data(), host_ints_.size() * sizeof(int32_t));
+    upload(step_valid_.get(), t.valid, static_cast<size_t>(M_));
+    // The slots' valid flags go into the cache with the keys (rope_kv).
+  }
+
+  void embed(const Weight& table, float scale, float* x) override {
+    check(cuda::embed(table, ints(0), M_, scale, x, stream_), "embed");
+  }
+  void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
+    check(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm");
+  }
+  void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
+    if (T <= 0) return;
+    if (work == Work::Prefill && w.dtype == DType::BF16) {
+      check(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16");
+      return;
+    }
+    grow(gemv_ws_, gemv_workspace_bytes(T, K));
+    check(gemv(x, T, K, w, y, w.rows, accumulate, gemv_ws_.get(), stream_), "gemv");
+  }
+  void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
+    for (int i = 0; i < n; ++i) {
+      if (outs[i].ldy != outs[i].w->rows) throw std::logic_error("CUDA matmul_many: outputs must be contiguous");
+      matmul(x, T, K, *outs[i].w, outs[i].y, false, work);
+    }
+  }
+  void add(float* x, const float* y, int64_t n) override { check(cuda::add(x, y, n, stream_), "add"); }
+
+  void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
+               const float* k_norm, float eps, int64_t n_heads) override {
+    check(rope_kv_write(q, k, v, M_, n_heads, cache.kv_heads, cache.head_dim, ints(1),
+                        (local ? inv_freq_local_ : inv_freq_).as<float>(), q_norm, k_norm, eps, view(cache, layer),
+                        ints(2), ints(3), step_valid_.as<uint8_t>(), stream_),
+          "rope_kv_write");
+  }
+
+  void attention(const KVCache& cache, int64_t layer, const AttentionRule& rule, const float* q,
+                 float* out) override {
+    AttnParams p;
+    p.n_heads = rule.n_heads;
+    p.n_kv = cache.kv_heads;
+    p.head_dim = cache.head_dim;
+    p.scale = rule.scale;
+    p.softcap = rule.softcap;
+    p.window = rule.window;
+    p.causal = rule.causal;
+    const KVLayer kv = view(cache, layer);
+    if (Md_ > 0) {
+      const size_t bytes = attention_decode_workspace_bytes(Md_, n_slots_, p);
+      grow(attn_ws_, bytes);
+      check(attention_decode(q, kv, ints(2), ints(3), Md_, n_slots_, p, out, attn_ws_.get(), attn_ws_.bytes(),
+                             stream_),
+            "attention_decode");
+    }
+    if (R_ > 0) {
+      const int64_t QD = p.n_heads * p.head_dim;
+      check(attention_prefill(q + Md_ * QD, kv, ints(4), R_, slot0_, T_, p, out + Md_ * QD, stream_),
+            "attention_prefill");
+    }
+  }
+
+  void geglu(float* a, const float* b, int64_t n) override { check(cuda::geglu(a, b, a, n, stream_), "geglu"); }
+  void softcap(float* x, int64_t n, float cap) override { check(cuda::softcap(x, n, cap, stream_), "softcap"); }
+
+ private:
+  void use() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
+
+  // The step's int32 arrays: 0 ids, 1 positions, 2 rows, 3 slots (M each), 4 prompt rows.
+  const int32_t* ints(int which) const { return step_ints_.as<int32_t>() + which * M_; }
+
+  void grow(DeviceArray& a, size_t bytes) {
+    if (a.bytes() < bytes) a = DeviceArray(this, bytes);
+  }
+
+  Weight matrix(const Weight& w, const std::string& what) {
+    if (w.dtype != DType::F32 && w.dtype != DType::BF16 && w.dtype != DType::Int8 && w.dtype != DType::Int4)
+      throw std::invalid_argument(what + ": " + dtype_name(w.dtype) +
+                                  " weights do not run on CUDA (float32, bfloat16, int8 and int4 do): "
+                                  "convert or quantize the model to one of those");
+    Weight d = w;
+    d.data = copy_up(w.data, data_bytes(w));
+    d.scales = static_cast<const uint16_t*>(copy_up(w.scales, scale_bytes(w)));
+    d.mins = nullptr;
+    return d;
+  }
+  const float* vector(const float* v, int64_t n) {
+    return static_cast<const float*>(copy_up(v, v ? static_cast<size_t>(n) * sizeof(float) : 0));
+  }
+  const void* copy_up(const void* host, size_t bytes) {
+    if (!host || !bytes) return nullptr;
+    weights_.emplace_back(this, bytes);
+    upload(weights_.back().get(), host, bytes);
+    return weights_.back().get();
+  }
+
+  static KVLayer view(const KVCache& c, int64_t l) {
+    KVLayer kv;
+    kv.k = c.k.as<char>() + c.base[l] * c.elem;
+    kv.v = c.v.as<char>() + c.base[l] * c.elem;
+    kv.dtype = c.dtype;
+    kv.rows = c.rows;
+    kv.kv_heads = c.kv_heads;
+    kv.span = c.span[l];
+    kv.head_dim = c.head_dim;
+    kv.valid = c.valid.as<uint8_t>();
+    kv.capacity = c.capacity;
+    return kv;
+  }
+
+  int index_;
+  cudaStream_t stream_ = nullptr;
+  std::vector<DeviceArray> weights_;
+  DeviceArray inv_freq_, inv_freq_local_;
+  DeviceArray step_ints_, step_valid_;  // the step's tokens (begin_step)
+  DeviceArray gemv_ws_, attn_ws_;
+  std::vector<int32_t> host_ints_;
+  int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;
+};
+
+}  // namespace
+
+std::shared_ptr<Device> make_cuda_device(int index) { return std::make_shared<CudaDevice>(index); }
+
+}  // namespace gemma::cuda
