@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/quant.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/device_buffer.h"
 #include "engine/model.h"
@@ -34,10 +35,6 @@ size_t data_bytes(const Weight& w) {
   const int64_t elem = w.dtype == DType::F32 ? 4 : w.dtype == DType::BF16 ? 2 : 1;
   return static_cast<size_t>(w.rows * w.ld * elem);
 }
-size_t scale_bytes(const Weight& w) {
-  return w.quantized() ? static_cast<size_t>(w.rows * (w.cols / 32)) * sizeof(uint16_t) : 0;
-}
-
 const char* dtype_name(DType d) {
   switch (d) {
     case DType::F32: return "float32";
@@ -167,7 +164,9 @@ class CudaDevice final : public Device {
   void begin_step(const StepTokens& t, KVCache&, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
     use();
-    if (!inv_freq_.get()) {
+    if (inv_freq != freq_host_ || inv_freq_local != freq_local_host_) {  // once per model
+      freq_host_ = inv_freq;
+      freq_local_host_ = inv_freq_local;
       inv_freq_ = DeviceArray(this, inv_freq.size() * sizeof(float));
       upload(inv_freq_.get(), inv_freq.data(), inv_freq.size() * sizeof(float));
       inv_freq_local_ = DeviceArray(this, inv_freq_local.size() * sizeof(float));
@@ -215,7 +214,7 @@ class CudaDevice final : public Device {
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
     for (int i = 0; i < n; ++i) {
       if (outs[i].ldy != outs[i].w->rows) throw std::logic_error("CUDA matmul_many: outputs must be contiguous");
-      matmul(x, T, K, *outs[i].w, outs[i].y, false, work);
+      matmul(x, T, K, *outs[i].w, outs[i].y, outs[i].accumulate, work);
     }
   }
   void add(float* x, const float* y, int64_t n) override { check(cuda::add(x, y, n, stream_), "add"); }
@@ -272,9 +271,20 @@ class CudaDevice final : public Device {
                                   " weights do not run on CUDA (float32, bfloat16, int8 and int4 do): "
                                   "convert or quantize the model to one of those");
     Weight d = w;
-    d.data = copy_up(w.data, data_bytes(w));
-    d.scales = static_cast<const uint16_t*>(copy_up(w.scales, scale_bytes(w)));
     d.mins = nullptr;
+    if (!w.quantized()) {
+      d.data = copy_up(w.data, data_bytes(w));
+      return d;
+    }
+    // The CUDA kernels read plain rows: the CPU's 16-row interleaved groups (cpu/quant.h) are
+    // undone on the way up, one matrix at a time (no second copy of the whole model).
+    const int64_t nb = w.cols / kQBlock;
+    std::vector<uint8_t> q(data_bytes(w));
+    std::vector<uint16_t> sc(static_cast<size_t>(w.rows * nb));
+    interleave_rows(w.rows, w.ld, nb, static_cast<const uint8_t*>(w.data), w.scales, nullptr, q.data(), sc.data(),
+                    nullptr, /*to_groups=*/false);
+    d.data = copy_up(q.data(), q.size());
+    d.scales = static_cast<const uint16_t*>(copy_up(sc.data(), sc.size() * sizeof(uint16_t)));
     return d;
   }
   const float* vector(const float* v, int64_t n) {
@@ -308,6 +318,7 @@ class CudaDevice final : public Device {
   DeviceArray step_ints_, step_valid_;  // the step's tokens (begin_step)
   DeviceArray gemv_ws_, attn_ws_;
   std::vector<int32_t> host_ints_;
+  std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
   int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;
 };
 
