@@ -159,6 +159,29 @@ def test_kernels_every_path_within_bound(path, fmt, T, K, N):
         _testing.set_quant_matmul_path("auto")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_avx512_vnni_gives_the_avx2_kernels_bits(fmt):
+    """The VNNI kernel (dpbusd, then the sub-block scale in integers) forms each block's
+    integer sum exactly as the AVX2 kernel (maddubs, then madd with the scale) and takes the
+    same float operations in the same order: every output the same bits, at 1..7 tokens (its
+    4-, 2- and 1-token bodies), rows past the 16-row groups too."""
+    paths = quant_paths()
+    if "avx512_vnni" not in paths or "avx2" not in paths:
+        pytest.skip(f"needs both the avx2 and avx512_vnni paths; this CPU/build has {paths}")
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((7, 1024)) * rng.uniform(0.1, 10, (7, 1))).astype(np.float32)
+    qw = tuple(imported(random_kblocks(rng, TYPES[fmt], 53, 1024), fmt))
+    out = {}
+    try:
+        for path in ("avx2", "avx512_vnni"):
+            _testing.set_quant_matmul_path(path)
+            out[path] = [_testing.matmul(x[:n], qw, None, decode) for n in range(1, 8) for decode in (False, True)]
+    finally:
+        _testing.set_quant_matmul_path("auto")
+    for a, b in zip(out["avx2"], out["avx512_vnni"]):
+        np.testing.assert_array_equal(b, a)
+
+
 @pytest.mark.parametrize("path", quant_paths())
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_rows_result_does_not_depend_on_the_others(path, fmt):

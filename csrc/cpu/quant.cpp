@@ -495,14 +495,16 @@ void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, i
                 int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
   if (w.kquant()) {
-    // K-quants have one SIMD kernel, AVX2's, which the AVX-512 path's CPUs run too.
+    // The whole 16-row groups on the path's SIMD kernel, the plain tail rows on the scalar one.
+    const int fmt = static_cast<int>(w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K
+                                                                                                  : QFormat::Q6K);
+    const KQWeightView kv{static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.ld, fmt};
+    (void)kv;
+#ifdef GEMMA_QUANT_AVX512
+    if (quant_path() == kAvx512Vnni) n0 = kquant_groups_avx512vnni(kv, av, y, ldy, accumulate, n0, n1);
+#endif
 #ifdef GEMMA_QUANT_AVX2
-    if (quant_path() >= kAvx2) {
-      const int fmt = static_cast<int>(w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K
-                                                                                                    : QFormat::Q6K);
-      n0 = kquant_groups_avx2(KQWeightView{static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.ld, fmt}, av, y, ldy,
-                              accumulate, n0, n1);
-    }
+    if (quant_path() == kAvx2) n0 = kquant_groups_avx2(kv, av, y, ldy, accumulate, n0, n1);
 #endif
     return kquant_rows_scalar(w, a, y, ldy, accumulate, n0, n1);
   }

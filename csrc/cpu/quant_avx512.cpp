@@ -285,4 +285,169 @@ void quant_rows_avx512vnni(const QWeightView& w, const QActView& a, float* y, in
     rows_vnni<false>(w, a, y, ldy, accumulate, n0, n1, scratch);
 }
 
+// ---------------------------------------------------------------------------------------
+// K-quants (quant.h) on VNNI: one 16-row group's super-block is 16 * B bytes of 4-byte words,
+// word c of the 16 rows one 64-byte line at c * 64, so one line feeds all 16 rows' sums. The
+// quants become bytes (q4_k nibbles, q5_k plus the fifth bit, q6_k nibbles plus two bits), all
+// unsigned: dpbusd multiplies them with the int8 activations of a broadcast word straight into
+// the rows' int32 sums. Per activation block (32 values) the sum is multiplied by the row's
+// sub-block scale sc in integers (q6_k: two sub-blocks of 16 per block, each sum first less 32
+// times the half block's sum of x, the offset of q - 32), then one FMA scales it by d dx; q4_k
+// / q5_k subtract their mins' term (dmin m) xsum per block first. Each row takes the AVX2
+// kernel's (and the scalar reference's) integers and the same float operations in the same
+// order: the same bits.
+namespace {
+
+// Byte e (0..3) of every 32-bit lane, zero-extended (unsigned) or sign-extended (signed).
+inline __m512i lane_byte_u(__m512i v, int e) {
+  return _mm512_and_si512(_mm512_srli_epi32(v, 8 * e), _mm512_set1_epi32(0xFF));
+}
+inline __m512i lane_byte_s(__m512i v, int e) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * e), 24); }
+
+// Bit b of every byte moved to bit `to` (other bits of the result: garbage, mask them).
+inline __m512i bit_to512(__m512i v, int b, int to) {
+  return b <= to ? _mm512_sll_epi16(v, _mm_cvtsi32_si128(to - b)) : _mm512_srl_epi16(v, _mm_cvtsi32_si128(b - to));
+}
+
+inline __m512i bcast_word512(const void* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int F, int RT>
+void kgroup_vnni(const KQWeightView& w, int64_t g, const QActView& a, int64_t t0, float* y, int64_t ldy,
+                 bool accumulate) {
+  constexpr bool k6 = F == static_cast<int>(QFormat::Q6K), k5 = F == static_cast<int>(QFormat::Q5K);
+  const int64_t B = kquant_block_bytes(static_cast<QFormat>(F)), nsb = w.cols / kQSuper, np = a.np;
+  const uint8_t* qg = w.q + g * kQGroup * w.ld;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int8_t* qx[RT];
+  const float* dx[RT];
+  const float* xs[RT];
+  const int16_t* bs[RT];
+  for (int t = 0; t < RT; ++t) {
+    qx[t] = a.q + (t0 + t) * np * 64;
+    dx[t] = a.dx + (t0 + t) * np * 2;
+    xs[t] = a.xsum + (t0 + t) * np * 2;
+    bs[t] = a.bsum16 + (t0 + t) * np * 4;
+  }
+  __m512 acc[RT];
+  for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    const uint8_t* blk = qg + sb * kQGroup * B;
+    if (sb + 1 < nsb)  // the next super-block's lines, while this one is multiplied
+      for (int64_t l = 0; l < B / 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(blk + kQGroup * B + 64 * l), _MM_HINT_T0);
+    auto line = [blk](int64_t c) { return _mm512_loadu_si512(blk + 64 * c); };
+    // Word 0: d | dmin (fp16) per row.
+    const __m512i m0 = line(0);
+    const __m512 dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(m0));
+    if (!k6) {
+      const __m512 dmv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(m0, 16)));
+      const __m512i S[2] = {line(1), line(2)}, M[2] = {line(3), line(4)};
+      for (int s = 0; s < 8; ++s) {  // the mins' term: - (dmin m_s) xsum_b
+        const __m512 mv = _mm512_mul_ps(_mm512_cvtepi32_ps(lane_byte_u(M[s / 4], s % 4)), dmv);
+        for (int t = 0; t < RT; ++t) acc[t] = _mm512_fnmadd_ps(mv, _mm512_set1_ps(xs[t][8 * sb + s]), acc[t]);
+      }
+      for (int p = 0; p < 4; ++p) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high)
+        const __m512i sca = lane_byte_u(S[p / 2], (2 * p) % 4), scb = lane_byte_u(S[p / 2], (2 * p) % 4 + 1);
+        const int64_t b0 = 8 * sb + 2 * p;
+        __m512i d0[RT], d1[RT];
+        for (int t = 0; t < RT; ++t) d0[t] = d1[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; ++c) {
+          const __m512i v = line(5 + 8 * p + c);
+          __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          if (k5) {
+            const __m512i H = line(37 + c), b4 = _mm512_set1_epi8(16);
+            lo = _mm512_or_si512(lo, _mm512_and_si512(bit_to512(H, 2 * p, 4), b4));
+            hi = _mm512_or_si512(hi, _mm512_and_si512(bit_to512(H, 2 * p + 1, 4), b4));
+          }
+          for (int t = 0; t < RT; ++t) {
+            d0[t] = _mm512_dpbusd_epi32(d0[t], lo, bcast_word512(qx[t] + b0 * 32 + 4 * c));
+            d1[t] = _mm512_dpbusd_epi32(d1[t], hi, bcast_word512(qx[t] + (b0 + 1) * 32 + 4 * c));
+          }
+        }
+        for (int t = 0; t < RT; ++t) {
+          const __m512i i0 = _mm512_mullo_epi32(d0[t], sca), i1 = _mm512_mullo_epi32(d1[t], scb);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dv, _mm512_set1_ps(dx[t][b0])), acc[t]);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dv, _mm512_set1_ps(dx[t][b0 + 1])), acc[t]);
+        }
+      }
+    } else {
+      const __m512i S[4] = {line(1), line(2), line(3), line(4)};  // sc[4i..4i+3], int8
+      const __m512i b30 = _mm512_set1_epi8(0x30);
+      for (int k = 0; k < 2; ++k)      // the super-block's halves: quarters 4k + j = blocks 8 sb + 4k + j
+        for (int e = 0; e < 2; ++e) {  // quarters e (low nibbles of ql run e) and e + 2 (high)
+          // Quarter j's sub-blocks 8k + 2j and 8k + 2j + 1: bytes 2e, 2e + 1 of word 2k + j / 2.
+          const __m512i W0 = S[2 * k], W1 = S[2 * k + 1];
+          const __m512i sc0[2] = {lane_byte_s(W0, 2 * e), lane_byte_s(W0, 2 * e + 1)};
+          const __m512i sc1[2] = {lane_byte_s(W1, 2 * e), lane_byte_s(W1, 2 * e + 1)};
+          const int j0 = e, j1 = e + 2;
+          const int64_t b0 = 8 * sb + 4 * k + j0, b1 = 8 * sb + 4 * k + j1;
+          __m512i d0[2][RT], d1[2][RT];  // [half block][token]
+          for (int h = 0; h < 2; ++h)
+            for (int t = 0; t < RT; ++t) d0[h][t] = d1[h][t] = _mm512_setzero_si512();
+          for (int c = 0; c < 8; ++c) {
+            const __m512i X = line(5 + 16 * k + 8 * e + c), H = line(37 + 8 * k + c);
+            const __m512i q0 = _mm512_or_si512(_mm512_and_si512(X, low4), _mm512_and_si512(bit_to512(H, 2 * j0, 4), b30));
+            const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(X, 4), low4),
+                                               _mm512_and_si512(bit_to512(H, 2 * j1, 4), b30));
+            for (int t = 0; t < RT; ++t) {
+              d0[c / 4][t] = _mm512_dpbusd_epi32(d0[c / 4][t], q0, bcast_word512(qx[t] + b0 * 32 + 4 * c));
+              d1[c / 4][t] = _mm512_dpbusd_epi32(d1[c / 4][t], q1, bcast_word512(qx[t] + b1 * 32 + 4 * c));
+            }
+          }
+          // q - 32 per half block h: sc_h (sum q x - 32 sum x), summed over the block's halves.
+          for (int t = 0; t < RT; ++t) {
+            __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+            for (int h = 0; h < 2; ++h) {
+              const __m512i x0 = _mm512_set1_epi32(32 * bs[t][2 * b0 + h]), x1 = _mm512_set1_epi32(32 * bs[t][2 * b1 + h]);
+              i0 = _mm512_add_epi32(i0, _mm512_mullo_epi32(_mm512_sub_epi32(d0[h][t], x0), sc0[h]));
+              i1 = _mm512_add_epi32(i1, _mm512_mullo_epi32(_mm512_sub_epi32(d1[h][t], x1), sc1[h]));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dv, _mm512_set1_ps(dx[t][b0])), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dv, _mm512_set1_ps(dx[t][b1])), acc[t]);
+          }
+        }
+    }
+  }
+  for (int t = 0; t < RT; ++t) {
+    float* o = y + (t0 + t) * ldy + g * kQGroup;
+    _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), acc[t]) : acc[t]);
+  }
+}
+
+template <int F>
+void kgroups_vnni(const KQWeightView& w, int64_t g, const QActView& a, float* y, int64_t ldy, bool accumulate) {
+  for (int64_t t = 0; t < a.T;) {
+    const int64_t left = a.T - t;
+    if (left >= 4) {
+      kgroup_vnni<F, 4>(w, g, a, t, y, ldy, accumulate);
+      t += 4;
+    } else if (left >= 2) {
+      kgroup_vnni<F, 2>(w, g, a, t, y, ldy, accumulate);
+      t += 2;
+    } else {
+      kgroup_vnni<F, 1>(w, g, a, t, y, ldy, accumulate);
+      t += 1;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t kquant_groups_avx512vnni(const KQWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
+                                 int64_t n0, int64_t n1) {
+  const int64_t full = grouped_rows(w.rows);
+  for (; n0 < n1 && n0 < full; n0 += kQGroup) {
+    if (w.format == static_cast<int>(QFormat::Q4K))
+      kgroups_vnni<static_cast<int>(QFormat::Q4K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    else if (w.format == static_cast<int>(QFormat::Q5K))
+      kgroups_vnni<static_cast<int>(QFormat::Q5K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    else
+      kgroups_vnni<static_cast<int>(QFormat::Q6K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+  }
+  return n0;
+}
+
 }  // namespace gemma

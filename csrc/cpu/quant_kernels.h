@@ -46,5 +46,7 @@ void quant_rows_avx2(const QWeightView& w, const QActView& a, float* y, int64_t 
 // first row it did not compute (the plain tail rows are the caller's).
 int64_t kquant_groups_avx2(const KQWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
                            int64_t n0, int64_t n1);
+int64_t kquant_groups_avx512vnni(const KQWeightView& w, const QActView& a, float* y, int64_t ldy, bool accumulate,
+                                 int64_t n0, int64_t n1);
 
 }  // namespace gemma
