@@ -703,24 +703,30 @@ def test_attention_decode_every_split_chunk(chunk, cache_dtype):
         assert_within(out[r:r + 1], ref, bound, f"chunk {chunk}, row {r}")
 
 
-@gpu
-@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
-def test_cuda_decode_attention_rows_are_independent(cache_dtype):
-    """Batch invariance on the GPU: a row's output is the same bits alone (its own n_slots) and
-    beside three rows that reach further (the scheduler's decode steps mix such rows)."""
-    rng = rng_for("cuda-decode-rows", cache_dtype)
+def decode_rows_case(device, cache_dtype):
+    """Four rows of one cache at slots far apart (one with padding), for the rows-independent
+    tests: (q, cache arguments, their keyword arguments, valid, cache_row, q_slot, S, n_heads)."""
+    rng = rng_for("decode-rows", device, cache_dtype)
     rows, n_heads, n_kv, hd, S = 4, 8, 2, 64, 900
     valid = np.ones((rows, S), np.uint8)
     valid[2, :40] = 0
     q_slot = np.array([899, 300, 650, 17], np.int32)
     cache_row = np.arange(rows, dtype=np.int32)
-    (Kc, Vc), extra, _, _ = cache_for("cuda", rng, rows, n_kv, S, hd, cache_dtype, valid,
-                                      poison_from=list(q_slot + 1))
+    cache, extra, _, _ = cache_for(device, rng, rows, n_kv, S, hd, cache_dtype, valid, poison_from=list(q_slot + 1))
     q = rng.standard_normal((rows, n_heads * hd)).astype(np.float32)
+    return q, cache, extra, valid, cache_row, q_slot, S, n_heads
+
+
+@gpu
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_cuda_decode_attention_rows_are_independent(cache_dtype):
+    """Batch invariance on the GPU: a row's output is the same bits alone (its own n_slots) and
+    beside three rows that reach further (the scheduler's decode steps mix such rows)."""
+    q, (Kc, Vc), extra, valid, cache_row, q_slot, S, n_heads = decode_rows_case("cuda", cache_dtype)
     together = _testing.cuda_op_attention_decode(q, Kc, Vc, valid, cache_row, q_slot, S, n_heads, 0.125, 0.0, 0,
                                                  **extra)
     assert np.isfinite(together).all()
-    for r in range(rows):
+    for r in range(len(q)):
         alone = _testing.cuda_op_attention_decode(q[r:r + 1], Kc, Vc, valid, cache_row[r:r + 1], q_slot[r:r + 1],
                                                   int(q_slot[r]) + 1, n_heads, 0.125, 0.0, 0, **extra)
         np.testing.assert_array_equal(alone[0], together[r])
@@ -731,15 +737,8 @@ def test_cpu_decode_attention_rows_are_independent(cache_dtype):
     """Batch invariance of the CPU's decode attention: a row's output is the same bits alone,
     beside three other rows at other slots, and with 1, 2 or 3 threads (its key parts depend
     only on its own slot, and each part and merge runs the same arithmetic wherever it runs)."""
-    rng = rng_for("decode-rows", cache_dtype)
-    rows, n_heads, n_kv, hd, S = 4, 8, 2, 64, 900
-    valid = np.ones((rows, S), np.uint8)
-    valid[2, :40] = 0
-    q_slot = np.array([899, 300, 650, 17], np.int32)
-    cache_row = np.arange(rows, dtype=np.int32)
-    (Kc, Vc), extra, _, _ = cache_for("cpu", rng, rows, n_kv, S, hd, cache_dtype, valid,
-                                      poison_from=list(q_slot + 1))
-    q = rng.standard_normal((rows, n_heads * hd)).astype(np.float32)
+    q, (Kc, Vc), extra, valid, cache_row, q_slot, S, n_heads = decode_rows_case("cpu", cache_dtype)
+    rows = len(q)
     args = (S, n_heads, 0.125, 0.0, 0)
     old = gemma_cpp.get_num_threads()
     try:
