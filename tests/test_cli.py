@@ -114,6 +114,25 @@ def test_errors_are_one_clear_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
 
 
+def test_device_flag_is_checked_before_loading(tmp_path):
+    missing = str(tmp_path / "missing")  # the device is refused before the path is read
+    out = run_cli("generate", missing, "hi", "--device", "tpu")
+    assert out.returncode == 2 and "device must be 'cpu', 'cuda' or 'cuda:N'" in out.stderr
+    assert "Traceback" not in out.stderr
+    status = gemma_cpp.cuda_status()
+    for cmd in (["generate", missing, "hi"], ["chat", missing], ["serve", missing]):
+        out = run_cli(*cmd, "--device", "cuda")
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        if status["available"]:
+            assert "missing" in out.stderr
+        else:
+            assert f"--device cuda: device='cuda': CUDA cannot run here: {status['reason']}" in out.stderr
+    out = run_cli("serve", missing, "--ray", "--device", "cuda")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    if status["available"]:
+        assert "--ray replicas run on the CPU" in out.stderr
+
+
 def test_console_script_is_installed():
     exe = shutil.which("gemma-cpp")
     if exe is None:

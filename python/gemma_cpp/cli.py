@@ -22,15 +22,28 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def _device(args) -> str:
+    """--device checked before any weight is read: 'cpu' or 'cuda:N'; a machine where CUDA
+    cannot run gets one line saying why (a ValueError, as the other flags' errors)."""
+    from .modeling import parse_device
+
+    try:
+        return parse_device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
+
+
 def _load(args, model_path: str):
     import gemma_cpp
 
+    device = _device(args)
     if args.threads:
         gemma_cpp.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = gemma_cpp.GemmaTokenizer.from_pretrained(model_path)
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(model_path, dtype=args.dtype, quantization=quantization)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(model_path, dtype=args.dtype, quantization=quantization,
+                                                       device=device)
     eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
     end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
     if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id and end_of_turn not in eos:
@@ -165,6 +178,9 @@ def cmd_serve(args) -> int:
         extra = "ray" if args.ray else "serve"
         raise ValueError(f"gemma-cpp serve{' --ray' if args.ray else ''} needs {e.name}, which is missing: "
                          f"pip install 'gemma_cpp[{extra}]'") from None
+    device = _device(args)
+    if args.ray and device != "cpu":
+        raise ValueError("--ray replicas run on the CPU (--device cuda serves without --ray)")
     path = args.model if args.model is not None else demo_model_path()  # a missing demo: said now
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
     name = args.model_name or (None if args.model is not None else "gemma-3-270m")
@@ -177,8 +193,8 @@ def cmd_serve(args) -> int:
         run(os.path.abspath(path), replicas=args.replicas or 1, max_replicas=args.max_replicas,
             ray_address=args.ray_address, **options)
         return 0
-    print(f"serving {path} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr)
-    run(path, **options)
+    print(f"serving {path} on http://{args.host}:{args.port}/v1 ({args.slots} slots, {device})", file=sys.stderr)
+    run(path, device=device, **options)
     return 0
 
 
@@ -222,6 +238,7 @@ def main(argv=None) -> int:
                             "as int4, Q4_1 as int4m, Q4_K/Q5_K/Q6_K as q4_k/q5_k/q6_k), Q2_K/Q3_K re-quantized "
                             "to int8")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model runs (cuda: float32, bfloat16, int8 or int4 weights)")
         _add_sampling(p)
     g.set_defaults(func=cmd_generate)
     ch.set_defaults(func=cmd_chat)
@@ -242,6 +259,7 @@ def main(argv=None) -> int:
     sv.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
                     help="as for generate")
     sv.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), default="float32")
+    sv.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model runs (cuda: float32, bfloat16, int8 or int4 weights)")
     sv.add_argument("--chunk-size", type=int, default=128,
                     help="prompt tokens per engine iteration, and the unit of prefix reuse (default 128)")
     sv.add_argument("--threads", type=int, default=None,

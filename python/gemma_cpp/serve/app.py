@@ -682,16 +682,17 @@ async def _stream(state: _State, kind: str, rid: str, created: int, choices: Lis
 
 
 def load_model(model_path: Optional[str] = None, *, quantization="auto", dtype=None,
-               kv_cache_dtype: str = "float32", model_name: Optional[str] = None) -> tuple:
+               kv_cache_dtype: str = "float32", model_name: Optional[str] = None, device="cpu") -> tuple:
     """(model, tokenizer, the model's id in the API) for a checkpoint folder or GGUF file, or
-    the demo model when model_path is None: what `gemma-cpp serve` and each Ray replica load."""
+    the demo model when model_path is None: what `gemma-cpp serve` and each Ray replica load
+    (device: from_pretrained's)."""
     from ..modeling import GemmaForCausalLM
     from ..tokenizer import GemmaTokenizer
 
     model_path, name = model_source(model_path, model_name)
     tok = GemmaTokenizer.from_pretrained(model_path)
     model = GemmaForCausalLM.from_pretrained(model_path, dtype=dtype, quantization=quantization,
-                                             kv_cache_dtype=kv_cache_dtype)
+                                             kv_cache_dtype=kv_cache_dtype, device=device)
     return model, tok, name
 
 
@@ -706,9 +707,9 @@ def model_source(model_path: Optional[str], model_name: Optional[str] = None) ->
 def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
         ctx_size: Optional[int] = None, api_key: Optional[str] = None, model_name: Optional[str] = None,
         quantization="auto", dtype=None, kv_cache_dtype: str = "float32", threads: Optional[int] = None,
-        chunk_size: int = 128, log_level: str = "info") -> None:
-    """Loads the model (the demo model when model_path is None) in the background and serves
-    it with uvicorn until interrupted; /health says 503 until the model is ready."""
+        chunk_size: int = 128, log_level: str = "info", device="cpu") -> None:
+    """Loads the model (the demo model when model_path is None; on `device`) in the background
+    and serves it with uvicorn until interrupted; /health says 503 until the model is ready."""
     import uvicorn
 
     from .._C import set_num_threads
@@ -718,7 +719,8 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
     model_path, name = model_source(model_path, model_name)
 
     def load():
-        model, tok, _ = load_model(model_path, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+        model, tok, _ = load_model(model_path, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                                   device=device)
         return model, tok
 
     app = create_app(load=load, model_name=name, slots=slots, ctx_size=ctx_size, chunk_size=chunk_size,
