@@ -21,22 +21,24 @@ WINDOW = 5  # conftest's Gemma 3 sliding window
 
 
 @contextlib.contextmanager
-def staged(ring=True):
-    _C._testing.set_staged_device(True, ring)
+def staged(ring=True, replay=False):
+    _C._testing.set_staged_device(True, ring, replay)
     try:
         yield
     finally:
-        _C._testing.set_staged_device(False, True)
+        _C._testing.set_staged_device(False, True, False)
 
 
-def _pair(cls, folder, ring=True, **kw):
+def _pair(cls, folder, ring=True, replay=False, **kw):
     """The model on the plain CPU device and on the staged one (ring=False: with the CUDA
-    device's KV cache, every slot of every layer kept)."""
+    device's KV cache, every slot of every layer kept; replay: decode steps replayed as the
+    CUDA device's graphs are)."""
     plain = cls.from_pretrained(folder, **kw)
-    with staged(ring):
+    with staged(ring, replay):
         other = cls.from_pretrained(folder, **kw)
     assert plain._engine.device_name == "cpu"
-    assert other._engine.device_name == ("cpu (staged)" if ring else "cpu (staged, flat cache)")
+    want = "cpu (staged" + ("" if ring else ", flat cache") + (", replay" if replay else "") + ")"
+    assert other._engine.device_name == want
     return plain, other
 
 
@@ -86,16 +88,20 @@ def test_forward_and_hidden_states_are_the_same_bits(tiny, arch, config):
         _same(y, x, f"{arch} hidden state {i}")
 
 
-@pytest.mark.parametrize("weights,kv,ring", [("float32", "float32", True), ("bfloat16", "bfloat16", True),
-                                             ("int8", "int8", True), ("int4", "float32", True),
-                                             ("float32", "float32", False), ("bfloat16", "bfloat16", False)])
-def test_generate_past_the_sliding_buffer_is_the_same_bits(gemma3, weights, kv, ring):
+@pytest.mark.parametrize("weights,kv,ring,replay", [
+    ("float32", "float32", True, False), ("bfloat16", "bfloat16", True, False), ("int8", "int8", True, False),
+    ("int4", "float32", True, False), ("float32", "float32", False, False), ("bfloat16", "bfloat16", False, False),
+    ("float32", "float32", False, True), ("int8", "bfloat16", False, True), ("float32", "float32", True, True)])
+def test_generate_past_the_sliding_buffer_is_the_same_bits(gemma3, weights, kv, ring, replay):
     """Decode far past 2 windows + a chunk, so that the sliding layers' buffers move their
     tails (KVCache::make_room's device copies), greedy and sampled, with the raw logits. Without
     the buffers (ring=False, the CUDA device's cache) the window rule alone must give the same
-    bits."""
+    bits. replay: every decode step after the first of its kind reruns the ops the first one
+    recorded (as a CUDA graph replays its capture), so a per-step value that reached an op
+    other than through device memory would give stale, wrong bits; a step that moves a ring
+    buffer is not replayed."""
     folder, ref = gemma3
-    kw = dict(kv_cache_dtype=kv, ring=ring)
+    kw = dict(kv_cache_dtype=kv, ring=ring, replay=replay)
     if weights.startswith("int"):
         kw["quantization"] = weights
     else:
@@ -111,6 +117,13 @@ def test_generate_past_the_sliding_buffer_is_the_same_bits(gemma3, weights, kv, 
         assert len(a.logits) == len(b.logits) == 40
         for i, (x, y) in enumerate(zip(a.logits, b.logits)):
             _same(y, x, f"{weights}/{kv} {gen} logits of step {i}")
+    replayed = other._engine.replayed_steps
+    if not replay:
+        assert replayed == 0
+    elif ring:  # the sliding buffers move every few steps here (window 5): those steps run as they are
+        assert 0 < replayed < 2 * 39
+    else:  # two generate calls of 39 decode steps each: all but each call's first replayed
+        assert replayed >= 2 * 38
 
 
 def test_rows_that_finish_early_are_the_same_bits(gemma3):
@@ -174,9 +187,11 @@ def test_serving_scheduler_is_the_same_bits(gemma3):
     assert sa["peak_rows"] >= 2, "degenerate: requests never shared a step"
     assert sb["prefix_tokens"] == sa["prefix_tokens"] == 16, "the shared prefix was not reused"
     assert b == a
-    # The CUDA device's cache keeps every slot: a row's prefix then survives any decode.
-    with staged(ring=False):
+    # The CUDA device's cache keeps every slot (a row's prefix then survives any decode), and
+    # its decode steps replay (a step of each batch size is recorded, the later ones replay it).
+    with staged(ring=False, replay=True):
         flat = gemma_cpp.GemmaForCausalLM.from_pretrained(folder)
     c, sc = run(flat)
     assert c == a
     assert sc["prefix_tokens"] == 16
+    assert flat._engine.replayed_steps > 20

@@ -400,7 +400,9 @@ PYBIND11_MODULE(_C, m) {
            "(format, quants, scales[, mins])}; device: 'cpu' or 'cuda:N' (the weights are uploaded once)")
       .def_property_readonly("config", &Engine::config)
       .def_property_readonly("device_name", [](Engine& e) { return e.model().device().name(); },
-                             "Where the model's ops run: 'cpu' (tests: 'cpu (staged)')")
+                             "Where the model's ops run: 'cpu', 'cuda:N' (tests: 'cpu (staged...)')")
+      .def_property_readonly("replayed_steps", [](Engine& e) { return e.model().device().replayed_steps(); },
+                             "Decode steps run as a replay of a recorded one (a CUDA graph) so far")
       .def("forward", &Engine::forward, py::arg("input_ids"), py::arg("attention_mask"),
            py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
            py::arg("output_hidden_states"))

@@ -36,11 +36,12 @@ void register_paths(py::module_& t) {
 }
 
 void register_probes(py::module_& t) {
-  t.def("set_staged_device", [](bool staged, bool ring) { set_default_cpu_staged(staged, ring); },
-        py::arg("staged"), py::arg("ring") = true,
+  t.def("set_staged_device", [](bool staged, bool ring, bool replay) { set_default_cpu_staged(staged, ring, replay); },
+        py::arg("staged"), py::arg("ring") = true, py::arg("replay") = false,
         "Engines built after this run on the staged CPU device (engine/device.h): every upload, "
         "download and device copy of a GPU, fresh memory poisoned with NaN; ring=False: the CUDA "
-        "device's KV cache (no sliding-window buffers). False restores the plain CPU");
+        "device's KV cache (no sliding-window buffers); replay=True: decode steps replayed as CUDA "
+        "graphs are. False restores the plain CPU");
   t.def("profile", [](py::object enable) {
     OpProfile& p = op_profile();
     py::dict d;

@@ -90,14 +90,22 @@ class Device {
   virtual void geglu(float* a, const float* b, int64_t n) = 0;
   // x[i] = cap * tanh(x[i] / cap).
   virtual void softcap(float* x, int64_t n, float cap) = 0;
+  // After a step's last op. A device may hold the step's ops until here (or until the next
+  // download) and run them at once: a decode step whose ops equal an earlier one's, argument
+  // for argument, as a replay of it (a CUDA graph).
+  virtual void end_step() = 0;
+  // Steps run as a replay so far (tests, benchmarks).
+  virtual uint64_t replayed_steps() const = 0;
 };
 
 // The CPU: cpu/kernels.h on host memory. staged (tests): host_memory() is false, so that
 // Model runs every upload, download and copy that a device with memory of its own needs, and
 // every allocation starts as 0xff bytes (float NaN), where a GPU's would hold garbage; the
 // results must be the same bits as the plain CPU device's. ring: ring_cache() (false: the
-// KV cache a CUDA device keeps).
-std::shared_ptr<Device> make_cpu_device(bool staged = false, bool ring = true);
+// KV cache a CUDA device keeps). replay (staged only): decode steps are recorded and replayed
+// as the CUDA device's graphs are (engine/op_queue.h): a later step with the same op keys runs
+// the closures the first one recorded, so an argument that changed unkeyed gives wrong bits.
+std::shared_ptr<Device> make_cpu_device(bool staged = false, bool ring = true, bool replay = false);
 
 // Owned memory of a Device (a null device holds nothing).
 class DeviceArray {

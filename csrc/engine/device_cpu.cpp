@@ -8,6 +8,7 @@
 #include "cpu/simd.h"
 #include "engine/device.h"
 #include "engine/model.h"
+#include "engine/op_queue.h"
 #include "runtime/threadpool.h"
 
 namespace gemma {
@@ -15,29 +16,51 @@ namespace {
 
 class CpuDevice final : public Device {
  public:
-  CpuDevice(bool staged, bool ring) : staged_(staged), ring_(ring) {}
+  CpuDevice(bool staged, bool ring, bool replay) : staged_(staged), ring_(ring), replay_(staged && replay) {}
   std::string name() const override {
-    return !staged_ ? "cpu" : ring_ ? "cpu (staged)" : "cpu (staged, flat cache)";
+    if (!staged_) return "cpu";
+    std::string n = "cpu (staged";
+    if (!ring_) n += ", flat cache";
+    if (replay_) n += ", replay";
+    return n + ")";
   }
   bool ring_cache() const override { return ring_; }
   bool host_memory() const override { return !staged_; }
 
   void* allocate(size_t bytes) override {
+    flush();
     if (bytes == 0) return nullptr;
     void* p = std::malloc(bytes);
     if (!p) throw std::bad_alloc();
     std::memset(p, staged_ ? 0xff : 0, bytes);
     return p;
   }
-  void release(void* p) override { std::free(p); }
-  void upload(void* dst, const void* host, size_t bytes) override { std::memcpy(dst, host, bytes); }
-  void download(void* host, const void* src, size_t bytes) override { std::memcpy(host, src, bytes); }
-  void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
-  void fill(void* dst, int byte, size_t bytes) override { std::memset(dst, byte, bytes); }
+  void release(void* p) override {
+    flush();
+    std::free(p);
+  }
+  void upload(void* dst, const void* host, size_t bytes) override {
+    flush();
+    std::memcpy(dst, host, bytes);
+  }
+  void download(void* host, const void* src, size_t bytes) override {
+    flush();
+    std::memcpy(host, src, bytes);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    flush();
+    std::memmove(dst, src, bytes);
+  }
+  void fill(void* dst, int byte, size_t bytes) override {
+    flush();
+    std::memset(dst, byte, bytes);
+  }
   ModelWeights place(const ModelConfig&, const ModelWeights& w) override { return w; }
 
   void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
+    queue_.start(replay_ && t.rows->prompt_tokens() == 0);  // drops what a failed step left queued
+    in_step_ = replay_;
     t_ = &t;
     // cos / sin of every token's position: full-attention layers' table, then the sliding
     // layers' own one only when their RoPE differs (Gemma 3).
@@ -61,64 +84,100 @@ class CpuDevice final : public Device {
   }
 
   void embed(const Weight& table, float scale, float* x) override {
-    const int64_t H = table.cols;
-    for (int64_t m = 0; m < t_->M; ++m) {
-      weight_row(table, t_->ids[m], x + m * H);
-      for (int64_t i = 0; i < H; ++i) x[m * H + i] *= scale;
-    }
+    run([&] { return KeyHash::of(1, key_of(table), scale, x); }, [=] {
+      const int64_t H = table.cols;
+      for (int64_t m = 0; m < t_->M; ++m) {
+        weight_row(table, t_->ids[m], x + m * H);
+        for (int64_t i = 0; i < H; ++i) x[m * H + i] *= scale;
+      }
+    });
   }
 
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
-    gemma::rmsnorm(x, w, out, T, H, eps);
+    run([&] { return KeyHash::of(2, x, w, out, T, H, eps); }, [=] { gemma::rmsnorm(x, w, out, T, H, eps); });
   }
 
   void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
-    gemma::matmul(x, T, K, w, y, w.rows, accumulate, work);
+    run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate, work); },
+        [=] { gemma::matmul(x, T, K, w, y, w.rows, accumulate, work); });
   }
 
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
-    gemma::matmul_many(x, T, K, outs, n, work);
+    if (!in_step_) {
+      gemma::matmul_many(x, T, K, outs, n, work);
+      return;
+    }
+    std::vector<Weight> ws;
+    std::vector<MatmulTarget> ts(outs, outs + n);
+    uint64_t key = KeyHash::of(4, x, T, K, n, work);
+    for (int i = 0; i < n; ++i) {
+      ws.push_back(*outs[i].w);
+      key = KeyHash::of(key, key_of(*outs[i].w), outs[i].y, outs[i].ldy, outs[i].accumulate);
+    }
+    queue_.push(key, [=]() mutable {
+      for (int i = 0; i < n; ++i) ts[i].w = &ws[i];
+      gemma::matmul_many(x, T, K, ts.data(), n, work);
+    });
   }
 
   void add(float* x, const float* y, int64_t n) override {
-    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    run([&] { return KeyHash::of(5, x, y, n); }, [=] {
+      for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    });
   }
 
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
                const float* k_norm, float eps, int64_t n_heads) override {
-    const int64_t M = t_->M, hd = cache.head_dim, nKV = cache.kv_heads;
-    const int64_t QD = n_heads * hd, KD = nKV * hd;
-    if (q_norm) gemma::rmsnorm(q, q_norm, q, M * n_heads, hd, eps);  // in place: one row per head
-    if (k_norm) gemma::rmsnorm(k, k_norm, k, M * nKV, hd, eps);
-    const int64_t table = local ? local_at_ : 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* c = &cs_[table + m * half_];
-      const float* s = &sn_[table + m * half_];
-      rope_apply(q + m * QD, static_cast<int>(n_heads), static_cast<int>(hd), c, s);
-      rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), c, s);
-      for (int64_t kh = 0; kh < nKV; ++kh)
-        store(cache, layer, t_->row[m], kh, t_->slot[m], &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
-    }
+    KVCache* c = &cache;
+    run([&] { return KeyHash::of(6, c, layer, local, q, k, v, q_norm, k_norm, eps, n_heads); }, [=] {
+      const int64_t M = t_->M, hd = c->head_dim, nKV = c->kv_heads;
+      const int64_t QD = n_heads * hd, KD = nKV * hd;
+      if (q_norm) gemma::rmsnorm(q, q_norm, q, M * n_heads, hd, eps);  // in place: one row per head
+      if (k_norm) gemma::rmsnorm(k, k_norm, k, M * nKV, hd, eps);
+      const int64_t table = local ? local_at_ : 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* cs = &cs_[table + m * half_];
+        const float* sn = &sn_[table + m * half_];
+        rope_apply(q + m * QD, static_cast<int>(n_heads), static_cast<int>(hd), cs, sn);
+        rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), cs, sn);
+        for (int64_t kh = 0; kh < nKV; ++kh)
+          store(*c, layer, t_->row[m], kh, t_->slot[m], &k[m * KD + kh * hd], &v[m * KD + kh * hd]);
+      }
+    });
   }
 
   void attention(const KVCache& cache, int64_t layer, const AttentionRule& rule, const float* q,
                  float* out) override {
-    const StepRows& sr = *t_->rows;
-    const int64_t Md = sr.decode_tokens(), QD = rule.n_heads * cache.head_dim;
-    const KVLayerView view = cache.layer(layer);
-    if (Md > 0) attention_decode(q, Md, sr.dec_rows.data(), sr.dec_slots.data(), view, rule, out, attn_);
-    if (sr.prompt_tokens() > 0)
-      attention_prefill(q + Md * QD, static_cast<int64_t>(sr.pre_rows.size()), sr.pre_rows.data(), sr.slot0, sr.T,
-                        view, rule, out + Md * QD, attn_);
-  }
-
-  void geglu(float* a, const float* b, int64_t n) override { gelu_tanh_mul(a, b, n); }
-
-  void softcap(float* x, int64_t n, float cap) override {
-    parallel_for(n, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) x[i] = std::tanh(x[i] / cap) * cap;
+    const KVCache* c = &cache;
+    run([&] { return KeyHash::of(7, c, layer, key_of(rule), q, out); }, [=] {
+      const StepRows& sr = *t_->rows;
+      const int64_t Md = sr.decode_tokens(), QD = rule.n_heads * c->head_dim;
+      const KVLayerView view = c->layer(layer);
+      if (Md > 0) attention_decode(q, Md, sr.dec_rows.data(), sr.dec_slots.data(), view, rule, out, attn_);
+      if (sr.prompt_tokens() > 0)
+        attention_prefill(q + Md * QD, static_cast<int64_t>(sr.pre_rows.size()), sr.pre_rows.data(), sr.slot0, sr.T,
+                          view, rule, out + Md * QD, attn_);
     });
   }
+
+  void geglu(float* a, const float* b, int64_t n) override {
+    run([&] { return KeyHash::of(8, a, b, n); }, [=] { gelu_tanh_mul(a, b, n); });
+  }
+
+  void softcap(float* x, int64_t n, float cap) override {
+    run([&] { return KeyHash::of(9, x, n, cap); }, [=] {
+      parallel_for(n, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) x[i] = std::tanh(x[i] / cap) * cap;
+      });
+    });
+  }
+
+  void end_step() override {
+    flush();
+    in_step_ = false;
+  }
+
+  uint64_t replayed_steps() const override { return queue_.replayed(); }
 
  private:
   // One token's key and value of one head, rounded to bf16 or quantized as the cache holds them.
@@ -141,7 +200,35 @@ class CpuDevice final : public Device {
     }
   }
 
-  bool staged_, ring_;
+  // An op: run now, or (replay mode, inside a step) recorded for the step's flush with its key.
+  template <typename Key, typename F>
+  void run(Key&& key, F&& op) {
+    if (!in_step_) {
+      op();
+      return;
+    }
+    queue_.push(key(), std::forward<F>(op));
+  }
+  // The recorded ops run: a decode step whose keys equal an earlier one's runs that step's
+  // closures instead (what a CUDA graph replay does).
+  void flush() {
+    if (!replay_) return;
+    queue_.flush([](std::vector<OpQueue::Op>& ops) -> std::unique_ptr<OpQueue::Replay> {
+      struct Kept : OpQueue::Replay {
+        std::vector<OpQueue::Op> ops;
+        void run() override {
+          for (auto& op : ops) op();
+        }
+      };
+      auto r = std::make_unique<Kept>();
+      r->ops = ops;
+      return r;
+    });
+  }
+
+  bool staged_, ring_, replay_;
+  bool in_step_ = false;  // replay mode, between begin_step and end_step: ops are recorded
+  OpQueue queue_;
   const StepTokens* t_ = nullptr;   // the step in progress
   int64_t half_ = 0, local_at_ = 0;  // RoPE: head_dim / 2; where the sliding layers' table starts
   std::vector<float> cs_, sn_;
@@ -150,6 +237,8 @@ class CpuDevice final : public Device {
 
 }  // namespace
 
-std::shared_ptr<Device> make_cpu_device(bool staged, bool ring) { return std::make_shared<CpuDevice>(staged, ring); }
+std::shared_ptr<Device> make_cpu_device(bool staged, bool ring, bool replay) {
+  return std::make_shared<CpuDevice>(staged, ring, replay);
+}
 
 }  // namespace gemma

@@ -13,11 +13,21 @@
 //   weights and the GEMV otherwise: by the kind of work, never the batch size.
 // - the KV cache keeps every slot of every layer (ring_cache() false): the kernels address
 //   slot s at position s; float32 or bf16 values.
+// - decode steps run as CUDA graphs (GEMMA_CPP_CUDA_GRAPHS=0 turns them off): a step's ops are
+//   recorded with keys of all their arguments (engine/op_queue.h) and, at end_step(), either
+//   replay the graph of an earlier step with the same keys or are captured into a new one.
+//   The step's changing inputs live in device buffers uploaded before (begin_step), the decode
+//   attention's slot count is rounded up to a bucket of 256 (a row's result does not depend on
+//   it), and the workspaces are sized for the whole step first, so that consecutive decode
+//   steps of a batch size have equal keys until the bucket or a buffer changes. The staged CPU
+//   device replays its decode steps the same way in the tests (tests/test_device.py).
 #include "engine/device_cuda.h"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,6 +36,7 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/device_buffer.h"
 #include "engine/model.h"
+#include "engine/op_queue.h"
 
 namespace gemma::cuda {
 namespace {
@@ -49,6 +60,21 @@ const char* dtype_name(DType d) {
   return "?";
 }
 
+// A captured decode step.
+struct Graph final : OpQueue::Replay {
+  cudaGraphExec_t exec = nullptr;
+  cudaStream_t stream = nullptr;
+  void run() override { check(cudaGraphLaunch(exec, stream), "cudaGraphLaunch"); }
+  ~Graph() override {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+
+bool graphs_enabled() {
+  const char* e = std::getenv("GEMMA_CPP_CUDA_GRAPHS");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 class CudaDevice final : public Device {
  public:
   explicit CudaDevice(int index) : index_(index) {
@@ -63,6 +89,7 @@ class CudaDevice final : public Device {
   ~CudaDevice() override {
     cudaSetDevice(index_);
     cudaStreamSynchronize(stream_);
+    queue_.clear_replays();
     weights_.clear();
     for (DeviceArray* a : {&inv_freq_, &inv_freq_local_, &step_ints_, &step_valid_, &gemv_ws_, &attn_ws_})
       *a = DeviceArray();
@@ -76,6 +103,7 @@ class CudaDevice final : public Device {
   void* allocate(size_t bytes) override {
     if (bytes == 0) return nullptr;
     use();
+    flush();
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, bytes);
     if (e != cudaSuccess) {
@@ -91,24 +119,31 @@ class CudaDevice final : public Device {
   void release(void* p) override {
     if (!p) return;
     cudaSetDevice(index_);
+    try {
+      flush();  // queued ops may use it
+    } catch (const std::exception&) {  // reported by the step's own flush or download
+    }
     cudaStreamSynchronize(stream_);  // no kernel may still read it
     cudaFree(p);
   }
   void upload(void* dst, const void* host, size_t bytes) override {
     if (!bytes) return;
     use();
+    flush();
     check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpy to the device");
     check(cudaStreamSynchronize(stream_), "cudaMemcpy to the device");  // the host buffer may go
   }
   void download(void* host, const void* src, size_t bytes) override {
     if (!bytes) return;
     use();
+    flush();
     check(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpy to the host");
     check(cudaStreamSynchronize(stream_), "the step's kernels");
   }
   void copy(void* dst, const void* src, size_t bytes) override {
     if (!bytes || dst == src) return;
     use();
+    flush();
     const char* s = static_cast<const char*>(src);
     char* d = static_cast<char*>(dst);
     if (d < s + bytes && s < d + bytes) {  // overlapping: through a buffer of its own
@@ -122,6 +157,7 @@ class CudaDevice final : public Device {
   void fill(void* dst, int byte, size_t bytes) override {
     if (!bytes) return;
     use();
+    flush();
     check(cudaMemsetAsync(dst, byte, bytes, stream_), "cudaMemset");
   }
 
@@ -136,6 +172,10 @@ class CudaDevice final : public Device {
       throw std::invalid_argument("CUDA decode attention takes at most 8 query heads per KV head, got " +
                                   std::to_string(c.num_heads / c.num_kv_heads));
     if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
+    max_k_ = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
+    attn_.n_heads = c.num_heads;
+    attn_.n_kv = c.num_kv_heads;
+    attn_.head_dim = c.head_dim;
     ModelWeights out = w;
     out.embed = matrix(w.embed, "embed");
     if (w.lm_head.data) out.lm_head = matrix(w.lm_head, "lm_head");
@@ -161,9 +201,11 @@ class CudaDevice final : public Device {
     return out;
   }
 
-  void begin_step(const StepTokens& t, KVCache&, const std::vector<float>& inv_freq,
+  void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
     use();
+    queue_.start(false);  // drops what a failed step left queued
+    in_step_ = false;
     if (inv_freq != freq_host_ || inv_freq_local != freq_local_host_) {  // once per model
       freq_host_ = inv_freq;
       freq_local_host_ = inv_freq_local;
@@ -178,8 +220,11 @@ class CudaDevice final : public Device {
     R_ = static_cast<int64_t>(sr.pre_rows.size());
     slot0_ = sr.slot0;
     T_ = sr.T;
+    // Decode attention's slot count, rounded up to a bucket (the split-K chunks past a row's
+    // slot are skipped: its result does not change), so that a graph serves 256 steps.
     n_slots_ = 0;
     for (int64_t s : sr.dec_slots) n_slots_ = std::max(n_slots_, s + 1);
+    if (n_slots_ > 0) n_slots_ = std::min(cache.capacity, (n_slots_ + 255) / 256 * 256);
     // One upload: ids, positions, rows and slots of the M tokens, then the prompt rows.
     host_ints_.resize(static_cast<size_t>(4 * M_ + R_));
     for (int64_t m = 0; m < M_; ++m) {
@@ -194,22 +239,41 @@ class CudaDevice final : public Device {
     upload(step_ints_.get(), host_ints_.data(), host_ints_.size() * sizeof(int32_t));
     upload(step_valid_.get(), t.valid, static_cast<size_t>(M_));
     // The slots' valid flags go into the cache with the keys (rope_kv).
+    // Workspaces for every op of the step now: none may move while ops wait in the queue.
+    grow(gemv_ws_, gemv_workspace_bytes(M_, max_k_));
+    if (Md_ > 0) grow(attn_ws_, attention_decode_workspace_bytes(Md_, n_slots_, attn_));
+    in_step_ = true;
+    queue_.start(graphs_ && R_ == 0);
   }
 
+  void end_step() override {
+    flush();
+    in_step_ = false;
+  }
+  uint64_t replayed_steps() const override { return queue_.replayed(); }
+
   void embed(const Weight& table, float scale, float* x) override {
-    check(cuda::embed(table, ints(0), M_, scale, x, stream_), "embed");
+    const int32_t* ids = ints(0);
+    const int64_t M = M_;
+    run([&] { return KeyHash::of(1, key_of(table), ids, M, scale, x); },
+        [=] { check(cuda::embed(table, ids, M, scale, x, stream_), "embed"); });
   }
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
-    check(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm");
+    run([&] { return KeyHash::of(2, x, w, out, T, H, eps); },
+        [=] { check(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm"); });
   }
   void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
     if (T <= 0) return;
     if (work == Work::Prefill && w.dtype == DType::BF16) {
-      check(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16");
+      run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate); },
+          [=] { check(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16"); });
       return;
     }
-    grow(gemv_ws_, gemv_workspace_bytes(T, K));
-    check(gemv(x, T, K, w, y, w.rows, accumulate, gemv_ws_.get(), stream_), "gemv");
+    if (!in_step_) grow(gemv_ws_, gemv_workspace_bytes(T, K));  // in a step: sized by begin_step
+    if (gemv_ws_.bytes() < gemv_workspace_bytes(T, K)) throw std::logic_error("CUDA gemv: workspace too small");
+    void* ws = gemv_ws_.get();
+    run([&] { return KeyHash::of(4, x, T, K, key_of(w), y, accumulate, ws); },
+        [=] { check(gemv(x, T, K, w, y, w.rows, accumulate, ws, stream_), "gemv"); });
   }
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
     for (int i = 0; i < n; ++i) {
@@ -217,19 +281,31 @@ class CudaDevice final : public Device {
       matmul(x, T, K, *outs[i].w, outs[i].y, outs[i].accumulate, work);
     }
   }
-  void add(float* x, const float* y, int64_t n) override { check(cuda::add(x, y, n, stream_), "add"); }
+  void add(float* x, const float* y, int64_t n) override {
+    run([&] { return KeyHash::of(5, x, y, n); }, [=] { check(cuda::add(x, y, n, stream_), "add"); });
+  }
 
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
                const float* k_norm, float eps, int64_t n_heads) override {
-    check(rope_kv_write(q, k, v, M_, n_heads, cache.kv_heads, cache.head_dim, ints(1),
-                        (local ? inv_freq_local_ : inv_freq_).as<float>(), q_norm, k_norm, eps, view(cache, layer),
-                        ints(2), ints(3), step_valid_.as<uint8_t>(), stream_),
-          "rope_kv_write");
+    const KVLayer kv = view(cache, layer);
+    const int32_t *pos = ints(1), *rows = ints(2), *slots = ints(3);
+    const float* freq = (local ? inv_freq_local_ : inv_freq_).as<float>();
+    const uint8_t* valid = step_valid_.as<uint8_t>();
+    const int64_t M = M_;
+    run([&] {
+          return KeyHash::of(6, q, k, v, M, n_heads, kv.k, kv.v, kv.dtype, kv.rows, kv.kv_heads, kv.span, kv.head_dim,
+                             kv.valid, kv.capacity, pos, freq, q_norm, k_norm, eps, rows, slots, valid);
+        },
+        [=] {
+          check(rope_kv_write(q, k, v, M, n_heads, kv.kv_heads, kv.head_dim, pos, freq, q_norm, k_norm, eps, kv, rows,
+                              slots, valid, stream_),
+                "rope_kv_write");
+        });
   }
 
   void attention(const KVCache& cache, int64_t layer, const AttentionRule& rule, const float* q,
                  float* out) override {
-    AttnParams p;
+    AttnParams p = attn_;
     p.n_heads = rule.n_heads;
     p.n_kv = cache.kv_heads;
     p.head_dim = cache.head_dim;
@@ -238,25 +314,70 @@ class CudaDevice final : public Device {
     p.window = rule.window;
     p.causal = rule.causal;
     const KVLayer kv = view(cache, layer);
+    const int32_t *rows = ints(2), *slots = ints(3), *pre_rows = ints(4);
+    const uint64_t kv_key = KeyHash::of(kv.k, kv.v, kv.dtype, kv.rows, kv.kv_heads, kv.span, kv.head_dim, kv.valid,
+                                        kv.capacity);
+    const uint64_t p_key = KeyHash::of(p.n_heads, p.n_kv, p.head_dim, p.scale, p.softcap, p.window, p.causal);
     if (Md_ > 0) {
-      const size_t bytes = attention_decode_workspace_bytes(Md_, n_slots_, p);
-      grow(attn_ws_, bytes);
-      check(attention_decode(q, kv, ints(2), ints(3), Md_, n_slots_, p, out, attn_ws_.get(), attn_ws_.bytes(),
-                             stream_),
-            "attention_decode");
+      const int64_t Md = Md_, n_slots = n_slots_;
+      const size_t bytes = attention_decode_workspace_bytes(Md, n_slots, p);
+      if (attn_ws_.bytes() < bytes) throw std::logic_error("CUDA decode attention: workspace too small");
+      void* ws = attn_ws_.get();
+      run([&] { return KeyHash::of(7, q, kv_key, p_key, rows, slots, Md, n_slots, out, ws, bytes); },
+          [=] { check(attention_decode(q, kv, rows, slots, Md, n_slots, p, out, ws, bytes, stream_), "attention_decode"); });
     }
     if (R_ > 0) {
-      const int64_t QD = p.n_heads * p.head_dim;
-      check(attention_prefill(q + Md_ * QD, kv, ints(4), R_, slot0_, T_, p, out + Md_ * QD, stream_),
-            "attention_prefill");
+      const int64_t QD = p.n_heads * p.head_dim, Md = Md_, R = R_, slot0 = slot0_, T = T_;
+      run([&] { return KeyHash::of(8, q, kv_key, p_key, pre_rows, R, slot0, T, out, Md); },
+          [=] {
+            check(attention_prefill(q + Md * QD, kv, pre_rows, R, slot0, T, p, out + Md * QD, stream_),
+                  "attention_prefill");
+          });
     }
   }
 
-  void geglu(float* a, const float* b, int64_t n) override { check(cuda::geglu(a, b, a, n, stream_), "geglu"); }
-  void softcap(float* x, int64_t n, float cap) override { check(cuda::softcap(x, n, cap, stream_), "softcap"); }
+  void geglu(float* a, const float* b, int64_t n) override {
+    run([&] { return KeyHash::of(9, a, b, n); }, [=] { check(cuda::geglu(a, b, a, n, stream_), "geglu"); });
+  }
+  void softcap(float* x, int64_t n, float cap) override {
+    run([&] { return KeyHash::of(10, x, n, cap); }, [=] { check(cuda::softcap(x, n, cap, stream_), "softcap"); });
+  }
 
  private:
   void use() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
+
+  // An op: launched now, or, inside a step, recorded with its key for end_step().
+  template <typename Key, typename F>
+  void run(Key&& key, F&& op) {
+    if (!in_step_) {
+      op();
+      return;
+    }
+    queue_.push(key(), std::forward<F>(op));
+  }
+  // The recorded ops: launched one by one, or a decode step as a graph (replayed, or captured
+  // now and launched).
+  void flush() {
+    queue_.flush([this](std::vector<OpQueue::Op>& ops) -> std::unique_ptr<OpQueue::Replay> {
+      check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      cudaGraph_t graph = nullptr;
+      try {
+        for (auto& op : ops) op();
+      } catch (...) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        throw;
+      }
+      check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+      auto g = std::make_unique<Graph>();
+      g->stream = stream_;
+      const cudaError_t e = cudaGraphInstantiate(&g->exec, graph, 0);
+      cudaGraphDestroy(graph);
+      check(e, "cudaGraphInstantiate");
+      return g;
+    });
+  }
 
   // The step's int32 arrays: 0 ids, 1 positions, 2 rows, 3 slots (M each), 4 prompt rows.
   const int32_t* ints(int which) const { return step_ints_.as<int32_t>() + which * M_; }
@@ -319,6 +440,10 @@ class CudaDevice final : public Device {
   DeviceArray gemv_ws_, attn_ws_;
   std::vector<int32_t> host_ints_;
   std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
+  OpQueue queue_;
+  bool graphs_ = graphs_enabled(), in_step_ = false;
+  int64_t max_k_ = 0;
+  AttnParams attn_;  // the model's heads (place)
   int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;
 };
 

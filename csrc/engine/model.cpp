@@ -139,16 +139,17 @@ void ModelConfig::validate() const {
 }
 
 namespace {
-bool default_cpu_staged = false, default_cpu_ring = true;
+bool default_cpu_staged = false, default_cpu_ring = true, default_cpu_replay = false;
 }  // namespace
 
-void set_default_cpu_staged(bool staged, bool ring) {
+void set_default_cpu_staged(bool staged, bool ring, bool replay) {
   default_cpu_staged = staged;
   default_cpu_ring = ring;
+  default_cpu_replay = replay;
 }
 
 Model::Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<Device> device)
-    : cfg_(config), dev_(device ? std::move(device) : make_cpu_device(default_cpu_staged, default_cpu_ring)) {
+    : cfg_(config), dev_(device ? std::move(device) : make_cpu_device(default_cpu_staged, default_cpu_ring, default_cpu_replay)) {
   cfg_.validate();
   w_ = dev_->place(cfg_, weights);
   if (cfg_.rope_theta_local == 0.f) cfg_.rope_theta_local = cfg_.rope_theta;
@@ -301,6 +302,7 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
   dev_->rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  dev_->end_step();
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
   return x_out;
 }

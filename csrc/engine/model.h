@@ -205,7 +205,8 @@ class Model {
 
 // Tests: models built after this (without a device of their own) run on the staged CPU
 // device (engine/device.h), which takes every path a device with its own memory takes;
-// ring = false gives it the KV cache of the CUDA device (no sliding-window buffers).
-void set_default_cpu_staged(bool staged, bool ring = true);
+// ring = false gives it the KV cache of the CUDA device (no sliding-window buffers); replay:
+// decode steps replayed as the CUDA device's graphs are (engine/device.h).
+void set_default_cpu_staged(bool staged, bool ring = true, bool replay = false);
 
 }  // namespace gemma

@@ -1,0 +1,125 @@
+// A step's ops recorded instead of run, then run at once: directly, or as the replay of what
+// an earlier step with exactly the same ops recorded. A CUDA device replays decode steps as
+// captured CUDA graphs (one launch instead of hundreds); the staged CPU device (tests) replays
+// the closures it kept, so that a step whose ops differ from the recorded ones in any argument
+// it did not key shows up as wrong bits on every CI run.
+//
+// Each op is pushed with a key: a hash of its kind and of every argument it was given (device
+// pointers and sizes; the step's changing inputs, ids, positions, rows and slots, live in
+// device memory the ops read, uploaded before the flush). A step's ops replay an earlier
+// step's only when the two key lists are equal.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <list>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace gemma {
+
+// FNV-1a over the bytes of plain values without padding (a struct with padding would hash
+// its indeterminate padding bytes: give its fields instead, as key_of below).
+class KeyHash {
+ public:
+  template <typename... A>
+  static uint64_t of(const A&... args) {
+    uint64_t h = 1469598103934665603ull;
+    (mix(h, args), ...);
+    return h;
+  }
+
+ private:
+  template <typename T>
+  static void mix(uint64_t& h, const T& v) {
+    static_assert(std::has_unique_object_representations_v<T> || std::is_floating_point_v<T>,
+                  "op keys hash plain values without padding");
+    unsigned char b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    for (unsigned char c : b) h = (h ^ c) * 1099511628211ull;
+  }
+};
+
+inline uint64_t key_of(const Weight& w) { return KeyHash::of(w.data, w.scales, w.mins, w.dtype, w.rows, w.cols, w.ld); }
+inline uint64_t key_of(const AttentionRule& r) { return KeyHash::of(r.n_heads, r.window, r.scale, r.softcap, r.causal); }
+
+class OpQueue {
+ public:
+  using Op = std::function<void()>;
+  // What a replayable step's ops become (a CUDA graph; the closures themselves).
+  struct Replay {
+    virtual ~Replay() = default;
+    virtual void run() = 0;
+  };
+  // capture(ops) turns ops into a Replay without running them (a CUDA graph is captured, not
+  // run); the queue then runs it. It may instead run the ops itself and return null: nothing
+  // is kept.
+  using Capture = std::function<std::unique_ptr<Replay>(std::vector<Op>& ops)>;
+
+  explicit OpQueue(size_t max_replays = 64) : max_(max_replays) {}
+
+  // A new step; replayable: its ops may be kept and replayed (decode steps). Ops still
+  // queued (a step that failed before its flush) are dropped.
+  void start(bool replayable) {
+    ops_.clear();
+    keys_.clear();
+    replayable_ = replayable;
+  }
+  void push(uint64_t key, Op op) {
+    keys_.push_back(key);
+    ops_.push_back(std::move(op));
+  }
+  // A read of device memory on the host is coming (or any work outside the queue): what was
+  // recorded runs now, and the rest of the step is not replayable.
+  // The queue is empty when an op throws: what a failed step left is never run later.
+  void flush(const Capture& capture) {
+    if (ops_.empty()) return;
+    std::vector<Op> ops;
+    std::vector<uint64_t> keys;
+    ops.swap(ops_);
+    keys.swap(keys_);
+    const bool replayable = replayable_;
+    replayable_ = false;
+    if (!replayable || !capture) {
+      for (auto& op : ops) op();
+    } else {
+      replay_or_capture(ops, keys, capture);
+    }
+  }
+  size_t replays() const { return cache_.size(); }
+  uint64_t replayed() const { return replayed_; }  // steps run as a replay so far
+  void clear_replays() { cache_.clear(); }
+
+ private:
+  struct Entry {
+    std::vector<uint64_t> keys;
+    std::unique_ptr<Replay> replay;
+  };
+  void replay_or_capture(std::vector<Op>& ops, std::vector<uint64_t>& keys, const Capture& capture) {
+    for (auto it = cache_.begin(); it != cache_.end(); ++it)
+      if (it->keys == keys) {
+        cache_.splice(cache_.begin(), cache_, it);  // most recently used first
+        ++replayed_;
+        cache_.front().replay->run();
+        return;
+      }
+    std::unique_ptr<Replay> r = capture(ops);
+    if (!r) return;  // capture ran the ops itself
+    r->run();
+    cache_.push_front(Entry{std::move(keys), std::move(r)});
+    if (cache_.size() > max_) cache_.pop_back();
+  }
+
+  size_t max_;
+  bool replayable_ = false;
+  std::vector<Op> ops_;
+  std::vector<uint64_t> keys_;
+  std::list<Entry> cache_;
+  uint64_t replayed_ = 0;
+};
+
+}  // namespace gemma
