@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hbm-tbs", type=float, default=float(os.environ.get("GPU_CHECK_HBM_TBS", "4.8")),
                     help="HBM bandwidth for the bound, TB/s (H200 datasheet: 4.8)")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-graphs-row", action="store_true", help="on CUDA: leave out bf16 without CUDA graphs")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
 
@@ -141,28 +142,35 @@ def main(argv=None) -> int:
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        for fmt in formats:
+        # The formats; on CUDA also bf16 with its decode steps launched op by op, not as graphs.
+        runs = [(fmt, True) for fmt in formats]
+        if device.startswith("cuda") and "bfloat16" in formats and not a.no_graphs_row:
+            runs.append(("bfloat16", False))
+        for fmt, graphs in runs:
             t0 = time.perf_counter()
             kw = dict(dtype="bfloat16") if fmt == "bfloat16" else dict(quantization=fmt)
+            os.environ["GEMMA_CPP_CUDA_GRAPHS"] = "1" if graphs else "0"  # read when the model is made
             model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, device=device, **kw)
             load_s = time.perf_counter() - t0
 
             def ours(ids, n, model=model):
                 model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[])
 
-            r = dict(engine=f"gemma_cpp ({model.device})", fmt=fmt, load_s=load_s,
+            r = dict(engine=f"gemma_cpp ({model.device}{'' if graphs else ', no graphs'})", fmt=fmt, load_s=load_s,
                      **timings(ours, device, 16, a.new, a.reps, rng, cfg["vocab_size"]))
             r["step_bytes"] = matrix_weights(cfg) * BYTES_PER_WEIGHT[fmt]
+            r["replayed_steps"] = model._engine.replayed_steps
             rows.append(r)
             print(r, flush=True)
             del model
             gc.collect()
+        os.environ.pop("GEMMA_CPP_CUDA_GRAPHS", None)
 
     hf = next((r for r in rows if r["engine"].startswith("transformers")), None)
     print()
     print(f"{'Gemma-2B' if not a.tiny else 'tiny'} random weights on {device}; decode: tokens/s per batch; "
           f"bound: step bytes / {a.hbm_tbs} TB/s")
-    hdr = (f"{'engine':<22}{'weights':>9}{'B=1 tok/s':>11}{'% bound':>9}{'x hf':>7}{'B=8 tok/s':>11}{'x hf':>7}"
+    hdr = (f"{'engine':<32}{'weights':>9}{'B=1 tok/s':>11}{'% bound':>9}{'x hf':>7}{'B=8 tok/s':>11}{'x hf':>7}"
            f"{'prefill tok/s':>15}{'x hf':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -174,11 +182,11 @@ def main(argv=None) -> int:
         hf_rates = dict(decode_b1=1 / hf["decode_b1_s"], decode_b8=8 / hf["decode_b8_s"],
                         prefill=512 / hf["prefill_512_s"]) if hf else {}
         x = (lambda v, k: f"{v / hf_rates[k]:.2f}" if hf and r is not hf else "")
-        print(f"{r['engine']:<22}{r['fmt']:>9}{d1:>11.1f}{(f'{100 * d1 / bound:.0f}%' if bound else ''):>9}"
+        print(f"{r['engine']:<32}{r['fmt']:>9}{d1:>11.1f}{(f'{100 * d1 / bound:.0f}%' if bound else ''):>9}"
               f"{x(d1, 'decode_b1'):>7}{d8:>11.1f}{x(d8, 'decode_b8'):>7}{pf:>15.0f}{x(pf, 'prefill'):>7}")
 
     # Issue 16's targets (meaningful on an H200 with Gemma-2B; printed whatever the run).
-    ours = {r["fmt"]: r for r in rows if r["engine"].startswith("gemma_cpp")}
+    ours = {r["fmt"]: r for r in rows if r["engine"].startswith("gemma_cpp") and "no graphs" not in r["engine"]}
     print()
     if "bfloat16" in ours:
         b = ours["bfloat16"]

@@ -24,9 +24,11 @@
 #      bf16 on the same GPU; one table and issue 16's targets (JSON in the output folder).
 #      tests/test_bench_gpu.py runs the same script on a tiny model on the CPU in CI.
 #
-# NOT yet: CUDA graphs, sampling on the GPU (the logits come to the host each step), the
-# quantized prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16
-# tokens), torch tensors on CUDA from return_tensors="pt".
+# Decode steps run as CUDA graphs (GEMMA_CPP_CUDA_GRAPHS=0: launched one by one; the model
+# tests run both ways, the table has a bf16 row without them).
+# NOT yet: sampling on the GPU (the logits come to the host each step), the quantized
+# prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16 tokens),
+# torch tensors on CUDA from return_tensors="pt".
 #
 # Environment: CUDAARCHS (default 90), GPU_CHECK_OUT (log and JSON folder; default $OUT when
 # set, else /tmp), GPU_CHECK_SANITIZE=1 (also run a few tests under compute-sanitizer).
@@ -97,6 +99,8 @@ run_step "tests/test_cuda.py" 300 env GEMMA_CPP_REQUIRE_GPU=1 "$PY" -m pytest -x
   -p no:cacheprovider tests/test_cuda.py || true
 run_step "tests/test_cuda_model.py" 180 env GEMMA_CPP_REQUIRE_GPU=1 "$PY" -m pytest -q -rfEs --tb=short \
   -p no:cacheprovider tests/test_cuda_model.py || true
+run_step "tests/test_cuda_model.py, CUDA graphs off" 120 env GEMMA_CPP_CUDA_GRAPHS=0 "$PY" -m pytest -q -rfEs \
+  --tb=short -p no:cacheprovider tests/test_cuda_model.py -k "not graphs" || true
 
 if [ "${GPU_CHECK_SANITIZE:-0}" = "1" ] && command -v compute-sanitizer >/dev/null 2>&1; then
   run_step "compute-sanitizer memcheck (a few tests)" 240 compute-sanitizer --tool memcheck --error-exitcode 9 \

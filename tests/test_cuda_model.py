@@ -6,6 +6,8 @@ staged CPU device (tests/test_device.py), with the CUDA device's KV cache layout
 is left for a GPU is the kernels and the device's own memory handling. Without a usable GPU
 every @gpu test skips with gemma_cpp.cuda_status()'s reason; gpu_check.sh runs this file with
 GEMMA_CPP_REQUIRE_GPU=1 (tests/test_cuda.py then fails a run that finds no GPU)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -116,6 +118,26 @@ def test_logits_match_transformers_on_cuda(tiny, torch, cls_name, arch):
     finally:
         ref.to("cpu")
     assert rel_err(model(ids, attention_mask=mask).logits, want, mask.astype(bool)) < 1e-3
+
+
+@gpu
+def test_decode_steps_replay_as_cuda_graphs(tiny, monkeypatch):
+    """Decode steps run as CUDA graphs (a step of each shape captured, the next ones replayed)
+    and give the bits of the same kernels launched one by one (GEMMA_CPP_CUDA_GRAPHS=0)."""
+    folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
+    ids, mask = random_batch(16, 2, 12, ref.config.vocab_size, pad_left=[0, 3])
+    kw = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
+    graphs = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, device="cuda", dtype="float32")
+    monkeypatch.setenv("GEMMA_CPP_CUDA_GRAPHS", "0")
+    plain = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, device="cuda", dtype="float32")
+    assert os.environ["GEMMA_CPP_CUDA_GRAPHS"] == "0"
+    for gen in (dict(do_sample=False), dict(do_sample=True, temperature=1.3, top_k=0, seed=5)):
+        a, b = plain.generate(ids, **kw, **gen), graphs.generate(ids, **kw, **gen)
+        np.testing.assert_array_equal(b.sequences, a.sequences)
+        for x, y in zip(a.logits, b.logits):
+            np.testing.assert_array_equal(y, x)
+    assert plain._engine.replayed_steps == 0
+    assert graphs._engine.replayed_steps >= 2 * 37  # 39 decode steps a call, each shape captured once
 
 
 @gpu
