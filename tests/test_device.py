@@ -149,6 +149,27 @@ def test_rows_that_finish_early_are_the_same_bits(gemma3):
         _same(y[live], x[live], f"logits of step {i}")
 
 
+def test_greedy_picks_on_the_device_are_the_same_bits(gemma3):
+    """Greedy without penalties, logits or logprobs: a device with memory of its own picks the
+    tokens itself (Device::argmax, only the ids come back), in generate and in the scheduler;
+    the same tokens as the host's sampler, as the replayed steps of the flat cache give them."""
+    folder, ref = gemma3
+    plain, other = _pair(gemma_cpp.GemmaForCausalLM, folder, ring=False, replay=True)
+    ids, mask = random_batch(6, 3, 11, ref.config.vocab_size, pad_left=[0, 2, 5])
+    for n in (1, 3):  # a lone row (the pooled scan on the host) and a batch
+        kw = dict(attention_mask=mask[:n], max_new_tokens=30, eos_token_id=[], do_sample=False)
+        _same(other.generate(ids[:n], **kw), plain.generate(ids[:n], **kw), f"greedy x{n}")
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, ref.config.vocab_size, size=k).tolist() for k in (2, 9, 20, 33)]
+
+    def serve(model):
+        with gemma_cpp.Engine(model, slots=3, slot_ctx=80, chunk_size=8) as engine:
+            return [r.result(timeout=120) for r in [engine.submit(p, max_new_tokens=15, eos_token_id=[])
+                                                     for p in prompts]]
+
+    assert serve(other) == serve(plain)
+
+
 @pytest.mark.parametrize("cls_name,config,labels", [("GemmaForSequenceClassification", "gqa", 3),
                                                      ("GemmaForTokenClassification", "mha", 5)])
 def test_the_heads_are_the_same_bits(tiny, cls_name, config, labels):

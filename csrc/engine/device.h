@@ -90,6 +90,9 @@ class Device {
   virtual void geglu(float* a, const float* b, int64_t n) = 0;
   // x[i] = cap * tanh(x[i] / cap).
   virtual void softcap(float* x, int64_t n, float cap) = 0;
+  // out[r] (host memory) = the first index of the largest of logits[r, :V], NaN skipped, for
+  // r < n: greedy picks without the logits leaving the device (engine/sampler.h's argmax).
+  virtual void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) = 0;
   // After a step's last op. A device may hold the step's ops until here (or until the next
   // download) and run them at once: a decode step whose ops equal an earlier one's, argument
   // for argument, as a replay of it (a CUDA graph).

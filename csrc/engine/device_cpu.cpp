@@ -9,6 +9,7 @@
 #include "engine/device.h"
 #include "engine/model.h"
 #include "engine/op_queue.h"
+#include "engine/sampler.h"
 #include "runtime/threadpool.h"
 
 namespace gemma {
@@ -170,6 +171,11 @@ class CpuDevice final : public Device {
         for (int64_t i = a; i < b; ++i) x[i] = std::tanh(x[i] / cap) * cap;
       });
     });
+  }
+
+  void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) override {
+    flush();
+    for (int64_t r = 0; r < n; ++r) out[r] = n == 1 ? argmax_pooled(logits, V) : gemma::argmax(logits + r * V, V);
   }
 
   void end_step() override {

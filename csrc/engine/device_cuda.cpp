@@ -91,7 +91,7 @@ class CudaDevice final : public Device {
     cudaStreamSynchronize(stream_);
     queue_.clear_replays();
     weights_.clear();
-    for (DeviceArray* a : {&inv_freq_, &inv_freq_local_, &step_ints_, &step_valid_, &gemv_ws_, &attn_ws_})
+    for (DeviceArray* a : {&inv_freq_, &inv_freq_local_, &step_ints_, &step_valid_, &gemv_ws_, &attn_ws_, &argmax_out_})
       *a = DeviceArray();
     cudaStreamDestroy(stream_);
   }
@@ -244,6 +244,15 @@ class CudaDevice final : public Device {
     if (Md_ > 0) grow(attn_ws_, attention_decode_workspace_bytes(Md_, n_slots_, attn_));
     in_step_ = true;
     queue_.start(graphs_ && R_ == 0);
+  }
+
+  void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) override {
+    if (n <= 0) return;
+    use();
+    flush();
+    grow(argmax_out_, static_cast<size_t>(n) * sizeof(int32_t));
+    check(cuda::argmax(logits, n, V, argmax_out_.as<int32_t>(), stream_), "argmax");
+    download(out, argmax_out_.get(), static_cast<size_t>(n) * sizeof(int32_t));
   }
 
   void end_step() override {
@@ -437,7 +446,7 @@ class CudaDevice final : public Device {
   std::vector<DeviceArray> weights_;
   DeviceArray inv_freq_, inv_freq_local_;
   DeviceArray step_ints_, step_valid_;  // the step's tokens (begin_step)
-  DeviceArray gemv_ws_, attn_ws_;
+  DeviceArray gemv_ws_, attn_ws_, argmax_out_;
   std::vector<int32_t> host_ints_;
   std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
   OpQueue queue_;

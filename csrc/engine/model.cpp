@@ -181,6 +181,11 @@ void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
   if (cfg_.final_softcap > 0.f) dev_->softcap(out, n * cfg_.vocab_size, cfg_.final_softcap);
 }
 
+bool Model::device_greedy(const SamplingParams& p) const {
+  return !dev_->host_memory() && !p.do_sample && p.repetition_penalty == 1.f && p.presence_penalty == 0.f &&
+         p.frequency_penalty == 0.f;
+}
+
 float* Model::host_logits(const float* hidden, int64_t n, Work work, std::vector<float>& stage) {
   const int64_t count = n * cfg_.vocab_size;
   float* lg = scratch(ws_.lg, count);
@@ -449,9 +454,22 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
               dev_->copy(last.as<float>() + b * H, &h[(b * T + T - 1) * H], H * sizeof(float));
           });
   // One position per row: the decode kernels, as every later step (batch invariance).
-  // lg: the active rows' logits, in host memory the samplers may change.
+  // lg: the active rows' logits, in host memory the samplers may change; or, greedy on a
+  // device with memory of its own, the picks made there (only the token ids come back).
   std::vector<float> stage;
-  float* lg = host_logits(last.as<float>(), B, Work::Decode, stage);
+  std::vector<int32_t> greedy(static_cast<size_t>(B));
+  const bool on_device = device_greedy(p) && !on_logits;
+  float* lg = nullptr;
+  auto draw_logits = [&](const float* hidden, int64_t n) {
+    if (!on_device) {
+      lg = host_logits(hidden, n, Work::Decode, stage);
+      return;
+    }
+    float* dl = scratch(ws_.lg, n * V);
+    logits(hidden, n, dl, Work::Decode);
+    dev_->argmax(dl, n, V, greedy.data());
+  };
+  draw_logits(last.as<float>(), B);
 
   res.tokens.assign(static_cast<size_t>(B * p.max_new_tokens), p.pad_token_id);
   std::vector<uint8_t> finished(B, 0);
@@ -465,7 +483,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     // row's scan of the vocabulary spread over it.
     auto pick = [&](size_t i, bool use_pool) {
       const int64_t b = active[i];
-      const int32_t tok = samplers[b].next(&lg[i * V], V, history[b], use_pool);
+      const int32_t tok = on_device ? greedy[i] : samplers[b].next(&lg[i * V], V, history[b], use_pool);
       history[b].push_back(tok);
       step_tokens[b] = tok;
       res.tokens[b * p.max_new_tokens + s] = tok;
@@ -499,7 +517,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     StepRows sr;
     sr.dec_rows = active;
     sr.dec_slots.assign(active.size(), L + s);
-    lg = host_logits(step(cache, sr, ids.data(), pos.data(), ones.data(), nullptr), R, Work::Decode, stage);
+    draw_logits(step(cache, sr, ids.data(), pos.data(), ones.data(), nullptr), R);
   }
   // Compact [B, max_new_tokens] to [B, steps].
   if (res.steps < p.max_new_tokens) {

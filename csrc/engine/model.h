@@ -185,6 +185,9 @@ class Model {
   // The same, left in host memory the caller may change: the device's own buffer when it is
   // host memory, else `stage` downloaded.
   float* host_logits(const float* hidden, int64_t n, Work work, std::vector<float>& stage);
+  // Greedy picks under p need no logits on the host: on a device with memory of its own they
+  // are made there (Device::argmax; the same first index of the maximum as the sampler's).
+  bool device_greedy(const SamplingParams& p) const;
   // a grown to hold at least n floats (its contents are lost when it grows).
   float* scratch(DeviceArray& a, int64_t n);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly

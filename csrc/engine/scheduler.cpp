@@ -319,8 +319,20 @@ void Scheduler::loop() {
         for (int64_t i = 0; i < n; ++i) model_.device().copy(sel + i * H, hid + drawn_at[i] * H, H * sizeof(float));
         states = sel;
       }
-      // One position per sequence: the decode kernels, as generate()'s every token.
-      float* lg = n > 0 ? model_.host_logits(states, n, Work::Decode, lg_stage) : nullptr;
+      // One position per sequence: the decode kernels, as generate()'s every token. When every
+      // drawing sequence is greedy without penalties or logprobs, a device with memory of its
+      // own picks the tokens itself (only the ids come back).
+      bool on_device = n > 0;
+      for (int64_t i = 0; i < n && on_device; ++i)
+        on_device = drawn[i]->logprobs < 0 && model_.device_greedy(drawn[i]->params);
+      float* lg = nullptr;
+      if (on_device) {
+        float* dl = model_.scratch(model_.ws_.lg, n * V);
+        model_.logits(states, n, dl, Work::Decode);
+        model_.device().argmax(dl, n, V, drawn_tokens.data());
+      } else if (n > 0) {
+        lg = model_.host_logits(states, n, Work::Decode, lg_stage);
+      }
       // Each sequence draws from its own sampler; the logprobs read the raw logits first.
       auto draw = [&](int64_t i, bool pool) {
         Seq& s = *drawn[i];
@@ -336,9 +348,9 @@ void Scheduler::loop() {
         drawn_tokens[i] = s.sampler->next(row, V, s.history, pool);
         drawn_lp[i] = raw[drawn_tokens[i]] - lse;
       };
-      if (n == 1) {
+      if (!on_device && n == 1) {
         draw(0, true);
-      } else if (n > 1) {
+      } else if (!on_device && n > 1) {
         parallel_for(n, [&](int64_t a, int64_t b) {
           for (int64_t i = a; i < b; ++i) draw(i, false);
         });
