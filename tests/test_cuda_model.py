@@ -137,7 +137,7 @@ def test_decode_steps_replay_as_cuda_graphs(tiny, monkeypatch):
         for x, y in zip(a.logits, b.logits):
             np.testing.assert_array_equal(y, x)
     assert plain._engine.replayed_steps == 0
-    assert graphs._engine.replayed_steps >= 2 * 37  # 39 decode steps a call, each shape captured once
+    assert graphs._engine.replayed_steps >= 2 * 37  # 39 decode steps a call: one runs, one is captured
 
 
 @gpu

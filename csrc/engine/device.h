@@ -97,6 +97,8 @@ class Device {
   // download) and run them at once: a decode step whose ops equal an earlier one's, argument
   // for argument, as a replay of it (a CUDA graph).
   virtual void end_step() = 0;
+  // Instead of end_step() when the step failed: its queued ops are dropped, never run.
+  virtual void abort_step() = 0;
   // Steps run as a replay so far (tests, benchmarks).
   virtual uint64_t replayed_steps() const = 0;
 };

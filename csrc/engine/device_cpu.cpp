@@ -1,8 +1,12 @@
 // The CPU device: engine/device.h's ops on cpu/kernels.h, over host memory.
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
 
 #include "cpu/quant.h"
 #include "cpu/simd.h"
@@ -29,6 +33,7 @@ class CpuDevice final : public Device {
   bool host_memory() const override { return !staged_; }
 
   void* allocate(size_t bytes) override {
+    not_mid_step("allocate");
     flush();
     if (bytes == 0) return nullptr;
     void* p = std::malloc(bytes);
@@ -41,18 +46,22 @@ class CpuDevice final : public Device {
     std::free(p);
   }
   void upload(void* dst, const void* host, size_t bytes) override {
+    not_mid_step("upload");
     flush();
     std::memcpy(dst, host, bytes);
   }
   void download(void* host, const void* src, size_t bytes) override {
+    not_mid_step("download");
     flush();
     std::memcpy(host, src, bytes);
   }
   void copy(void* dst, const void* src, size_t bytes) override {
+    not_mid_step("copy");
     flush();
     std::memmove(dst, src, bytes);
   }
   void fill(void* dst, int byte, size_t bytes) override {
+    not_mid_step("fill");
     flush();
     std::memset(dst, byte, bytes);
   }
@@ -61,6 +70,7 @@ class CpuDevice final : public Device {
   void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
     queue_.start(replay_ && t.rows->prompt_tokens() == 0);  // drops what a failed step left queued
+    owner_ = std::this_thread::get_id();
     in_step_ = replay_;
     t_ = &t;
     // cos / sin of every token's position: full-attention layers' table, then the sliding
@@ -179,7 +189,11 @@ class CpuDevice final : public Device {
   }
 
   void end_step() override {
+    in_step_ = false;
     flush();
+  }
+  void abort_step() override {
+    queue_.start(false);
     in_step_ = false;
   }
 
@@ -204,6 +218,13 @@ class CpuDevice final : public Device {
       std::memcpy(c.k.as<float>() + o, key, c.head_dim * sizeof(float));
       std::memcpy(c.v.as<float>() + o, value, c.head_dim * sizeof(float));
     }
+  }
+
+  // A memory op from another thread while a step's ops are queued is a caller's bug (they
+  // must hold the model's lock): said, instead of run amid the step.
+  void not_mid_step(const char* what) const {
+    if (in_step_.load() && owner_.load() != std::this_thread::get_id())
+      throw std::logic_error(std::string("device ") + what + " from another thread during a step");
   }
 
   // An op: run now, or (replay mode, inside a step) recorded for the step's flush with its key.
@@ -233,7 +254,10 @@ class CpuDevice final : public Device {
   }
 
   bool staged_, ring_, replay_;
-  bool in_step_ = false;  // replay mode, between begin_step and end_step: ops are recorded
+  // Replay mode, between begin_step and end_step: ops are recorded, and only the stepping
+  // thread may use the device (another's memory op would run amid the step's queue).
+  std::atomic<bool> in_step_{false};
+  std::atomic<std::thread::id> owner_{};
   OpQueue queue_;
   const StepTokens* t_ = nullptr;   // the step in progress
   int64_t half_ = 0, local_at_ = 0;  // RoPE: head_dim / 2; where the sliding layers' table starts

@@ -26,10 +26,12 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/quant.h"
@@ -67,6 +69,7 @@ struct Graph final : OpQueue::Replay {
   void run() override { check(cudaGraphLaunch(exec, stream), "cudaGraphLaunch"); }
   ~Graph() override {
     if (exec) cudaGraphExecDestroy(exec);
+    cudaGetLastError();
   }
 };
 
@@ -87,6 +90,7 @@ class CudaDevice final : public Device {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
   ~CudaDevice() override {
+    queue_.start(false);
     cudaSetDevice(index_);
     cudaStreamSynchronize(stream_);
     queue_.clear_replays();
@@ -101,6 +105,7 @@ class CudaDevice final : public Device {
   bool ring_cache() const override { return false; }
 
   void* allocate(size_t bytes) override {
+    not_mid_step("allocate");
     if (bytes == 0) return nullptr;
     use();
     flush();
@@ -120,13 +125,15 @@ class CudaDevice final : public Device {
     if (!p) return;
     cudaSetDevice(index_);
     try {
-      flush();  // queued ops may use it
-    } catch (const std::exception&) {  // reported by the step's own flush or download
+      flush();  // queued ops may use it (outside a step there are none)
+    } catch (const std::exception&) {  // a destructor's call: nowhere to report it
     }
     cudaStreamSynchronize(stream_);  // no kernel may still read it
     cudaFree(p);
+    cudaGetLastError();  // what these unchecked calls left must not fail the next launch
   }
   void upload(void* dst, const void* host, size_t bytes) override {
+    not_mid_step("upload");
     if (!bytes) return;
     use();
     flush();
@@ -134,6 +141,7 @@ class CudaDevice final : public Device {
     check(cudaStreamSynchronize(stream_), "cudaMemcpy to the device");  // the host buffer may go
   }
   void download(void* host, const void* src, size_t bytes) override {
+    not_mid_step("download");
     if (!bytes) return;
     use();
     flush();
@@ -141,6 +149,7 @@ class CudaDevice final : public Device {
     check(cudaStreamSynchronize(stream_), "the step's kernels");
   }
   void copy(void* dst, const void* src, size_t bytes) override {
+    not_mid_step("copy");
     if (!bytes || dst == src) return;
     use();
     flush();
@@ -155,6 +164,7 @@ class CudaDevice final : public Device {
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy on the device");
   }
   void fill(void* dst, int byte, size_t bytes) override {
+    not_mid_step("fill");
     if (!bytes) return;
     use();
     flush();
@@ -242,6 +252,7 @@ class CudaDevice final : public Device {
     // Workspaces for every op of the step now: none may move while ops wait in the queue.
     grow(gemv_ws_, gemv_workspace_bytes(M_, max_k_));
     if (Md_ > 0) grow(attn_ws_, attention_decode_workspace_bytes(Md_, n_slots_, attn_));
+    owner_ = std::this_thread::get_id();
     in_step_ = true;
     queue_.start(graphs_ && R_ == 0);
   }
@@ -256,7 +267,11 @@ class CudaDevice final : public Device {
   }
 
   void end_step() override {
+    in_step_ = false;
     flush();
+  }
+  void abort_step() override {
+    queue_.start(false);
     in_step_ = false;
   }
   uint64_t replayed_steps() const override { return queue_.replayed(); }
@@ -353,6 +368,13 @@ class CudaDevice final : public Device {
   }
 
  private:
+  // A memory op from another thread while a step's ops are queued is a caller's bug (they
+  // must hold the model's lock): said, instead of run amid the step.
+  void not_mid_step(const char* what) const {
+    if (in_step_.load() && owner_.load() != std::this_thread::get_id())
+      throw std::logic_error(std::string("device ") + what + " from another thread during a step");
+  }
+
   void use() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
 
   // An op: launched now, or, inside a step, recorded with its key for end_step().
@@ -368,22 +390,29 @@ class CudaDevice final : public Device {
   // now and launched).
   void flush() {
     queue_.flush([this](std::vector<OpQueue::Op>& ops) -> std::unique_ptr<OpQueue::Replay> {
-      check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      // A capture that fails turns graphs off for this device and runs the ops one by one (a
+      // launch that fails again then reports its own error).
+      auto fall_back = [&](cudaGraph_t graph) -> std::unique_ptr<OpQueue::Replay> {
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        graphs_ = false;
+        for (auto& op : ops) op();
+        return nullptr;
+      };
+      if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return fall_back(nullptr);
       cudaGraph_t graph = nullptr;
       try {
         for (auto& op : ops) op();
-      } catch (...) {
+      } catch (const std::exception&) {
         cudaStreamEndCapture(stream_, &graph);
-        if (graph) cudaGraphDestroy(graph);
-        cudaGetLastError();
-        throw;
+        return fall_back(graph);
       }
-      check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+      if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess) return fall_back(graph);
       auto g = std::make_unique<Graph>();
       g->stream = stream_;
       const cudaError_t e = cudaGraphInstantiate(&g->exec, graph, 0);
+      if (e != cudaSuccess) return fall_back(graph);
       cudaGraphDestroy(graph);
-      check(e, "cudaGraphInstantiate");
       return g;
     });
   }
@@ -450,7 +479,11 @@ class CudaDevice final : public Device {
   std::vector<int32_t> host_ints_;
   std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
   OpQueue queue_;
-  bool graphs_ = graphs_enabled(), in_step_ = false;
+  bool graphs_ = graphs_enabled();
+  // Between begin_step and end_step: ops are queued, and only the stepping thread may use the
+  // device (another's memory op would land amid the step, or inside its graph's capture).
+  std::atomic<bool> in_step_{false};
+  std::atomic<std::thread::id> owner_{};
   int64_t max_k_ = 0;
   AttnParams attn_;  // the model's heads (place)
   int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;

@@ -249,6 +249,14 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
   float* u = scratch(ws_.u, M * F);
   float* x_out = scratch(ws_.out, M * H);
 
+  // A step that throws drops what its device queued (never run later, never replayed).
+  struct Abort {
+    Device* d;
+    bool ended = false;
+    ~Abort() {
+      if (!ended) d->abort_step();
+    }
+  } abort{dev_.get()};
   dev_->begin_step(tokens, cache, inv_freq_, inv_freq_local_);
   dev_->embed(w_.embed, cfg_.embed_scale, x);
   if (layer_sink) layer_sink(0, x);
@@ -307,6 +315,7 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
     if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
   }
   dev_->rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  abort.ended = true;  // end_step runs the ops; what it throws is the step's error
   dev_->end_step();
   if (layer_sink) layer_sink(cfg_.num_layers, x_out);
   return x_out;

@@ -9,6 +9,7 @@
 // device memory the ops read, uploaded before the flush). A step's ops replay an earlier
 // step's only when the two key lists are equal.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -60,7 +61,7 @@ class OpQueue {
   // is kept.
   using Capture = std::function<std::unique_ptr<Replay>(std::vector<Op>& ops)>;
 
-  explicit OpQueue(size_t max_replays = 64) : max_(max_replays) {}
+  explicit OpQueue(size_t max_replays = 256) : max_(max_replays) {}
 
   // A new step; replayable: its ops may be kept and replayed (decode steps). Ops still
   // queued (a step that failed before its flush) are dropped.
@@ -92,7 +93,10 @@ class OpQueue {
   }
   size_t replays() const { return cache_.size(); }
   uint64_t replayed() const { return replayed_; }  // steps run as a replay so far
-  void clear_replays() { cache_.clear(); }
+  void clear_replays() {
+    cache_.clear();
+    seen_.clear();
+  }
 
  private:
   struct Entry {
@@ -107,6 +111,17 @@ class OpQueue {
         cache_.front().replay->run();
         return;
       }
+    // A key list seen for the first time runs as it is; the second time it is captured. One-off
+    // steps make no graph, and every kernel has run once before any capture (CUDA loads
+    // modules lazily, which a capture may not do on older drivers).
+    uint64_t all = KeyHash::of(keys.size());
+    for (uint64_t k : keys) all = KeyHash::of(all, k);
+    if (seen_.size() > 4 * max_) seen_.clear();
+    if (std::find(seen_.begin(), seen_.end(), all) == seen_.end()) {
+      seen_.push_back(all);
+      for (auto& op : ops) op();
+      return;
+    }
     std::unique_ptr<Replay> r = capture(ops);
     if (!r) return;  // capture ran the ops itself
     r->run();
@@ -119,6 +134,7 @@ class OpQueue {
   std::vector<Op> ops_;
   std::vector<uint64_t> keys_;
   std::list<Entry> cache_;
+  std::vector<uint64_t> seen_;  // key lists run once, by hash
   uint64_t replayed_ = 0;
 };
 

@@ -53,16 +53,28 @@ const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx
 }
 }  // namespace
 
+// The model's device memory is touched under the model's lock: another thread may be running
+// generate() or forward() on it (a device that queues a step's ops must see nothing else).
+KVCache Scheduler::make_cache(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk) {
+  const ModelConfig& c = checked(model.config(), slots, slot_ctx, chunk);
+  std::lock_guard<std::mutex> ml(model.mu_);
+  return KVCache(model.device(), c, slots, slot_ctx, std::min(chunk, slot_ctx));
+}
+
 Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk)
     : model_(model), slots_(slots), slot_ctx_(slot_ctx), chunk_(std::min(chunk, slot_ctx)),
-      cache_(model.device(), checked(model.config(), slots, slot_ctx, chunk), slots, slot_ctx, std::min(chunk, slot_ctx)),
+      cache_(make_cache(model, slots, slot_ctx, chunk)),
       row_busy_(static_cast<size_t>(slots), 0), row_prefix_(static_cast<size_t>(slots)),
       row_freed_(static_cast<size_t>(slots), 0) {
   totals_.slots = slots;
   thread_ = std::thread([this] { loop(); });
 }
 
-Scheduler::~Scheduler() { shutdown(); }
+Scheduler::~Scheduler() {
+  shutdown();
+  std::lock_guard<std::mutex> ml(model_.mu_);
+  KVCache gone = std::move(cache_);  // freed under the model's lock
+}
 
 void Scheduler::shutdown() {
   {
@@ -194,6 +206,7 @@ void Scheduler::admit() {
       ++totals_.prefix_hits;
       totals_.prefix_tokens += best_n;
     } else {
+      std::lock_guard<std::mutex> ml(model_.mu_);
       cache_.reset_row(best);
     }
     s.row = best;

@@ -88,6 +88,7 @@ class Scheduler {
   int64_t chunk() const { return chunk_; }
 
  private:
+  static KVCache make_cache(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk);
   struct Seq {
     int64_t id = 0;
     std::vector<int32_t> prompt;
