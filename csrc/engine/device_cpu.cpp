@@ -1,12 +1,8 @@
 // The CPU device: engine/device.h's ops on cpu/kernels.h, over host memory.
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <stdexcept>
-#include <string>
-#include <thread>
 
 #include "cpu/quant.h"
 #include "cpu/simd.h"
@@ -33,7 +29,7 @@ class CpuDevice final : public Device {
   bool host_memory() const override { return !staged_; }
 
   void* allocate(size_t bytes) override {
-    not_mid_step("allocate");
+    queue_.check_thread("allocate");
     flush();
     if (bytes == 0) return nullptr;
     void* p = std::malloc(bytes);
@@ -46,22 +42,22 @@ class CpuDevice final : public Device {
     std::free(p);
   }
   void upload(void* dst, const void* host, size_t bytes) override {
-    not_mid_step("upload");
+    queue_.check_thread("upload");
     flush();
     std::memcpy(dst, host, bytes);
   }
   void download(void* host, const void* src, size_t bytes) override {
-    not_mid_step("download");
+    queue_.check_thread("download");
     flush();
     std::memcpy(host, src, bytes);
   }
   void copy(void* dst, const void* src, size_t bytes) override {
-    not_mid_step("copy");
+    queue_.check_thread("copy");
     flush();
     std::memmove(dst, src, bytes);
   }
   void fill(void* dst, int byte, size_t bytes) override {
-    not_mid_step("fill");
+    queue_.check_thread("fill");
     flush();
     std::memset(dst, byte, bytes);
   }
@@ -69,9 +65,7 @@ class CpuDevice final : public Device {
 
   void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
-    queue_.start(replay_ && t.rows->prompt_tokens() == 0);  // drops what a failed step left queued
-    owner_ = std::this_thread::get_id();
-    in_step_ = replay_;
+    queue_.begin(replay_, replay_ && t.rows->prompt_tokens() == 0);
     t_ = &t;
     // cos / sin of every token's position: full-attention layers' table, then the sliding
     // layers' own one only when their RoPE differs (Gemma 3).
@@ -95,7 +89,7 @@ class CpuDevice final : public Device {
   }
 
   void embed(const Weight& table, float scale, float* x) override {
-    run([&] { return KeyHash::of(1, key_of(table), scale, x); }, [=] {
+    queue_.run([&] { return KeyHash::of(1, key_of(table), scale, x); }, [=] {
       const int64_t H = table.cols;
       for (int64_t m = 0; m < t_->M; ++m) {
         weight_row(table, t_->ids[m], x + m * H);
@@ -105,16 +99,16 @@ class CpuDevice final : public Device {
   }
 
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
-    run([&] { return KeyHash::of(2, x, w, out, T, H, eps); }, [=] { gemma::rmsnorm(x, w, out, T, H, eps); });
+    queue_.run([&] { return KeyHash::of(2, x, w, out, T, H, eps); }, [=] { gemma::rmsnorm(x, w, out, T, H, eps); });
   }
 
   void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
-    run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate, work); },
+    queue_.run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate, work); },
         [=] { gemma::matmul(x, T, K, w, y, w.rows, accumulate, work); });
   }
 
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
-    if (!in_step_) {
+    if (!queue_.recording()) {
       gemma::matmul_many(x, T, K, outs, n, work);
       return;
     }
@@ -132,7 +126,7 @@ class CpuDevice final : public Device {
   }
 
   void add(float* x, const float* y, int64_t n) override {
-    run([&] { return KeyHash::of(5, x, y, n); }, [=] {
+    queue_.run([&] { return KeyHash::of(5, x, y, n); }, [=] {
       for (int64_t i = 0; i < n; ++i) x[i] += y[i];
     });
   }
@@ -140,7 +134,7 @@ class CpuDevice final : public Device {
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
                const float* k_norm, float eps, int64_t n_heads) override {
     KVCache* c = &cache;
-    run([&] { return KeyHash::of(6, c, layer, local, q, k, v, q_norm, k_norm, eps, n_heads); }, [=] {
+    queue_.run([&] { return KeyHash::of(6, c, layer, local, q, k, v, q_norm, k_norm, eps, n_heads); }, [=] {
       const int64_t M = t_->M, hd = c->head_dim, nKV = c->kv_heads;
       const int64_t QD = n_heads * hd, KD = nKV * hd;
       if (q_norm) gemma::rmsnorm(q, q_norm, q, M * n_heads, hd, eps);  // in place: one row per head
@@ -160,7 +154,7 @@ class CpuDevice final : public Device {
   void attention(const KVCache& cache, int64_t layer, const AttentionRule& rule, const float* q,
                  float* out) override {
     const KVCache* c = &cache;
-    run([&] { return KeyHash::of(7, c, layer, key_of(rule), q, out); }, [=] {
+    queue_.run([&] { return KeyHash::of(7, c, layer, key_of(rule), q, out); }, [=] {
       const StepRows& sr = *t_->rows;
       const int64_t Md = sr.decode_tokens(), QD = rule.n_heads * c->head_dim;
       const KVLayerView view = c->layer(layer);
@@ -172,11 +166,11 @@ class CpuDevice final : public Device {
   }
 
   void geglu(float* a, const float* b, int64_t n) override {
-    run([&] { return KeyHash::of(8, a, b, n); }, [=] { gelu_tanh_mul(a, b, n); });
+    queue_.run([&] { return KeyHash::of(8, a, b, n); }, [=] { gelu_tanh_mul(a, b, n); });
   }
 
   void softcap(float* x, int64_t n, float cap) override {
-    run([&] { return KeyHash::of(9, x, n, cap); }, [=] {
+    queue_.run([&] { return KeyHash::of(9, x, n, cap); }, [=] {
       parallel_for(n, [&](int64_t a, int64_t b) {
         for (int64_t i = a; i < b; ++i) x[i] = std::tanh(x[i] / cap) * cap;
       });
@@ -189,13 +183,10 @@ class CpuDevice final : public Device {
   }
 
   void end_step() override {
-    in_step_ = false;
+    queue_.end();
     flush();
   }
-  void abort_step() override {
-    queue_.start(false);
-    in_step_ = false;
-  }
+  void abort_step() override { queue_.abort(); }
 
   uint64_t replayed_steps() const override { return queue_.replayed(); }
 
@@ -220,22 +211,7 @@ class CpuDevice final : public Device {
     }
   }
 
-  // A memory op from another thread while a step's ops are queued is a caller's bug (they
-  // must hold the model's lock): said, instead of run amid the step.
-  void not_mid_step(const char* what) const {
-    if (in_step_.load() && owner_.load() != std::this_thread::get_id())
-      throw std::logic_error(std::string("device ") + what + " from another thread during a step");
-  }
 
-  // An op: run now, or (replay mode, inside a step) recorded for the step's flush with its key.
-  template <typename Key, typename F>
-  void run(Key&& key, F&& op) {
-    if (!in_step_) {
-      op();
-      return;
-    }
-    queue_.push(key(), std::forward<F>(op));
-  }
   // The recorded ops run: a decode step whose keys equal an earlier one's runs that step's
   // closures instead (what a CUDA graph replay does).
   void flush() {
@@ -254,10 +230,6 @@ class CpuDevice final : public Device {
   }
 
   bool staged_, ring_, replay_;
-  // Replay mode, between begin_step and end_step: ops are recorded, and only the stepping
-  // thread may use the device (another's memory op would run amid the step's queue).
-  std::atomic<bool> in_step_{false};
-  std::atomic<std::thread::id> owner_{};
   OpQueue queue_;
   const StepTokens* t_ = nullptr;   // the step in progress
   int64_t half_ = 0, local_at_ = 0;  // RoPE: head_dim / 2; where the sliding layers' table starts

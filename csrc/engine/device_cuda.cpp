@@ -26,12 +26,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cpu/quant.h"
@@ -90,7 +88,7 @@ class CudaDevice final : public Device {
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
   ~CudaDevice() override {
-    queue_.start(false);
+    queue_.abort();
     cudaSetDevice(index_);
     cudaStreamSynchronize(stream_);
     queue_.clear_replays();
@@ -105,7 +103,7 @@ class CudaDevice final : public Device {
   bool ring_cache() const override { return false; }
 
   void* allocate(size_t bytes) override {
-    not_mid_step("allocate");
+    queue_.check_thread("allocate");
     if (bytes == 0) return nullptr;
     use();
     flush();
@@ -133,7 +131,7 @@ class CudaDevice final : public Device {
     cudaGetLastError();  // what these unchecked calls left must not fail the next launch
   }
   void upload(void* dst, const void* host, size_t bytes) override {
-    not_mid_step("upload");
+    queue_.check_thread("upload");
     if (!bytes) return;
     use();
     flush();
@@ -141,7 +139,7 @@ class CudaDevice final : public Device {
     check(cudaStreamSynchronize(stream_), "cudaMemcpy to the device");  // the host buffer may go
   }
   void download(void* host, const void* src, size_t bytes) override {
-    not_mid_step("download");
+    queue_.check_thread("download");
     if (!bytes) return;
     use();
     flush();
@@ -149,7 +147,7 @@ class CudaDevice final : public Device {
     check(cudaStreamSynchronize(stream_), "the step's kernels");
   }
   void copy(void* dst, const void* src, size_t bytes) override {
-    not_mid_step("copy");
+    queue_.check_thread("copy");
     if (!bytes || dst == src) return;
     use();
     flush();
@@ -164,7 +162,7 @@ class CudaDevice final : public Device {
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy on the device");
   }
   void fill(void* dst, int byte, size_t bytes) override {
-    not_mid_step("fill");
+    queue_.check_thread("fill");
     if (!bytes) return;
     use();
     flush();
@@ -214,8 +212,7 @@ class CudaDevice final : public Device {
   void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,
                   const std::vector<float>& inv_freq_local) override {
     use();
-    queue_.start(false);  // drops what a failed step left queued
-    in_step_ = false;
+    queue_.abort();  // drops what a failed step left queued
     if (inv_freq != freq_host_ || inv_freq_local != freq_local_host_) {  // once per model
       freq_host_ = inv_freq;
       freq_local_host_ = inv_freq_local;
@@ -252,9 +249,7 @@ class CudaDevice final : public Device {
     // Workspaces for every op of the step now: none may move while ops wait in the queue.
     grow(gemv_ws_, gemv_workspace_bytes(M_, max_k_));
     if (Md_ > 0) grow(attn_ws_, attention_decode_workspace_bytes(Md_, n_slots_, attn_));
-    owner_ = std::this_thread::get_id();
-    in_step_ = true;
-    queue_.start(graphs_ && R_ == 0);
+    queue_.begin(true, graphs_ && R_ == 0);
   }
 
   void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) override {
@@ -267,36 +262,33 @@ class CudaDevice final : public Device {
   }
 
   void end_step() override {
-    in_step_ = false;
+    queue_.end();
     flush();
   }
-  void abort_step() override {
-    queue_.start(false);
-    in_step_ = false;
-  }
+  void abort_step() override { queue_.abort(); }
   uint64_t replayed_steps() const override { return queue_.replayed(); }
 
   void embed(const Weight& table, float scale, float* x) override {
     const int32_t* ids = ints(0);
     const int64_t M = M_;
-    run([&] { return KeyHash::of(1, key_of(table), ids, M, scale, x); },
+    queue_.run([&] { return KeyHash::of(1, key_of(table), ids, M, scale, x); },
         [=] { check(cuda::embed(table, ids, M, scale, x, stream_), "embed"); });
   }
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
-    run([&] { return KeyHash::of(2, x, w, out, T, H, eps); },
+    queue_.run([&] { return KeyHash::of(2, x, w, out, T, H, eps); },
         [=] { check(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm"); });
   }
   void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
     if (T <= 0) return;
     if (work == Work::Prefill && w.dtype == DType::BF16) {
-      run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate); },
+      queue_.run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate); },
           [=] { check(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16"); });
       return;
     }
-    if (!in_step_) grow(gemv_ws_, gemv_workspace_bytes(T, K));  // in a step: sized by begin_step
+    if (!queue_.recording()) grow(gemv_ws_, gemv_workspace_bytes(T, K));  // in a step: sized by begin_step
     if (gemv_ws_.bytes() < gemv_workspace_bytes(T, K)) throw std::logic_error("CUDA gemv: workspace too small");
     void* ws = gemv_ws_.get();
-    run([&] { return KeyHash::of(4, x, T, K, key_of(w), y, accumulate, ws); },
+    queue_.run([&] { return KeyHash::of(4, x, T, K, key_of(w), y, accumulate, ws); },
         [=] { check(gemv(x, T, K, w, y, w.rows, accumulate, ws, stream_), "gemv"); });
   }
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
@@ -306,7 +298,7 @@ class CudaDevice final : public Device {
     }
   }
   void add(float* x, const float* y, int64_t n) override {
-    run([&] { return KeyHash::of(5, x, y, n); }, [=] { check(cuda::add(x, y, n, stream_), "add"); });
+    queue_.run([&] { return KeyHash::of(5, x, y, n); }, [=] { check(cuda::add(x, y, n, stream_), "add"); });
   }
 
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
@@ -316,7 +308,7 @@ class CudaDevice final : public Device {
     const float* freq = (local ? inv_freq_local_ : inv_freq_).as<float>();
     const uint8_t* valid = step_valid_.as<uint8_t>();
     const int64_t M = M_;
-    run([&] {
+    queue_.run([&] {
           return KeyHash::of(6, q, k, v, M, n_heads, kv.k, kv.v, kv.dtype, kv.rows, kv.kv_heads, kv.span, kv.head_dim,
                              kv.valid, kv.capacity, pos, freq, q_norm, k_norm, eps, rows, slots, valid);
         },
@@ -347,12 +339,12 @@ class CudaDevice final : public Device {
       const size_t bytes = attention_decode_workspace_bytes(Md, n_slots, p);
       if (attn_ws_.bytes() < bytes) throw std::logic_error("CUDA decode attention: workspace too small");
       void* ws = attn_ws_.get();
-      run([&] { return KeyHash::of(7, q, kv_key, p_key, rows, slots, Md, n_slots, out, ws, bytes); },
+      queue_.run([&] { return KeyHash::of(7, q, kv_key, p_key, rows, slots, Md, n_slots, out, ws, bytes); },
           [=] { check(attention_decode(q, kv, rows, slots, Md, n_slots, p, out, ws, bytes, stream_), "attention_decode"); });
     }
     if (R_ > 0) {
       const int64_t QD = p.n_heads * p.head_dim, Md = Md_, R = R_, slot0 = slot0_, T = T_;
-      run([&] { return KeyHash::of(8, q, kv_key, p_key, pre_rows, R, slot0, T, out, Md); },
+      queue_.run([&] { return KeyHash::of(8, q, kv_key, p_key, pre_rows, R, slot0, T, out, Md); },
           [=] {
             check(attention_prefill(q + Md * QD, kv, pre_rows, R, slot0, T, p, out + Md * QD, stream_),
                   "attention_prefill");
@@ -361,31 +353,16 @@ class CudaDevice final : public Device {
   }
 
   void geglu(float* a, const float* b, int64_t n) override {
-    run([&] { return KeyHash::of(9, a, b, n); }, [=] { check(cuda::geglu(a, b, a, n, stream_), "geglu"); });
+    queue_.run([&] { return KeyHash::of(9, a, b, n); }, [=] { check(cuda::geglu(a, b, a, n, stream_), "geglu"); });
   }
   void softcap(float* x, int64_t n, float cap) override {
-    run([&] { return KeyHash::of(10, x, n, cap); }, [=] { check(cuda::softcap(x, n, cap, stream_), "softcap"); });
+    queue_.run([&] { return KeyHash::of(10, x, n, cap); }, [=] { check(cuda::softcap(x, n, cap, stream_), "softcap"); });
   }
 
  private:
-  // A memory op from another thread while a step's ops are queued is a caller's bug (they
-  // must hold the model's lock): said, instead of run amid the step.
-  void not_mid_step(const char* what) const {
-    if (in_step_.load() && owner_.load() != std::this_thread::get_id())
-      throw std::logic_error(std::string("device ") + what + " from another thread during a step");
-  }
 
   void use() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
 
-  // An op: launched now, or, inside a step, recorded with its key for end_step().
-  template <typename Key, typename F>
-  void run(Key&& key, F&& op) {
-    if (!in_step_) {
-      op();
-      return;
-    }
-    queue_.push(key(), std::forward<F>(op));
-  }
   // The recorded ops: launched one by one, or a decode step as a graph (replayed, or captured
   // now and launched).
   void flush() {
@@ -480,10 +457,6 @@ class CudaDevice final : public Device {
   std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
   OpQueue queue_;
   bool graphs_ = graphs_enabled();
-  // Between begin_step and end_step: ops are queued, and only the stepping thread may use the
-  // device (another's memory op would land amid the step, or inside its graph's capture).
-  std::atomic<bool> in_step_{false};
-  std::atomic<std::thread::id> owner_{};
   int64_t max_k_ = 0;
   AttnParams attn_;  // the model's heads (place)
   int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;

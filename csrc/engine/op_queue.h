@@ -10,11 +10,15 @@
 // step's only when the two key lists are equal.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <list>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -62,6 +66,35 @@ class OpQueue {
   using Capture = std::function<std::unique_ptr<Replay>(std::vector<Op>& ops)>;
 
   explicit OpQueue(size_t max_replays = 256) : max_(max_replays) {}
+
+  // A device's step: begin() on the stepping thread (record: its ops wait for flush(); else
+  // they run at once), end() after its last op (then flush()), abort() if it failed (its ops
+  // are dropped). run(key, op): op now, or recorded with key() while recording.
+  void begin(bool record, bool replayable) {
+    start(replayable);
+    owner_ = std::this_thread::get_id();
+    recording_ = record;
+  }
+  void end() { recording_ = false; }
+  void abort() {
+    start(false);
+    recording_ = false;
+  }
+  bool recording() const { return recording_; }
+  template <typename Key, typename F>
+  void run(Key&& key, F&& op) {
+    if (!recording_) {
+      op();
+      return;
+    }
+    push(key(), std::forward<F>(op));
+  }
+  // A memory op from another thread while a step's ops are recorded is a caller's bug (the
+  // model's lock must be held): said, instead of run amid the step (or in its graph).
+  void check_thread(const char* what) const {
+    if (recording_.load() && owner_.load() != std::this_thread::get_id())
+      throw std::logic_error(std::string("device ") + what + " from another thread during a step");
+  }
 
   // A new step; replayable: its ops may be kept and replayed (decode steps). Ops still
   // queued (a step that failed before its flush) are dropped.
@@ -130,6 +163,8 @@ class OpQueue {
   }
 
   size_t max_;
+  std::atomic<bool> recording_{false};
+  std::atomic<std::thread::id> owner_{};
   bool replayable_ = false;
   std::vector<Op> ops_;
   std::vector<uint64_t> keys_;
