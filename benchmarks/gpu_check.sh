@@ -25,7 +25,8 @@
 #      tests/test_bench_gpu.py runs the same script on a tiny model on the CPU in CI.
 #
 # Decode steps run as CUDA graphs (GEMMA_CPP_CUDA_GRAPHS=0: launched one by one; the model
-# tests run both ways, the table has a bf16 row without them).
+# tests run both ways, the table has a bf16 row without them). To find a faulting kernel,
+# rerun a failing model test with GEMMA_CPP_CUDA_SYNC=1: every op is waited for and named.
 # NOT yet: sampling on the GPU (the logits come to the host each step), the quantized
 # prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16 tokens),
 # torch tensors on CUDA from return_tensors="pt".

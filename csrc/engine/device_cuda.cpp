@@ -41,7 +41,7 @@
 namespace gemma::cuda {
 namespace {
 
-// Bytes of a weight's arrays: data (rows ld apart) and, quantized, the fp16 block scales.
+// Bytes of a weight's data: rows ld apart, ld in elements (float32, bf16) or bytes (quantized).
 size_t data_bytes(const Weight& w) {
   const int64_t elem = w.dtype == DType::F32 ? 4 : w.dtype == DType::BF16 ? 2 : 1;
   return static_cast<size_t>(w.rows * w.ld * elem);
@@ -71,9 +71,9 @@ struct Graph final : OpQueue::Replay {
   }
 };
 
-bool graphs_enabled() {
-  const char* e = std::getenv("GEMMA_CPP_CUDA_GRAPHS");
-  return !(e && std::strcmp(e, "0") == 0);
+bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
 }
 
 class CudaDevice final : public Device {
@@ -249,7 +249,7 @@ class CudaDevice final : public Device {
     // Workspaces for every op of the step now: none may move while ops wait in the queue.
     grow(gemv_ws_, gemv_workspace_bytes(M_, max_k_));
     if (Md_ > 0) grow(attn_ws_, attention_decode_workspace_bytes(Md_, n_slots_, attn_));
-    queue_.begin(true, graphs_ && R_ == 0);
+    queue_.begin(!sync_, graphs_ && R_ == 0);
   }
 
   void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) override {
@@ -272,24 +272,24 @@ class CudaDevice final : public Device {
     const int32_t* ids = ints(0);
     const int64_t M = M_;
     queue_.run([&] { return KeyHash::of(1, key_of(table), ids, M, scale, x); },
-        [=] { check(cuda::embed(table, ids, M, scale, x, stream_), "embed"); });
+        [=] { done(cuda::embed(table, ids, M, scale, x, stream_), "embed"); });
   }
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
     queue_.run([&] { return KeyHash::of(2, x, w, out, T, H, eps); },
-        [=] { check(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm"); });
+        [=] { done(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm"); });
   }
   void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate, Work work) override {
     if (T <= 0) return;
     if (work == Work::Prefill && w.dtype == DType::BF16) {
       queue_.run([&] { return KeyHash::of(3, x, T, K, key_of(w), y, accumulate); },
-          [=] { check(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16"); });
+          [=] { done(gemm_bf16(x, T, K, w, y, w.rows, accumulate, stream_), "gemm_bf16"); });
       return;
     }
     if (!queue_.recording()) grow(gemv_ws_, gemv_workspace_bytes(T, K));  // in a step: sized by begin_step
     if (gemv_ws_.bytes() < gemv_workspace_bytes(T, K)) throw std::logic_error("CUDA gemv: workspace too small");
     void* ws = gemv_ws_.get();
     queue_.run([&] { return KeyHash::of(4, x, T, K, key_of(w), y, accumulate, ws); },
-        [=] { check(gemv(x, T, K, w, y, w.rows, accumulate, ws, stream_), "gemv"); });
+        [=] { done(gemv(x, T, K, w, y, w.rows, accumulate, ws, stream_), "gemv"); });
   }
   void matmul_many(const float* x, int64_t T, int64_t K, const MatmulTarget* outs, int n, Work work) override {
     for (int i = 0; i < n; ++i) {
@@ -298,7 +298,7 @@ class CudaDevice final : public Device {
     }
   }
   void add(float* x, const float* y, int64_t n) override {
-    queue_.run([&] { return KeyHash::of(5, x, y, n); }, [=] { check(cuda::add(x, y, n, stream_), "add"); });
+    queue_.run([&] { return KeyHash::of(5, x, y, n); }, [=] { done(cuda::add(x, y, n, stream_), "add"); });
   }
 
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
@@ -313,7 +313,7 @@ class CudaDevice final : public Device {
                              kv.valid, kv.capacity, pos, freq, q_norm, k_norm, eps, rows, slots, valid);
         },
         [=] {
-          check(rope_kv_write(q, k, v, M, n_heads, kv.kv_heads, kv.head_dim, pos, freq, q_norm, k_norm, eps, kv, rows,
+          done(rope_kv_write(q, k, v, M, n_heads, kv.kv_heads, kv.head_dim, pos, freq, q_norm, k_norm, eps, kv, rows,
                               slots, valid, stream_),
                 "rope_kv_write");
         });
@@ -340,28 +340,32 @@ class CudaDevice final : public Device {
       if (attn_ws_.bytes() < bytes) throw std::logic_error("CUDA decode attention: workspace too small");
       void* ws = attn_ws_.get();
       queue_.run([&] { return KeyHash::of(7, q, kv_key, p_key, rows, slots, Md, n_slots, out, ws, bytes); },
-          [=] { check(attention_decode(q, kv, rows, slots, Md, n_slots, p, out, ws, bytes, stream_), "attention_decode"); });
+          [=] { done(attention_decode(q, kv, rows, slots, Md, n_slots, p, out, ws, bytes, stream_), "attention_decode"); });
     }
     if (R_ > 0) {
       const int64_t QD = p.n_heads * p.head_dim, Md = Md_, R = R_, slot0 = slot0_, T = T_;
       queue_.run([&] { return KeyHash::of(8, q, kv_key, p_key, pre_rows, R, slot0, T, out, Md); },
           [=] {
-            check(attention_prefill(q + Md * QD, kv, pre_rows, R, slot0, T, p, out + Md * QD, stream_),
+            done(attention_prefill(q + Md * QD, kv, pre_rows, R, slot0, T, p, out + Md * QD, stream_),
                   "attention_prefill");
           });
     }
   }
 
   void geglu(float* a, const float* b, int64_t n) override {
-    queue_.run([&] { return KeyHash::of(9, a, b, n); }, [=] { check(cuda::geglu(a, b, a, n, stream_), "geglu"); });
+    queue_.run([&] { return KeyHash::of(9, a, b, n); }, [=] { done(cuda::geglu(a, b, a, n, stream_), "geglu"); });
   }
   void softcap(float* x, int64_t n, float cap) override {
-    queue_.run([&] { return KeyHash::of(10, x, n, cap); }, [=] { check(cuda::softcap(x, n, cap, stream_), "softcap"); });
+    queue_.run([&] { return KeyHash::of(10, x, n, cap); }, [=] { done(cuda::softcap(x, n, cap, stream_), "softcap"); });
   }
 
  private:
-
   void use() const { check(cudaSetDevice(index_), "cudaSetDevice"); }
+  // An op's launch checked (and, with GEMMA_CPP_CUDA_SYNC=1, its completion).
+  void done(cudaError_t launched, const char* what) const {
+    check(launched, what);
+    if (sync_) check(cudaStreamSynchronize(stream_), what);
+  }
 
   // The recorded ops: launched one by one, or a decode step as a graph (replayed, or captured
   // now and launched).
@@ -456,7 +460,10 @@ class CudaDevice final : public Device {
   std::vector<int32_t> host_ints_;
   std::vector<float> freq_host_, freq_local_host_;  // what inv_freq_ / inv_freq_local_ hold
   OpQueue queue_;
-  bool graphs_ = graphs_enabled();
+  // GEMMA_CPP_CUDA_SYNC=1 (debugging a GPU run): every op runs at once and is waited for, so
+  // a kernel's fault is reported with its op's name instead of at the step's next download.
+  bool sync_ = env_is("GEMMA_CPP_CUDA_SYNC", "1");
+  bool graphs_ = !sync_ && !env_is("GEMMA_CPP_CUDA_GRAPHS", "0");
   int64_t max_k_ = 0;
   AttnParams attn_;  // the model's heads (place)
   int64_t M_ = 0, Md_ = 0, R_ = 0, slot0_ = 0, T_ = 0, n_slots_ = 0;
