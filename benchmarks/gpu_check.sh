@@ -27,9 +27,9 @@
 # Decode steps run as CUDA graphs (GEMMA_CPP_CUDA_GRAPHS=0: launched one by one; the model
 # tests run both ways, the table has a bf16 row without them). To find a faulting kernel,
 # rerun a failing model test with GEMMA_CPP_CUDA_SYNC=1: every op is waited for and named.
-# NOT yet: sampling on the GPU (the logits come to the host each step), the quantized
-# prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16 tokens),
-# torch tensors on CUDA from return_tensors="pt".
+# NOT yet: sampling other than greedy on the GPU (the logits come to the host each step), the
+# quantized prefill GEMM (prompt work on int8 / int4 weights takes the GEMV in passes of 16
+# tokens).
 #
 # Environment: CUDAARCHS (default 90), GPU_CHECK_OUT (log and JSON folder; default $OUT when
 # set, else /tmp), GPU_CHECK_SANITIZE=1 (also run a few tests under compute-sanitizer).

@@ -157,6 +157,27 @@ def test_hidden_states_and_heads_run_on_cuda(tiny):
 
 
 @gpu
+def test_torch_outputs_are_cuda_tensors(tiny, torch):
+    """return_tensors='pt' on a CUDA model: logits and hidden states stay on the GPU (DLPack,
+    no copy), the heads' and generate's outputs are moved there; values as the CPU engine's."""
+    folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
+    ids, mask = random_batch(17, 2, 14, ref.config.vocab_size, pad_left=[0, 5])
+    cpu = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32", device="cuda")
+    got = model(ids, attention_mask=mask, return_tensors="pt").logits
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    assert rel_err(got.cpu().numpy(), cpu(ids, attention_mask=mask).logits, mask.astype(bool)) < 1e-3
+    seq = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_tensors="pt")
+    assert seq.device.type == "cuda"
+    base = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32", device="cuda")
+    out = base(ids, attention_mask=mask, output_hidden_states=True, return_tensors="pt")
+    assert out.last_hidden_state.device.type == "cuda"
+    assert all(h.device.type == "cuda" for h in out.hidden_states)
+    del model, base
+    assert torch.isfinite(got).all()  # the tensor outlives its model
+
+
+@gpu
 def test_what_cuda_cannot_run_is_refused(tiny):
     folder, _ = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     with pytest.raises(ValueError, match="int4m weights do not run on CUDA"):

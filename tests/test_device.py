@@ -8,6 +8,7 @@ a model on the staged device gives the same bits as on the plain CPU device exac
 shared code moves every byte a GPU would need and reads nothing it did not write: the paths a
 CUDA device takes, checked here on every CI run."""
 import contextlib
+import gc
 import threading
 
 import numpy as np
@@ -169,6 +170,41 @@ def test_greedy_picks_on_the_device_are_the_same_bits(gemma3):
                                                      for p in prompts]]
 
     assert serve(other) == serve(plain)
+
+
+def test_torch_outputs_stay_in_the_devices_memory(gemma3, torch):
+    """return_tensors='pt' on a device with memory of its own: the logits and hidden states
+    stay in that memory and reach torch through a DLPack capsule (a GPU's as CUDA tensors), the
+    tensor owning it: it outlives the model, and its memory goes back to the device when torch
+    lets go. The same values as the plain CPU's numpy outputs."""
+    folder, ref = gemma3
+    ids, mask = random_batch(7, 2, 13, ref.config.vocab_size, pad_left=[0, 4])
+    plain, other = _pair(gemma_cpp.GemmaForCausalLM, folder)
+    for keep in (0, 1):
+        want = plain(ids, attention_mask=mask, logits_to_keep=keep).logits
+        got = other(ids, attention_mask=mask, logits_to_keep=keep, return_tensors="pt").logits
+        assert isinstance(got, torch.Tensor) and got.device.type == "cpu" and got.dtype == torch.float32
+        _same(got.numpy(), want, f"logits_to_keep={keep}")
+    base, staged_base = _pair(gemma_cpp.GemmaModel, folder)
+    want = base(ids, attention_mask=mask, output_hidden_states=True)
+    got = staged_base(ids, attention_mask=mask, output_hidden_states=True, return_tensors="pt")
+    _same(got.last_hidden_state.numpy(), want.last_hidden_state, "last hidden state")
+    assert len(got.hidden_states) == len(want.hidden_states)
+    for x, y in zip(want.hidden_states, got.hidden_states):
+        _same(y.numpy(), x, "hidden states")
+    # A capsule nobody consumed frees its memory itself.
+    ids32, mask32 = other._prepare(ids, mask)
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(13, dtype=np.int32), ids32.shape))
+    capsule, _ = other._engine.forward(ids32, mask32, positions, "logits", False, False, True)
+    assert type(capsule).__name__ == "PyCapsule"
+    del capsule
+    # The tensor owns its memory: the model can go first; freeing the tensor then frees both.
+    kept = other(ids, attention_mask=mask, return_tensors="pt").logits
+    del other
+    gc.collect()
+    _same(kept.numpy(), plain(ids, attention_mask=mask).logits, "logits after the model went")
+    del kept
+    gc.collect()
 
 
 @pytest.mark.parametrize("cls_name,config,labels", [("GemmaForSequenceClassification", "gqa", 3),

@@ -150,6 +150,32 @@ ModelConfig engine_config(const py::object& o) {
   throw py::type_error("config must be an EngineConfig or a dict of its fields");
 }
 
+// DLPack's structures ("dltensor" capsules, the protocol torch.from_dlpack reads), as the
+// DLPack specification defines them.
+struct DLDevice {
+  int32_t device_type;  // 1: CPU, 2: CUDA
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 2: float
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
 class Engine {
  public:
   Engine(const py::object& config, const py::dict& weights, const std::string& device) {
@@ -219,7 +245,7 @@ class Engine {
 
   py::tuple forward(const I32Array& input_ids, const py::object& attention_mask,
                     const I32Array& position_ids, const std::string& output, bool last_only,
-                    bool output_hidden_states) {
+                    bool output_hidden_states, bool device_output) {
     const ModelConfig& c = model_->config();
     const TokenBatch in = token_batch(input_ids, attention_mask, c.vocab_size);
     check_same_shape(position_ids, input_ids, "position_ids");
@@ -229,14 +255,26 @@ class Engine {
     else if (output == "hidden") out_kind = Output::Hidden;
     else throw py::value_error("output must be 'logits' or 'hidden', got '" + output + "'");
     const std::vector<int32_t> pos(position_ids.data(), position_ids.data() + B * L);
-    std::vector<float> out, states;
-    {
-      py::gil_scoped_release nogil;
-      out = model_->forward(in.ids.data(), in.mask_or_null(), pos.data(), B, L, out_kind, last_only,
-                            output_hidden_states ? &states : nullptr);
-    }
     const int64_t D = out_kind == Output::Logits ? c.vocab_size : c.hidden_size;
-    py::object res = to_numpy(std::move(out), {B, last_only ? int64_t{1} : L, D});
+    const std::vector<int64_t> shape{B, last_only ? int64_t{1} : L, D};
+    std::vector<float> out, states;
+    py::object res;
+    if (device_output) {
+      DeviceArray dev;
+      {
+        py::gil_scoped_release nogil;
+        dev = model_->forward_on_device(in.ids.data(), in.mask_or_null(), pos.data(), B, L, out_kind, last_only,
+                                        output_hidden_states ? &states : nullptr);
+      }
+      res = dlpack_capsule(std::move(dev), shape);
+    } else {
+      {
+        py::gil_scoped_release nogil;
+        out = model_->forward(in.ids.data(), in.mask_or_null(), pos.data(), B, L, out_kind, last_only,
+                              output_hidden_states ? &states : nullptr);
+      }
+      res = to_numpy(std::move(out), shape);
+    }
     py::object hs = py::none();
     if (output_hidden_states) hs = to_numpy(std::move(states), {c.num_layers + 1, B, L, c.hidden_size});
     return py::make_tuple(res, hs);
@@ -276,6 +314,42 @@ class Engine {
   }
 
  private:
+  // A float32 output in the model's device memory as a DLPack capsule (a CUDA device's as a
+  // CUDA tensor): the capsule owns it and keeps this engine alive; when its consumer lets go,
+  // the memory goes back to the model (Model::bury), whatever thread that happens on.
+  py::capsule dlpack_capsule(DeviceArray dev, const std::vector<int64_t>& shape) {
+    struct Owner {
+      py::object engine;
+      Model* model;
+      DeviceArray buf;
+      std::vector<int64_t> shape;
+      DLManagedTensor t;
+    };
+    auto* o = new Owner{py::cast(this, py::return_value_policy::reference), model_.get(), std::move(dev), shape, {}};
+    const std::string name = model_->device().name();
+    int32_t type = 1, id = 0;
+    if (name.rfind("cuda:", 0) == 0) {
+      type = 2;
+      id = std::stoi(name.substr(5));
+    }
+    o->t.dl_tensor = DLTensor{o->buf.get(), DLDevice{type, id}, static_cast<int32_t>(o->shape.size()),
+                              DLDataType{2, 32, 1}, o->shape.data(), nullptr, 0};
+    o->t.manager_ctx = o;
+    o->t.deleter = [](DLManagedTensor* t) {
+      py::gil_scoped_acquire gil;
+      auto* own = static_cast<Owner*>(t->manager_ctx);
+      own->model->bury(std::move(own->buf));
+      delete own;
+    };
+    // An unconsumed capsule ("dltensor" still its name) frees its tensor itself.
+    return py::capsule(&o->t, "dltensor", [](PyObject* cap) {
+      if (PyCapsule_IsValid(cap, "dltensor")) {
+        auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+        t->deleter(t);
+      }
+    });
+  }
+
   // "cpu" (null: Model's default), or "cuda:N" where this build has the CUDA kernels.
   static std::shared_ptr<Device> make_device(const std::string& device) {
     if (device == "cpu") return nullptr;
@@ -405,7 +479,9 @@ PYBIND11_MODULE(_C, m) {
                              "Decode steps run as a replay of a recorded one (a CUDA graph) so far")
       .def("forward", &Engine::forward, py::arg("input_ids"), py::arg("attention_mask"),
            py::arg("position_ids"), py::arg("output"), py::arg("last_only"),
-           py::arg("output_hidden_states"))
+           py::arg("output_hidden_states"), py::arg("device_output") = false,
+           "device_output: the result stays in the model's device memory, as a DLPack capsule "
+           "(torch.from_dlpack takes it without a copy; a CUDA model's is a CUDA tensor)")
       .def("generate", &Engine::generate, py::arg("input_ids"), py::arg("attention_mask"),
            py::arg("params"), py::arg("callback"), py::arg("output_logits") = false);
 

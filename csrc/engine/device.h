@@ -51,6 +51,8 @@ class Device {
   // Device to device; the two ranges may overlap (memmove).
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill(void* dst, int byte, size_t bytes) = 0;
+  // Waits until every op queued so far has finished (before others read the device's memory).
+  virtual void synchronize() = 0;
   // The model's weights as this device's ops read them (the same pointers on the CPU); throws
   // std::invalid_argument naming what this device cannot run (a weight format, the KV cache's
   // dtype, a head size).

@@ -61,6 +61,7 @@ class CpuDevice final : public Device {
     flush();
     std::memset(dst, byte, bytes);
   }
+  void synchronize() override { flush(); }
   ModelWeights place(const ModelConfig&, const ModelWeights& w) override { return w; }
 
   void begin_step(const StepTokens& t, KVCache& cache, const std::vector<float>& inv_freq,

@@ -169,6 +169,12 @@ class CudaDevice final : public Device {
     check(cudaMemsetAsync(dst, byte, bytes, stream_), "cudaMemset");
   }
 
+  void synchronize() override {
+    use();
+    flush();
+    check(cudaStreamSynchronize(stream_), "the device's kernels");
+  }
+
   ModelWeights place(const ModelConfig& c, const ModelWeights& w) override {
     if (c.kv_dtype != DType::F32 && c.kv_dtype != DType::BF16)
       throw std::invalid_argument(std::string("a ") + dtype_name(c.kv_dtype) +

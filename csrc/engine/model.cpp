@@ -219,6 +219,10 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
   const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads;
   const int64_t Md = sr.decode_tokens(), M = Md + sr.prompt_tokens(), T = sr.T;
   const int64_t QD = nH * hd, KD = nKV * hd;
+  {  // outputs their owners let go of (bury()), freed here, on the stepping thread
+    std::lock_guard<std::mutex> lock(graveyard_mu_);
+    graveyard_.clear();
+  }
   // The decode tokens take the decode kernels and the prompt chunk the prefill ones, however
   // many rows share the step: each row's bits do not depend on the batch (kernels.h, Work).
   // parts(fn) runs fn(first token, tokens, work) for each kind present.
@@ -379,14 +383,40 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
                                   const int32_t* positions, int64_t B, int64_t L, Output output,
                                   bool last_only, std::vector<float>* hidden_states) {
   std::lock_guard<std::mutex> lock(mu_);
+  std::vector<float> out(static_cast<size_t>(B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size
+                                                                                                   : cfg_.hidden_size)));
+  forward_into(out.data(), false, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
+  return out;
+}
+
+DeviceArray Model::forward_on_device(const int32_t* input_ids, const int32_t* attention_mask,
+                                     const int32_t* positions, int64_t B, int64_t L, Output output,
+                                     bool last_only, std::vector<float>* hidden_states) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t n = B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size : cfg_.hidden_size);
+  DeviceArray out(dev_.get(), static_cast<size_t>(n) * sizeof(float));
+  forward_into(out.as<float>(), true, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
+  dev_->synchronize();  // its readers do not wait on the device's stream
+  return out;
+}
+
+void Model::bury(DeviceArray a) {
+  std::lock_guard<std::mutex> lock(graveyard_mu_);
+  graveyard_.push_back(std::move(a));
+}
+
+void Model::forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
+                         const int32_t* positions, int64_t B, int64_t L, Output output, bool last_only,
+                         std::vector<float>* hidden_states) {
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   const int64_t D = output == Output::Logits ? V : H;
   const int64_t out_L = last_only ? 1 : L;
-  std::vector<float> out(static_cast<size_t>(B * out_L * D));
   if (hidden_states) hidden_states->assign(static_cast<size_t>((cfg_.num_layers + 1) * B * L * H), 0.f);
 
   KVCache cache(*dev_, cfg_, B, L, chunk_tokens(B, L));
-  const bool host = dev_->host_memory();
+  // out is the device's memory (out_on_device), or host memory the device reads directly
+  // (host_memory()), or host memory it reaches only through downloads.
+  const bool direct = out_on_device || dev_->host_memory();
   std::vector<float> stage;
   prefill(cache, input_ids, attention_mask, positions, B, L, hidden_states,
           [&](int64_t c0, int64_t T, const float* hid) {
@@ -403,18 +433,23 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
             }
             // The chunk's rows [B, keep_T] are contiguous in out when they are all of its
             // rows (one chunk, or one row): logits go there directly (through the device's
-            // buffer when it has memory of its own), no chunk-sized copy on the host.
+            // buffer when out is host memory it cannot write), no chunk-sized copy on the host.
             const bool in_place = B == 1 || keep_T == out_L;
             if (output == Output::Logits) {
-              float* lg = in_place && host ? &out[dst_t0 * V] : scratch(ws_.lg, B * keep_T * V);
+              float* lg = in_place && direct ? &out[dst_t0 * V] : scratch(ws_.lg, B * keep_T * V);
               logits(src, B * keep_T, lg, Work::Prefill);
               if (in_place) {
-                if (!host) dev_->download(&out[dst_t0 * V], lg, B * keep_T * V * sizeof(float));
+                if (!direct) dev_->download(&out[dst_t0 * V], lg, B * keep_T * V * sizeof(float));
                 return;
               }
               src = lg;
             }
-            if (!host) {
+            if (out_on_device) {
+              for (int64_t b = 0; b < B; ++b)
+                dev_->copy(&out[(b * out_L + dst_t0) * D], src + b * keep_T * D, keep_T * D * sizeof(float));
+              return;
+            }
+            if (!dev_->host_memory()) {
               stage.resize(static_cast<size_t>(B * keep_T * D));
               dev_->download(stage.data(), src, stage.size() * sizeof(float));
               src = stage.data();
@@ -422,7 +457,6 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
             for (int64_t b = 0; b < B; ++b)
               std::memcpy(&out[(b * out_L + dst_t0) * D], src + b * keep_T * D, keep_T * D * sizeof(float));
           });
-  return out;
 }
 
 GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,

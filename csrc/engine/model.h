@@ -155,6 +155,16 @@ class Model {
                              const int32_t* positions, int64_t B, int64_t L, Output output,
                              bool last_only, std::vector<float>* hidden_states = nullptr);
 
+  // forward(), its output left in the device's memory (a GPU's: for DLPack consumers such as
+  // torch, without a copy to the host).
+  DeviceArray forward_on_device(const int32_t* input_ids, const int32_t* attention_mask, const int32_t* positions,
+                                int64_t B, int64_t L, Output output, bool last_only,
+                                std::vector<float>* hidden_states = nullptr);
+
+  // Takes back an output of forward_on_device() whose owner (a DLPack consumer) let it go, on
+  // any thread: it is freed at the next step, where nothing else uses the device.
+  void bury(DeviceArray a);
+
   GenerateResult generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
                           int64_t L, const SamplingParams& params, const StepCallback& on_step,
                           const LogitsSink& on_logits = nullptr);
@@ -171,6 +181,11 @@ class Model {
   // input and the final output as they are made, device pointers.
   const float* step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
                     const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink);
+  // forward()'s work, into out: B * (last_only ? 1 : L) * (hidden or vocab) floats, in the
+  // device's memory when out_on_device, else host memory.
+  void forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
+                    const int32_t* positions, int64_t B, int64_t L, Output output, bool last_only,
+                    std::vector<float>* hidden_states);
   // Rows 0..B-1 each with T prompt tokens at [slot0, slot0 + T).
   StepRows prompt_rows(int64_t B, int64_t slot0, int64_t T) const;
   // The prompt [B, L] through step() in chunks of at most kMaxChunkTokens tokens;
@@ -199,6 +214,8 @@ class Model {
   std::shared_ptr<Device> dev_;
   ModelWeights w_;  // on dev_
   Workspace ws_;
+  std::mutex graveyard_mu_;
+  std::vector<DeviceArray> graveyard_;  // bury()'s, freed by the next step (before dev_ goes)
   std::mutex mu_;  // held by forward() and generate(): ws_ is theirs
   std::function<void()> interrupt_;
   // head_dim / 2 rotary frequencies, float32 as transformers: full-attention layers, then

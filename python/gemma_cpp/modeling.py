@@ -32,20 +32,22 @@ class ModelOutput(dict):
             raise AttributeError(name) from None
 
 
-def _tensors(out, return_tensors):
-    """out (an array, a tuple of them, or a ModelOutput of either) as return_tensors asks:
-    numpy as it is, or torch tensors on the same memory (DLPack: nothing is copied)."""
+def _tensors(out, return_tensors, device: str = "cpu"):
+    """out (an array or tensor, a tuple of them, or a ModelOutput of either) as return_tensors
+    asks: numpy as it is, or torch tensors on the same memory (DLPack: nothing is copied), on
+    the model's device (host arrays of a GPU model, such as token ids, are copied there)."""
     if return_tensors != "pt" or out is None:
         return out
     if isinstance(out, ModelOutput):
-        return ModelOutput({k: _tensors(v, return_tensors) for k, v in out.items()})
+        return ModelOutput({k: _tensors(v, return_tensors, device) for k, v in out.items()})
     if isinstance(out, tuple):
-        return tuple(_tensors(v, return_tensors) for v in out)
+        return tuple(_tensors(v, return_tensors, device) for v in out)
     try:
         import torch
     except ImportError as e:
         raise ImportError("return_tensors='pt' needs torch; install it or use return_tensors='np'") from e
-    return torch.from_dlpack(out)
+    t = torch.from_dlpack(out)
+    return t if device == "cpu" else t.to(device)
 
 
 def parse_device(device) -> str:
@@ -169,10 +171,22 @@ class GemmaPreTrainedModel:
             raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids, mask
 
-    def _run(self, ids, mask, output: str, last_only: bool = False, output_hidden_states: bool = False):
+    def _run(self, ids, mask, output: str, last_only: bool = False, output_hidden_states: bool = False,
+             return_tensors=None):
+        """(the output, every layer's hidden states or None). The output is numpy; with
+        return_tensors='pt' on a device with memory of its own (a GPU), a torch tensor left in
+        that memory (DLPack, no copy), the hidden states then torch tensors on that device too."""
         # transformers' forward uses positions 0..L-1 whatever the mask says.
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape))
-        return self._engine.forward(ids, mask, positions, output, last_only, output_hidden_states)
+        on_device = return_tensors == "pt" and self._engine.device_name != "cpu"
+        out, states = self._engine.forward(ids, mask, positions, output, last_only, output_hidden_states, on_device)
+        if on_device:
+            import torch
+
+            out = torch.from_dlpack(out)
+            if states is not None:
+                states = torch.from_dlpack(states).to(out.device)
+        return out, states
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
@@ -193,11 +207,12 @@ class GemmaModel(GemmaPreTrainedModel):
         every layer's output). return_tensors='pt': torch tensors on the same memory."""
         return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
-        hidden, states = self._run(ids, mask, "hidden", output_hidden_states=output_hidden_states)
+        hidden, states = self._run(ids, mask, "hidden", output_hidden_states=output_hidden_states,
+                                   return_tensors=return_tensors)
         out = ModelOutput(last_hidden_state=hidden)
         if output_hidden_states:
             out["hidden_states"] = tuple(states)
-        return _tensors(out, return_tensors)
+        return _tensors(out, return_tensors, self.device)
 
     forward = __call__
 
@@ -212,8 +227,8 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         ids, mask = self._prepare(input_ids, attention_mask)
         if logits_to_keep not in (0, 1):
             raise ValueError("logits_to_keep must be 0 (all positions) or 1 (the last one)")
-        logits, _ = self._run(ids, mask, "logits", last_only=logits_to_keep == 1)
-        return _tensors(ModelOutput(logits=logits), return_tensors)
+        logits, _ = self._run(ids, mask, "logits", last_only=logits_to_keep == 1, return_tensors=return_tensors)
+        return _tensors(ModelOutput(logits=logits), return_tensors, self.device)
 
     forward = __call__
 
@@ -295,9 +310,9 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             streamer.end()
         sequences = np.concatenate([ids, new], axis=1).astype(np.int64)
         if not gc.return_dict_in_generate:
-            return _tensors(sequences, return_tensors)
+            return _tensors(sequences, return_tensors, self.device)
         return _tensors(ModelOutput(sequences=sequences, logits=tuple(logits) if want_logits else None),
-                        return_tensors)
+                        return_tensors, self.device)
 
 
 class _ScoreHead(GemmaPreTrainedModel):
@@ -343,7 +358,7 @@ class GemmaForSequenceClassification(_ScoreHead):
             last = (np.arange(L)[None, :] * (ids != pad)).argmax(axis=1)
         hidden, _ = self._run(ids, mask, "hidden")
         pooled = hidden[np.arange(B), last]
-        return _tensors(ModelOutput(logits=self._score(pooled)), return_tensors)
+        return _tensors(ModelOutput(logits=self._score(pooled)), return_tensors, self.device)
 
     forward = __call__
 
@@ -357,6 +372,6 @@ class GemmaForTokenClassification(_ScoreHead):
         return_tensors = _check_return_tensors(return_tensors)
         ids, mask = self._prepare(input_ids, attention_mask)
         hidden, _ = self._run(ids, mask, "hidden")
-        return _tensors(ModelOutput(logits=self._score(hidden)), return_tensors)
+        return _tensors(ModelOutput(logits=self._score(hidden)), return_tensors, self.device)
 
     forward = __call__
