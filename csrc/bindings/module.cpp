@@ -322,10 +322,13 @@ class Engine {
       py::object engine;
       Model* model;
       DeviceArray buf;
-      std::vector<int64_t> shape;
+      std::vector<int64_t> shape, strides;
       DLManagedTensor t;
     };
-    auto* o = new Owner{py::cast(this, py::return_value_policy::reference), model_.get(), std::move(dev), shape, {}};
+    std::vector<int64_t> strides(shape.size(), 1);  // row-major, in elements
+    for (size_t i = shape.size(); i-- > 1;) strides[i - 1] = strides[i] * shape[i];
+    auto o = std::make_unique<Owner>(
+        Owner{py::cast(this, py::return_value_policy::reference), model_.get(), std::move(dev), shape, strides, {}});
     const std::string name = model_->device().name();
     int32_t type = 1, id = 0;
     if (name.rfind("cuda:", 0) == 0) {
@@ -333,21 +336,24 @@ class Engine {
       id = std::stoi(name.substr(5));
     }
     o->t.dl_tensor = DLTensor{o->buf.get(), DLDevice{type, id}, static_cast<int32_t>(o->shape.size()),
-                              DLDataType{2, 32, 1}, o->shape.data(), nullptr, 0};
-    o->t.manager_ctx = o;
-    o->t.deleter = [](DLManagedTensor* t) {
-      py::gil_scoped_acquire gil;
+                              DLDataType{2, 32, 1}, o->shape.data(), o->strides.data(), 0};
+    o->t.manager_ctx = o.get();
+    o->t.deleter = [](DLManagedTensor* t) noexcept {
       auto* own = static_cast<Owner*>(t->manager_ctx);
-      own->model->bury(std::move(own->buf));
+      own->model->bury(std::move(own->buf));  // needs no GIL; the engine reference does
+      py::gil_scoped_acquire gil;
       delete own;
     };
     // An unconsumed capsule ("dltensor" still its name) frees its tensor itself.
-    return py::capsule(&o->t, "dltensor", [](PyObject* cap) {
-      if (PyCapsule_IsValid(cap, "dltensor")) {
-        auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    py::capsule cap(&o->t, "dltensor", [](PyObject* c) noexcept {
+      py::error_scope keep;  // an exception on its way must survive the engine's release
+      if (PyCapsule_IsValid(c, "dltensor")) {
+        auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
         t->deleter(t);
       }
     });
+    o.release();  // the capsule owns it now
+    return cap;
   }
 
   // "cpu" (null: Model's default), or "cuda:N" where this build has the CUDA kernels.

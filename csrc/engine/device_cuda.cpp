@@ -126,7 +126,9 @@ class CudaDevice final : public Device {
       flush();  // queued ops may use it (outside a step there are none)
     } catch (const std::exception&) {  // a destructor's call: nowhere to report it
     }
-    cudaStreamSynchronize(stream_);  // no kernel may still read it
+    // No kernel may still read it: ours, or a consumer's on its own stream (an output torch
+    // held, Model::bury).
+    cudaDeviceSynchronize();
     cudaFree(p);
     cudaGetLastError();  // what these unchecked calls left must not fail the next launch
   }

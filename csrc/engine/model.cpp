@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -219,10 +220,7 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
   const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads;
   const int64_t Md = sr.decode_tokens(), M = Md + sr.prompt_tokens(), T = sr.T;
   const int64_t QD = nH * hd, KD = nKV * hd;
-  {  // outputs their owners let go of (bury()), freed here, on the stepping thread
-    std::lock_guard<std::mutex> lock(graveyard_mu_);
-    graveyard_.clear();
-  }
+  drain_graveyard();  // outputs their owners let go of (bury()), freed on the stepping thread
   // The decode tokens take the decode kernels and the prompt chunk the prefill ones, however
   // many rows share the step: each row's bits do not depend on the batch (kernels.h, Work).
   // parts(fn) runs fn(first token, tokens, work) for each kind present.
@@ -383,6 +381,7 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
                                   const int32_t* positions, int64_t B, int64_t L, Output output,
                                   bool last_only, std::vector<float>* hidden_states) {
   std::lock_guard<std::mutex> lock(mu_);
+  drain_graveyard();
   std::vector<float> out(static_cast<size_t>(B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size
                                                                                                    : cfg_.hidden_size)));
   forward_into(out.data(), false, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
@@ -393,6 +392,7 @@ DeviceArray Model::forward_on_device(const int32_t* input_ids, const int32_t* at
                                      const int32_t* positions, int64_t B, int64_t L, Output output,
                                      bool last_only, std::vector<float>* hidden_states) {
   std::lock_guard<std::mutex> lock(mu_);
+  drain_graveyard();  // before this call allocates: a released output's memory first
   const int64_t n = B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size : cfg_.hidden_size);
   DeviceArray out(dev_.get(), static_cast<size_t>(n) * sizeof(float));
   forward_into(out.as<float>(), true, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
@@ -400,10 +400,22 @@ DeviceArray Model::forward_on_device(const int32_t* input_ids, const int32_t* at
   return out;
 }
 
-void Model::bury(DeviceArray a) {
+void Model::bury(DeviceArray a) noexcept {
   std::lock_guard<std::mutex> lock(graveyard_mu_);
-  graveyard_.push_back(std::move(a));
+  try {
+    graveyard_.push_back(std::move(a));
+  } catch (const std::bad_alloc&) {  // not freed here, where another thread may be stepping:
+    static_cast<void>(new (std::nothrow) DeviceArray(std::move(a)));  // leaked instead
+  }
 }
+
+void Model::drain_graveyard() {
+  std::vector<DeviceArray> gone;
+  {
+    std::lock_guard<std::mutex> lock(graveyard_mu_);
+    gone.swap(graveyard_);
+  }
+}  // freed here, outside the lock (a deleter waiting on it holds the GIL)
 
 void Model::forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
                          const int32_t* positions, int64_t B, int64_t L, Output output, bool last_only,
@@ -463,6 +475,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
                                int64_t L, const SamplingParams& p, const StepCallback& on_step,
                                const LogitsSink& on_logits) {
   std::lock_guard<std::mutex> lock(mu_);
+  drain_graveyard();
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   GenerateResult res;
   if (p.max_new_tokens <= 0) return res;

@@ -162,8 +162,9 @@ class Model {
                                 std::vector<float>* hidden_states = nullptr);
 
   // Takes back an output of forward_on_device() whose owner (a DLPack consumer) let it go, on
-  // any thread: it is freed at the next step, where nothing else uses the device.
-  void bury(DeviceArray a);
+  // any thread: it is freed by the next call or step, under the model's lock, before that
+  // allocates anything.
+  void bury(DeviceArray a) noexcept;
 
   GenerateResult generate(const int32_t* input_ids, const int32_t* attention_mask, int64_t B,
                           int64_t L, const SamplingParams& params, const StepCallback& on_step,
@@ -181,6 +182,7 @@ class Model {
   // input and the final output as they are made, device pointers.
   const float* step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
                     const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink);
+  void drain_graveyard();  // frees what bury() took (the caller holds mu_)
   // forward()'s work, into out: B * (last_only ? 1 : L) * (hidden or vocab) floats, in the
   // device's memory when out_on_device, else host memory.
   void forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
