@@ -1,8 +1,8 @@
 """Whole models on a GPU: decode (batch 1 and 8) and prefill (512 tokens) for random Gemma-2B
 weights in bf16, int8 and int4 with gemma_cpp on CUDA, next to transformers' eager bf16 on the
 same GPU and the same weights, in one run; decode also as a fraction of the HBM-bandwidth bound
-(the weight bytes one step reads, over the bandwidth). Prints one table and checks issue 16's
-targets; --json writes the rows.
+(the weight bytes one step reads, over the datasheet bandwidth) and of the copy bandwidth
+measured in the same run. Prints one table and checks issue 16's targets; --json writes the rows.
 
     python benchmarks/bench_gpu.py                      # on a GPU (gpu_check.sh runs this)
     python benchmarks/bench_gpu.py --tiny --device cpu  # the same code on a tiny model, on the
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_of  # noqa: E402
+from _common import best_of, measure_bandwidth  # noqa: E402
 
 # Gemma-2B (Gemma 1): hidden 2048, 18 layers, 8 heads x 256, 1 KV head, ffn 16384, vocab 256000.
 GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
@@ -72,6 +72,30 @@ def hf_generate(model, device: str):
                            do_sample=False, pad_token_id=0)
 
     return gen
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second the device moves, measured now: on CUDA a 1 GiB device-to-device copy
+    through torch (read + write counted, best of 10); on the CPU the engine's read bandwidth."""
+    if not device.startswith("cuda"):
+        return measure_bandwidth(2, 256 << 20, 3)
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / best
 
 
 def sync(device: str):
@@ -126,6 +150,7 @@ def main(argv=None) -> int:
         return 1
     cfg = TINY if a.tiny else GEMMA_2B
     hbm = a.hbm_tbs * 1e12
+    measured = copy_bandwidth(device)  # in this run, beside the rows
     formats = [f for f in a.formats.split(",") if f]
     rng = np.random.default_rng(0)
     rows = []
@@ -169,20 +194,24 @@ def main(argv=None) -> int:
     hf = next((r for r in rows if r["engine"].startswith("transformers")), None)
     print()
     print(f"{'Gemma-2B' if not a.tiny else 'tiny'} random weights on {device}; decode: tokens/s per batch; "
-          f"bound: step bytes / {a.hbm_tbs} TB/s")
-    hdr = (f"{'engine':<32}{'weights':>9}{'B=1 tok/s':>11}{'% bound':>9}{'x hf':>7}{'B=8 tok/s':>11}{'x hf':>7}"
+          f"bound: step bytes / {a.hbm_tbs} TB/s (datasheet); % copy: of the bandwidth measured in this run, "
+          f"{measured / 1e12:.2f} TB/s")
+    hdr = (f"{'engine':<32}{'weights':>9}{'B=1 tok/s':>11}{'% bound':>9}{'% copy':>8}{'x hf':>7}{'B=8 tok/s':>11}"
+           f"{'x hf':>7}"
            f"{'prefill tok/s':>15}{'x hf':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         d1, d8, pf = 1 / r["decode_b1_s"], 8 / r["decode_b8_s"], 512 / r["prefill_512_s"]
         bound = hbm / r["step_bytes"] if "step_bytes" in r else None
+        copy_bound = measured / r["step_bytes"] if "step_bytes" in r else None
         r.update(decode_b1_tok_s=d1, decode_b8_tok_s=d8, prefill_tok_s=pf,
-                 frac_bound=d1 / bound if bound else None)
+                 frac_bound=d1 / bound if bound else None, frac_copy=d1 / copy_bound if copy_bound else None)
         hf_rates = dict(decode_b1=1 / hf["decode_b1_s"], decode_b8=8 / hf["decode_b8_s"],
                         prefill=512 / hf["prefill_512_s"]) if hf else {}
         x = (lambda v, k: f"{v / hf_rates[k]:.2f}" if hf and r is not hf else "")
         print(f"{r['engine']:<32}{r['fmt']:>9}{d1:>11.1f}{(f'{100 * d1 / bound:.0f}%' if bound else ''):>9}"
+              f"{(f'{100 * d1 / copy_bound:.0f}%' if copy_bound else ''):>8}"
               f"{x(d1, 'decode_b1'):>7}{d8:>11.1f}{x(d8, 'decode_b8'):>7}{pf:>15.0f}{x(pf, 'prefill'):>7}")
 
     # Issue 16's targets (meaningful on an H200 with Gemma-2B; printed whatever the run).
@@ -205,7 +234,8 @@ def main(argv=None) -> int:
                       f"[{'met' if ok else 'NOT met'}]")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(device=device, tiny=a.tiny, hbm_tbs=a.hbm_tbs, rows=rows), f, indent=1)
+            json.dump(dict(device=device, tiny=a.tiny, hbm_tbs=a.hbm_tbs, measured_tbs=measured / 1e12, rows=rows), f,
+                      indent=1)
     return 0
 
 

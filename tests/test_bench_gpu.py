@@ -27,12 +27,16 @@ def test_the_bound_counts_every_matrix_a_step_reads(torch):
 def test_the_script_runs_on_a_tiny_model_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert bench_gpu.main(["--tiny", "--device", "cpu", "--new", "4", "--reps", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["measured_tbs"] > 0  # the bandwidth is measured in the same run
+    rows = result["rows"]
     assert [(r["engine"], r["fmt"]) for r in rows] == [("transformers eager", "bfloat16")] + [
         ("gemma_cpp (cpu)", f) for f in ("bfloat16", "int8", "int4")]
     for r in rows:
         for k in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s"):
             assert np.isfinite(r[k]) and r[k] > 0, (r["engine"], r["fmt"], k)
+        if r["engine"].startswith("gemma_cpp"):  # its bound: step bytes over the measured bandwidth
+            assert r["frac_copy"] == pytest.approx(r["decode_b1_tok_s"] * r["step_bytes"] / (result["measured_tbs"] * 1e12))
     text = capsys.readouterr().out
     assert "target: bf16 decode B=1 >= 5x transformers eager bf16" in text
     assert text.count("gemma_cpp (cpu)") >= 3

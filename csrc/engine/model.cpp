@@ -7,11 +7,9 @@
 #include <limits>
 #include <new>
 #include <stdexcept>
-#include <type_traits>
 #include <utility>
 
 #include "cpu/quant.h"
-#include "cpu/simd.h"
 #include "runtime/threadpool.h"
 
 namespace gemma {
@@ -34,12 +32,6 @@ struct OpTimer {
   }
 };
 
-// v grown to at least n elements (never shrunk: the workspace keeps its largest size).
-template <typename T>
-T* grown(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
-}
 
 // Tokens per forward chunk across the batch: bounds the activation buffers (the MLP's two
 // [M, intermediate] float32 buffers are 64 MiB each at M = 512 on Gemma-2B) while keeping
@@ -182,6 +174,12 @@ void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
   if (cfg_.final_softcap > 0.f) dev_->softcap(out, n * cfg_.vocab_size, cfg_.final_softcap);
 }
 
+void Model::greedy_on_device(const float* hidden, int64_t n, int32_t* out) {
+  float* lg = scratch(ws_.lg, n * cfg_.vocab_size);
+  logits(hidden, n, lg, Work::Decode);  // one position per row: the decode kernels
+  dev_->argmax(lg, n, cfg_.vocab_size, out);
+}
+
 bool Model::device_greedy(const SamplingParams& p) const {
   return !dev_->host_memory() && !p.do_sample && p.repetition_penalty == 1.f && p.presence_penalty == 0.f &&
          p.frequency_penalty == 0.f;
@@ -228,7 +226,7 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
     if (Md > 0) fn(int64_t{0}, Md, Work::Decode);
     if (M > Md) fn(Md, M - Md, Work::Prefill);
   };
-  StepTokens tokens;
+  StepTokens& tokens = ws_.tokens;  // kept: a decode step allocates nothing
   tokens.rows = &sr;
   tokens.ids = ids;
   tokens.pos = pos;
@@ -382,8 +380,7 @@ std::vector<float> Model::forward(const int32_t* input_ids, const int32_t* atten
                                   bool last_only, std::vector<float>* hidden_states) {
   std::lock_guard<std::mutex> lock(mu_);
   drain_graveyard();
-  std::vector<float> out(static_cast<size_t>(B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size
-                                                                                                   : cfg_.hidden_size)));
+  std::vector<float> out(static_cast<size_t>(forward_size(B, L, output, last_only)));
   forward_into(out.data(), false, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
   return out;
 }
@@ -393,8 +390,7 @@ DeviceArray Model::forward_on_device(const int32_t* input_ids, const int32_t* at
                                      bool last_only, std::vector<float>* hidden_states) {
   std::lock_guard<std::mutex> lock(mu_);
   drain_graveyard();  // before this call allocates: a released output's memory first
-  const int64_t n = B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size : cfg_.hidden_size);
-  DeviceArray out(dev_.get(), static_cast<size_t>(n) * sizeof(float));
+  DeviceArray out(dev_.get(), static_cast<size_t>(forward_size(B, L, output, last_only)) * sizeof(float));
   forward_into(out.as<float>(), true, input_ids, attention_mask, positions, B, L, output, last_only, hidden_states);
   dev_->synchronize();  // its readers do not wait on the device's stream
   return out;
@@ -416,6 +412,10 @@ void Model::drain_graveyard() {
     gone.swap(graveyard_);
   }
 }  // freed here, outside the lock (a deleter waiting on it holds the GIL)
+
+int64_t Model::forward_size(int64_t B, int64_t L, Output output, bool last_only) const {
+  return B * (last_only ? 1 : L) * (output == Output::Logits ? cfg_.vocab_size : cfg_.hidden_size);
+}
 
 void Model::forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
                          const int32_t* positions, int64_t B, int64_t L, Output output, bool last_only,
@@ -521,9 +521,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
       lg = host_logits(hidden, n, Work::Decode, stage);
       return;
     }
-    float* dl = scratch(ws_.lg, n * V);
-    logits(hidden, n, dl, Work::Decode);
-    dev_->argmax(dl, n, V, greedy.data());
+    greedy_on_device(hidden, n, greedy.data());
   };
   draw_logits(last.as<float>(), B);
 

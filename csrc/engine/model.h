@@ -132,6 +132,7 @@ struct StepRows {
 // hidden states; lg: logits; sel: rows gathered from out.
 struct Workspace {
   DeviceArray x, h, q, k, v, att, g, u, out, lg, sel;
+  StepTokens tokens;  // the step's tokens as the device takes them (host memory)
 };
 
 // forward() and generate() may be called from several threads: one runs at a time (they
@@ -183,6 +184,8 @@ class Model {
   const float* step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
                     const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink);
   void drain_graveyard();  // frees what bury() took (the caller holds mu_)
+  // Floats forward() returns: B * (last_only ? 1 : L) * (hidden or vocab).
+  int64_t forward_size(int64_t B, int64_t L, Output output, bool last_only) const;
   // forward()'s work, into out: B * (last_only ? 1 : L) * (hidden or vocab) floats, in the
   // device's memory when out_on_device, else host memory.
   void forward_into(float* out, bool out_on_device, const int32_t* input_ids, const int32_t* attention_mask,
@@ -205,6 +208,8 @@ class Model {
   // Greedy picks under p need no logits on the host: on a device with memory of its own they
   // are made there (Device::argmax; the same first index of the maximum as the sampler's).
   bool device_greedy(const SamplingParams& p) const;
+  // Those picks for n hidden states (device memory) into out (host): logits, then argmax there.
+  void greedy_on_device(const float* hidden, int64_t n, int32_t* out);
   // a grown to hold at least n floats (its contents are lost when it grows).
   float* scratch(DeviceArray& a, int64_t n);
   // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly

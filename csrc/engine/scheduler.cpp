@@ -340,9 +340,7 @@ void Scheduler::loop() {
         on_device = drawn[i]->logprobs < 0 && model_.device_greedy(drawn[i]->params);
       float* lg = nullptr;
       if (on_device) {
-        float* dl = model_.scratch(model_.ws_.lg, n * V);
-        model_.logits(states, n, dl, Work::Decode);
-        model_.device().argmax(dl, n, V, drawn_tokens.data());
+        model_.greedy_on_device(states, n, drawn_tokens.data());
       } else if (n > 0) {
         lg = model_.host_logits(states, n, Work::Decode, lg_stage);
       }
