@@ -134,9 +134,7 @@ def available_paths(setter, names):
     return have
 
 
-@pytest.fixture(scope="module")
-def tiny_chat(tiny, tmp_path_factory):
-    """A tiny Gemma 3 whose vocabulary is a trained tokenizer's (with Gemma's turn tokens)."""
+def _chat_model(tiny, tmp_path_factory, max_positions: int):
     import shutil
 
     import sentencepiece as spm
@@ -147,13 +145,27 @@ def tiny_chat(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-ckpt")
     sp = train_tiny_tokenizer(str(folder / "sp"))
     vocab = spm.SentencePieceProcessor(model_file=sp).get_piece_size()
-    # initializer_range 0.05: logits flat enough that sampled choices differ; 2048 positions:
-    # streams long enough to leave in the middle of.
+    # initializer_range 0.05: logits flat enough that sampled choices differ.
     src, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3", vocab_size=vocab, initializer_range=0.05,
-                    max_position_embeddings=2048)
+                    max_position_embeddings=max_positions)
     shutil.copytree(src, folder / "model")
     shutil.copy(sp, folder / "model" / "tokenizer.model")
     path = str(folder / "model")
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, dtype="float32")
     tok = gemma_cpp.GemmaTokenizer.from_pretrained(path)
     return path, model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny, tmp_path_factory):
+    """A tiny Gemma 3 whose vocabulary is a trained tokenizer's (with Gemma's turn tokens); 2048
+    positions: streams long enough to leave in the middle of. (path, model, tokenizer)"""
+    return _chat_model(tiny, tmp_path_factory, 2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_long(tiny, tmp_path_factory):
+    """tiny_chat with 32768 positions: a request of 30,000 new tokens runs for many seconds
+    (the tiny model makes about a thousand a second), what the server tests that need requests
+    still running or waiting for a slot take."""
+    return _chat_model(tiny, tmp_path_factory, 32768)

@@ -163,6 +163,31 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _api_key(args):
+    """--api-key, else the first line of --api-key-file, else $GEMMA_CPP_API_KEY, else None."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {args.api_key_file!r} ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--api-key-file: {args.api_key_file!r} is not UTF-8 text") from None
+        if not key:
+            raise ValueError(f"--api-key-file: {args.api_key_file!r} holds no key on its first line")
+        return key
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty")
+    return args.api_key if args.api_key is not None else (os.environ.get("GEMMA_CPP_API_KEY") or None)
+
+
+def _listed(values):
+    """A repeatable, comma-separated option's entries."""
+    return [v.strip() for item in (values or []) for v in item.split(",") if v.strip()]
+
+
 def cmd_serve(args) -> int:
     if not args.ray:
         for flag, v in (("--replicas", args.replicas), ("--max-replicas", args.max_replicas),
@@ -184,10 +209,12 @@ def cmd_serve(args) -> int:
     path = args.model if args.model is not None else demo_model_path()  # a missing demo: said now
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
     name = args.model_name or (None if args.model is not None else "gemma-3-270m")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("GEMMA_CPP_API_KEY")
-    options = dict(host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=api_key,
+    options = dict(host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=_api_key(args),
                    model_name=name, quantization=quantization, dtype=args.dtype,
-                   kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, chunk_size=args.chunk_size)
+                   kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, chunk_size=args.chunk_size,
+                   allowed_hosts=_listed(args.allowed_hosts), allowed_origins=_listed(args.allowed_origins),
+                   max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
+                   max_waiting=args.max_waiting)
     if args.ray:
         print(f"serving {path} with Ray ({args.slots} slots per replica); starting the replicas", file=sys.stderr)
         run(os.path.abspath(path), replicas=args.replicas or 1, max_replicas=args.max_replicas,
@@ -253,7 +280,23 @@ def main(argv=None) -> int:
                     help="KV cache tokens of all slots together, split evenly (default: 4096 per slot, at most "
                          "the model's max_position_embeddings)")
     sv.add_argument("--api-key", default=None,
-                    help="require 'Authorization: Bearer KEY' (default: $GEMMA_CPP_API_KEY, else none)")
+                    help="require 'Authorization: Bearer KEY' (default: $GEMMA_CPP_API_KEY, else none); other users "
+                         "of this machine can read a command line: prefer --api-key-file")
+    sv.add_argument("--api-key-file", default=None, metavar="PATH", help="the API key: the first line of this file")
+    sv.add_argument("--allowed-hosts", action="append", default=None, metavar="NAMES",
+                    help="Host header names answered besides loopback ones (comma-separated; '.example.com': the "
+                         "domain and its subdomains; '*': any). Default: on a loopback --host only localhost, "
+                         "127.0.0.1 and [::1] (against DNS rebinding); on another address any")
+    sv.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
+                    help="web origins whose pages may call the API (CORS), comma-separated, such as "
+                         "http://localhost:3000, or '*' (default: none; the server's own pages need none)")
+    sv.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                    help="the largest request body taken; larger ones get a 413 unread (default 4 MiB)")
+    sv.add_argument("--read-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a request's body; then a 408 (default 30)")
+    sv.add_argument("--max-waiting", type=int, default=None,
+                    help="sequences that may wait for a free slot; beyond them a request gets a 503 with Retry-After "
+                         "(default 4 x --slots; with --ray, Ray's queue per deployment)")
     sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the path's name)")
     sv.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     sv.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,

@@ -5,38 +5,59 @@ llama.cpp's server use, over one gemma_cpp.Engine.
 Every request in flight advances in the engine's one pass over the weights per iteration, and
 a request's tokens do not depend on what else runs (gemma_cpp.engine). Requests are parsed by
 hand, so that every bad value gets OpenAI's error shape naming its parameter; unknown fields
-are ignored, as OpenAI does."""
+are ignored, as OpenAI does.
+
+What may reach the endpoints (Host, Origin, key, body type, size and time) is serve/guard.py's.
+Here: every list a request sends is bounded (each bound a 400 naming the field); the event
+loop only routes: JSON bodies over PARSE_INLINE bytes, tokenizing, template rendering and
+detokenizing run on a small pool of threads (sentencepiece releases the GIL while it
+encodes); a text too long for a slot is refused from its length alone, without tokenizing it
+(`Prompts`); and at most slots + max_waiting sequences are admitted at once, the rest get a
+503 with Retry-After (`Admission`)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
+import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..engine import Engine
 from ..generation import is_int, is_num
+from .guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, Guard, HostRule, OriginRule, open_warning
 
-MAX_N = 16          # choices per request
-MAX_STOP = 4        # stop strings per request, as OpenAI
-MAX_LOGPROBS = 20   # top alternatives per token
+MAX_N = 16            # choices per request
+MAX_PROMPTS = 64      # prompts in one /v1/completions request
+MAX_SEQUENCES = 64    # prompts x n
+MAX_STOP = 4          # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 1000  # characters of one stop string (each token's text is searched for it)
+MAX_LOGPROBS = 20     # top alternatives per token
+MAX_MESSAGES = 2048   # chat messages per request (each costs its turn's markup: 5 tokens at least)
+MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_TOOLS = 128       # tools per request
+PARSE_INLINE = 64 << 10  # a JSON body up to this size is parsed on the event loop (well under 1 ms)
+RETRY_AFTER_S = 1     # what a 503 for a full server tells the client to wait
 
 
 class ApiError(Exception):
     """An error response in OpenAI's shape: {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
+        return JSONResponse(status_code=self.status, headers=self.headers, content={"error": {
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
 
 
@@ -91,7 +112,21 @@ def _stops(body: dict) -> List[str]:
         raise _bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
     if any(s == "" for s in stops):
         raise _bad("stop", "'stop' strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad("stop", f"'stop' strings may have at most {MAX_STOP_CHARS} characters each")
     return stops
+
+
+def _check_tools(body: dict) -> None:
+    """`tools` is not used yet (the model answers in text); a malformed or oversized list is
+    still refused, as it will be when it is."""
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _bad("tools", "'tools' must be a list of tool objects")
+    if len(tools) > MAX_TOOLS:
+        raise _bad("tools", f"'tools' takes at most {MAX_TOOLS} tools, got {len(tools)}")
 
 
 class Sampling:
@@ -202,33 +237,142 @@ class TextStream:
         return out
 
 
+def _is_byte_piece(t) -> bool:
+    return isinstance(t, str) and len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+
+
 def hold_ids(tokenizer) -> frozenset:
     """Byte pieces and special tokens: a TextStream window never ends on one."""
-    n = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-    ids = {i for i, t in enumerate(pieces) if isinstance(t, str) and len(t) == 6 and t.startswith("<0x")
-           and t.endswith(">")}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return _hold_ids(tokenizer, pieces)
+
+
+def _hold_ids(tokenizer, pieces: list) -> frozenset:
+    ids = {i for i, t in enumerate(pieces) if _is_byte_piece(t)}
     special = getattr(tokenizer, "_special_id_set", None)
     ids.update(special() if special else tokenizer.all_special_ids)
     return frozenset(ids)
+
+
+def max_token_chars(tokenizer, pieces: Optional[list] = None) -> Optional[int]:
+    """The most characters of text that one token of `tokenizer` stands for, or None when no
+    such bound holds. A token is a piece of the vocabulary (U+2581 standing for one space) or a
+    special token matched whole, so the longest of them bounds it, provided that every
+    character has pieces of its own: with byte fallback (all 256 byte pieces) nothing becomes
+    <unk>, which sentencepiece gives once for a whole run of unknown characters; and no added
+    token strips the whitespace beside it (tokenizers' lstrip / rstrip, which Gemma's never
+    set). Then a text of C characters is at least ceil(C / bound) tokens."""
+    if pieces is None:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if sum(map(_is_byte_piece, pieces)) < 256:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+                                   for t in backend.get_added_tokens_decoder().values()):
+        return None
+    return max(len(t) for t in pieces if isinstance(t, str))
 
 
 def _token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
+def _context_error(ctx: int, param: str, prompt_tokens: int, max_tokens: Optional[int], max_tokens_param: str,
+                   chars: Optional[int] = None) -> ApiError:
+    """OpenAI's context_length_exceeded, for a prompt of prompt_tokens tokens (with `chars`:
+    at least that many, counted from its length alone)."""
+    least = "at least " if chars is not None else ""
+    if max_tokens is not None:
+        asked = f"{least}{prompt_tokens + max_tokens} tokens ({least}{prompt_tokens} in the {param}, {max_tokens} " \
+                f"for the completion)"
+    else:
+        asked = f"{least}{prompt_tokens} tokens in the {param}"
+    if chars is not None:
+        asked += f": its {chars} characters make {least}{prompt_tokens} tokens"
+    return ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested {asked}. "
+                         f"Please reduce the length of the {param} or the completion.",
+                    param=param if max_tokens is None else max_tokens_param, code="context_length_exceeded")
+
+
+class Prompts:
+    """A request's texts as prompt token ids, for one slot's context `ctx`. A text longer than
+    a slot can hold is refused from its length alone: with `max_chars` (max_token_chars), C
+    characters are at least ceil(C / max_chars) tokens, so no text the refusal lets through is
+    longer than ctx * max_chars characters, and no more than that is ever tokenized (without a
+    bound, the whole text is, on the pool). Called on the server's thread pool."""
+
+    def __init__(self, tokenizer, ctx: int, max_chars: Optional[int]):
+        self.tokenizer, self.ctx, self.max_chars = tokenizer, ctx, max_chars
+
+    def encode(self, text: str, add_special: bool, param: str, max_tokens: Optional[int],
+               max_tokens_param: str) -> List[int]:
+        if self.max_chars is not None:
+            bos = 1 if add_special and getattr(self.tokenizer, "add_bos_token", False) else 0
+            least = -(-len(text) // self.max_chars) + bos
+            if least + (max_tokens or 1) > self.ctx:
+                raise _context_error(self.ctx, param, least, max_tokens, max_tokens_param, chars=len(text))
+        return self.tokenizer.encode(text, add_special_tokens=add_special)
+
+
+class Admission:
+    """Backpressure. The sequences admitted and not yet finished (each decoding in a slot or
+    waiting for one; a request counts its prompts x n) are at most slots + max_waiting. A
+    request that would pass that gets a 503 with Retry-After, unless nothing else is in flight
+    (so that a request of more sequences than that still runs, alone). A request's place is
+    freed when it ends, and when its client leaves (waiting or not). Used on the event loop
+    only: no lock."""
+
+    def __init__(self, slots: int, max_waiting: int):
+        self.slots, self.max_waiting = slots, max_waiting
+        self.in_flight = 0
+        self.rejected = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.max_waiting
+
+    def take(self, sequences: int) -> "_Ticket":
+        if self.in_flight and self.in_flight + sequences > self.capacity:
+            self.rejected += 1
+            raise ApiError(503, f"the server is busy: {self.in_flight} sequences are decoding or waiting for one of "
+                                f"its {self.slots} slots, and it queues at most {self.max_waiting} (--max-waiting); "
+                                f"retry in {RETRY_AFTER_S} s", kind="server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += sequences
+        return _Ticket(self, sequences)
+
+
+class _Ticket:
+    def __init__(self, admission: Admission, sequences: int):
+        self.admission, self.sequences = admission, sequences
+
+    def release(self) -> None:
+        self.admission.in_flight -= self.sequences
+        self.sequences = 0
+
+
 # ---- the server -------------------------------------------------------------------------
 
 class _State:
-    def __init__(self, model_name: str, api_key: Optional[str]):
-        self.model_name, self.api_key = model_name, api_key
+    def __init__(self, model_name: str, max_waiting: Optional[int]):
+        self.model_name = model_name
         self.engine: Optional[Engine] = None
         self.tokenizer = None
         self.hold: frozenset = frozenset()
         self.eos: List[int] = []
+        self.prompts: Optional[Prompts] = None
+        self.admission: Optional[Admission] = None
+        self.max_waiting = max_waiting
         self.error: Optional[str] = None
         self.created = int(time.time())
-        self.http: Dict[str, int] = {}
+        self.statuses: Dict[str, int] = {}   # responses by status (the guard counts them)
+        self.refused: Dict[str, int] = {}    # requests the guard refused, by reason
+        # Tokenizing, detokenizing, template rendering and large JSON bodies: off the event loop.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gemma_cpp-serve")
+
+    async def run(self, fn: Callable, *args):
+        """fn(*args) on the server's thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -247,35 +391,6 @@ class _State:
         return f"the model failed to load: {self.error}" if self.error else None
 
 
-class _Guard:
-    """ASGI middleware (plain, so that streams and their disconnects pass untouched): the API
-    key on /v1/*, /tokenize and /detokenize, and a count of responses by status."""
-
-    def __init__(self, app, state: _State):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, key = scope["path"], self.state.api_key
-        if key is not None and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth.lower().startswith("bearer ") else None
-            if given is None or not secrets.compare_digest(given.encode("latin-1"), key.encode("utf-8")):
-                what = "Missing API key" if given is None else "Incorrect API key provided"
-                send_error = ApiError(401, f"{what}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-                return await self._counted(send_error.response(), scope, receive, send)
-        return await self._counted(self.app, scope, receive, send)
-
-    async def _counted(self, app, scope, receive, send):
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status = str(message["status"])
-                self.state.http[status] = self.state.http.get(status, 0) + 1
-            await send(message)
-        await app(scope, receive, counting_send)
-
-
 def _eos_ids(model, tokenizer) -> List[int]:
     """The model's stop tokens, and Gemma's <end_of_turn> when the vocabulary has it."""
     eos = model.generation_config.eos_ids()
@@ -290,22 +405,41 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]] = None,
                model_name: Optional[str] = None, slots: int = 8, ctx_size: Optional[int] = None,
-               slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None) -> FastAPI:
+               slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None,
+               host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
+               max_waiting: Optional[int] = None) -> FastAPI:
     """The ASGI app serving `model` (a GemmaForCausalLM) with `tokenizer`; or, given `load`
     (a function returning (model, tokenizer)), one that loads them when it starts, answering
     503 on /health until then. slots, ctx_size / slot_ctx and chunk_size: gemma_cpp.Engine's.
-    api_key: when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer <key>`."""
+
+    What may reach it (serve/guard.py): api_key: when set, /v1/*, /tokenize and /detokenize
+    need `Authorization: Bearer <key>`. host: the address the server is bound to; a loopback
+    one (the default) answers only loopback Host headers and allowed_hosts (names, `.domain`,
+    or `*`). allowed_origins: web origins whose pages may call it (CORS; `*` for any).
+    max_request_bytes, read_timeout: a request body's bounds (413, 408). max_waiting: sequences
+    that may wait for a slot beyond the busy ones (default 4 x slots); more get a 503."""
     if (model is None) == (load is None):
         raise ValueError("create_app needs a model and its tokenizer, or load")
     if model is not None and tokenizer is None:
         raise ValueError("create_app needs the model's tokenizer")
-    state = _State(model_name or "gemma_cpp", api_key)
+    for name, v in (("max_request_bytes", max_request_bytes), ("max_waiting", max_waiting)):
+        if v is not None and (not is_int(v) or v < (1 if name == "max_request_bytes" else 0)):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'max_request_bytes' else 0}, got {v!r}")
+    if not is_num(read_timeout) or not read_timeout > 0:
+        raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
+    hosts, origins = HostRule(host, allowed_hosts), OriginRule(allowed_origins)
+    state = _State(model_name or "gemma_cpp", max_waiting)
 
     def start(m, t):
+        pieces = t.convert_ids_to_tokens(list(range(len(t))))
+        engine = Engine(m, slots=slots, ctx_size=ctx_size, slot_ctx=slot_ctx, chunk_size=chunk_size)
         state.tokenizer = t
-        state.hold = hold_ids(t)
+        state.hold = _hold_ids(t, pieces)
         state.eos = _eos_ids(m, t)
-        state.engine = Engine(m, slots=slots, ctx_size=ctx_size, slot_ctx=slot_ctx, chunk_size=chunk_size)
+        state.prompts = Prompts(t, engine.slot_ctx, max_token_chars(t, pieces))
+        state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting))
+        state.engine = engine
 
     if model is not None:
         start(model, tokenizer)
@@ -330,6 +464,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
                 loader.join()
             if state.engine is not None:
                 state.engine.close()
+            state.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="gemma_cpp", lifespan=lifespan)
     app.state.gemma = state
@@ -338,11 +473,13 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     async def api_error(request: Request, e: ApiError):
         return e.response()
 
-    app.add_middleware(_Guard, state=state)
+    app.add_middleware(Guard, hosts=hosts, origins=origins, api_key=api_key, max_request_bytes=max_request_bytes,
+                       read_timeout=read_timeout, statuses=state.statuses, refused=state.refused)
 
     async def body_of(request: Request) -> dict:
+        raw = await request.body()
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(raw or b"null") if len(raw) <= PARSE_INLINE else await state.run(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
         if not isinstance(body, dict):
@@ -377,7 +514,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         if not isinstance(text, str):
             raise _bad("content", f"'content' must be a string, got {text!r}")
         add_special = _get_bool(body, "add_special", False)
-        ids = state.tokenizer.encode(text, add_special_tokens=add_special)
+        ids = await state.run(lambda: state.tokenizer.encode(text, add_special_tokens=add_special))
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.slot_ctx}
 
     @app.post("/detokenize")
@@ -386,9 +523,12 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         body = await body_of(request)
         ids = body.get("tokens")
         vocab = state.engine.model.config.vocab_size
-        if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab for t in ids):
-            raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
-        text = state.tokenizer.decode(ids)
+
+        def decode():
+            if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab for t in ids):
+                raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
+            return state.tokenizer.decode(ids)
+        text = await state.run(decode)
         return {"content": text, "prompt": text}
 
     @app.get("/metrics")
@@ -415,21 +555,38 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
                s.get("prefix_tokens", 0))
         metric("iterations_total", "counter", "Engine iterations (one pass over the weights each).",
                s.get("iterations", 0))
-        for status, count in sorted(state.http.items()):
+        adm = state.admission
+        metric("sequences_admitted", "gauge", "Sequences admitted by the server: decoding, or waiting for a slot.",
+               adm.in_flight if adm else 0)
+        metric("sequences_admitted_max", "gauge", "The most sequences admitted at once: slots + --max-waiting.",
+               adm.capacity if adm else 0)
+        refused = dict(state.refused, busy=adm.rejected if adm else 0)
+        for reason, count in sorted(refused.items()):
+            metric("requests_refused_total", "counter", "Requests refused before any work, by reason (host, origin, "
+                   "api_key, media_type, too_large, timeout, bad_length; busy: a 503 for a full server).", count,
+                   f'{{reason="{reason}"}}')
+        for status, count in sorted(state.statuses.items()):
             metric("http_responses_total", "counter", "HTTP responses by status.", count, f'{{status="{status}"}}')
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        engine = state.ready()
+        state.ready()
         body = await body_of(request)
         check_model(body)
-        prompts = _completion_prompts(body, state.tokenizer, engine.model.config.vocab_size)
+        items = _completion_items(body)
         sampling = Sampling(body, ("max_tokens",), 16)
         lp = body.get("logprobs")
         if lp is not None and (not is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise _bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
-        return await _generate(state, "text_completion", prompts, sampling, lp, "prompt")
+        _check_sequences(len(items), sampling.n)
+        ticket = state.admission.take(len(items) * sampling.n)
+        try:
+            vocab = state.engine.model.config.vocab_size
+            prompts = await state.run(_completion_prompts, items, state.prompts, vocab, sampling)
+            return await _generate(state, request, ticket, "text_completion", prompts, sampling, lp, "prompt")
+        finally:
+            ticket.release()  # a stream has taken it over (its sequences end with the stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -437,50 +594,71 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         body = await body_of(request)
         check_model(body)
         messages = _messages(body)
-        try:
-            ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        except ValueError as e:
-            raise _bad("messages", f"the chat template refused the messages: {e}")
+        _check_tools(body)
         sampling = Sampling(body, ("max_completion_tokens", "max_tokens"), None)
         want = _get_bool(body, "logprobs", False)
         top = _get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
             raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        return await _generate(state, "chat.completion", [list(ids)], sampling,
-                               (top or 0) if want else None, "messages")
+        ticket = state.admission.take(sampling.n)
+        try:
+            ids = await state.run(_chat_prompt, messages, state.tokenizer, state.prompts, sampling)
+            return await _generate(state, request, ticket, "chat.completion", [ids], sampling,
+                                   (top or 0) if want else None, "messages")
+        finally:
+            ticket.release()
 
     return app
 
 
-def _completion_prompts(body: dict, tokenizer, vocab: int) -> List[List[int]]:
+def _check_sequences(prompts: int, n: int) -> None:
+    if prompts * n > MAX_SEQUENCES:
+        raise _bad("n", f"a request makes at most {MAX_SEQUENCES} sequences (prompts x n), got {prompts} x {n}")
+
+
+def _completion_items(body: dict) -> list:
+    """The prompts of a completion request (strings or token-id lists), by their shape only:
+    their contents are checked on the pool (_completion_prompts)."""
     p = body.get("prompt")
-    bad = _bad("prompt", "'prompt' must be a string, a list of token ids, or a list of either")
-    if isinstance(p, str):
-        items = [p]
-    elif isinstance(p, list) and p and all(is_int(t) for t in p):
-        items = [p]
-    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-        items = p
-    else:
-        raise bad
+    if isinstance(p, str) or (isinstance(p, list) and p and is_int(p[0])):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p[:MAX_PROMPTS + 1]):
+        if len(p) > MAX_PROMPTS:
+            raise _bad("prompt", f"'prompt' takes at most {MAX_PROMPTS} prompts, got {len(p)}")
+        return p
+    raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list of either")
+
+
+def _completion_prompts(items: list, prompts: Prompts, vocab: int, sampling: Sampling) -> List[List[int]]:
     out = []
     for x in items:
         if isinstance(x, str):
-            ids = tokenizer.encode(x, add_special_tokens=True)
+            ids = prompts.encode(x, True, "prompt", sampling.max_tokens, sampling.max_tokens_param)
         elif isinstance(x, list) and x and all(is_int(t) for t in x):
             if not all(0 <= t < vocab for t in x):
                 raise _bad("prompt", f"prompt token ids must be in [0, {vocab})")
             ids = list(x)
         else:
-            raise bad
+            raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list of either")
         out.append(ids)
     return out
+
+
+def _chat_prompt(messages: List[dict], tokenizer, prompts: Prompts, sampling: Sampling) -> List[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except ValueError as e:
+        raise _bad("messages", f"the chat template refused the messages: {e}")
+    # apply_chat_template's own tokenization: the rendered text, no BOS added to its <bos>.
+    return prompts.encode(text, False, "messages", sampling.max_tokens, sampling.max_tokens_param)
 
 
 def _messages(body: dict) -> List[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    if len(msgs) > MAX_MESSAGES:
+        raise _bad("messages", f"'messages' takes at most {MAX_MESSAGES} messages, got {len(msgs)}")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
@@ -488,6 +666,9 @@ def _messages(body: dict) -> List[dict]:
                                          f"assistant")
         content = m.get("content")
         if isinstance(content, list):  # text parts
+            if len(content) > MAX_CONTENT_PARTS:
+                raise _bad(f"messages[{i}].content", f"messages[{i}].content takes at most {MAX_CONTENT_PARTS} "
+                                                     f"parts, got {len(content)}")
             if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                        for part in content):
                 raise _bad(f"messages[{i}].content", "only text content parts are supported")
@@ -509,20 +690,41 @@ class _Choice:
         self.finish: Optional[str] = None
 
 
-async def _generate(state: _State, kind: str, prompts: List[List[int]], sampling: Sampling,
-                    logprobs: Optional[int], prompt_param: str):
+async def _watch_disconnect(receive, choices: List[_Choice]) -> None:
+    """Cancels the choices when the client goes away (a whole response is not written until
+    the end, so nothing else notices; a stream's writes would, but only at its next token)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            for c in choices:
+                c.request.cancel()
+            return
+
+
+class _Stream(StreamingResponse):
+    """A streamed response that runs `on_close` once it is over, however it ends (a client
+    gone before the first chunk included, where the body's generator never starts)."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str, prompts: List[List[int]],
+                    sampling: Sampling, logprobs: Optional[int], prompt_param: str):
     engine = state.engine
     ctx = engine.slot_ctx
     # Each prompt's token budget: max_tokens, else the rest of a slot's context.
     limits = [sampling.max_tokens if sampling.max_tokens is not None else max(ctx - len(ids), 0) for ids in prompts]
     for ids, limit in zip(prompts, limits):
         if len(ids) + max(limit, 1) > ctx:
-            asked = f"{len(ids) + limit} tokens ({len(ids)} in the {prompt_param}, {limit} for the completion)" \
-                if sampling.max_tokens is not None else f"{len(ids)} tokens in the {prompt_param}"
-            raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                f"{asked}. Please reduce the length of the {prompt_param} or the completion.",
-                           param=prompt_param if sampling.max_tokens is None else sampling.max_tokens_param,
-                           code="context_length_exceeded")
+            raise _context_error(ctx, prompt_param, len(ids), sampling.max_tokens, sampling.max_tokens_param)
     choices: List[_Choice] = []
     try:
         for p, (ids, limit) in enumerate(zip(prompts, limits)):
@@ -533,6 +735,7 @@ async def _generate(state: _State, kind: str, prompts: List[List[int]], sampling
         for c in choices:
             c.request.cancel()
         raise _bad(prompt_param, str(e))
+    watcher = asyncio.ensure_future(_watch_disconnect(request.receive, choices))
     rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + secrets.token_hex(12)
     created = int(time.time())
     n_prompt = sum(len(ids) for ids in prompts)  # counted once, whatever n is (as OpenAI)
@@ -540,12 +743,20 @@ async def _generate(state: _State, kind: str, prompts: List[List[int]], sampling
         try:
             await asyncio.gather(*(_run_choice(c) for c in choices))
         finally:
+            watcher.cancel()
             for c in choices:
                 c.request.cancel()
         return _whole(state, kind, rid, created, choices, n_prompt, logprobs is not None)
-    return StreamingResponse(_stream(state, kind, rid, created, choices, n_prompt, sampling.include_usage,
-                                     logprobs is not None),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    held = _Ticket(ticket.admission, ticket.sequences)  # the stream's now: released when it is over
+    ticket.sequences = 0
+
+    def close():
+        watcher.cancel()
+        for c in choices:
+            c.request.cancel()
+        held.release()
+    return _Stream(_stream(state, kind, rid, created, choices, n_prompt, sampling.include_usage, logprobs is not None),
+                   close, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _choice_events(c: _Choice):
@@ -707,9 +918,11 @@ def model_source(model_path: Optional[str], model_name: Optional[str] = None) ->
 def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
         ctx_size: Optional[int] = None, api_key: Optional[str] = None, model_name: Optional[str] = None,
         quantization="auto", dtype=None, kv_cache_dtype: str = "float32", threads: Optional[int] = None,
-        chunk_size: int = 128, log_level: str = "info", device="cpu") -> None:
+        chunk_size: int = 128, log_level: str = "info", device="cpu", **guard) -> None:
     """Loads the model (the demo model when model_path is None; on `device`) in the background
-    and serves it with uvicorn until interrupted; /health says 503 until the model is ready."""
+    and serves it with uvicorn until interrupted; /health says 503 until the model is ready.
+    guard: create_app's allowed_hosts, allowed_origins, max_request_bytes, read_timeout and
+    max_waiting (host is the address served on)."""
     import uvicorn
 
     from .._C import set_num_threads
@@ -724,7 +937,10 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
         return model, tok
 
     app = create_app(load=load, model_name=name, slots=slots, ctx_size=ctx_size, chunk_size=chunk_size,
-                     api_key=api_key)
+                     api_key=api_key, host=host, **guard)
+    warning = open_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -21,15 +21,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from ray import serve
 
 from ..generation import is_int
 from .app import create_app, load_model, model_source
+from .guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, HostRule, OriginRule, open_warning
 
 APP_NAME = "gemma_cpp"
 REPLICA_HEADER = "x-gemma-cpp-replica"
+# create_app's options on what reaches the server (serve/guard.py), as each replica applies them.
+GUARD_OPTIONS = ("api_key", "host", "allowed_hosts", "allowed_origins", "max_request_bytes", "read_timeout",
+                 "max_waiting")
 
 
 class _ReplicaHeader:
@@ -73,7 +77,7 @@ class GemmaReplica:
         o = self._options
         app = create_app(self._model, self._tokenizer, model_name=self._name, slots=o["slots"],
                          ctx_size=o["ctx_size"], slot_ctx=o["slot_ctx"], chunk_size=o["chunk_size"],
-                         api_key=o["api_key"])
+                         **{k: o[k] for k in GUARD_OPTIONS})
         self._state = app.state.gemma
         app.add_middleware(_ReplicaHeader, replica=self.replica_id)
         return app
@@ -103,7 +107,10 @@ def deployment(model_path: Optional[str] = None, *, num_replicas: Optional[int] 
                slots: int = 8, ctx_size: Optional[int] = None, slot_ctx: Optional[int] = None,
                chunk_size: int = 128, model_name: Optional[str] = None, api_key: Optional[str] = None,
                quantization="auto", dtype=None, kv_cache_dtype: str = "float32", name: str = "GemmaReplica",
-               health_check_period_s: float = 10.0, health_check_timeout_s: float = 30.0):
+               health_check_period_s: float = 10.0, health_check_timeout_s: float = 30.0,
+               host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
+               max_waiting: Optional[int] = None):
     """The Ray Serve application (`serve.run` it) of replicas serving the model at model_path
     (a checkpoint folder or GGUF file at that path on every node; None: the demo model).
 
@@ -112,7 +119,10 @@ def deployment(model_path: Optional[str] = None, *, num_replicas: Optional[int] 
     when the ones there are full). num_cpus: CPUs reserved per replica, and its engine's
     threads. slots: requests one replica decodes together, and Ray's max_ongoing_requests, so
     that a request waits in Ray's queue for a free slot on any replica, not in one replica's.
-    The rest are create_app's and from_pretrained's."""
+    max_waiting: the requests that queue (Ray's max_queued_requests; default 4 x slots), beyond
+    which Ray's proxy answers 503; each replica also applies it as create_app does. host: the
+    address Ray's HTTP proxy is bound to (the Host rule depends on it). The rest are
+    create_app's and from_pretrained's."""
     if autoscaling is not None and num_replicas is not None:
         raise ValueError("give num_replicas or autoscaling, not both")
     if autoscaling is None and num_replicas is None:
@@ -137,12 +147,19 @@ def deployment(model_path: Optional[str] = None, *, num_replicas: Optional[int] 
         scaling["autoscaling_config"] = config
     else:
         scaling["num_replicas"] = int(num_replicas)
+    if max_waiting is not None and (not is_int(max_waiting) or max_waiting < 0):
+        raise ValueError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
+    HostRule(host, allowed_hosts), OriginRule(allowed_origins)  # their errors now, not in every replica
     path, api_name = model_source(model_path, model_name)
     options = dict(threads=int(num_cpus), slots=int(slots), ctx_size=ctx_size, slot_ctx=slot_ctx,
                    chunk_size=int(chunk_size), model_name=api_name, api_key=api_key, quantization=quantization,
-                   dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+                   dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, allowed_hosts=list(allowed_hosts),
+                   allowed_origins=list(allowed_origins), max_request_bytes=max_request_bytes,
+                   read_timeout=read_timeout, max_waiting=max_waiting)
+    queued = 4 * int(slots) if max_waiting is None else int(max_waiting)
     d = serve.deployment(GemmaReplica, name=name, ray_actor_options={"num_cpus": num_cpus},
-                         max_ongoing_requests=int(slots), health_check_period_s=health_check_period_s,
+                         max_ongoing_requests=int(slots), max_queued_requests=queued,
+                         health_check_period_s=health_check_period_s,
                          health_check_timeout_s=health_check_timeout_s,
                          max_constructor_retry_count=3,  # a model that does not load fails serve.run soon
                          **scaling)
@@ -174,7 +191,10 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
     if not os.path.exists(path):  # on this node; Ray's nodes need it at the same path
         raise FileNotFoundError(f"no model at {path}")
     scaling = dict(autoscaling=(replicas, max_replicas)) if max_replicas else dict(num_replicas=replicas)
-    app = deployment(model_path, num_cpus=threads, **scaling, **kwargs)
+    app = deployment(model_path, num_cpus=threads, host=host, **scaling, **kwargs)
+    warning = open_warning(host, kwargs.get("api_key"))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     stop = threading.Event()
     started_here = not ray.is_initialized() and ray_address is None
