@@ -58,7 +58,7 @@ def wait_healthy(port: int, proc, timeout: float) -> None:
                 return
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
         time.sleep(0.1)
 
 

@@ -316,7 +316,14 @@ def test_a_prompt_too_long_is_refused_from_its_length(guarded):
         r = httpx.post(guarded.url + "/v1/chat/completions",
                        json={"messages": [{"role": "user", "content": text}], "max_tokens": 4})
         _error(r, 400, "context_length_exceeded")
+        r = httpx.post(guarded.url + "/tokenize", json={"content": text})
+        assert _error(r, 400, "context_length_exceeded")["param"] == "content"
         assert spy.calls == []  # nothing tokenized
+        r = httpx.post(guarded.url + "/tokenize", json={"content": "hello world"})
+        assert r.json()["tokens"] == state.tokenizer.encode("hello world", add_special_tokens=False)
+        r = httpx.post(guarded.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1})
+        assert r.status_code == 200 and len(spy.calls) == 2
         # The longest text that still may fit is tokenized, off the event loop.
         edge = "a" * ((ctx - 1 - 1) * bound)  # BOS + these + one new token = ctx at the least
         r = httpx.post(guarded.url + "/v1/completions", json={"prompt": edge, "max_tokens": 1})
@@ -325,6 +332,7 @@ def test_a_prompt_too_long_is_refused_from_its_length(guarded):
         r = httpx.post(guarded.url + "/v1/completions", json={"prompt": edge + "a" * bound, "max_tokens": 1})
         _error(r, 400, "context_length_exceeded")
         assert spy.calls[-1][0] == len(edge)  # the longer one was not tokenized
+        assert all(thread.startswith("gemma_cpp-serve") for _, thread in spy.calls), spy.calls  # off the loop
     finally:
         state.prompts.tokenizer = real
 
@@ -353,6 +361,10 @@ def test_backpressure_and_clients_that_leave(tiny_chat_long):
 
     with Server(app) as s, httpx.Client(base_url=s.url, timeout=30) as c1, \
             httpx.Client(base_url=s.url, timeout=30) as c2:
+        # A client slow to send its body holds no place meanwhile (read_timeout is 30 s here).
+        slow = socket.create_connection(("127.0.0.1", s.port))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n")
         closers = []
         for client in (c1, c1, c2, c2):
             cm = client.stream("POST", "/v1/completions", json=long)
@@ -362,8 +374,12 @@ def test_backpressure_and_clients_that_leave(tiny_chat_long):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         err = _error(r, 503, "server_busy")
         assert r.headers["retry-after"] == "1" and "--max-waiting" in err["message"]
+        # Refused before its body is parsed: a body that is not JSON gets the 503, not a 400.
+        r = httpx.post(s.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        _error(r, 503, "server_busy")
+        slow.close()
         m = httpx.get(s.url + "/metrics").text
-        assert 'gemma_cpp_requests_refused_total{reason="busy"} 1\n' in m
+        assert 'gemma_cpp_requests_refused_total{reason="busy"} 2\n' in m
         assert "\ngemma_cpp_sequences_admitted 4\n" in m and "\ngemma_cpp_sequences_admitted_max 4\n" in m
         assert state.engine.stats()["waiting"] == 2
         # A waiting stream whose client goes away (the last one submitted waits).

@@ -99,10 +99,19 @@ def test_deployment_options(tiny_chat):
     assert (d.num_replicas, d.max_ongoing_requests, d.ray_actor_options["num_cpus"]) == (3, 6, 2)
     options = d.init_args[1]
     assert (options["threads"], options["slots"], d.init_args[0]) == (2, 6, os.path.abspath(path))
+    assert d.max_queued_requests == 4 * 6  # --max-waiting's default: Ray's queue holds it
+    guarded = deployment(path, slots=2, max_waiting=5, host="0.0.0.0", allowed_hosts=["api.example"],
+                         allowed_origins=["http://localhost:3000"], max_request_bytes=1000, read_timeout=2.0)
+    options = guarded._bound_deployment.init_args[1]
+    assert guarded._bound_deployment.max_queued_requests == 5
+    assert (options["host"], options["allowed_hosts"], options["allowed_origins"], options["max_request_bytes"],
+            options["read_timeout"], options["max_waiting"]) == ("0.0.0.0", ["api.example"],
+                                                                  ["http://localhost:3000"], 1000, 2.0, 5)
     auto = deployment(path, autoscaling=(1, 4), slots=5)._bound_deployment._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 5)
     for bad in (dict(num_replicas=2, autoscaling=(1, 2)), dict(autoscaling=(3, 2)), dict(num_replicas=0),
-                dict(num_cpus=0), dict(slots=0), dict(autoscaling=(1,))):
+                dict(num_cpus=0), dict(slots=0), dict(autoscaling=(1,)), dict(max_waiting=-1),
+                dict(allowed_origins=["localhost:3000"]), dict(allowed_hosts=["http://x"])):
         with pytest.raises(ValueError):
             deployment(path, **bad)
 
@@ -179,6 +188,13 @@ def test_replicas_answer_as_the_single_process_server(cluster, tiny_chat):
     r = httpx.post(cluster.url + "/v1/completions", json={"prompt": "hi", "temperature": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     assert httpx.get(cluster.url + "/health").json() == {"status": "ok"}
+    # The replicas apply the server's guard (serve/guard.py) behind Ray's proxy: a rebinding
+    # Host, a page's text/plain POST from another origin.
+    r = httpx.get(cluster.url + "/v1/models", headers={"Host": "attacker.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.post(cluster.url + "/v1/completions", content=b'{"prompt": "hi"}',
+                   headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
 
 
 async def _long(client, stream: bool):

@@ -17,8 +17,8 @@ encodes); a text too long for a slot is refused from its length alone, without t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-import math
 import os
 import secrets
 import sys
@@ -106,10 +106,10 @@ def _stops(body: dict) -> List[str]:
     if v is None:
         return []
     stops = [v] if isinstance(v, str) else v
+    if isinstance(stops, list) and len(stops) > MAX_STOP:
+        raise _bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad("stop", f"'stop' must be a string or a list of strings, got {v!r}")
-    if len(stops) > MAX_STOP:
-        raise _bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}")
     if any(s == "" for s in stops):
         raise _bad("stop", "'stop' strings must not be empty")
     if any(len(s) > MAX_STOP_CHARS for s in stops):
@@ -123,10 +123,10 @@ def _check_tools(body: dict) -> None:
     tools = body.get("tools")
     if tools is None:
         return
+    if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+        raise _bad("tools", f"'tools' takes at most {MAX_TOOLS} tools, got {len(tools)}")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise _bad("tools", "'tools' must be a list of tool objects")
-    if len(tools) > MAX_TOOLS:
-        raise _bad("tools", f"'tools' takes at most {MAX_TOOLS} tools, got {len(tools)}")
 
 
 class Sampling:
@@ -304,14 +304,19 @@ class Prompts:
     def __init__(self, tokenizer, ctx: int, max_chars: Optional[int]):
         self.tokenizer, self.ctx, self.max_chars = tokenizer, ctx, max_chars
 
-    def encode(self, text: str, add_special: bool, param: str, max_tokens: Optional[int],
-               max_tokens_param: str) -> List[int]:
+    def encode(self, text: str, add_special: bool, param: str, max_tokens: Optional[int] = None,
+               max_tokens_param: str = "max_tokens", room: int = 1) -> List[int]:
+        """The text's ids; a 400 when they and max_tokens (else `room` new tokens) cannot fit."""
+        need = max_tokens if max_tokens is not None else room
         if self.max_chars is not None:
             bos = 1 if add_special and getattr(self.tokenizer, "add_bos_token", False) else 0
             least = -(-len(text) // self.max_chars) + bos
-            if least + (max_tokens or 1) > self.ctx:
+            if least + need > self.ctx:
                 raise _context_error(self.ctx, param, least, max_tokens, max_tokens_param, chars=len(text))
-        return self.tokenizer.encode(text, add_special_tokens=add_special)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        if len(ids) + need > self.ctx:
+            raise _context_error(self.ctx, param, len(ids), max_tokens, max_tokens_param)
+        return ids
 
 
 class Admission:
@@ -320,24 +325,52 @@ class Admission:
     request that would pass that gets a 503 with Retry-After, unless nothing else is in flight
     (so that a request of more sequences than that still runs, alone). A request's place is
     freed when it ends, and when its client leaves (waiting or not). Used on the event loop
-    only: no lock."""
+    only: no lock.
 
-    def __init__(self, slots: int, max_waiting: int):
-        self.slots, self.max_waiting = slots, max_waiting
+    The guard asks first (`enter`, once the body is read, before it is parsed): a generation
+    request that arrives while the admitted sequences and the requests still on their way to
+    `take` (counted as one sequence each) fill every place gets its 503 there, for a few
+    microseconds, so that a crowd arriving at once is not parsed and tokenized only to be
+    refused. refused: the server's
+    refusal counts; a 503 from `take` is counted as "busy" (the guard counts its own)."""
+
+    ARRIVING = "gemma_cpp.arriving"  # the scope key of a request between enter and take
+
+    def __init__(self, slots: int, max_waiting: int, refused: Dict[str, int]):
+        self.slots, self.max_waiting, self.refused = slots, max_waiting, refused
         self.in_flight = 0
-        self.rejected = 0
+        self.arriving = 0
+        refused.setdefault("busy", 0)
 
     @property
     def capacity(self) -> int:
         return self.slots + self.max_waiting
 
-    def take(self, sequences: int) -> "_Ticket":
+    def _message(self, sequences: str = "") -> str:
+        return (f"the server is busy: {self.in_flight} sequences are decoding or waiting for one of its {self.slots} "
+                f"slots, and it queues at most {self.max_waiting} (--max-waiting){sequences}; retry in "
+                f"{RETRY_AFTER_S} s")
+
+    def enter(self, scope: dict) -> Optional[str]:
+        """The guard's question for a generation request: why it is refused now, or None (it is
+        then counted as arriving until `take` or `leave`)."""
+        if self.in_flight + self.arriving >= self.capacity:
+            return self._message()
+        self.arriving += 1
+        scope[self.ARRIVING] = True
+        return None
+
+    def leave(self, scope: dict) -> None:
+        if scope.pop(self.ARRIVING, False):
+            self.arriving -= 1
+
+    def take(self, sequences: int, scope: Optional[dict] = None) -> "_Ticket":
+        if scope is not None:
+            self.leave(scope)
         if self.in_flight and self.in_flight + sequences > self.capacity:
-            self.rejected += 1
-            raise ApiError(503, f"the server is busy: {self.in_flight} sequences are decoding or waiting for one of "
-                                f"its {self.slots} slots, and it queues at most {self.max_waiting} (--max-waiting); "
-                                f"retry in {RETRY_AFTER_S} s", kind="server_error", code="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.refused["busy"] += 1
+            raise ApiError(503, self._message(f"; this request adds {sequences}"), kind="server_error",
+                           code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += sequences
         return _Ticket(self, sequences)
 
@@ -352,6 +385,20 @@ class _Ticket:
 
 
 # ---- the server -------------------------------------------------------------------------
+
+class _Gate:
+    """The guard's view of the admission (serve/guard.py's `gate`), once the model is loaded."""
+
+    def __init__(self, state: "_State"):
+        self.state = state
+
+    def enter(self, scope: dict) -> Optional[str]:
+        return self.state.admission.enter(scope) if self.state.admission is not None else None
+
+    def leave(self, scope: dict) -> None:
+        if self.state.admission is not None:
+            self.state.admission.leave(scope)
+
 
 class _State:
     def __init__(self, model_name: str, max_waiting: Optional[int]):
@@ -408,7 +455,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
                slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None,
                host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               max_waiting: Optional[int] = None) -> FastAPI:
+               max_waiting: Optional[int] = None, freeze_heap: bool = False) -> FastAPI:
     """The ASGI app serving `model` (a GemmaForCausalLM) with `tokenizer`; or, given `load`
     (a function returning (model, tokenizer)), one that loads them when it starts, answering
     503 on /health until then. slots, ctx_size / slot_ctx and chunk_size: gemma_cpp.Engine's.
@@ -418,7 +465,13 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     one (the default) answers only loopback Host headers and allowed_hosts (names, `.domain`,
     or `*`). allowed_origins: web origins whose pages may call it (CORS; `*` for any).
     max_request_bytes, read_timeout: a request body's bounds (413, 408). max_waiting: sequences
-    that may wait for a slot beyond the busy ones (default 4 x slots); more get a 503."""
+    that may wait for a slot beyond the busy ones (default 4 x slots); more get a 503.
+
+    freeze_heap: for a process that is this server's own (`gemma-cpp serve`, a Ray replica):
+    once the model is loaded, every object then alive leaves the garbage collector's
+    generations (gc.freeze). The tokenizer's vocabulary (Gemma 3: 262,144 pieces in lists and
+    dicts) made each full collection walk about a million references: a 35-50 ms pause of the
+    event loop, which a burst of requests triggers."""
     if (model is None) == (load is None):
         raise ValueError("create_app needs a model and its tokenizer, or load")
     if model is not None and tokenizer is None:
@@ -438,8 +491,13 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         state.hold = _hold_ids(t, pieces)
         state.eos = _eos_ids(m, t)
         state.prompts = Prompts(t, engine.slot_ctx, max_token_chars(t, pieces))
-        state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting))
+        state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting),
+                                    state.refused)
         state.engine = engine
+        if freeze_heap:
+            del pieces
+            gc.collect()
+            gc.freeze()
 
     if model is not None:
         start(model, tokenizer)
@@ -448,6 +506,11 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
 
     @asynccontextmanager
     async def lifespan(app):
+        import anyio
+
+        # anyio imports its asyncio backend on first use, which a streamed response is: ~40 ms
+        # on the event loop, in the middle of serving. Now, before any request.
+        await anyio.sleep(0)
         loader = None
         if load is not None and state.engine is None:
             def run_load():
@@ -474,7 +537,8 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         return e.response()
 
     app.add_middleware(Guard, hosts=hosts, origins=origins, api_key=api_key, max_request_bytes=max_request_bytes,
-                       read_timeout=read_timeout, statuses=state.statuses, refused=state.refused)
+                       read_timeout=read_timeout, statuses=state.statuses, refused=state.refused,
+                       gate=_Gate(state), retry_after=RETRY_AFTER_S)
 
     async def body_of(request: Request) -> dict:
         raw = await request.body()
@@ -514,8 +578,11 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         if not isinstance(text, str):
             raise _bad("content", f"'content' must be a string, got {text!r}")
         add_special = _get_bool(body, "add_special", False)
-        ids = await state.run(lambda: state.tokenizer.encode(text, add_special_tokens=add_special))
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.slot_ctx}
+
+        def encode():  # at most a slot's context, as vLLM's: a longer text is refused unread
+            ids = state.prompts.encode(text, add_special, "content", room=0)
+            return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.slot_ctx})
+        return await state.run(encode)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -527,9 +594,9 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         def decode():
             if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab for t in ids):
                 raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
-            return state.tokenizer.decode(ids)
-        text = await state.run(decode)
-        return {"content": text, "prompt": text}
+            text = state.tokenizer.decode(ids)
+            return JSONResponse({"content": text, "prompt": text})
+        return await state.run(decode)
 
     @app.get("/metrics")
     async def metrics():
@@ -560,8 +627,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
                adm.in_flight if adm else 0)
         metric("sequences_admitted_max", "gauge", "The most sequences admitted at once: slots + --max-waiting.",
                adm.capacity if adm else 0)
-        refused = dict(state.refused, busy=adm.rejected if adm else 0)
-        for reason, count in sorted(refused.items()):
+        for reason, count in sorted(state.refused.items()):
             metric("requests_refused_total", "counter", "Requests refused before any work, by reason (host, origin, "
                    "api_key, media_type, too_large, timeout, bad_length; busy: a 503 for a full server).", count,
                    f'{{reason="{reason}"}}')
@@ -580,7 +646,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         if lp is not None and (not is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise _bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
         _check_sequences(len(items), sampling.n)
-        ticket = state.admission.take(len(items) * sampling.n)
+        ticket = state.admission.take(len(items) * sampling.n, request.scope)
         try:
             vocab = state.engine.model.config.vocab_size
             prompts = await state.run(_completion_prompts, items, state.prompts, vocab, sampling)
@@ -593,14 +659,14 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         state.ready()
         body = await body_of(request)
         check_model(body)
-        messages = _messages(body)
+        messages = await state.run(_messages, body)
         _check_tools(body)
         sampling = Sampling(body, ("max_completion_tokens", "max_tokens"), None)
         want = _get_bool(body, "logprobs", False)
         top = _get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
             raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        ticket = state.admission.take(sampling.n)
+        ticket = state.admission.take(sampling.n, request.scope)
         try:
             ids = await state.run(_chat_prompt, messages, state.tokenizer, state.prompts, sampling)
             return await _generate(state, request, ticket, "chat.completion", [ids], sampling,
@@ -746,7 +812,10 @@ async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str,
             watcher.cancel()
             for c in choices:
                 c.request.cancel()
-        return _whole(state, kind, rid, created, choices, n_prompt, logprobs is not None)
+        # The body (each logprob's token decoded, then JSON) on the pool: with n and logprobs it
+        # can be large.
+        return await state.run(lambda: JSONResponse(_whole(state, kind, rid, created, choices, n_prompt,
+                                                           logprobs is not None)))
     held = _Ticket(ticket.admission, ticket.sequences)  # the stream's now: released when it is over
     ticket.sequences = 0
 
@@ -937,7 +1006,7 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
         return model, tok
 
     app = create_app(load=load, model_name=name, slots=slots, ctx_size=ctx_size, chunk_size=chunk_size,
-                     api_key=api_key, host=host, **guard)
+                     api_key=api_key, host=host, freeze_heap=True, **guard)
     warning = open_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)

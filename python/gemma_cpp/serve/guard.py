@@ -154,10 +154,20 @@ class HostRule:
         # Loopback names are answered whenever any rule applies: no other site can make a
         # browser send them (a rebound name stays the attacker's name).
         self.any = any_host or (not is_loopback(bind_host) and not self.names and not self.domains)
+        self._seen: Dict[Optional[str], bool] = {}
 
     def allows(self, host_header: Optional[str]) -> bool:
         if self.any:
             return True
+        known = self._seen.get(host_header)
+        if known is None:
+            known = self._allows(host_header)
+            if len(self._seen) >= 256:  # the answers for the Host values seen, bounded
+                self._seen.clear()
+            self._seen[host_header] = known
+        return known
+
+    def _allows(self, host_header: Optional[str]) -> bool:
         host = _strip_port(host_header) if host_header is not None else None
         if host is None:
             return False
@@ -239,10 +249,10 @@ class Refusal(Exception):
     """A request answered by the guard itself: status, OpenAI's error body, extra headers."""
 
     def __init__(self, status: int, reason: str, message: str, code: str, close: bool = False,
-                 headers: Sequence[Tuple[bytes, bytes]] = ()):
+                 headers: Sequence[Tuple[bytes, bytes]] = (), kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.reason, self.message, self.code, self.close = status, reason, message, code, close
-        self.headers = list(headers)
+        self.headers, self.kind = list(headers), kind
 
 
 class _Gone(Exception):
@@ -252,15 +262,21 @@ class _Gone(Exception):
 class Guard:
     """The ASGI middleware (plain, so that streams and their disconnects pass untouched).
 
-    protect_paths: prefixes of the paths that need the API key (when one is set); docs_paths:
-    FastAPI's pages that load from a CDN (DOCS_CSP)."""
+    protect_paths: prefixes of the paths that need the API key (when one is set). gate: asked
+    for each generation request (a POST to busy_paths) once its body is read, before it is
+    parsed, `gate.enter(scope)` says why the server takes no more now (a 503 with Retry-After:
+    retry_after seconds) or None, and `gate.leave(scope)` is called once the request is over.
+    docs_paths: FastAPI's pages that load from a CDN (DOCS_CSP)."""
 
     def __init__(self, app, *, hosts: HostRule, origins: OriginRule, api_key: Optional[str],
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  statuses: Optional[Dict[str, int]] = None, refused: Optional[Dict[str, int]] = None,
+                 gate=None, retry_after: int = 1,
                  protect_paths: Tuple[str, ...] = ("/v1/", "/tokenize", "/detokenize"),
+                 busy_paths: Tuple[str, ...] = ("/v1/completions", "/v1/chat/completions"),
                  docs_paths: Tuple[str, ...] = ("/docs", "/redoc")):
         self.app, self.hosts, self.origins, self.api_key = app, hosts, origins, api_key
+        self.gate, self.retry_after, self.busy_paths = gate, retry_after, busy_paths
         self.max_request_bytes, self.read_timeout = int(max_request_bytes), float(read_timeout)
         self.protect_paths, self.docs_paths = protect_paths, docs_paths
         # Counters, for /metrics: responses by status, refusals by reason (the app's dicts).
@@ -295,9 +311,17 @@ class Guard:
             self._check_key(scope)
             if method in BODY_METHODS:
                 receive = await self._body(scope, receive)
+            # After the body: a client slow to send it holds no place meanwhile.
+            gated = self.gate is not None and method == "POST" and scope["path"] in self.busy_paths
+            if gated:
+                why = self.gate.enter(scope)
+                if why is not None:
+                    gated = False
+                    raise Refusal(503, "busy", why, "server_busy", kind="server_error",
+                                  headers=[(b"retry-after", str(self.retry_after).encode())])
         except Refusal as r:
             self._count(r.reason)
-            return await self._respond(send, r.status, error_body(r.status, r.message, r.code), cors,
+            return await self._respond(send, r.status, error_body(r.status, r.message, r.code, kind=r.kind), cors,
                                        r.headers + ([(b"connection", b"close")] if r.close else []))
         except _Gone:
             return
@@ -308,7 +332,11 @@ class Guard:
                 self._status(message["status"])
             await send(message)
 
-        await self.app(scope, receive, guarded_send)
+        try:
+            await self.app(scope, receive, guarded_send)
+        finally:
+            if gated:
+                self.gate.leave(scope)
 
     # -- the checks --
 

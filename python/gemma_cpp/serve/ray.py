@@ -77,7 +77,7 @@ class GemmaReplica:
         o = self._options
         app = create_app(self._model, self._tokenizer, model_name=self._name, slots=o["slots"],
                          ctx_size=o["ctx_size"], slot_ctx=o["slot_ctx"], chunk_size=o["chunk_size"],
-                         **{k: o[k] for k in GUARD_OPTIONS})
+                         freeze_heap=True, **{k: o[k] for k in GUARD_OPTIONS})
         self._state = app.state.gemma
         app.add_middleware(_ReplicaHeader, replica=self.replica_id)
         return app

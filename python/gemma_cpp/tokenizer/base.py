@@ -206,6 +206,7 @@ class GemmaTokenizerBase:
         # Added tokens: id -> (content, special). Tokens already in the vocabulary keep
         # their id; new ones take the next ids, as in transformers.
         self._added: dict[int, tuple[str, bool]] = {}
+        self._special_ids: frozenset[int] | None = None  # the special ones among them, once asked
         self._len = pieces_vocab_size
         self._added_ids: dict[str, int] = {}
         for key, entry in sorted((added_tokens_decoder or {}).items(), key=lambda kv: int(kv[0])):
@@ -257,6 +258,7 @@ class GemmaTokenizerBase:
             )
         old = self._added.get(index)
         self._added[index] = (content, special or (old is not None and old[0] == content and old[1]))
+        self._special_ids = None
         self._added_ids[content] = index
         self._len = max(self._len, index + 1)
 
@@ -411,8 +413,12 @@ class GemmaTokenizerBase:
             return self._id_to_piece(index)
         raise ValueError(f"token id {index} is outside the vocabulary (0..{len(self) - 1})")
 
-    def _special_id_set(self) -> set[int]:
-        return {i for i, (_, special) in self._added.items() if special}
+    def _special_id_set(self) -> frozenset[int]:
+        # Kept, not rebuilt per call: decode(skip_special_tokens=True) runs once per streamed
+        # token in the server, and Gemma 3's vocabulary has 6,249 special tokens.
+        if self._special_ids is None:
+            self._special_ids = frozenset(i for i, (_, special) in self._added.items() if special)
+        return self._special_ids
 
     def _as_id_list(self, ids: Any, what: str) -> list[int]:
         if _is_int(ids):
