@@ -144,7 +144,7 @@ def _attack(url: str, port: int) -> int:
     ok = [x for x in results if x[0] == 200]
     busy = [x for x in results if x[0] == 503]
     assert len(ok) + len(busy) == 64, results
-    assert len(ok) in (SLOTS + MAX_WAITING - 1, SLOTS + MAX_WAITING), results
+    assert len(ok) == SLOTS + MAX_WAITING - 1, results  # the streaming client holds the other place
     assert all(x[1] == "1" and x[2] == "server_busy" for x in busy)
     slow_thread.join(30)
     status, raw, waited, closed = answers["slow"]

@@ -229,7 +229,7 @@ class TextStream:
         if not final:
             for s in self.stops:  # a tail that may grow into a stop string waits
                 for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
-                    if self.text[:safe].endswith(s[:k]):
+                    if self.text.endswith(s[:k], 0, safe):
                         safe -= k
                         break
         out = self.text[self.sent:safe] if safe > self.sent else ""
@@ -252,25 +252,6 @@ def _hold_ids(tokenizer, pieces: list) -> frozenset:
     special = getattr(tokenizer, "_special_id_set", None)
     ids.update(special() if special else tokenizer.all_special_ids)
     return frozenset(ids)
-
-
-def max_token_chars(tokenizer, pieces: Optional[list] = None) -> Optional[int]:
-    """The most characters of text that one token of `tokenizer` stands for, or None when no
-    such bound holds. A token is a piece of the vocabulary (U+2581 standing for one space) or a
-    special token matched whole, so the longest of them bounds it, provided that every
-    character has pieces of its own: with byte fallback (all 256 byte pieces) nothing becomes
-    <unk>, which sentencepiece gives once for a whole run of unknown characters; and no added
-    token strips the whitespace beside it (tokenizers' lstrip / rstrip, which Gemma's never
-    set). Then a text of C characters is at least ceil(C / bound) tokens."""
-    if pieces is None:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    if sum(map(_is_byte_piece, pieces)) < 256:
-        return None
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
-                                   for t in backend.get_added_tokens_decoder().values()):
-        return None
-    return max(len(t) for t in pieces if isinstance(t, str))
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -296,10 +277,11 @@ def _context_error(ctx: int, param: str, prompt_tokens: int, max_tokens: Optiona
 
 class Prompts:
     """A request's texts as prompt token ids, for one slot's context `ctx`. A text longer than
-    a slot can hold is refused from its length alone: with `max_chars` (max_token_chars), C
-    characters are at least ceil(C / max_chars) tokens, so no text the refusal lets through is
-    longer than ctx * max_chars characters, and no more than that is ever tokenized (without a
-    bound, the whole text is, on the pool). Called on the server's thread pool."""
+    a slot can hold is refused from its length alone: with `max_chars` (the tokenizer's
+    max_chars_per_token), C characters are at least ceil(C / max_chars) tokens, so no text the
+    refusal lets through is longer than ctx * max_chars characters, and no more than that is
+    ever tokenized (without a bound, the whole text is, on the pool). Called on the server's
+    thread pool."""
 
     def __init__(self, tokenizer, ctx: int, max_chars: Optional[int]):
         self.tokenizer, self.ctx, self.max_chars = tokenizer, ctx, max_chars
@@ -309,11 +291,15 @@ class Prompts:
         """The text's ids; a 400 when they and max_tokens (else `room` new tokens) cannot fit."""
         need = max_tokens if max_tokens is not None else room
         if self.max_chars is not None:
-            bos = 1 if add_special and getattr(self.tokenizer, "add_bos_token", False) else 0
+            tok = self.tokenizer
+            bos = 1 if add_special and getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None else 0
             least = -(-len(text) // self.max_chars) + bos
             if least + need > self.ctx:
                 raise _context_error(self.ctx, param, least, max_tokens, max_tokens_param, chars=len(text))
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        except (RuntimeError, UnicodeError) as e:  # sentencepiece on a lone surrogate ("\ud800"), say
+            raise _bad(param, f"the {param} cannot be tokenized: {e}")
         if len(ids) + need > self.ctx:
             raise _context_error(self.ctx, param, len(ids), max_tokens, max_tokens_param)
         return ids
@@ -490,7 +476,8 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         state.tokenizer = t
         state.hold = _hold_ids(t, pieces)
         state.eos = _eos_ids(m, t)
-        state.prompts = Prompts(t, engine.slot_ctx, max_token_chars(t, pieces))
+        bound = getattr(t, "max_chars_per_token", None)
+        state.prompts = Prompts(t, engine.slot_ctx, bound() if bound is not None else None)
         state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting),
                                     state.refused)
         state.engine = engine
@@ -544,7 +531,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         raw = await request.body()
         try:
             body = json.loads(raw or b"null") if len(raw) <= PARSE_INLINE else await state.run(json.loads, raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[... nested too deep
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -586,7 +573,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        state.ready()
+        engine = state.ready()
         body = await body_of(request)
         ids = body.get("tokens")
         vocab = state.engine.model.config.vocab_size
@@ -594,6 +581,8 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         def decode():
             if not isinstance(ids, list) or not all(is_int(t) and 0 <= t < vocab for t in ids):
                 raise _bad("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
+            if len(ids) > engine.slot_ctx:
+                raise _bad("tokens", f"'tokens' takes at most {engine.slot_ctx} ids (a slot's context), got {len(ids)}")
             text = state.tokenizer.decode(ids)
             return JSONResponse({"content": text, "prompt": text})
         return await state.run(decode)
@@ -797,10 +786,15 @@ async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str,
             for j in range(sampling.n):
                 r = engine.submit(ids, **sampling.kwargs(j, limit, state.eos, logprobs))
                 choices.append(_Choice(p * sampling.n + j, r, TextStream(state.tokenizer, sampling.stop, state.hold)))
-    except ValueError as e:
+    except BaseException as e:
         for c in choices:
             c.request.cancel()
-        raise _bad(prompt_param, str(e))
+        if isinstance(e, ValueError):
+            raise _bad(prompt_param, str(e))
+        if isinstance(e, RuntimeError) and engine.failure():  # closed or failed meanwhile
+            raise ApiError(503, f"the server takes no requests: {engine.failure()}", kind="server_error",
+                           code="engine_down")
+        raise
     watcher = asyncio.ensure_future(_watch_disconnect(request.receive, choices))
     rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + secrets.token_hex(12)
     created = int(time.time())

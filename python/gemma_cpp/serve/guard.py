@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import secrets
 import socket
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -48,6 +49,7 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.j
             "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
             "https://cdn.redoc.ly; worker-src blob:; connect-src 'self'; frame-ancestors 'none'")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+logger = logging.getLogger("gemma_cpp.serve")
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_EXPOSED = "Retry-After, x-gemma-cpp-replica"
 PREFLIGHT_MAX_AGE = "600"
@@ -119,7 +121,8 @@ def open_warning(bind_host: str, api_key: Optional[str]) -> Optional[str]:
     """The line a server bound beyond loopback without a key prints when it starts, or None."""
     if api_key is None and not is_loopback(bind_host):
         return (f"gemma-cpp serve: warning: listening on {bind_host} without an API key: anyone who can reach "
-                f"this address can use the model (give --api-key-file or $GEMMA_CPP_API_KEY)")
+                f"this address can use the model, and so can web pages by DNS rebinding unless --allowed-hosts "
+                f"is given (give --api-key-file or $GEMMA_CPP_API_KEY)")
     return None
 
 
@@ -245,6 +248,15 @@ class OriginRule:
 
 # ---- the middleware -----------------------------------------------------------------------
 
+def route_path(scope) -> str:
+    """The request's path within the app: without the root_path of a mount (uvicorn's
+    --root-path, Ray's route_prefix), which ASGI servers leave at its front."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 class Refusal(Exception):
     """A request answered by the guard itself: status, OpenAI's error body, extra headers."""
 
@@ -262,21 +274,24 @@ class _Gone(Exception):
 class Guard:
     """The ASGI middleware (plain, so that streams and their disconnects pass untouched).
 
-    protect_paths: prefixes of the paths that need the API key (when one is set). gate: asked
-    for each generation request (a POST to busy_paths) once its body is read, before it is
-    parsed, `gate.enter(scope)` says why the server takes no more now (a 503 with Retry-After:
+    Paths are the app's own (after a mount's root_path). protect_paths: prefixes of the paths
+    that need the API key (when one is set). gate: asked for each POST to gated_paths (the
+    requests that tokenize or generate) once its body is read, before it is parsed,
+    `gate.enter(scope)` says why the server takes no more now (a 503 with Retry-After:
     retry_after seconds) or None, and `gate.leave(scope)` is called once the request is over.
-    docs_paths: FastAPI's pages that load from a CDN (DOCS_CSP)."""
+    docs_paths: FastAPI's pages that load from a CDN (DOCS_CSP). WebSocket connections get the
+    Host and Origin rules (a refusal closes them with code 1008)."""
 
     def __init__(self, app, *, hosts: HostRule, origins: OriginRule, api_key: Optional[str],
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
                  statuses: Optional[Dict[str, int]] = None, refused: Optional[Dict[str, int]] = None,
                  gate=None, retry_after: int = 1,
                  protect_paths: Tuple[str, ...] = ("/v1/", "/tokenize", "/detokenize"),
-                 busy_paths: Tuple[str, ...] = ("/v1/completions", "/v1/chat/completions"),
+                 gated_paths: Tuple[str, ...] = ("/v1/completions", "/v1/chat/completions", "/tokenize",
+                                                 "/detokenize"),
                  docs_paths: Tuple[str, ...] = ("/docs", "/redoc")):
         self.app, self.hosts, self.origins, self.api_key = app, hosts, origins, api_key
-        self.gate, self.retry_after, self.busy_paths = gate, retry_after, busy_paths
+        self.gate, self.retry_after, self.gated_paths = gate, retry_after, gated_paths
         self.max_request_bytes, self.read_timeout = int(max_request_bytes), float(read_timeout)
         self.protect_paths, self.docs_paths = protect_paths, docs_paths
         # Counters, for /metrics: responses by status, refusals by reason (the app's dicts).
@@ -284,14 +299,16 @@ class Guard:
         self.refused: Dict[str, int] = {} if refused is None else refused
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = scope["headers"]
         hosts = [v for k, v in headers if k == b"host"]
         host = hosts[0].decode("latin-1") if len(hosts) == 1 else None
         origin_raw = [v for k, v in headers if k == b"origin"]
         origin = origin_raw[0].decode("latin-1") if origin_raw else None
+        path = route_path(scope)
         cors: list = []
+        gated = False
         try:
             if not self.hosts.allows(host):
                 shown = "none" if host is None else repr(host) if len(hosts) == 1 else "several"
@@ -299,52 +316,68 @@ class Guard:
                                            f"a loopback address it answers only localhost, 127.0.0.1 and [::1], "
                                            f"which protects it from DNS rebinding; add names with --allowed-hosts",
                               "host_not_allowed")
-            method = scope["method"]
-            if origin is not None and not self.origins.same_origin(origin, host, scope.get("scheme", "http")):
+            scheme = scope.get("scheme", "http").replace("ws", "http")
+            if origin is not None and not self.origins.same_origin(origin, host, scheme):
                 if not self.origins.allows(origin):
                     raise Refusal(403, "origin", f"requests from the web origin {origin!r} are not allowed: give it "
                                                  f"to the server with --allowed-origins to let its pages call the "
                                                  f"API", "origin_not_allowed")
                 cors = self._cors_headers(origin)
-                if method == "OPTIONS" and any(k == b"access-control-request-method" for k, _ in headers):
-                    return await self._preflight(scope, send, cors)
-            self._check_key(scope)
+            if scope["type"] == "websocket":  # the same Host and Origin rules; nothing else applies
+                return await self.app(scope, receive, send)
+            method = scope["method"]
+            if cors and method == "OPTIONS" and any(k == b"access-control-request-method" for k, _ in headers):
+                return await self._preflight(scope, send, cors)
+            self._check_key(path, headers)
             if method in BODY_METHODS:
                 receive = await self._body(scope, receive)
             # After the body: a client slow to send it holds no place meanwhile.
-            gated = self.gate is not None and method == "POST" and scope["path"] in self.busy_paths
-            if gated:
+            if self.gate is not None and method == "POST" and path in self.gated_paths:
                 why = self.gate.enter(scope)
                 if why is not None:
-                    gated = False
                     raise Refusal(503, "busy", why, "server_busy", kind="server_error",
                                   headers=[(b"retry-after", str(self.retry_after).encode())])
+                gated = True
         except Refusal as r:
             self._count(r.reason)
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008, "reason": r.message[:120]})
             return await self._respond(send, r.status, error_body(r.status, r.message, r.code, kind=r.kind), cors,
                                        r.headers + ([(b"connection", b"close")] if r.close else []))
         except _Gone:
             return
 
+        started = False
+
         async def guarded_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                message = dict(message, headers=self._headers(scope, list(message.get("headers", [])), cors))
+                started = True
+                message = dict(message, headers=self._headers(path, list(message.get("headers", [])), cors))
                 self._status(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, guarded_send)
+        except Exception:
+            # What the app did not answer becomes OpenAI's 500 here, with this guard's headers
+            # (Starlette's own 500, further out, has none); the traceback goes to the log.
+            logger.exception("%s %s failed", scope.get("method"), path)
+            if started:
+                raise
+            await self._respond(send, 500, error_body(500, "the server failed on this request (its log says how)",
+                                                      "internal_error", kind="server_error"), cors, [])
         finally:
             if gated:
                 self.gate.leave(scope)
 
     # -- the checks --
 
-    def _check_key(self, scope) -> None:
-        key, path = self.api_key, scope["path"]
+    def _check_key(self, path: str, headers) -> None:
+        key = self.api_key
         if key is None or not path.startswith(self.protect_paths):
             return
-        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        auth = next((v for k, v in headers if k == b"authorization"), b"").decode("latin-1")
         given = auth[7:] if auth.lower().startswith("bearer ") else None
         if given is None or not secrets.compare_digest(given.encode("latin-1"), key.encode("utf-8")):
             what = "Missing API key" if given is None else "Incorrect API key provided"
@@ -413,21 +446,21 @@ class Guard:
             headers.append((b"access-control-allow-headers", asked))
         await self._respond(send, 204, b"", [], headers)
 
-    def _headers(self, scope, headers: list, cors: list) -> list:
+    def _headers(self, path: str, headers: list, cors: list) -> list:
         names = {k.lower() for k, _ in headers}
         out = headers + [h for h in cors if h[0] not in names]
         out.append((b"x-content-type-options", b"nosniff"))
         out.append((b"cross-origin-resource-policy", b"same-origin"))
         ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
         if ctype.startswith(b"text/html") and b"content-security-policy" not in names:
-            csp = DOCS_CSP if scope["path"] in self.docs_paths else PAGE_CSP
+            csp = DOCS_CSP if path in self.docs_paths else PAGE_CSP
             out.append((b"content-security-policy", csp.encode()))
         return out
 
     async def _respond(self, send, status: int, body: bytes, cors: list, extra: list) -> None:
         headers = [(b"content-type", b"application/json")] if body else []
         headers += [(b"content-length", str(len(body)).encode())] + extra
-        headers = self._headers({"path": ""}, headers, cors)
+        headers = self._headers("", headers, cors)
         self._status(status)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

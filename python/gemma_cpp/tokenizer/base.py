@@ -707,7 +707,28 @@ class GemmaTokenizerBase:
             f"add_eos_token={self.add_eos_token})"
         )
 
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text that one token stands for, or None where no such bound
+        holds. A token is a piece of the vocabulary (U+2581 standing for one space) or an added
+        token matched whole, so the longest of them bounds it, provided that every character
+        reaches the model as itself: byte fallback (an unknown character becomes its bytes;
+        without it sentencepiece gives one ``<unk>`` for a whole run of them), no normalization
+        that drops or merges characters, and no added token that swallows the whitespace beside
+        it (``lstrip`` / ``rstrip``). Then a text of C characters is at least ceil(C / bound)
+        tokens: what `gemma-cpp serve` refuses a text too long for a context by, unread."""
+        if "_max_chars_per_token" not in self.__dict__:
+            bound = None
+            if self._characters_kept():
+                longest = max(len(self._id_to_piece(i)) for i in range(self._vocab_size))
+                bound = max([longest, 1] + [len(content) for content, _ in self._added.values()])
+            self._max_chars_per_token = bound
+        return self._max_chars_per_token
+
     # ---- backend hooks ----------------------------------------------------------------
+
+    def _characters_kept(self) -> bool:  # pragma: no cover - abstract
+        """Whether every character of a text reaches the model as itself (max_chars_per_token)."""
+        raise NotImplementedError
 
     def _encode_text(self, text: str) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -4,6 +4,7 @@ vocabulary) the tokenizer transformers builds."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +64,23 @@ def _tokenizers_from_spmodel(model: SentencePieceModel, added: Mapping[int, tupl
             raise ValueError(f"added token {content!r} has id {index}; added ids must follow the vocabulary")
         tk.add_tokens([AddedToken(content, special=special, normalized=False)])
     return tk
+
+
+def _keeps_characters(step: Any) -> bool:
+    """Whether a tokenizer.json normalizer or pre-tokenizer leaves every character of a text in
+    place (replacing one by one or more, or adding some, is fine; dropping or merging is not):
+    what Gemma's use, and nothing else is assumed."""
+    if step is None:
+        return True
+    kind = step.get("type")
+    if kind == "Sequence":
+        return all(_keeps_characters(s) for s in step.get("normalizers", step.get("pretokenizers", [])))
+    if kind == "Replace":
+        pattern = step.get("pattern") or {}
+        return len(pattern.get("String", "")) == 1 and len(step.get("content", "")) >= 1
+    if kind == "Split":
+        return str(step.get("behavior", "")).lower() != "removed"
+    return kind in ("Prepend", "Metaspace")
 
 
 class GemmaTokenizerFast(GemmaTokenizerBase):
@@ -219,6 +237,14 @@ class GemmaTokenizerFast(GemmaTokenizerBase):
 
     def _id_to_piece(self, index: int) -> str:
         return self._id_to_piece_table[index]
+
+    def _characters_kept(self) -> bool:
+        spec = json.loads(self._tk.to_str())
+        if not (spec.get("model") or {}).get("byte_fallback"):
+            return False
+        if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or []):
+            return False
+        return _keeps_characters(spec.get("normalizer")) and _keeps_characters(spec.get("pre_tokenizer"))
 
     def _encode_text(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids if text else []

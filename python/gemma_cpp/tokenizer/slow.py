@@ -128,6 +128,11 @@ class GemmaTokenizer(GemmaTokenizerBase):
     def _id_to_piece(self, index: int) -> str:
         return self._model.pieces[index]
 
+    def _characters_kept(self) -> bool:
+        # sentencepiece is always handed Gemma's identity normalizer (spmodel.py), and the
+        # added tokens' lstrip / rstrip are not honoured here: byte fallback is what is left.
+        return bool(self._model.byte_fallback)
+
     def _encode_text(self, text: str) -> list[int]:
         sp = self._sp
         if self._matcher is None:
