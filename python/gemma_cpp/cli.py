@@ -33,10 +33,40 @@ def _device(args) -> str:
         raise ValueError(f"--device {args.device}: {e}") from None
 
 
+def _check_sampling(args) -> None:
+    """--max-new-tokens and the sampling flags, checked before any weight is read (a bad value
+    used to be found after loading, on the line of the echoed prompt)."""
+    from .generation import GenerationConfig
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    GenerationConfig().updated(**_sampling_flags(args)).validate()
+
+
+def _check_model(path: str, tokenizer: bool = True) -> str:
+    """A model path a command can load, or one line saying what it is not: no such file or
+    folder, a file that is not GGUF (its first bytes), a folder without a tokenizer."""
+    from .formats.gguf import is_gguf
+
+    if not os.path.exists(path):
+        raise ValueError(f"no such file or folder: {path}")
+    if os.path.isfile(path):
+        if not is_gguf(path):
+            with open(path, "rb") as f:
+                head = f.read(8)
+            raise ValueError(f"{path} is not a GGUF file (it starts with {head!r}, not b'GGUF'); give a .gguf file "
+                             f"or a checkpoint folder")
+    elif tokenizer and not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        raise ValueError(f"no tokenizer in {path}: a checkpoint folder needs tokenizer.model or tokenizer.json")
+    return path
+
+
 def _load(args, model_path: str):
     import gemma_cpp
 
     device = _device(args)
+    _check_sampling(args)
+    _check_model(model_path)
     if args.threads:
         gemma_cpp.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -79,8 +109,13 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t1 = time.perf_counter()
-    out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
-                         **_sampling_flags(args))
+    try:
+        out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
+                             **_sampling_flags(args))
+    except BaseException:  # whatever is said next starts a line of its own
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
     dt = time.perf_counter() - t1
     n_new = out.shape[1] - len(ids)
     q = model.quantization if isinstance(model.quantization, str) else (args.quantization or model.dtype)
@@ -104,6 +139,9 @@ def cmd_chat(args) -> int:
             sys.stdout.flush()
         line = sys.stdin.readline()
         if not line or not line.strip() or line.strip() in ("/exit", "/quit"):
+            if not line and interactive:  # Ctrl-D: end the prompt's line, as a shell does
+                sys.stdout.write("\n")
+                sys.stdout.flush()
             return 0
         messages.append({"role": "user", "content": line.strip()})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
@@ -124,7 +162,7 @@ def _shares(sizes: dict) -> str:
 def cmd_info(args) -> int:
     from .config import load_config
 
-    folder = args.model
+    folder = _check_model(_resolve(args, 1 if args.model else 0), tokenizer=False)
     if os.path.isfile(folder):
         from .formats.gguf import GGUFFile
         from .loading.gguf import config_from_gguf
@@ -206,7 +244,7 @@ def cmd_serve(args) -> int:
     device = _device(args)
     if args.ray and device != "cpu":
         raise ValueError("--ray replicas run on the CPU (--device cuda serves without --ray)")
-    path = args.model if args.model is not None else demo_model_path()  # a missing demo: said now
+    path = _check_model(args.model) if args.model is not None else demo_model_path()  # a missing demo: said now
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
     name = args.model_name or (None if args.model is not None else "gemma-3-270m")
     options = dict(host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=_api_key(args),
@@ -334,7 +372,8 @@ def main(argv=None) -> int:
     c.add_argument("--tokenizer", default=None, help="with --from original: the tokenizer.model to include")
     c.set_defaults(func=cmd_convert)
     i = sub.add_parser("info", help="config, parameter count and sizes of a checkpoint")
-    i.add_argument("model")
+    i.add_argument("model", nargs="?", default=None,
+                   help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
     i.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     try:
