@@ -88,6 +88,38 @@ def test_generate_streams_the_same_text_as_the_api(ckpt_with_tokenizer):
     assert out.stdout == expect
 
 
+def test_generate_runs_several_prompts_as_a_batch(ckpt_with_tokenizer):
+    # Several prompts: one batch, each prompt printed with its continuation (a blank line
+    # between), each continuation the one that prompt gets alone.
+    folder, _ = ckpt_with_tokenizer
+    prompts = ["Once upon a time", "Hello there, how are", "The"]
+    out = run_cli("generate", folder, *prompts, "--max-new-tokens", "9")
+    assert out.returncode == 0, out.stderr
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(folder)
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder)
+    eos = [1, tok.convert_tokens_to_ids("<end_of_turn>")]
+    blocks = []
+    for p in prompts:
+        ids = tok(p)["input_ids"]
+        gen = model.generate([ids], max_new_tokens=9, eos_token_id=eos)[0, len(ids):].tolist()
+        blocks.append(p + tok.decode(gen, skip_special_tokens=True) + "\n")
+    assert out.stdout == "\n".join(blocks)
+    assert "(3 prompts)" in out.stderr
+
+
+def test_which_argument_is_the_model(tmp_path):
+    from gemma_cpp.cli import split_model_and_prompts as split
+
+    folder = str(tmp_path)
+    assert split(["hello"]) == (None, ["hello"])
+    assert split(["hello", "world"]) == (None, ["hello", "world"])
+    assert split([folder, "hi"]) == (folder, ["hi"])
+    assert split(["/no/such/model", "hi", "there"]) == ("/no/such/model", ["hi", "there"])
+    assert split(["model.gguf", "hi"]) == ("model.gguf", ["hi"])
+    assert split(["What is 1/2?", "And 3/4?"]) == (None, ["What is 1/2?", "And 3/4?"])
+    assert split([folder]) == (None, [folder])  # alone, it is the prompt
+
+
 def test_generate_sampling_flags_are_seeded(ckpt_with_tokenizer):
     folder, _ = ckpt_with_tokenizer
     args = ("generate", folder, "Hello", "--max-new-tokens", "10", "--do-sample", "--temperature", "1.3",

@@ -86,40 +86,69 @@ def _sampling_flags(args) -> dict:
                                           "repetition_penalty", "seed") if getattr(args, k) is not None}
 
 
-def _resolve(args, n_positional: int) -> str:
-    """The model argument, or the demo model (saying so in one line)."""
-    if n_positional:
-        return args.model if getattr(args, "model", None) else args.args[0]
+def _resolve(model) -> str:
+    """The model argument, or the demo model (saying so in one line) when there is none."""
+    if model:
+        return model
     path = demo_model_path()
     print(f"[gemma-cpp] no model given: using Gemma 3 270M from the {DEMO_PACKAGE} package ({path})",
           file=sys.stderr)
     return path
 
 
+def split_model_and_prompts(words):
+    """generate's arguments, [MODEL] PROMPT [PROMPT ...]: the first is the model when there are
+    several and it names a file or folder that exists, or looks like a path (ends in .gguf, or
+    has a path separator and no whitespace); the rest are prompts. (model or None, prompts)"""
+    first = words[0]
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    looks_like_path = os.path.exists(first) or first.endswith(".gguf") or (
+        any(sep in first for sep in separators) and not any(c.isspace() for c in first))
+    if len(words) > 1 and looks_like_path:
+        return first, list(words[1:])
+    return None, list(words)
+
+
 def cmd_generate(args) -> int:
     import gemma_cpp
     from .generation import TextStreamer
 
-    if len(args.args) not in (1, 2):
-        raise SystemExit("usage: gemma-cpp generate [MODEL] PROMPT")
-    prompt = args.args[-1]
-    tok, model, eos, load_s = _load(args, _resolve(args, len(args.args) - 1))
-    ids = tok(prompt)["input_ids"]
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    model_path, prompts = split_model_and_prompts(args.args)
+    tok, model, eos, load_s = _load(args, _resolve(model_path))
     t1 = time.perf_counter()
-    try:
-        out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
-                             **_sampling_flags(args))
-    except BaseException:  # whatever is said next starts a line of its own
-        sys.stdout.write("\n")
+    if len(prompts) == 1:
+        ids = tok(prompts[0])["input_ids"]
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        raise
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        try:
+            out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
+                                 **_sampling_flags(args))
+        except BaseException:  # whatever is said next starts a line of its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            raise
+        n_prompt, n_new = len(ids), out.shape[1] - len(ids)
+    else:
+        # A batch: one pass over the weights per step for all the prompts (left-padded; each
+        # row's tokens are what it would get alone), then each prompt with its continuation,
+        # a blank line between them.
+        enc = tok(prompts, padding=True, return_tensors="np")
+        width = enc["input_ids"].shape[1]
+        out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"],
+                             max_new_tokens=args.max_new_tokens, eos_token_id=eos, **_sampling_flags(args))
+        n_prompt, n_new = int(enc["attention_mask"].sum()), 0
+        for i, prompt in enumerate(prompts):
+            new = out[i, width:].tolist()
+            stop = next((k for k, t in enumerate(new) if t in eos), None)
+            new = new if stop is None else new[:stop + 1]
+            n_new += len(new)
+            sys.stdout.write(("\n" if i else "") + prompt + tok.decode(new, skip_special_tokens=True) + "\n")
+            sys.stdout.flush()
     dt = time.perf_counter() - t1
-    n_new = out.shape[1] - len(ids)
     q = model.quantization if isinstance(model.quantization, str) else (args.quantization or model.dtype)
-    print(f"[gemma-cpp] load {load_s:.2f} s; {len(ids)} prompt + {n_new} new tokens in {dt:.2f} s "
+    what = f"{n_prompt} prompt + {n_new} new tokens" + (f" ({len(prompts)} prompts)" if len(prompts) > 1 else "")
+    print(f"[gemma-cpp] load {load_s:.2f} s; {what} in {dt:.2f} s "
           f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {q}, "
           f"{gemma_cpp.get_num_threads()} threads, {gemma_cpp.cpu_isa()})", file=sys.stderr)
     return 0
@@ -130,7 +159,7 @@ def cmd_chat(args) -> int:
     turn; the model's reply streams until <end_of_turn>. An empty line or end of input ends it."""
     from .generation import TextStreamer
 
-    tok, model, eos, _ = _load(args, _resolve(args, 1 if args.model else 0))
+    tok, model, eos, _ = _load(args, _resolve(args.model))
     interactive = sys.stdin.isatty()
     messages = []
     while True:
@@ -162,7 +191,7 @@ def _shares(sizes: dict) -> str:
 def cmd_info(args) -> int:
     from .config import load_config
 
-    folder = _check_model(_resolve(args, 1 if args.model else 0), tokenizer=False)
+    folder = _check_model(_resolve(args.model), tokenizer=False)
     if os.path.isfile(folder):
         from .formats.gguf import GGUFFile
         from .loading.gguf import config_from_gguf
@@ -288,9 +317,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gemma-cpp", description="Run Gemma models on the gemma_cpp engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
-    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
-                   help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package) "
-                        "and the prompt")
+    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT [PROMPT ...]",
+                   help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package; the first "
+                        "argument is the model when it exists or looks like a path: ends in .gguf, or has a / and "
+                        "no spaces), then the prompts: one streams its continuation; several run as one batch and "
+                        "each is printed with its continuation, a blank line between them")
     ch = sub.add_parser("chat", help="talk with the model in Gemma's chat format (stdin / stdout)")
     ch.add_argument("model", nargs="?", default=None,
                     help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
