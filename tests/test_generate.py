@@ -263,3 +263,36 @@ def test_int8_kv_cache_stays_close_and_generates(tiny):
     odd, _ = tiny("GemmaForCausalLM", "gqa")  # head_dim 24
     with pytest.raises(ValueError, match="multiple of 32"):
         gemma_cpp.GemmaForCausalLM.from_pretrained(odd, kv_cache_dtype="int8")
+
+
+def test_eval_to_and_the_streamer_as_transformers(tiny_chat, torch, capsys):
+    # transformers: eval() and to(its device / dtype) return the model; TextStreamer prints the
+    # prompt too unless skip_prompt=True. Here the same, and what cannot be done in place says how.
+    transformers = pytest.importorskip("transformers")
+    folder, model, tok = tiny_chat
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="eager")
+    assert ref.eval() is ref and ref.to("cpu") is ref and ref.to(torch.float32) is ref
+    assert model.eval() is model and model.dtype == "float32"
+    for args, kwargs in (((), {"device": "cpu"}), (("cpu",), {}), ((torch.float32,), {}), (("cpu", torch.float32), {}),
+                         ((torch.device("cpu"),), {}), ((), {"dtype": "float32", "non_blocking": True})):
+        assert model.to(*args, **kwargs) is model
+    with pytest.raises(ValueError, match=r"runs in float32; load it in another with from_pretrained\(\.\.\., dtype="):
+        model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        model.to("tpu")
+    with pytest.raises((RuntimeError, ValueError), match="CUDA cannot run here|load it there with"):
+        model.to("cuda")
+    with pytest.raises(TypeError, match="memory_format"):
+        model.to("cpu", memory_format=None)
+    # The same printed text as transformers' streamer, prompt or not (ours prints each token's
+    # text at once; theirs waits for a word's end: the whole is the same).
+    ids = tok("Hello there, how")["input_ids"]
+    for kwargs in ({}, {"skip_prompt": True}, {"skip_prompt": True, "skip_special_tokens": True}):
+        model.generate([ids], max_new_tokens=6, eos_token_id=[], streamer=gemma_cpp.TextStreamer(tok, **kwargs))
+        ours = capsys.readouterr().out
+        ref.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                     streamer=transformers.TextStreamer(tok, **kwargs))
+        assert ours == capsys.readouterr().out, kwargs
+    with pytest.raises(ValueError, match="streams one sequence, and generate\\(\\) was given 2"):
+        model.generate([ids, ids], max_new_tokens=2, streamer=gemma_cpp.TextStreamer(tok))

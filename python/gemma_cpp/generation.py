@@ -100,10 +100,12 @@ class GenerationConfig:
 
 
 class TextStreamer:
-    """Prints the text of row 0 as tokens arrive (transformers' TextStreamer interface:
-    `put(ids)` with the prompt first, then each new token; `end()`)."""
+    """Prints the text as tokens arrive, as transformers' TextStreamer: `put(ids)` with the
+    prompt first, then each new token; `end()`. skip_prompt (default False, as transformers'):
+    leave the prompt out; decode_kwargs go to tokenizer.decode (skip_special_tokens=True hides
+    special tokens). One sequence: generate() with a streamer takes a batch of one."""
 
-    def __init__(self, tokenizer, skip_prompt: bool = True, stream=None, **decode_kwargs):
+    def __init__(self, tokenizer, skip_prompt: bool = False, stream=None, **decode_kwargs):
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.stream = stream or sys.stdout
@@ -118,7 +120,8 @@ class TextStreamer:
         arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
         if arr.ndim == 2:
             if arr.shape[0] > 1:
-                raise ValueError("TextStreamer only supports batch size 1")
+                raise ValueError(f"TextStreamer streams one sequence, and generate() was given {arr.shape[0]}: "
+                                 f"stream a batch of one, or leave the streamer out and decode the batch's output")
             arr = arr[0]
         ids = [int(x) for x in arr.reshape(-1)]
         if self.skip_prompt and not self._prompt_seen:

@@ -191,6 +191,43 @@ class GemmaPreTrainedModel:
     def num_parameters(self) -> int:
         return self.config.num_parameters()
 
+    def eval(self):
+        """transformers' inference mode: a gemma_cpp model has no other, so this is the model."""
+        return self
+
+    def to(self, *args, **kwargs):
+        """transformers' `to(device)`, `to(dtype)`, `to(device, dtype)`: the model itself when it
+        already is on that device and runs in that dtype. Anything else raises ValueError saying
+        how to load it so (the weights sit in the engine's layout for one device and format:
+        moving them is a new load); a device CUDA cannot run on raises RuntimeError saying why."""
+        from ._dtypes import canonical_dtype
+
+        unknown = sorted(set(kwargs) - {"device", "dtype", "non_blocking", "copy"})
+        if unknown:
+            raise TypeError(f"to() got unexpected argument(s): {', '.join(unknown)}")
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for a in args:
+            name = str(a)
+            if name.startswith("torch.") or name.replace("torch.", "") in ("float32", "bfloat16", "float16", "float",
+                                                                           "half", "fp32", "bf16", "f32"):
+                dtype = a
+            else:
+                device = a
+        if device is not None:
+            target = parse_device(device)
+            if target != self.device:
+                raise ValueError(f"to({str(device)!r}): this model's weights are on {self.device}; load it there with "
+                                 f"from_pretrained(..., device={target!r})")
+        if dtype is not None:
+            try:
+                want = canonical_dtype(dtype)
+            except ValueError:
+                want = str(dtype).replace("torch.", "")
+            if want != self.dtype:
+                raise ValueError(f"to({str(dtype)!r}): this model runs in {self.dtype}; load it in another with "
+                                 f"from_pretrained(..., dtype=...) or quantization=...")
+        return self
+
     def __repr__(self):
         q = self.quantization if isinstance(self.quantization, str) else \
             {k: v for k, v in self.quantization.items() if v}
