@@ -317,8 +317,8 @@ class Admission:
     request that arrives while the admitted sequences and the requests still on their way to
     `take` (counted as one sequence each) fill every place gets its 503 there, for a few
     microseconds, so that a crowd arriving at once is not parsed and tokenized only to be
-    refused. refused: the server's
-    refusal counts; a 503 from `take` is counted as "busy" (the guard counts its own)."""
+    refused. refused: the server's refusal counts; a 503 from `take` is counted as "busy"
+    (the guard counts its own)."""
 
     ARRIVING = "gemma_cpp.arriving"  # the scope key of a request between enter and take
 
@@ -387,7 +387,7 @@ class _Gate:
 
 
 class _State:
-    def __init__(self, model_name: str, max_waiting: Optional[int]):
+    def __init__(self, model_name: str):
         self.model_name = model_name
         self.engine: Optional[Engine] = None
         self.tokenizer = None
@@ -395,7 +395,6 @@ class _State:
         self.eos: List[int] = []
         self.prompts: Optional[Prompts] = None
         self.admission: Optional[Admission] = None
-        self.max_waiting = max_waiting
         self.error: Optional[str] = None
         self.created = int(time.time())
         self.statuses: Dict[str, int] = {}   # responses by status (the guard counts them)
@@ -468,7 +467,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     if not is_num(read_timeout) or not read_timeout > 0:
         raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
     hosts, origins = HostRule(host, allowed_hosts), OriginRule(allowed_origins)
-    state = _State(model_name or "gemma_cpp", max_waiting)
+    state = _State(model_name or "gemma_cpp")
 
     def start(m, t):
         pieces = t.convert_ids_to_tokens(list(range(len(t))))

@@ -146,9 +146,8 @@ class HostRule:
                     self.domains.append("." + name)
                     continue
             else:
-                name = _canonical(e.strip("[]"))
-                if name == e.strip("[]") and not _is_ip(name):
-                    name = _strip_port(e)
+                bare = e.strip("[]")
+                name = bare if _is_ip(bare) else _strip_port(e)
                 if name is not None:
                     self.names.add(_canonical(name))
                     continue
