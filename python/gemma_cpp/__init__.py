@@ -7,9 +7,13 @@ from .tokenizer import GemmaTokenizer, GemmaTokenizerFast
 from .modeling import (GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification,
                        GemmaModel, ModelOutput)
 from .engine import Engine, Request
+from .auto import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                   AutoModelForTokenClassification, AutoTokenizer)
 
 __all__ = [
     "__version__", "cpu_isa", "get_num_threads", "set_num_threads", "cuda_available", "cuda_status", "GemmaConfig", "GenerationConfig",
     "TextStreamer", "GemmaTokenizer", "GemmaTokenizerFast", "GemmaModel", "GemmaForCausalLM", "GemmaForSequenceClassification",
     "GemmaForTokenClassification", "ModelOutput", "Engine", "Request",
+    "AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
 ]

@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
         ids = tok(prompts[0])["input_ids"]
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=not args.special)
         try:
             out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
                                  **_sampling_flags(args))
@@ -143,13 +143,14 @@ def cmd_generate(args) -> int:
             stop = next((k for k, t in enumerate(new) if t in eos), None)
             new = new if stop is None else new[:stop + 1]
             n_new += len(new)
-            sys.stdout.write(("\n" if i else "") + prompt + tok.decode(new, skip_special_tokens=True) + "\n")
+            sys.stdout.write(("\n" if i else "") + prompt + tok.decode(new, skip_special_tokens=not args.special) + "\n")
             sys.stdout.flush()
     dt = time.perf_counter() - t1
-    q = model.quantization if isinstance(model.quantization, str) else (args.quantization or model.dtype)
+    q = ", ".join(f"{group} {fmt if isinstance(fmt, str) else '+'.join(fmt)}"
+                  for group, fmt in model.quantization.items())
     what = f"{n_prompt} prompt + {n_new} new tokens" + (f" ({len(prompts)} prompts)" if len(prompts) > 1 else "")
     print(f"[gemma-cpp] load {load_s:.2f} s; {what} in {dt:.2f} s "
-          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; {q}, "
+          f"({n_new / dt if dt > 0 else 0:.1f} tokens/s incl. prefill; weights {q}, "
           f"{gemma_cpp.get_num_threads()} threads, {gemma_cpp.cpu_isa()})", file=sys.stderr)
     return 0
 
@@ -174,7 +175,7 @@ def cmd_chat(args) -> int:
             return 0
         messages.append({"role": "user", "content": line.strip()})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=not args.special)
         out = model.generate([ids], max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer,
                              **_sampling_flags(args))
         reply = [t for t in out[0, len(ids):].tolist() if t not in eos]
@@ -193,8 +194,8 @@ def cmd_info(args) -> int:
 
     folder = _check_model(_resolve(args.model), tokenizer=False)
     if os.path.isfile(folder):
+        from .config import config_from_gguf
         from .formats.gguf import GGUFFile
-        from .loading.gguf import config_from_gguf
 
         with GGUFFile(folder) as g:
             cfg = config_from_gguf(g)
@@ -334,6 +335,9 @@ def main(argv=None) -> int:
                             "as int4, Q4_1 as int4m, Q4_K/Q5_K/Q6_K as q4_k/q5_k/q6_k), Q2_K/Q3_K re-quantized "
                             "to int8")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--special", action="store_true",
+                       help="print special tokens (<eos>, <end_of_turn>, Gemma 3's <start_of_image>, ...) as text; "
+                            "by default they are left out of what is printed")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model runs (cuda: float32, bfloat16, int8 or int4 weights)")
         _add_sampling(p)
     g.set_defaults(func=cmd_generate)

@@ -818,11 +818,20 @@ class GemmaConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "GemmaConfig":
-        """Read a checkpoint folder's config.json, or a config .json file given by path.
+        """Read a checkpoint folder's config.json, a config .json file given by path, or a GGUF
+        file's metadata (its path, or a folder and gguf_file=, as transformers takes it).
 
-        Keyword arguments override keys of the file. Errors name the file.
+        Keyword arguments override keys of the file. Errors name the file. From a GGUF file,
+        GemmaConfig.from_pretrained gives the config class of the file's generation.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None:
+            path = os.path.join(path, os.fspath(gguf_file))
+        if _starts_as_gguf(path):
+            return cls._from_gguf(path, kwargs)
+        if gguf_file is not None:
+            raise FileNotFoundError(f"{path}: no such GGUF file")
         if os.path.isdir(path):
             file = os.path.join(path, CONFIG_NAME)
             if not os.path.isfile(file):
@@ -854,6 +863,24 @@ class GemmaConfig:
             raise ValueError(f"{file}: {err}") from err
         except TypeError as err:  # e.g. a key that clashes with a keyword parameter of __init__
             raise ValueError(f"{file}: {err}") from err
+
+    @classmethod
+    def _from_gguf(cls, path: str, overrides: Dict[str, Any]) -> "GemmaConfig":
+        from .formats.gguf import GGUFFile
+        from .formats.gguf_config import config_dict
+
+        with GGUFFile(path) as g:
+            data = config_dict(g)
+        target = config_class(data.pop("model_type"), path)
+        if not issubclass(target, cls):
+            raise ValueError(f"{path} holds a {target.model_type} model: read it with "
+                             f"{target.__name__}.from_pretrained or gemma_cpp.AutoConfig.from_pretrained")
+        data.update(overrides)
+        data.setdefault("name_or_path", path)
+        try:
+            return target(**data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
         """Write `save_directory`/config.json (validated; temp file then rename). Returns its path."""
@@ -1032,9 +1059,31 @@ def config_class(model_type: Any, where: str = "config.json") -> type:
     raise ValueError(f"{where}: unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}{hint}")
 
 
+def _starts_as_gguf(path: str) -> bool:
+    # formats.gguf.is_gguf's test, here so that reading a config.json imports neither the GGUF
+    # reader nor numpy (the GGUF path imports them when taken).
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def config_from_gguf(g) -> GemmaConfig:
+    """The config of an open GGUF file (formats.gguf.GGUFFile), in the class of its generation."""
+    from .formats.gguf_config import config_dict
+
+    data = config_dict(g)
+    target = config_class(data.pop("model_type"), g.path)
+    return target(**data)
+
+
 def load_config(pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> GemmaConfig:
-    """Reads a checkpoint's config.json with the class its model_type names (Gemma 1, 2 or 3)."""
+    """Reads a checkpoint's config.json with the class its model_type names (Gemma 1, 2 or 3),
+    or a GGUF file's metadata (a path to it, or a folder and gguf_file=)."""
     path = os.fspath(pretrained_model_name_or_path)
+    if kwargs.get("gguf_file") is not None or _starts_as_gguf(path):
+        return GemmaConfig.from_pretrained(path, **kwargs)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     model_type = "gemma"
     if os.path.isfile(file):

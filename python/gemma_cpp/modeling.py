@@ -15,6 +15,7 @@ from ._dtypes import as_float32
 from .config import GemmaConfig
 from .generation import GenerationConfig
 from .loading import LoadedModel, engine_config, load
+from .loading.layout import weight_formats
 from .tokenizer.base import _check_return_tensors  # the tokenizers' rule: None, 'np', 'pt' or a TensorType
 
 
@@ -104,8 +105,11 @@ class GemmaPreTrainedModel:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         self.device = parse_device(device)
         self.config: GemmaConfig = loaded.config
+        # dtype: the float dtype of the activations and of every weight not quantized, as
+        # transformers' dtype of a quantized model is its compute dtype; quantization: what each
+        # group of weights runs as (loading.layout.weight_formats).
         self.dtype = loaded.dtype
-        self.quantization = loaded.quantization
+        self.quantization = weight_formats(loaded.weights)
         self.name_or_path = loaded.name_or_path
         self.generation_config: GenerationConfig = loaded.generation_config
         self.kv_cache_dtype = kv_cache_dtype
@@ -229,10 +233,8 @@ class GemmaPreTrainedModel:
         return self
 
     def __repr__(self):
-        q = self.quantization if isinstance(self.quantization, str) else \
-            {k: v for k, v in self.quantization.items() if v}
         c = self.config
-        return (f"{type(self).__name__}({self.name_or_path!r}, dtype={self.dtype}, quantization={q or None}, "
+        return (f"{type(self).__name__}({self.name_or_path!r}, dtype={self.dtype}, quantization={self.quantization}, "
                 f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, vocab={c.vocab_size})")
 
 

@@ -271,7 +271,7 @@ def dequantize(qw, cols: int) -> np.ndarray:
 
 PolicyLike = Union[None, str, Dict[str, Optional[str]]]
 _GROUPS = ("embed", "attention", "mlp")
-_LAYER_GROUP = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
+LAYER_GROUP = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
                 "gate": "mlp", "up": "mlp", "down": "mlp"}
 
 
@@ -308,4 +308,4 @@ def format_for(policy: Dict[str, Optional[str]], engine_name: str) -> Optional[s
     """The format for an engine tensor name ('embed', 'lm_head', 'layers.3.gate', ...)."""
     if engine_name in ("embed", "lm_head"):
         return policy["embed"]
-    return policy[_LAYER_GROUP[engine_name.rsplit(".", 1)[-1]]]
+    return policy[LAYER_GROUP[engine_name.rsplit(".", 1)[-1]]]

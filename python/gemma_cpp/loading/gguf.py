@@ -16,13 +16,12 @@ from typing import Dict, Optional
 import numpy as np
 
 from .._dtypes import as_engine_dtype, canonical_dtype
-from ..config import Gemma2Config, Gemma3TextConfig, GemmaConfig
+from ..config import GemmaConfig, config_from_gguf
 from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
 from ..generation import GenerationConfig
 from ..quant import GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, resolve_policy
 from .layout import LoadedModel, interleaved, is_norm, layer_shapes, quantized
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
 # The types whose values a format holds: imported without loss.
@@ -36,25 +35,6 @@ _LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                 "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
                 "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm",
                 "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-
-
-def _meta(g: GGUFFile, key: str, kind, default=None):
-    """A numeric metadata value as kind (int or float); default when absent, an error naming
-    the key when absent without a default or of the wrong type."""
-    if key not in g.metadata:
-        if default is None:
-            raise ValueError(f"{g.path}: GGUF metadata has no {key!r}")
-        return default
-    value = g.metadata[key]
-    numeric = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numeric):
-        raise ValueError(f"{g.path}: GGUF metadata {key!r} must be {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
-def _token_id(g: GGUFFile, name: str, default: Optional[int]) -> Optional[int]:
-    value = g.metadata.get(f"tokenizer.ggml.{name}_token_id")
-    return int(value) if value is not None else default
 
 
 def end_of_turn_id(g: GGUFFile) -> Optional[int]:
@@ -76,72 +56,6 @@ def stop_ids(g: GGUFFile, config: GemmaConfig) -> list:
     if eot is not None and eot not in ids:
         ids.append(eot)
     return ids
-
-
-def config_from_gguf(g: GGUFFile) -> GemmaConfig:
-    """Gemma 1 / 2 / 3 config from `{arch}.*` metadata, with each generation's values for what
-    GGUF files do not record (query_pre_attn_scalar, the local RoPE base, the layer pattern)."""
-    arch = g.architecture()
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{g.path}: unsupported architecture {arch!r} (general.architecture); gemma_cpp "
-                         f"runs {', '.join(ARCHITECTURES)}")
-    if "token_embd.weight" not in g.tensors:
-        raise ValueError(f"{g.path}: GGUF file has no token_embd.weight tensor")
-    emb = g.tensors["token_embd.weight"]
-    if len(emb.shape) != 2:
-        raise ValueError(f"{g.path}: token_embd.weight must be 2-D, has shape {emb.shape}")
-    vocab, hidden = emb.shape
-    p = f"{arch}."
-    heads = _meta(g, p + "attention.head_count", int)
-    layers = _meta(g, p + "block_count", int)
-    for name, v in (("attention.head_count", heads), ("block_count", layers)):
-        if v <= 0:
-            raise ValueError(f"{g.path}: GGUF metadata {p + name!r} must be positive, got {v}")
-    head_dim = _meta(g, p + "attention.key_length", int, default=hidden // heads)
-    kw = dict(
-        vocab_size=int(vocab),
-        hidden_size=int(_meta(g, p + "embedding_length", int)),
-        intermediate_size=_meta(g, p + "feed_forward_length", int),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=_meta(g, p + "attention.head_count_kv", int, default=heads),
-        head_dim=head_dim,
-        max_position_embeddings=_meta(g, p + "context_length", int, default=8192),
-        rms_norm_eps=_meta(g, p + "attention.layer_norm_rms_epsilon", float, default=1e-6),
-        pad_token_id=_token_id(g, "padding", 0),
-        bos_token_id=_token_id(g, "bos", 2),
-        eos_token_id=_token_id(g, "eos", 1),
-        tie_word_embeddings="output.weight" not in g.tensors,
-        architectures=[{"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                        "gemma3": "Gemma3ForCausalLM"}[arch]],
-    )
-    if kw["hidden_size"] != hidden:
-        raise ValueError(f"{g.path}: {p}embedding_length is {kw['hidden_size']} but token_embd.weight has "
-                         f"rows of {hidden}")
-    if arch == "gemma":
-        kw["rope_parameters"] = {"rope_type": "default",
-                                 "rope_theta": _meta(g, p + "rope.freq_base", float, default=10000.0)}
-        return GemmaConfig(**kw)
-    # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5: head_dim, except the 27B
-    # models (46 and 62 layers), which use hidden / heads (as llama.cpp does).
-    kw["query_pre_attn_scalar"] = hidden // heads if layers in (46, 62) else head_dim
-    kw["sliding_window"] = _meta(g, p + "attention.sliding_window", int, default=4096)
-    if arch == "gemma2":
-        kw["attn_logit_softcapping"] = _meta(g, p + "attn_logit_softcapping", float, default=50.0)
-        kw["final_logit_softcapping"] = _meta(g, p + "final_logit_softcapping", float, default=30.0)
-        kw["rope_parameters"] = {"rope_type": "default",
-                                 "rope_theta": _meta(g, p + "rope.freq_base", float, default=10000.0)}
-        return Gemma2Config(**kw)
-    full = {"rope_type": "default", "rope_theta": _meta(g, p + "rope.freq_base", float, default=1_000_000.0)}
-    scaling = g.metadata.get(p + "rope.scaling.type")
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise ValueError(f"{g.path}: {p}rope.scaling.type {scaling!r} is not supported (only linear)")
-        full.update(rope_type="linear", factor=_meta(g, p + "rope.scaling.factor", float))
-    kw["rope_parameters"] = {"full_attention": full,
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
-    kw["final_logit_softcapping"] = kw["attn_logit_softcapping"] = None
-    return Gemma3TextConfig(**kw)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from .._C import EngineConfig, interleave, quantize
 from .._dtypes import round_to
 from ..config import GemmaConfig
 from ..generation import GenerationConfig
-from ..quant import QuantizedWeight
+from ..quant import LAYER_GROUP, QuantizedWeight
 
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
@@ -82,6 +82,30 @@ class LoadedModel:
     generation_config: GenerationConfig
     tokenizer: Optional[str]
     name_or_path: str
+
+
+def weight_formats(weights: Weights) -> Dict[str, Union[str, Dict[str, int]]]:
+    """What runs, per tensor group: {"embed": ..., "attention": ..., "mlp": ...} (and "lm_head"
+    when it is not the embedding). A group whose matrices share one format has its name
+    ("float32", "bfloat16", "int8", "int4", "int4m", "q4_k", "q5_k", "q6_k"); a mixed group
+    (a Q4_K_M GGUF file's, say) has {format: number of matrices}. Norms are always float32."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for name, w in weights.items():
+        if is_norm(name):
+            continue
+        if name in ("embed", "lm_head"):
+            group = name
+        else:
+            group = LAYER_GROUP[name.rsplit(".", 1)[-1]]
+        if isinstance(w, tuple):
+            fmt = str(w[0])
+        else:
+            fmt = "bfloat16" if np.asarray(w).dtype == np.uint16 else "float32"
+        per = counts.setdefault(group, {})
+        per[fmt] = per.get(fmt, 0) + 1
+    order = ("embed", "attention", "mlp", "lm_head")
+    return {g: (next(iter(counts[g])) if len(counts[g]) == 1 else dict(sorted(counts[g].items())))
+            for g in order if g in counts}
 
 
 def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float32") -> EngineConfig:

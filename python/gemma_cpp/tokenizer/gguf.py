@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..formats.gguf import GGUFFile
-from .spmodel import (BYTE, MODEL_BPE, NORMAL, PIECE_TYPES, SPIECE_UNDERLINE, UNKNOWN, USER_DEFINED,
+from .spmodel import (BYTE, CONTROL, MODEL_BPE, NORMAL, PIECE_TYPES, SPIECE_UNDERLINE, UNKNOWN, USER_DEFINED,
                       SentencePieceModel, model_proto, rank_as_merges, set_gemma_normalizer)
 
 __all__ = ["model_proto_from_gguf", "sentencepiece_model_from_gguf", "tokenizer_config_from_gguf",
@@ -43,6 +43,14 @@ __all__ = ["model_proto_from_gguf", "sentencepiece_model_from_gguf", "tokenizer_
 SUPPORTED_MODELS = ("llama",)
 
 _KEY = "tokenizer.ggml."
+
+# Gemma's media markers: the tokenizer.json Google publishes with each Gemma 3 / 3n checkpoint
+# marks them special, but sentencepiece types them USER_DEFINED (as it does `<table>` and the
+# runs of newlines, which are text), so a GGUF cannot say so. A GGUF's tokenizer marks them
+# special too, as the checkpoint's own tokenizer does: decode(skip_special_tokens=True) drops
+# them.
+MEDIA_MARKERS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_audio>",
+                 "<end_of_audio>", "<audio_soft_token>")
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +270,8 @@ def tokenizer_config_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF"
     """The tokenizer settings a GGUF states, as ``tokenizer_config.json`` keys:
     bos/eos/unk/pad tokens, ``add_bos_token`` (default True, as llama.cpp for a
     sentencepiece vocabulary), ``add_eos_token`` (default False) and ``chat_template``
-    (``tokenizer.chat_template``) when present."""
+    (``tokenizer.chat_template``) when present, and ``added_tokens_decoder`` marking Gemma's
+    media markers special (MEDIA_MARKERS)."""
     tokens = _tokens(metadata, source)
     n = len(tokens)
     config: dict[str, Any] = {}
@@ -273,6 +282,13 @@ def tokenizer_config_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF"
     for name, default in (("add_bos_token", True), ("add_eos_token", False)):
         value = _get(metadata, name, source, required=False)
         config[name] = default if value is None else _as_bool(value, _KEY + name, source)
+    types = _get(metadata, "token_type", source, required=False)
+    if types is not None and len(types) == n:
+        wanted = set(MEDIA_MARKERS)
+        markers = {str(i): {"content": t, "special": True} for i, t in enumerate(tokens)
+                   if t in wanted and int(types[i]) in (CONTROL, USER_DEFINED)}
+        if markers:
+            config["added_tokens_decoder"] = markers
     template = metadata.get("tokenizer.chat_template")
     if template is not None:
         if not isinstance(template, str):
