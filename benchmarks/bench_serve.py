@@ -290,7 +290,7 @@ def main() -> int:
     ap.add_argument("--ray", action="store_true",
                     help="also our server as Ray replicas (pip install '.[ray]'): 1 x --threads threads and "
                          "--threads x 1 thread, and the latency Ray adds at 1 client")
-    ap.add_argument("--plot", default="bench_serve.png")
+    ap.add_argument("--plots", default=".", help="folder for the PNG plot, bench_serve.png")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--from-json", default=None, help="print and plot a --json file again, running nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -397,8 +397,10 @@ def report(args, rows) -> None:
     a1.legend(fontsize=7)
     a2.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
-    print(f"\nwrote {args.plot}")
+    os.makedirs(args.plots, exist_ok=True)
+    out = os.path.join(args.plots, "bench_serve.png")
+    fig.savefig(out, dpi=110)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CUDA kernels, op by op: each against the CPU engine's result and against a float64 numpy
 reference on fresh random inputs, with tolerances derived from the operands. The device
-outputs are filled with NaN bytes before every op (the test hooks in csrc/cuda_bindings.cpp
+outputs are filled with NaN bytes before every op (the test hooks in csrc/bindings/cuda.cpp
 do it), so an element a kernel does not write fails the isfinite checks.
 
 Without a usable GPU every GPU test skips with gemma_cpp.cuda_status()'s reason. What runs

@@ -1,4 +1,4 @@
-"""Whole models on the GPU (from_pretrained(device="cuda"), csrc/cuda/device_cuda.cpp): the
+"""Whole models on the GPU (from_pretrained(device="cuda"), csrc/engine/device_cuda.cpp): the
 CUDA device against the CPU engine and transformers on the same weights.
 
 The shared forward these run (csrc/engine/model.cpp) is checked on every CI run through the

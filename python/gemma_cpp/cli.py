@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from ._demo import DEMO_PACKAGE, demo_model_path
+from ._demo import DEMO_MODEL_NAME, DEMO_PACKAGE, demo_model_path
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -276,7 +276,7 @@ def cmd_serve(args) -> int:
         raise ValueError("--ray replicas run on the CPU (--device cuda serves without --ray)")
     path = _check_model(args.model) if args.model is not None else demo_model_path()  # a missing demo: said now
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
-    name = args.model_name or (None if args.model is not None else "gemma-3-270m")
+    name = args.model_name or (None if args.model is not None else DEMO_MODEL_NAME)
     options = dict(host=args.host, port=args.port, slots=args.slots, ctx_size=args.ctx_size, api_key=_api_key(args),
                    model_name=name, quantization=quantization, dtype=args.dtype,
                    kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, chunk_size=args.chunk_size,
@@ -332,8 +332,8 @@ def main(argv=None) -> int:
                        help="int8 / int4 / int4m: quantize every linear layer and the embedding on load; none: "
                             "keep floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
                             "checkpoint; for a GGUF file each tensor in its own type (Q8_0/Q5_0 as int8, Q4_0 "
-                            "as int4, Q4_1 as int4m, Q4_K/Q5_K/Q6_K as q4_k/q5_k/q6_k), Q2_K/Q3_K re-quantized "
-                            "to int8")
+                            "as int4, Q4_1 as int4m, Q4_K/Q5_K/Q6_K as q4_k/q5_k/q6_k), other quantized types (Q2_K, "
+                            "Q3_K, Q5_1, ...) re-quantized to int8")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--special", action="store_true",
                        help="print special tokens (<eos>, <end_of_turn>, Gemma 3's <start_of_image>, ...) as text; "

@@ -15,8 +15,10 @@ extension was built with; no CUDA device (``CUDA_VISIBLE_DEVICES``); a GPU older
 answer is computed once per process. The extension imports and runs on the CPU in every
 one of these cases.
 
-Status of the backend: the kernels (csrc/cuda/) are built and tested op by op; running a
-whole model on the GPU (``device="cuda"``) is not available yet.
+Status of the backend: the kernels (csrc/cuda/) and whole models on the GPU
+(``from_pretrained(..., device="cuda")``, csrc/engine/device_cuda.cpp) are built and tested
+against the CPU engine where a GPU is present (benchmarks/gpu_check.sh); none has yet run on
+one in this project's CI, which has no GPU.
 """
 from __future__ import annotations
 

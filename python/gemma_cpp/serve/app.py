@@ -972,8 +972,8 @@ def load_model(model_path: Optional[str] = None, *, quantization="auto", dtype=N
 def model_source(model_path: Optional[str], model_name: Optional[str] = None) -> Tuple[str, str]:
     """(the model's path, its id in the API): the demo model's when model_path is None."""
     if model_path is None:
-        from .._demo import demo_model_path
-        return demo_model_path(), model_name or "gemma-3-270m-it-qat-q4_k_m"
+        from .._demo import DEMO_MODEL_NAME, demo_model_path
+        return demo_model_path(), model_name or DEMO_MODEL_NAME
     return model_path, model_name or os.path.basename(os.path.normpath(model_path))
 
 
