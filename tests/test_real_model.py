@@ -27,7 +27,9 @@ def path():
 
 @pytest.fixture(scope="module")
 def reference(path):
-    """transformers' model from the same GGUF (dequantized to float32): about 35 s."""
+    """transformers' model from the same GGUF (dequantized to float32): about 35 s, 22 of them
+    the gguf package reading the file's metadata (its 262,144-piece vocabulary one element at
+    a time) twice, for the config and for the tensors; the dequantization is 5 s."""
     pytest.importorskip("accelerate")
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
@@ -230,6 +232,8 @@ def test_int8_kv_cache_top1_against_the_float32_cache(path, prose_ids):
 
 
 def test_greedy_continuations_match_transformers(path, reference, tok):
+    """(20-27 s here: 100 greedy steps of the 270M model in float32 on each side, each through
+    its 262,144-row LM head: ours take 5 s (and 3 s to load), transformers' eager ones the rest.)"""
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(path, quantization=None)
     for prompt in PROMPTS:
         if isinstance(prompt, list):  # a chat, in Gemma's turn format

