@@ -64,9 +64,9 @@ class _AutoModel(_NoInstances):
         (or the config= given) names a generation gemma_cpp runs."""
         path = os.fspath(pretrained_model_name_or_path)
         if config is None:
-            # Reads config.json or the GGUF metadata only: an unsupported model type fails here,
-            # before any weight.
-            load_config(path, gguf_file=gguf_file)
+            # config.json or the GGUF metadata only: an unsupported model type fails here, before
+            # any weight; the config read is handed on, so the load does not read it again.
+            config = load_config(path, gguf_file=gguf_file)
         elif not isinstance(config, GemmaConfig):
             raise ValueError(f"config must be a gemma_cpp config (AutoConfig.from_pretrained), got "
                              f"{type(config).__name__}")
