@@ -281,7 +281,7 @@ def test_bad_quantization_arguments(tiny):
         gemma_cpp.GemmaForCausalLM.from_pretrained(odd, quantization="int8")
     with pytest.raises(ValueError, match="multiple of 32"):
         _C.quantize(np.ones((2, 40), np.float32), "int8")
-    with pytest.raises(ValueError, match="expected 'int8', 'int4', 'int4m', 'q4_k', 'q5_k' or 'q6_k'"):
+    with pytest.raises(ValueError, match="expected one of 'int8', 'int4', 'int4m', 'q4_k', 'q5_k', 'q6_k'"):
         _C.quantize(np.ones((2, 64), np.float32), "q5")
     q = quantize(np.ones((2, 64), np.float32), "int4m")
     with pytest.raises(ValueError, match=r"\(format, quants, scales, mins\)"):

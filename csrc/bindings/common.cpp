@@ -14,16 +14,13 @@ void need_dim(const py::array& a, const std::string& name, int axis, int64_t n) 
                           shape_str(a));
 }
 
-QFormat parse_format(const std::string& name) {
-  static const char* names[] = {"int8", "int4", "int4m", "q4_k", "q5_k", "q6_k"};
-  for (int i = 0; i < 6; ++i)
-    if (name == names[i]) return static_cast<QFormat>(i);
-  throw py::value_error("unknown quantization '" + name + "': expected 'int8', 'int4', 'int4m', 'q4_k', 'q5_k' or 'q6_k'");
-}
-
-const char* format_name(QFormat f) {
-  static const char* names[] = {"int8", "int4", "int4m", "q4_k", "q5_k", "q6_k"};
-  return names[static_cast<int>(f)];
+DType parse_format(const std::string& name) {
+  const FormatInfo* f = format_by_name(name.c_str());
+  if (f && is_quantized(f->dtype)) return f->dtype;
+  std::string known;
+  for (const FormatInfo& g : kFormats)
+    if (is_quantized(g.dtype)) known += std::string(known.empty() ? "'" : ", '") + g.name + "'";
+  throw py::value_error("unknown quantization '" + name + "': expected one of " + known);
 }
 
 namespace {
@@ -40,7 +37,7 @@ QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::object
   if (is_kquant(format)) {
     if (!scales.is_none() || !mins.is_none())
       throw py::value_error(name + ": a " + fmt + " weight is (format, quants): its scales are inside the quants");
-    const int64_t B = kquant_block_bytes(format);
+    const int64_t B = format_info(format).block_bytes;
     if (!one_byte || quants.shape(1) % B != 0)
       throw py::value_error(name + ": " + fmt + " quants must be a contiguous 2-D 1-byte array with rows of a multiple of " +
                             std::to_string(B) + " bytes (super-blocks of 256), got " + std::string(py::str(quants.dtype())) +
@@ -49,9 +46,9 @@ QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::object
     n_cols = quants.shape(1) / B * kQSuper;
     return;
   }
-  if (format == QFormat::Int4m && mins.is_none())
+  if (format == DType::Int4m && mins.is_none())
     throw py::value_error(name + ": an int4m weight is (format, quants, scales, mins)");
-  if (format != QFormat::Int4m && !mins.is_none())
+  if (format != DType::Int4m && !mins.is_none())
     throw py::value_error(name + ": a quantized weight is (format, quants, scales); only int4m has mins");
   if (scales.is_none()) throw py::value_error(name + ": an " + fmt + " weight is (format, quants, scales[, mins])");
   const py::array sa = scales.cast<py::array>();
@@ -59,11 +56,11 @@ QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::object
     throw py::value_error(name + ": scales must be a contiguous 2-D uint16 array (fp16 bits), got " +
                           std::string(py::str(sa.dtype())) + " " + shape_str(sa));
   scales = sa;
-  const int64_t rows = sa.shape(0), nb = sa.shape(1), qb = quant_row_bytes(format, nb * kQBlock);
+  const int64_t rows = sa.shape(0), nb = sa.shape(1), qb = row_bytes(format, nb * kQBlock);
   if (!one_byte || quants.shape(0) != rows || quants.shape(1) != qb)
     throw py::value_error(name + ": quants must be a contiguous 1-byte array of shape " + dims(rows, qb) + ", got " +
                           shape_str(quants));
-  if (format == QFormat::Int4m) {
+  if (format == DType::Int4m) {
     const py::array ma = mins.cast<py::array>();
     if (!is_u16_matrix(ma) || ma.shape(0) != rows || ma.shape(1) != nb)
       throw py::value_error(name + ": mins must be a contiguous uint16 array of shape " + dims(rows, nb) + ", got " +
@@ -75,9 +72,8 @@ QuantizedWeight::QuantizedWeight(const std::string& fmt, py::array q, py::object
 }
 
 Weight QuantizedWeight::view() const {
-  static const DType types[] = {DType::Int8, DType::Int4, DType::Int4m, DType::Q4K, DType::Q5K, DType::Q6K};
   Weight w;
-  w.dtype = types[static_cast<int>(format)];
+  w.dtype = format;
   w.data = quants.data();
   if (!scales.is_none()) w.scales = static_cast<const uint16_t*>(scales.cast<py::array>().data());
   if (!mins.is_none()) w.mins = static_cast<const uint16_t*>(mins.cast<py::array>().data());
@@ -89,7 +85,7 @@ Weight QuantizedWeight::view() const {
 
 py::tuple QuantizedWeight::to_tuple() const {
   if (is_kquant(format)) return py::make_tuple(format_name(format), quants);
-  if (format == QFormat::Int4m) return py::make_tuple(format_name(format), quants, scales, mins);
+  if (format == DType::Int4m) return py::make_tuple(format_name(format), quants, scales, mins);
   return py::make_tuple(format_name(format), quants, scales);
 }
 

@@ -31,23 +31,22 @@ const py::array& need(const py::array& a, const std::string& name, int ndim) {
 }
 void need_dim(const py::array& a, const std::string& name, int axis, int64_t n);
 
-QFormat parse_format(const std::string& name);  // ValueError for an unknown name
-const char* format_name(QFormat f);
+DType parse_format(const std::string& name);  // a quantized format; ValueError for another name
 
 // A quantized matrix as numpy arrays, in cpu/quant.h's row order (16-row groups): the C++
 // side of gemma_cpp.quant.QuantizedWeight, the tuple (format, quants, scales[, mins]) that
 // quantized weights cross the binding as, both ways. This struct is the one place its order
 // is read or written.
 //   int8 / int4 / int4m:
-//     quants [rows, quant_row_bytes(format, cols)], 1-byte elements
+//     quants [rows, row_bytes(format, cols)], 1-byte elements
 //     scales [rows, cols / 32] uint16 (fp16 bits)
 //     mins   int4m only: as scales; None for int8 and int4
 //   q4_k / q5_k / q6_k: (format, quants) only, quants [rows, cols / 256 * B] uint8 (the
-//     super-blocks with their scales; B = kquant_block_bytes)
+//     super-blocks with their scales; B = format_info(format).block_bytes)
 // Construction checks that the arrays agree with each other; a user of the weight checks
 // rows and cols against what it expects.
 struct QuantizedWeight {
-  QFormat format = QFormat::Int8;
+  DType format = DType::Int8;
   py::array quants;
   py::object scales = py::none(), mins = py::none();
   int64_t n_rows = 0, n_cols = 0;

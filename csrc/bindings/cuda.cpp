@@ -89,9 +89,9 @@ DevWeight upload_weight(const py::object& o, const std::string& name) {
   DevWeight d;
   if (py::isinstance<py::tuple>(o)) {
     const QuantizedWeight qw = QuantizedWeight::from(o, name);
-    if (qw.format != QFormat::Int8 && qw.format != QFormat::Int4)
-      throw py::value_error(name + ": " + format_name(qw.format) +
-                            " weights have no CUDA kernels yet (int8 and int4 do)");
+    if (!format_info(qw.format).cuda)
+      throw py::value_error(name + ": " + format_name(qw.format) + " weights have no CUDA kernels yet (" +
+                            cuda_formats() + " do)");
     const Weight src = qw.view();
     // The CUDA kernels read plain rows: the CPU's interleaved groups (quant.h) are undone here.
     const int64_t rows = src.rows, qb = src.ld, nb = src.cols / kQBlock;

@@ -100,13 +100,12 @@ ModelConfig make_config(const py::dict& kw) {
   return c;
 }
 
-std::string kv_cache_dtype(const ModelConfig& c) {
-  return c.kv_dtype == DType::BF16 ? "bfloat16" : c.kv_dtype == DType::Int8 ? "int8" : "float32";
-}
+std::string kv_cache_dtype(const ModelConfig& c) { return format_name(c.kv_dtype); }
 void set_kv_cache_dtype(ModelConfig& c, const std::string& kv) {
-  if (kv != "float32" && kv != "bfloat16" && kv != "int8")
+  const FormatInfo* f = format_by_name(kv.c_str());
+  if (!f || (f->dtype != DType::F32 && f->dtype != DType::BF16 && f->dtype != DType::Int8))
     throw py::value_error("kv_cache_dtype must be 'float32', 'bfloat16' or 'int8', got '" + kv + "'");
-  c.kv_dtype = kv == "bfloat16" ? DType::BF16 : kv == "int8" ? DType::Int8 : DType::F32;
+  c.kv_dtype = f->dtype;
 }
 
 void register_engine_config(py::module_& m) {
@@ -519,8 +518,30 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("bits"), "float32 array of bfloat16 bits (uint16), widened on the thread pool");
 
+  m.def("weight_formats", [] {
+    py::list out;
+    for (const FormatInfo& f : kFormats) {
+      py::dict d;
+      d["name"] = f.name;
+      d["block"] = f.block;
+      d["block_bytes"] = f.block_bytes;
+      d["scales"] = f.scales;
+      d["mins"] = f.mins;
+      d["bits_per_weight"] = f.bits_per_weight();
+      d["ggml_type"] = f.ggml_type;
+      d["ggml_block_bytes"] = f.ggml_block_bytes;
+      d["quantize_on_load"] = f.quantize_on_load;
+      d["cuda"] = f.cuda;
+      out.append(d);
+    }
+    return py::tuple(out);
+  }, "core/formats.h's table, one dict per format in the engine's order: name, block (weights per block "
+     "along a row; 1 for floats), block_bytes, scales / mins (arrays of their own), bits_per_weight, "
+     "ggml_type and ggml_block_bytes (the GGUF type whose values it holds), quantize_on_load, cuda "
+     "(kernels on the CUDA device; the CPU has them for all)");
+
   m.def("quantize", [](const py::array& w, const std::string& fmt) {
-    const QFormat f = parse_format(fmt);
+    const DType f = parse_format(fmt);
     if (is_kquant(f))
       throw py::value_error("quantize: " + fmt + " weights are imported from GGUF files, not quantized here");
     if (w.ndim() != 2 || !(w.flags() & py::array::c_style))
@@ -532,11 +553,11 @@ PYBIND11_MODULE(_C, m) {
     if (K % kQBlock != 0)
       throw py::value_error("quantize: the input size " + std::to_string(K) + " is not a multiple of 32");
     // (numpy puts arrays this large on 2 MiB pages itself: madvise, where the OS offers it.)
-    py::array_t<uint8_t> q({rows, quant_row_bytes(f, K)});
+    py::array_t<uint8_t> q({rows, row_bytes(f, K)});
     py::array_t<uint16_t> d({rows, scale_row_count(K)});
     py::object m = py::none();
     uint16_t* mp = nullptr;
-    if (f == QFormat::Int4m) {
+    if (f == DType::Int4m) {
       py::array_t<uint16_t> ma({rows, scale_row_count(K)});
       mp = ma.mutable_data();
       m = ma;

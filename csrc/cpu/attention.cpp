@@ -186,7 +186,7 @@ void partial_typed(const float* q, int64_t G, int64_t hd, const KT* k, int64_t l
 void dequantize_rows(const Weight& w, float* dst) {
   const int64_t nb = w.cols / kQBlock;
   for (int64_t i = 0; i < w.rows; ++i)
-    dequantize_row(QFormat::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * nb, nullptr, w.cols,
+    dequantize_row(DType::Int8, static_cast<const uint8_t*>(w.data) + i * w.ld, w.scales + i * nb, nullptr, w.cols,
                    dst + i * w.cols);
 }
 

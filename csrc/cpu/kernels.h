@@ -5,26 +5,9 @@
 #include <string>
 #include <vector>
 
+#include "core/weight.h"
+
 namespace gemma {
-
-enum class DType : int { F32 = 0, BF16 = 1, Int8 = 2, Int4 = 3, Int4m = 4, Q4K = 5, Q5K = 6, Q6K = 7 };
-
-// A weight matrix [rows = out features, cols = in features]. F32/BF16: row-major, rows ld
-// elements apart. Int8/Int4/Int4m (cpu/quant.h): data holds the quants, rows ld bytes apart,
-// scales the fp16 block scales, [rows][cols / 32], and (Int4m only) mins the fp16 block
-// mins, [rows][cols / 32]. Q4K/Q5K/Q6K (cpu/quant.h's K-quants): data holds the rows'
-// super-blocks, scales included, rows ld bytes apart; no other arrays.
-struct Weight {
-  const void* data = nullptr;
-  const uint16_t* scales = nullptr;
-  const uint16_t* mins = nullptr;
-  DType dtype = DType::F32;
-  int64_t rows = 0, cols = 0, ld = 0;
-  bool kquant() const { return dtype == DType::Q4K || dtype == DType::Q5K || dtype == DType::Q6K; }
-  bool quantized() const {
-    return dtype == DType::Int8 || dtype == DType::Int4 || dtype == DType::Int4m || kquant();
-  }
-};
 
 const char* cpu_isa();  // "avx512", "avx2" or "scalar": the path this build runs
 

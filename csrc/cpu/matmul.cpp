@@ -158,11 +158,10 @@ void weight_row(const Weight& w, int64_t r, float* out) {
     row.resize(static_cast<size_t>(w.ld));
     gather_row(QMatrix{static_cast<const uint8_t*>(w.data), nullptr, nullptr, w.rows, w.ld, 0}, r, row.data(), nullptr,
                nullptr);
-    dequantize_row_kquant(w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K : QFormat::Q6K,
-                          row.data(), w.cols, out);
+    dequantize_row_kquant(w.dtype, row.data(), w.cols, out);
   } else if (w.quantized()) {
     const int64_t nb = w.cols / kQBlock;
-    const QFormat f = w.dtype == DType::Int8 ? QFormat::Int8 : w.dtype == DType::Int4 ? QFormat::Int4 : QFormat::Int4m;
+    const DType f = w.dtype;
     // The row in plain order first (quant.h interleaves rows in groups of 16).
     thread_local std::vector<uint8_t> q;
     thread_local std::vector<uint16_t> dm;

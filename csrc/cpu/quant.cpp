@@ -66,7 +66,7 @@ void quantize_row_int8_ref(const float* x, int64_t K, int8_t* q, uint16_t* d) {
 // q = min(15, trunc(x / d + 8.5)). Packed in block pairs (quant.h).
 void quantize_row_int4_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d) {
   const int64_t nb = K / kQBlock;
-  std::memset(q, 0, static_cast<size_t>(quant_row_bytes(QFormat::Int4, K)));
+  std::memset(q, 0, static_cast<size_t>(row_bytes(DType::Int4, K)));
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQBlock;
     float amax = 0.f, vmax = 0.f;
@@ -91,7 +91,7 @@ void quantize_row_int4_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d) {
 // q = min(15, trunc((x - min) / d + 0.5)). Packed in block pairs as int4 (quant.h).
 void quantize_row_int4m_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d, uint16_t* m) {
   const int64_t nb = K / kQBlock;
-  std::memset(q, 0, static_cast<size_t>(quant_row_bytes(QFormat::Int4m, K)));
+  std::memset(q, 0, static_cast<size_t>(row_bytes(DType::Int4m, K)));
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQBlock;
     float lo = FLT_MAX, hi = -FLT_MAX;
@@ -112,18 +112,18 @@ void quantize_row_int4m_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d, 
   }
 }
 
-void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out) {
+void dequantize_row(DType f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out) {
   for (int64_t b = 0; b < K / kQBlock; ++b) {
     const float db = f16_to_f32(d[b]);
-    if (f == QFormat::Int8) {
+    if (f == DType::Int8) {
       for (int j = 0; j < kQBlock; ++j) out[b * kQBlock + j] = static_cast<float>(static_cast<int8_t>(q[b * kQBlock + j])) * db;
       continue;
     }
-    const float mb = f == QFormat::Int4m ? f16_to_f32(m[b]) : 0.f;
+    const float mb = f == DType::Int4m ? f16_to_f32(m[b]) : 0.f;
     for (int j = 0; j < kQBlock; ++j) {
       const int v = (q[(b / 2) * 32 + j] >> ((b % 2) * 4)) & 0xF;
       // int4: (q - 8) d, exact. int4m: d q + m, rounded twice (-ffp-contract=off keeps it so).
-      out[b * kQBlock + j] = f == QFormat::Int4 ? static_cast<float>(v - 8) * db : static_cast<float>(v) * db + mb;
+      out[b * kQBlock + j] = f == DType::Int4 ? static_cast<float>(v - 8) * db : static_cast<float>(v) * db + mb;
     }
   }
 }
@@ -132,25 +132,25 @@ namespace {
 uint16_t u16_at(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
 // Element j (< 256) of a K-quant super-block's quants (the bytes after its meta).
-inline int kquant_q(QFormat f, const uint8_t* qs, int j) {
-  if (f == QFormat::Q6K) {
+inline int kquant_q(DType f, const uint8_t* qs, int j) {
+  if (f == DType::Q6K) {
     const int h = j / 128, c = (j % 128) / 32, l = j % 32;
     const int lo = (qs[64 * h + 32 * (c % 2) + l] >> (4 * (c / 2))) & 15, hi = (qs[128 + 32 * h + l] >> (2 * c)) & 3;
     return lo | (hi << 4);
   }
   const int s = j / 32, l = j % 32;
   int q = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 15;
-  if (f == QFormat::Q5K) q |= ((qs[128 + l] >> s) & 1) << 4;
+  if (f == DType::Q5K) q |= ((qs[128 + l] >> s) & 1) << 4;
   return q;
 }
 }  // namespace
 
-void dequantize_row_kquant(QFormat f, const uint8_t* row, int64_t K, float* out) {
-  const int64_t B = kquant_block_bytes(f);
+void dequantize_row_kquant(DType f, const uint8_t* row, int64_t K, float* out) {
+  const int64_t B = format_info(f).block_bytes;
   for (int64_t sb = 0; sb < K / kQSuper; ++sb, row += B, out += kQSuper) {
     const float d = f16_to_f32(u16_at(row));
     const uint8_t* qs = row + kQMeta;
-    if (f == QFormat::Q6K) {
+    if (f == DType::Q6K) {
       const int8_t* sc = reinterpret_cast<const int8_t*>(row + 4);
       for (int j = 0; j < kQSuper; ++j) out[j] = d * static_cast<float>(sc[j / 16]) * static_cast<float>(kquant_q(f, qs, j) - 32);
       continue;
@@ -212,9 +212,9 @@ void gather_row(const QMatrix& w, int64_t r, uint8_t* q, uint16_t* d, uint16_t* 
   }
 }
 
-void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, int64_t K, uint8_t* q,
+void quantize_matrix(DType f, const void* src, bool src_bf16, int64_t rows, int64_t K, uint8_t* q,
                      uint16_t* d, uint16_t* m) {
-  const int64_t qb = quant_row_bytes(f, K), nb = scale_row_count(K), full = grouped_rows(rows);
+  const int64_t qb = row_bytes(f, K), nb = scale_row_count(K), full = grouped_rows(rows);
   parallel_for((rows + kQGroup - 1) / kQGroup, [&](int64_t g0, int64_t g1) {
     std::vector<float> row(static_cast<size_t>(K));
     // A whole group is quantized in row order here, then interleaved into place.
@@ -235,16 +235,16 @@ void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, in
         uint8_t* qr = grouped ? gq.data() + (r - r0) * qb : q + r * qb;
         uint16_t* dr = grouped ? gd.data() + (r - r0) * nb : d + r * nb;
         uint16_t* mr = grouped ? gm.data() + (r - r0) * nb : (m ? m + r * nb : nullptr);
-        if (f == QFormat::Int8)
+        if (f == DType::Int8)
           quantize_row_int8_ref(x, K, reinterpret_cast<int8_t*>(qr), dr);
-        else if (f == QFormat::Int4)
+        else if (f == DType::Int4)
           quantize_row_int4_ref(x, K, qr, dr);
         else
           quantize_row_int4m_ref(x, K, qr, dr, mr);
       }
       if (grouped)
-        interleave_group(qb, nb, gq.data(), gd.data(), f == QFormat::Int4m ? gm.data() : nullptr, q + r0 * qb,
-                         d + r0 * nb, f == QFormat::Int4m ? m + r0 * nb : nullptr, true);
+        interleave_group(qb, nb, gq.data(), gd.data(), f == DType::Int4m ? gm.data() : nullptr, q + r0 * qb,
+                         d + r0 * nb, f == DType::Int4m ? m + r0 * nb : nullptr, true);
     }
   });
 }
@@ -396,10 +396,10 @@ void rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool ac
 // kernels: per activation block b (32 values) an exact integer sum, the sub-blocks' scales
 // sc applied in integers, then scaled by d dx_b; q4_k / q5_k take their mins' term
 // sum_b (dmin m_b) xsum_b apart, q6_k its -32 through the half blocks' sums of q.
-float kquant_dot_scalar(QFormat f, const uint8_t* row, int64_t K, const QActs& a, int64_t t) {
+float kquant_dot_scalar(DType f, const uint8_t* row, int64_t K, const QActs& a, int64_t t) {
   const int8_t* qx = a.q.data() + t * a.np * 64;
   const float* dx = a.dx.data() + t * a.np * 2;
-  const int64_t B = kquant_block_bytes(f);
+  const int64_t B = format_info(f).block_bytes;
   float acc = 0.f, off = 0.f;
   for (int64_t sb = 0; sb < K / kQSuper; ++sb, row += B) {
     const float d = f16_to_f32(u16_at(row));
@@ -408,7 +408,7 @@ float kquant_dot_scalar(QFormat f, const uint8_t* row, int64_t K, const QActs& a
       const int64_t b = 8 * sb + s;
       const int8_t* x = qx + b * kQBlock;
       int32_t isum = 0;
-      if (f == QFormat::Q6K) {
+      if (f == DType::Q6K) {
         const int8_t* sc = reinterpret_cast<const int8_t*>(row + 4);
         for (int h = 0; h < 2; ++h) {
           int32_t part = 0;
@@ -428,7 +428,7 @@ float kquant_dot_scalar(QFormat f, const uint8_t* row, int64_t K, const QActs& a
 
 // Rows [n0, n1) of a K-quant matrix on the scalar path, any row order (rows gathered plain).
 void kquant_rows_scalar(const Weight& w, const QActs& a, float* y, int64_t ldy, bool acc, int64_t n0, int64_t n1) {
-  const QFormat f = w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K : QFormat::Q6K;
+  const DType f = w.dtype;
   thread_local std::vector<uint8_t> row;
   row.resize(static_cast<size_t>(w.ld));
   for (int64_t n = n0; n < n1; ++n) {
@@ -496,9 +496,7 @@ void quant_rows(const Weight& w, const QActs& a, const QActView& av, float* y, i
   if (n0 >= n1) return;
   if (w.kquant()) {
     // The whole 16-row groups on the path's SIMD kernel, the plain tail rows on the scalar one.
-    const int fmt = static_cast<int>(w.dtype == DType::Q4K ? QFormat::Q4K : w.dtype == DType::Q5K ? QFormat::Q5K
-                                                                                                  : QFormat::Q6K);
-    const KQWeightView kv{static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.ld, fmt};
+    const KQWeightView kv{static_cast<const uint8_t*>(w.data), w.rows, w.cols, w.ld, w.dtype};
     (void)kv;
 #ifdef GEMMA_QUANT_AVX512
     if (quant_path() == kAvx512Vnni) n0 = kquant_groups_avx512vnni(kv, av, y, ldy, accumulate, n0, n1);

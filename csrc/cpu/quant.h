@@ -53,24 +53,10 @@
 #pragma once
 #include <cstdint>
 
+#include "core/formats.h"
+
 namespace gemma {
 
-constexpr int64_t kQBlock = 32;
-constexpr int64_t kQSuper = 256;  // K-quant super-block
-constexpr int64_t kQMeta = 20;    // K-quant super-block's meta bytes
-
-enum class QFormat : int { Int8 = 0, Int4 = 1, Int4m = 2, Q4K = 3, Q5K = 4, Q6K = 5 };
-
-inline bool is_kquant(QFormat f) { return f == QFormat::Q4K || f == QFormat::Q5K || f == QFormat::Q6K; }
-// A K-quant super-block's bytes in our rows (meta included).
-inline int64_t kquant_block_bytes(QFormat f) {
-  return kQMeta + (f == QFormat::Q4K ? 128 : f == QFormat::Q5K ? 160 : 192);
-}
-
-inline int64_t quant_row_bytes(QFormat f, int64_t K) {
-  if (is_kquant(f)) return K / kQSuper * kquant_block_bytes(f);
-  return f == QFormat::Int8 ? K : (K + 63) / 64 * 32;
-}
 inline int64_t scale_row_count(int64_t K) { return K / kQBlock; }
 
 constexpr int64_t kQGroup = 16;  // rows per interleaved group
@@ -99,13 +85,13 @@ void quantize_row_int8_ref(const float* x, int64_t K, int8_t* q, uint16_t* d);
 void quantize_row_int4_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d);
 void quantize_row_int4m_ref(const float* x, int64_t K, uint8_t* q, uint16_t* d, uint16_t* m);
 // One row back to floats. m: the row's mins (int4m only; ignored otherwise).
-void dequantize_row(QFormat f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out);
+void dequantize_row(DType f, const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t K, float* out);
 // One K-quant row (plain order, K / 256 super-blocks) back to floats, bit-identical to ggml's.
-void dequantize_row_kquant(QFormat f, const uint8_t* row, int64_t K, float* out);
+void dequantize_row_kquant(DType f, const uint8_t* row, int64_t K, float* out);
 
 // A whole matrix [rows, K] (float32, or bfloat16 bits when src_bf16) quantized row by row
 // on the thread pool. m: [rows][K / 32] mins for int4m, else unused (may be null).
-void quantize_matrix(QFormat f, const void* src, bool src_bf16, int64_t rows, int64_t K,
+void quantize_matrix(DType f, const void* src, bool src_bf16, int64_t rows, int64_t K,
                      uint8_t* q, uint16_t* d, uint16_t* m);
 
 }  // namespace gemma

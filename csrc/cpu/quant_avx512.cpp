@@ -315,11 +315,11 @@ inline __m512i bcast_word512(const void* p) {
   return _mm512_set1_epi32(v);
 }
 
-template <int F, int RT>
+template <DType F, int RT>
 void kgroup_vnni(const KQWeightView& w, int64_t g, const QActView& a, int64_t t0, float* y, int64_t ldy,
                  bool accumulate) {
-  constexpr bool k6 = F == static_cast<int>(QFormat::Q6K), k5 = F == static_cast<int>(QFormat::Q5K);
-  const int64_t B = kquant_block_bytes(static_cast<QFormat>(F)), nsb = w.cols / kQSuper, np = a.np;
+  constexpr bool k6 = F == DType::Q6K, k5 = F == DType::Q5K;
+  const int64_t B = format_info(F).block_bytes, nsb = w.cols / kQSuper, np = a.np;
   const uint8_t* qg = w.q + g * kQGroup * w.ld;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int8_t* qx[RT];
@@ -417,7 +417,7 @@ void kgroup_vnni(const KQWeightView& w, int64_t g, const QActView& a, int64_t t0
   }
 }
 
-template <int F>
+template <DType F>
 void kgroups_vnni(const KQWeightView& w, int64_t g, const QActView& a, float* y, int64_t ldy, bool accumulate) {
   for (int64_t t = 0; t < a.T;) {
     const int64_t left = a.T - t;
@@ -440,12 +440,12 @@ int64_t kquant_groups_avx512vnni(const KQWeightView& w, const QActView& a, float
                                  int64_t n0, int64_t n1) {
   const int64_t full = grouped_rows(w.rows);
   for (; n0 < n1 && n0 < full; n0 += kQGroup) {
-    if (w.format == static_cast<int>(QFormat::Q4K))
-      kgroups_vnni<static_cast<int>(QFormat::Q4K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
-    else if (w.format == static_cast<int>(QFormat::Q5K))
-      kgroups_vnni<static_cast<int>(QFormat::Q5K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    if (w.format == DType::Q4K)
+      kgroups_vnni<DType::Q4K>(w, n0 / kQGroup, a, y, ldy, accumulate);
+    else if (w.format == DType::Q5K)
+      kgroups_vnni<DType::Q5K>(w, n0 / kQGroup, a, y, ldy, accumulate);
     else
-      kgroups_vnni<static_cast<int>(QFormat::Q6K)>(w, n0 / kQGroup, a, y, ldy, accumulate);
+      kgroups_vnni<DType::Q6K>(w, n0 / kQGroup, a, y, ldy, accumulate);
   }
   return n0;
 }

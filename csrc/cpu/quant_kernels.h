@@ -33,7 +33,7 @@ struct QWeightView {
 struct KQWeightView {
   const uint8_t* q;
   int64_t rows, cols, ld;
-  int format;  // QFormat::Q4K, Q5K or Q6K
+  DType format;  // Q4K, Q5K or Q6K
 };
 
 // Rows [n0, n1) of y for all tokens. scratch: room for 16 * (cols / 32 + 1) + 16 floats.

@@ -5,7 +5,7 @@
 // - Every pointer argument is a DEVICE pointer unless its comment says host. Launchers are
 //   asynchronous on `stream` and return cudaGetLastError() of their launches.
 // - Activations are float32, row-major [tokens, features] (as on the CPU).
-// - Weights use the CPU engine's gemma::Weight (cpu/kernels.h) with device pointers: the
+// - Weights use gemma::Weight (core/weight.h), as the CPU kernels do, with device pointers: the
 //   same formats byte for byte (float32, bf16 bits, and cpu/quant.h's int8 / int4), so one
 //   upload of the CPU layout is the GPU layout.
 // - Semantics are the CPU engine's, op for op (the comment of each launcher names its twin);
@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cpu/kernels.h"
+#include "core/weight.h"
 
 namespace gemma::cuda {
 

@@ -43,21 +43,7 @@ namespace {
 
 // Bytes of a weight's data: rows ld apart, ld in elements (float32, bf16) or bytes (quantized).
 size_t data_bytes(const Weight& w) {
-  const int64_t elem = w.dtype == DType::F32 ? 4 : w.dtype == DType::BF16 ? 2 : 1;
-  return static_cast<size_t>(w.rows * w.ld * elem);
-}
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::F32: return "float32";
-    case DType::BF16: return "bfloat16";
-    case DType::Int8: return "int8";
-    case DType::Int4: return "int4";
-    case DType::Int4m: return "int4m";
-    case DType::Q4K: return "q4_k";
-    case DType::Q5K: return "q5_k";
-    case DType::Q6K: return "q6_k";
-  }
-  return "?";
+  return static_cast<size_t>(w.rows * w.ld * (w.quantized() ? 1 : format_info(w.dtype).block_bytes));
 }
 
 // A captured decode step.
@@ -179,7 +165,7 @@ class CudaDevice final : public Device {
 
   ModelWeights place(const ModelConfig& c, const ModelWeights& w) override {
     if (c.kv_dtype != DType::F32 && c.kv_dtype != DType::BF16)
-      throw std::invalid_argument(std::string("a ") + dtype_name(c.kv_dtype) +
+      throw std::invalid_argument(std::string("a ") + format_name(c.kv_dtype) +
                                   " KV cache does not run on CUDA: use kv_cache_dtype float32 or bfloat16");
     if (c.head_dim % 32 != 0 || c.head_dim > 256)
       throw std::invalid_argument("CUDA attention needs head_dim a multiple of 32 up to 256, got " +
@@ -414,10 +400,9 @@ class CudaDevice final : public Device {
   }
 
   Weight matrix(const Weight& w, const std::string& what) {
-    if (w.dtype != DType::F32 && w.dtype != DType::BF16 && w.dtype != DType::Int8 && w.dtype != DType::Int4)
-      throw std::invalid_argument(what + ": " + dtype_name(w.dtype) +
-                                  " weights do not run on CUDA (float32, bfloat16, int8 and int4 do): "
-                                  "convert or quantize the model to one of those");
+    if (!format_info(w.dtype).cuda)
+      throw std::invalid_argument(what + ": " + format_name(w.dtype) + " weights do not run on CUDA (" +
+                                  cuda_formats() + " do): convert or quantize the model to one of those");
     Weight d = w;
     d.mins = nullptr;
     if (!w.quantized()) {

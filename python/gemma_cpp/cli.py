@@ -315,6 +315,9 @@ def cmd_convert(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .quant import FORMATS  # csrc/core/formats.h's table: the formats a model can be quantized to
+
+    quantizations = ("auto", "none") + FORMATS
     parser = argparse.ArgumentParser(prog="gemma-cpp", description="Run Gemma models on the gemma_cpp engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
                     help="a checkpoint folder or .gguf file (default: Gemma 3 270M from the demo package)")
     for p in (g, ch):
         p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-        p.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
+        p.add_argument("--quantization", choices=quantizations, default=None,
                        help="int8 / int4 / int4m: quantize every linear layer and the embedding on load; none: "
                             "keep floats (a GGUF file is dequantized); auto (default): none for a Hugging Face "
                             "checkpoint; for a GGUF file each tensor in its own type (Q8_0/Q5_0 as int8, Q4_0 "
@@ -372,7 +375,7 @@ def main(argv=None) -> int:
                          "(default 4 x --slots; with --ray, Ray's queue per deployment)")
     sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the path's name)")
     sv.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    sv.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
+    sv.add_argument("--quantization", choices=quantizations, default=None,
                     help="as for generate")
     sv.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16", "int8"), default="float32")
     sv.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model runs (cuda: float32, bfloat16, int8 or int4 weights)")
@@ -394,7 +397,7 @@ def main(argv=None) -> int:
     c.add_argument("src", help="a Hugging Face checkpoint folder, a .gguf file (or, with --from original, a "
                                "gemma_pytorch .ckpt)")
     c.add_argument("out", help="the folder to write (must not exist, unless --force)")
-    c.add_argument("--quantization", choices=("auto", "none", "int8", "int4", "int4m"), default=None,
+    c.add_argument("--quantization", choices=quantizations, default=None,
                    help="as for generate (a GGUF file: auto unless given)")
     c.add_argument("--dtype", default=None, help="float32 or bfloat16 for what is not quantized")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")

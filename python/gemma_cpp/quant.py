@@ -28,18 +28,23 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from ._C import weight_formats
 from .formats.gguf import k_scale_min
 
-FORMATS = ("int8", "int4", "int4m")  # what a model can be quantized to
-KQUANTS = ("q4_k", "q5_k", "q6_k")     # what GGUF files bring (imported as they are)
-ALL_FORMATS = FORMATS + KQUANTS
+# The engine's table of weight formats (csrc/core/formats.h), by name: every list below is
+# read from it.
+FORMAT_TABLE: Dict[str, dict] = {f["name"]: f for f in weight_formats()}
 BLOCK = 32
 SUPER = 256  # a K-quant super-block
 GROUP = 16  # rows per interleaved group
 META = 20   # a K-quant super-block's scale bytes in our rows
-KQUANT_BYTES = {"q4_k": META + 128, "q5_k": META + 160, "q6_k": META + 192}  # per super-block
-BITS_PER_WEIGHT = {"int8": 8.5, "int4": 4.5, "int4m": 5.0, "bfloat16": 16, "float32": 32,
-                   **{f: b * 8 / SUPER for f, b in KQUANT_BYTES.items()}}
+FORMATS = tuple(n for n, f in FORMAT_TABLE.items() if f["quantize_on_load"])  # what a model can be quantized to
+KQUANTS = tuple(n for n, f in FORMAT_TABLE.items() if f["block"] == SUPER)  # what GGUF files bring, kept as they are
+ALL_FORMATS = FORMATS + KQUANTS
+KQUANT_BYTES = {n: FORMAT_TABLE[n]["block_bytes"] for n in KQUANTS}  # per super-block, meta included
+BITS_PER_WEIGHT = {n: f["bits_per_weight"] for n, f in FORMAT_TABLE.items()}
+# The GGUF tensor type whose values each format holds (formats/gguf.py's type numbers).
+GGML_TYPE_OF = {n: f["ggml_type"] for n, f in FORMAT_TABLE.items()}
 
 
 class QuantizedWeight(tuple):

@@ -19,14 +19,14 @@ from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import GemmaConfig, config_from_gguf
 from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
 from ..generation import GenerationConfig
-from ..quant import GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, resolve_policy
+from ..quant import ALL_FORMATS, GGML_TYPE_OF, GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, \
+    resolve_policy
 from .layout import LoadedModel, interleaved, is_norm, layer_shapes, quantized
 
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
-# The types whose values a format holds: imported without loss.
-_KEPT = {GGML_Q8_0: "int8", GGML_Q4_0: "int4", GGML_Q4_1: "int4m", GGML_Q4_K: "q4_k", GGML_Q5_K: "q5_k",
-         GGML_Q6_K: "q6_k"}
+# The types whose values a format holds (csrc/core/formats.h): imported without loss.
+_KEPT = {GGML_TYPE_OF[name]: name for name in ALL_FORMATS}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # Engine tensor name (under layers.N.) -> GGUF name (under blk.N.); which of them a file has
@@ -99,7 +99,7 @@ def _import_q4_1(raw: np.ndarray, rows: int, cols: int, fmt: str = "int4m") -> Q
 
 def _import_kquant(raw: np.ndarray, rows: int, cols: int, fmt: str) -> QuantizedWeight:
     """Q4_K / Q5_K / Q6_K -> q4_k / q5_k / q6_k: the same bytes, scales unpacked (quant.py)."""
-    ggml_type = {"q4_k": GGML_Q4_K, "q5_k": GGML_Q5_K, "q6_k": GGML_Q6_K}[fmt]
+    ggml_type = GGML_TYPE_OF[fmt]
     return kquant_from_gguf(quantized_blocks(raw, ggml_type, rows, cols), fmt)
 
 
