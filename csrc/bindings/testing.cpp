@@ -8,12 +8,14 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings/common.h"
 #include "cpu/kernels.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "engine/scheduler.h"
 #include "runtime/threadpool.h"
 
 namespace gemma::bind {
@@ -55,6 +57,30 @@ void register_probes(py::module_& t) {
     return d;
   }, py::arg("enable") = py::none(),
      "Seconds per op kind so far; profile(True/False) also resets and turns timing on/off");
+  t.def("plan_iteration", [](const std::vector<std::tuple<int64_t, int64_t, int64_t>>& seqs, int64_t chunk) {
+    if (chunk < 1) throw py::value_error("chunk must be >= 1");
+    std::vector<PlannedSeq> in;
+    for (const auto& [row, cached, prompt_len] : seqs) {
+      if (row < 0 || cached < 0 || prompt_len < 1)
+        throw py::value_error("a sequence is (row >= 0, cached >= 0, prompt_len >= 1)");
+      in.push_back({row, cached, prompt_len});
+    }
+    const IterationPlan p = plan_iteration(in, chunk);
+    py::dict d;
+    d["dec_rows"] = p.rows.dec_rows;
+    d["dec_slots"] = p.rows.dec_slots;
+    d["pre_rows"] = p.rows.pre_rows;
+    d["slot0"] = p.rows.slot0;
+    d["T"] = p.rows.T;
+    d["decoding"] = p.decoding;
+    d["chunk"] = p.chunk_seq < 0 ? py::object(py::none()) : py::object(py::make_tuple(p.chunk_seq, p.chunk_begin, p.chunk_end));
+    d["drawn"] = p.drawn;
+    d["drawn_at"] = p.drawn_at;
+    return d;
+  }, py::arg("seqs"), py::arg("chunk"),
+     "engine/scheduler.h's plan of one iteration for sequences (row, cached, prompt_len) in admission order: "
+     "the step's rows (dec_rows, dec_slots, pre_rows, slot0, T), the generating sequences, the prompt chunk "
+     "(sequence, begin, end) or None, and the sequences that draw with their token index in the step");
   t.def("read_bandwidth", [](int64_t bytes, int reps) {
     py::gil_scoped_release nogil;
     return read_bandwidth(bytes, reps);

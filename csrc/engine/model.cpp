@@ -321,6 +321,75 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
   return x_out;
 }
 
+void Model::draw(const float* states, int64_t n, DrawRow* rows, const std::function<void(const float*)>& raw_logits) {
+  if (n == 0) return;
+  const int64_t V = cfg_.vocab_size;
+  bool on_device = !raw_logits;
+  for (int64_t i = 0; i < n && on_device; ++i)
+    on_device = rows[i].logprobs < 0 && device_greedy(rows[i].sampler->params());
+  if (on_device) {
+    picks_.resize(static_cast<size_t>(n));
+    greedy_on_device(states, n, picks_.data());
+    for (int64_t i = 0; i < n; ++i) rows[i].token = picks_[i];
+    return;
+  }
+  float* lg = host_logits(states, n, Work::Decode, lg_stage_);
+  if (raw_logits) raw_logits(lg);
+  // The logprobs read the raw logits before the sampler changes them (penalties, warping).
+  auto one = [&](int64_t i, bool pool) {
+    DrawRow& r = rows[i];
+    float* row = &lg[i * V];
+    if (r.logprobs < 0) {
+      r.token = r.sampler->next(row, V, *r.history, pool);
+      return;
+    }
+    thread_local std::vector<float> raw;
+    raw.assign(row, row + V);
+    const float lse = log_sum_exp(raw.data(), V);
+    r.top = top_entries(raw.data(), V, r.logprobs, lse);
+    r.token = r.sampler->next(row, V, *r.history, pool);
+    r.logprob = raw[r.token] - lse;
+  };
+  if (n == 1) {
+    one(0, true);
+    return;
+  }
+  parallel_for(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) one(i, false);
+  });
+}
+
+KVCache Model::new_cache(int64_t rows, int64_t capacity, int64_t max_chunk) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return KVCache(*dev_, cfg_, rows, capacity, max_chunk);
+}
+
+void Model::free_cache(KVCache& cache) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KVCache gone = std::move(cache);
+}
+
+void Model::reset_cache_row(KVCache& cache, int64_t row) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cache.reset_row(row);
+}
+
+void Model::step_and_draw(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
+                          const int64_t* drawn_at, DrawRow* rows, int64_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t H = cfg_.hidden_size, M = sr.decode_tokens() + sr.prompt_tokens();
+  all_valid_.assign(static_cast<size_t>(M), 1);
+  const float* hid = step(cache, sr, ids, pos, all_valid_.data(), nullptr);
+  // The drawing rows' states, gathered unless they are all of the step's tokens (decode only).
+  const float* states = hid;
+  if (n < M) {
+    float* sel = scratch(ws_.sel, n * H);
+    for (int64_t i = 0; i < n; ++i) dev_->copy(sel + i * H, hid + drawn_at[i] * H, H * sizeof(float));
+    states = sel;
+  }
+  draw(states, n, rows, nullptr);
+}
+
 StepRows Model::prompt_rows(int64_t B, int64_t slot0, int64_t T) const {
   StepRows sr;
   // One token per row of a causal model is decode work (its kernels, as every later token).
@@ -476,7 +545,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
                                const LogitsSink& on_logits) {
   std::lock_guard<std::mutex> lock(mu_);
   drain_graveyard();
-  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const int64_t H = cfg_.hidden_size;
   GenerateResult res;
   if (p.max_new_tokens <= 0) return res;
   KVCache cache(*dev_, cfg_, B, L + p.max_new_tokens, chunk_tokens(B, L));
@@ -509,47 +578,28 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
             for (int64_t b = 0; b < B; ++b)
               dev_->copy(last.as<float>() + b * H, &h[(b * T + T - 1) * H], H * sizeof(float));
           });
-  // One position per row: the decode kernels, as every later step (batch invariance).
-  // lg: the active rows' logits, in host memory the samplers may change; or, greedy on a
-  // device with memory of its own, the picks made there (only the token ids come back).
-  std::vector<float> stage;
-  std::vector<int32_t> greedy(static_cast<size_t>(B));
-  const bool on_device = device_greedy(p) && !on_logits;
-  float* lg = nullptr;
-  auto draw_logits = [&](const float* hidden, int64_t n) {
-    if (!on_device) {
-      lg = host_logits(hidden, n, Work::Decode, stage);
-      return;
-    }
-    greedy_on_device(hidden, n, greedy.data());
-  };
-  draw_logits(last.as<float>(), B);
-
   res.tokens.assign(static_cast<size_t>(B * p.max_new_tokens), p.pad_token_id);
   std::vector<uint8_t> finished(B, 0);
-  std::vector<int64_t> active = rows;  // rows still generating; lg holds their logits in order
+  std::vector<int64_t> active = rows;  // rows still generating, in order
+  std::vector<DrawRow> drawing;  // the active rows' draws, in order
+  std::function<void(const float*)> sink;
+  if (on_logits) sink = [&](const float* lg) { on_logits(active, lg); };
   std::vector<int32_t> step_tokens(B), ids, pos;
   std::vector<uint8_t> ones;
+  const float* states = last.as<float>();  // one position per row: the decode kernels, as every later step
   for (int64_t s = 0; s < p.max_new_tokens; ++s) {
-    if (on_logits) on_logits(active, lg);
+    drawing.clear();
+    for (int64_t b : active) drawing.push_back(DrawRow{&samplers[b], &history[b]});
+    draw(states, static_cast<int64_t>(active.size()), drawing.data(), sink);
     std::fill(step_tokens.begin(), step_tokens.end(), p.pad_token_id);
-    // Each row's token from its own sampler: rows spread over the thread pool, or a lone
-    // row's scan of the vocabulary spread over it.
-    auto pick = [&](size_t i, bool use_pool) {
+    for (size_t i = 0; i < active.size(); ++i) {
       const int64_t b = active[i];
-      const int32_t tok = on_device ? greedy[i] : samplers[b].next(&lg[i * V], V, history[b], use_pool);
+      const int32_t tok = drawing[i].token;
       history[b].push_back(tok);
       step_tokens[b] = tok;
       res.tokens[b * p.max_new_tokens + s] = tok;
       for (int32_t e : p.eos_token_ids)
         if (tok == e) finished[b] = 1;
-    };
-    if (active.size() == 1) {
-      pick(0, true);
-    } else {
-      parallel_for(static_cast<int64_t>(active.size()), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) pick(static_cast<size_t>(i), false);
-      });
     }
     res.steps = s + 1;
     if (on_step) on_step(step_tokens);
@@ -571,7 +621,7 @@ GenerateResult Model::generate(const int32_t* input_ids, const int32_t* attentio
     StepRows sr;
     sr.dec_rows = active;
     sr.dec_slots.assign(active.size(), L + s);
-    draw_logits(step(cache, sr, ids.data(), pos.data(), ones.data(), nullptr), R);
+    states = step(cache, sr, ids.data(), pos.data(), ones.data(), nullptr);
   }
   // Compact [B, max_new_tokens] to [B, steps].
   if (res.steps < p.max_new_tokens) {

@@ -5,6 +5,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -127,6 +128,20 @@ struct StepRows {
   int64_t prompt_tokens() const { return static_cast<int64_t>(pre_rows.size()) * T; }
 };
 
+// One row's next token, drawn by Model::draw from the row's logits. In: the row's sampler
+// (its parameters and random stream), its history (the repetition penalty's tokens) and how
+// many top log-probabilities it wants (-1: none). Out: the token and, with logprobs, its
+// log-probability under the model (the log-softmax of the raw logits, before any penalty or
+// warping) and the `logprobs` most likely tokens with theirs (best first; ties: lower id).
+struct DrawRow {
+  Sampler* sampler = nullptr;
+  const std::vector<int32_t>* history = nullptr;
+  int32_t logprobs = -1;
+  int32_t token = 0;
+  float logprob = 0.f;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
 // The activation buffers, in the model's device memory: sized for the largest chunk seen and
 // kept for the model's life, so that a decode step allocates nothing. out: step()'s final
 // hidden states; lg: logits; sel: rows gathered from out.
@@ -138,8 +153,6 @@ struct Workspace {
 // forward() and generate() may be called from several threads: one runs at a time (they
 // share the workspace, and the thread pool serialises their matmuls anyway).
 class Model {
-  friend class Scheduler;  // runs step() and the LM head on its own cache, under mu_
-
  public:
   // Validates config. device: where the ops run (null: the CPU, staged when
   // set_default_cpu_staged() says so); weights are placed there once (Device::place throws
@@ -176,7 +189,30 @@ class Model {
   // this way), and the model stays usable for the next one.
   void set_interrupt(std::function<void()> check) { interrupt_ = std::move(check); }
 
+  // ---- For a scheduler that keeps a cache of its own (engine/scheduler.h) ----------------
+  // Each takes the model's lock: another thread may be running forward() or generate(), and
+  // a device that queues a step's ops must see nothing else in between.
+  // A KV cache for `rows` sequences of `capacity` slots, written `max_chunk` tokens at most
+  // per step.
+  KVCache new_cache(int64_t rows, int64_t capacity, int64_t max_chunk);
+  // Frees a cache (it is left empty).
+  void free_cache(KVCache& cache);
+  // A row of the cache starts a new sequence (KVCache::reset_row).
+  void reset_cache_row(KVCache& cache, int64_t row);
+  // One step of sr's tokens (ids, pos: one per token, in sr's order), then a token for each of
+  // `rows` (n of them) from the logits of the step's token drawn_at[i], as decode work (one
+  // position per row, as generate()'s every token): batch invariance holds for each row.
+  void step_and_draw(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
+                     const int64_t* drawn_at, DrawRow* rows, int64_t n);
+
  private:
+  // The token of each of n rows (their hidden states [n, hidden] in device memory, one per
+  // row), written once for generate() and the scheduler: when every row is greedy without
+  // penalties or logprobs and nothing reads the logits, a device with memory of its own picks
+  // them there (only the ids come back); else the logits come to the host, raw_logits (when
+  // given) sees them first, then each row's sampler draws (rows spread over the thread pool, or
+  // a lone row's scan of the vocabulary spread over it).
+  void draw(const float* states, int64_t n, DrawRow* rows, const std::function<void(const float*)>& raw_logits);
   // Runs the tokens of sr (ids/pos/valid: one per token, in sr's order, host memory), each
   // written to its row's slot. Returns the final-normed hidden states [tokens, hidden] in the
   // device's memory (ws_.out, valid until the next step). layer_sink (optional): each layer's
@@ -223,7 +259,10 @@ class Model {
   Workspace ws_;
   std::mutex graveyard_mu_;
   std::vector<DeviceArray> graveyard_;  // bury()'s, freed by the next step (before dev_ goes)
-  std::mutex mu_;  // held by forward() and generate(): ws_ is theirs
+  std::mutex mu_;  // held by forward(), generate() and the scheduler's calls: ws_ is theirs
+  std::vector<float> lg_stage_;        // draw()'s logits on the host, where the device has memory of its own
+  std::vector<int32_t> picks_;         // draw()'s picks made on the device
+  std::vector<uint8_t> all_valid_;     // step_and_draw()'s tokens: all real
   std::function<void()> interrupt_;
   // head_dim / 2 rotary frequencies, float32 as transformers: full-attention layers, then
   // sliding-window layers.

@@ -8,6 +8,30 @@
 
 namespace gemma {
 
+float log_sum_exp(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (!std::isfinite(m)) return m;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - m);
+  return static_cast<float>(m + std::log(sum));
+}
+
+std::vector<std::pair<int32_t, float>> top_entries(const float* x, int64_t n, int32_t k, float lse) {
+  std::vector<std::pair<int32_t, float>> top;
+  auto better = [](const std::pair<int32_t, float>& a, const std::pair<int32_t, float>& b) {
+    return a.second > b.second || (a.second == b.second && a.first < b.first);
+  };
+  for (int64_t i = 0; i < n && k > 0; ++i) {
+    const std::pair<int32_t, float> e{static_cast<int32_t>(i), x[i]};
+    if (static_cast<int32_t>(top.size()) == k && !better(e, top.back())) continue;
+    top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
+    if (static_cast<int32_t>(top.size()) > k) top.pop_back();
+  }
+  for (auto& e : top) e.second -= lse;
+  return top;
+}
+
 int32_t argmax(const float* x, int64_t n) {
   // First index of the maximum (torch.argmax's choice among ties). NaN is skipped here,
   // where torch would return it: a NaN logit means a broken model either way.

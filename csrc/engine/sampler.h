@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace gemma {
@@ -32,6 +33,7 @@ class Sampler {
   // tokens), for the repetition penalty. use_pool: greedy picks scan the vocabulary on the
   // thread pool (same result; the caller must not itself be inside parallel_for).
   int32_t next(float* logits, int64_t vocab, const std::vector<int32_t>& history, bool use_pool = false);
+  const SamplingParams& params() const { return p_; }
 
  private:
   static uint64_t mix(uint64_t seed, uint64_t stream);
@@ -44,6 +46,12 @@ class Sampler {
   std::vector<int32_t> drawn_;     // [vocab] counts of drawn tokens, when a penalty needs them
   std::vector<int32_t> distinct_;  // the tokens drawn, each once
 };
+
+// log(sum(exp(x))) over a row (in double): the log-softmax's denominator.
+float log_sum_exp(const float* x, int64_t n);
+// The k largest entries of x (ties: the lower index first), best first, as log-probabilities
+// (x - lse).
+std::vector<std::pair<int32_t, float>> top_entries(const float* x, int64_t n, int32_t k, float lse);
 
 // The first index of the largest value, NaN skipped (torch.argmax's choice among ties).
 int32_t argmax(const float* x, int64_t n);

@@ -16,32 +16,6 @@ namespace gemma {
 namespace {
 constexpr int32_t kMaxLogprobs = 20;
 
-// log(sum(exp(x))) over a row, in double: the log-softmax's denominator.
-float log_sum_exp(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-  if (!std::isfinite(m)) return m;
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - m);
-  return static_cast<float>(m + std::log(sum));
-}
-
-// The k largest entries of x (ties: the lower index first), best first, as log-probabilities.
-std::vector<std::pair<int32_t, float>> top_entries(const float* x, int64_t n, int32_t k, float lse) {
-  std::vector<std::pair<int32_t, float>> top;
-  auto better = [](const std::pair<int32_t, float>& a, const std::pair<int32_t, float>& b) {
-    return a.second > b.second || (a.second == b.second && a.first < b.first);
-  };
-  for (int64_t i = 0; i < n && k > 0; ++i) {
-    const std::pair<int32_t, float> e{static_cast<int32_t>(i), x[i]};
-    if (static_cast<int32_t>(top.size()) == k && !better(e, top.back())) continue;
-    top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
-    if (static_cast<int32_t>(top.size()) > k) top.pop_back();
-  }
-  for (auto& e : top) e.second -= lse;
-  return top;
-}
-
 // The cache's shape, checked before it is allocated.
 const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx, int64_t chunk) {
   if (slots < 1) throw std::invalid_argument("scheduler: slots must be >= 1, got " + std::to_string(slots));
@@ -53,12 +27,46 @@ const ModelConfig& checked(const ModelConfig& c, int64_t slots, int64_t slot_ctx
 }
 }  // namespace
 
-// The model's device memory is touched under the model's lock: another thread may be running
-// generate() or forward() on it (a device that queues a step's ops must see nothing else).
+IterationPlan plan_iteration(const std::vector<PlannedSeq>& seqs, int64_t chunk) {
+  IterationPlan p;
+  int64_t tokens = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const PlannedSeq& s = seqs[i];
+    if (s.cached < s.prompt_len) continue;
+    p.decoding.push_back(static_cast<int64_t>(i));
+    p.drawn.push_back(static_cast<int64_t>(i));
+    p.drawn_at.push_back(tokens++);
+    p.rows.dec_rows.push_back(s.row);
+    p.rows.dec_slots.push_back(s.cached);
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const PlannedSeq& s = seqs[i];
+    if (s.cached >= s.prompt_len) continue;
+    const int64_t c0 = s.cached, end = std::min(s.prompt_len, (c0 / chunk + 1) * chunk), T = end - c0;
+    p.chunk_seq = static_cast<int64_t>(i);
+    p.chunk_begin = c0;
+    p.chunk_end = end;
+    if (T == 1) {
+      p.rows.dec_rows.push_back(s.row);
+      p.rows.dec_slots.push_back(c0);
+    } else {
+      p.rows.pre_rows.push_back(s.row);
+      p.rows.slot0 = c0;
+      p.rows.T = T;
+    }
+    tokens += T;
+    if (end == s.prompt_len) {  // the last prompt token's logits give the first new token
+      p.drawn.push_back(static_cast<int64_t>(i));
+      p.drawn_at.push_back(tokens - 1);
+    }
+    break;
+  }
+  return p;
+}
+
 KVCache Scheduler::make_cache(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk) {
-  const ModelConfig& c = checked(model.config(), slots, slot_ctx, chunk);
-  std::lock_guard<std::mutex> ml(model.mu_);
-  return KVCache(model.device(), c, slots, slot_ctx, std::min(chunk, slot_ctx));
+  checked(model.config(), slots, slot_ctx, chunk);
+  return model.new_cache(slots, slot_ctx, std::min(chunk, slot_ctx));
 }
 
 Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chunk)
@@ -72,8 +80,7 @@ Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chun
 
 Scheduler::~Scheduler() {
   shutdown();
-  std::lock_guard<std::mutex> ml(model_.mu_);
-  KVCache gone = std::move(cache_);  // freed under the model's lock
+  model_.free_cache(cache_);
 }
 
 void Scheduler::shutdown() {
@@ -206,8 +213,7 @@ void Scheduler::admit() {
       ++totals_.prefix_hits;
       totals_.prefix_tokens += best_n;
     } else {
-      std::lock_guard<std::mutex> ml(model_.mu_);
-      cache_.reset_row(best);
+      model_.reset_cache_row(cache_, best);
     }
     s.row = best;
     s.cached = best_n;
@@ -227,15 +233,8 @@ void Scheduler::release(const Seq& s, bool keep) {
 }
 
 void Scheduler::loop() {
-  const ModelConfig& c = model_.config();
-  const int64_t H = c.hidden_size, V = c.vocab_size;
-  std::vector<int32_t> ids, pos, drawn_tokens;
-  std::vector<float> drawn_lp;
-  std::vector<std::vector<std::pair<int32_t, float>>> drawn_top;
-  std::vector<uint8_t> ones;
-  std::vector<float> lg_stage;  // the logits, where the model's device has memory of its own
-  std::vector<Seq*> drawn;
-  std::vector<int64_t> drawn_at;  // each drawn sequence's token index in the step
+  std::vector<PlannedSeq> planned;
+  std::vector<DrawRow> draws;
   for (;;) {
     std::vector<RequestEvent> out;
     // Between iterations: cancellations, then admissions into free rows.
@@ -274,98 +273,13 @@ void Scheduler::loop() {
       }
       if (active_.empty()) continue;
     }
-    // The iteration (only this thread changes active_ and its sequences): every generating
-    // sequence's next token, then one chunk of the first sequence with prompt left.
-    StepRows sr;
-    ids.clear();
-    pos.clear();
-    drawn.clear();
-    drawn_at.clear();
-    for (auto& s : active_) {
-      if (s->cached < static_cast<int64_t>(s->prompt.size())) continue;
-      drawn_at.push_back(static_cast<int64_t>(ids.size()));
-      drawn.push_back(s.get());
-      sr.dec_rows.push_back(s->row);
-      sr.dec_slots.push_back(s->cached);
-      ids.push_back(s->next);
-      pos.push_back(static_cast<int32_t>(s->cached));
-    }
-    const size_t n_decoding = drawn.size();  // drawn[0, n_decoding): the generating sequences
-    Seq* chunk_seq = nullptr;
-    int64_t chunk_T = 0;
-    for (auto& s : active_) {
-      const int64_t P = static_cast<int64_t>(s->prompt.size());
-      if (s->cached >= P) continue;
-      chunk_seq = s.get();
-      const int64_t c0 = s->cached, end = std::min(P, (c0 / chunk_ + 1) * chunk_);
-      chunk_T = end - c0;
-      if (chunk_T == 1) {  // one token: decode work, as prompt_rows() has it
-        sr.dec_rows.push_back(s->row);
-        sr.dec_slots.push_back(c0);
-      } else {
-        sr.pre_rows.push_back(s->row);
-        sr.slot0 = c0;
-        sr.T = chunk_T;
-      }
-      for (int64_t t = c0; t < end; ++t) {
-        ids.push_back(s->prompt[t]);
-        pos.push_back(static_cast<int32_t>(t));
-      }
-      if (end == P) {  // the last prompt token's logits give the first new token
-        drawn_at.push_back(static_cast<int64_t>(ids.size()) - 1);
-        drawn.push_back(s.get());
-      }
-      break;
-    }
-    const int64_t M = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(drawn.size());
-    drawn_tokens.assign(static_cast<size_t>(n), 0);
-    drawn_lp.assign(static_cast<size_t>(n), 0.f);
-    drawn_top.assign(static_cast<size_t>(n), {});
+    // The iteration. Only this thread changes active_ and its sequences, so they are read
+    // here without the lock.
+    planned.clear();
+    for (const auto& s : active_) planned.push_back({s->row, s->cached, static_cast<int64_t>(s->prompt.size())});
+    const IterationPlan plan = plan_iteration(planned, chunk_);
     try {
-      std::lock_guard<std::mutex> ml(model_.mu_);
-      ones.assign(static_cast<size_t>(M), 1);
-      const float* hid = model_.step(cache_, sr, ids.data(), pos.data(), ones.data(), nullptr);
-      // The drawing rows' states, gathered unless they are all of the step's rows (decode only).
-      const float* states = hid;
-      if (n < M) {
-        float* sel = model_.scratch(model_.ws_.sel, n * H);
-        for (int64_t i = 0; i < n; ++i) model_.device().copy(sel + i * H, hid + drawn_at[i] * H, H * sizeof(float));
-        states = sel;
-      }
-      // One position per sequence: the decode kernels, as generate()'s every token. When every
-      // drawing sequence is greedy without penalties or logprobs, a device with memory of its
-      // own picks the tokens itself (only the ids come back).
-      bool on_device = n > 0;
-      for (int64_t i = 0; i < n && on_device; ++i)
-        on_device = drawn[i]->logprobs < 0 && model_.device_greedy(drawn[i]->params);
-      float* lg = nullptr;
-      if (on_device) {
-        model_.greedy_on_device(states, n, drawn_tokens.data());
-      } else if (n > 0) {
-        lg = model_.host_logits(states, n, Work::Decode, lg_stage);
-      }
-      // Each sequence draws from its own sampler; the logprobs read the raw logits first.
-      auto draw = [&](int64_t i, bool pool) {
-        Seq& s = *drawn[i];
-        float* row = &lg[i * V];
-        if (s.logprobs < 0) {
-          drawn_tokens[i] = s.sampler->next(row, V, s.history, pool);
-          return;
-        }
-        thread_local std::vector<float> raw;
-        raw.assign(row, row + V);
-        const float lse = log_sum_exp(raw.data(), V);
-        drawn_top[i] = top_entries(raw.data(), V, s.logprobs, lse);
-        drawn_tokens[i] = s.sampler->next(row, V, s.history, pool);
-        drawn_lp[i] = raw[drawn_tokens[i]] - lse;
-      };
-      if (!on_device && n == 1) {
-        draw(0, true);
-      } else if (!on_device && n > 1) {
-        parallel_for(n, [&](int64_t a, int64_t b) {
-          for (int64_t i = a; i < b; ++i) draw(i, false);
-        });
-      }
+      run(plan, draws);
     } catch (const std::exception& e) {
       // The engine failed: every admitted request ends with the error; the loop goes on.
       std::lock_guard<std::mutex> lk(mu_);
@@ -380,36 +294,68 @@ void Scheduler::loop() {
       continue;
     }
     std::lock_guard<std::mutex> lk(mu_);
-    ++totals_.iterations;
-    totals_.peak_rows = std::max(totals_.peak_rows, static_cast<int64_t>(n_decoding) + (chunk_seq ? 1 : 0));
-    for (size_t i = 0; i < n_decoding; ++i) ++drawn[i]->cached;
-    if (chunk_seq) {
-      chunk_seq->cached += chunk_T;
-      totals_.prompt_tokens += chunk_T;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      Seq& s = *drawn[i];
-      const int32_t tok = drawn_tokens[i];
-      s.history.push_back(tok);
-      s.next = tok;
-      ++s.generated;
-      ++totals_.generated_tokens;
-      Finish f = Finish::None;
-      if (std::find(s.params.eos_token_ids.begin(), s.params.eos_token_ids.end(), tok) != s.params.eos_token_ids.end())
-        f = Finish::Stop;
-      else if (s.generated >= s.params.max_new_tokens)
-        f = Finish::Length;
-      emit(out, s, tok, f);
-      out.back().with_logprobs = s.logprobs >= 0;
-      out.back().logprob = drawn_lp[i];
-      out.back().top = std::move(drawn_top[i]);
-      if (f != Finish::None) release(s, true);
-    }
-    active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& s) { return !row_busy_[s->row]; }),
-                  active_.end());
+    advance(plan, draws, out);
     events_.insert(events_.end(), out.begin(), out.end());
     event_cv_.notify_all();
   }
+}
+
+void Scheduler::run(const IterationPlan& plan, std::vector<DrawRow>& draws) {
+  ids_.clear();
+  pos_.clear();
+  for (int64_t i : plan.decoding) {
+    const Seq& s = *active_[i];
+    ids_.push_back(s.next);
+    pos_.push_back(static_cast<int32_t>(s.cached));
+  }
+  if (plan.chunk_seq >= 0) {
+    const Seq& s = *active_[plan.chunk_seq];
+    for (int64_t t = plan.chunk_begin; t < plan.chunk_end; ++t) {
+      ids_.push_back(s.prompt[t]);
+      pos_.push_back(static_cast<int32_t>(t));
+    }
+  }
+  // Each sequence draws from its own sampler (stream 0: what generate()'s row 0 draws).
+  draws.assign(plan.drawn.size(), DrawRow{});
+  for (size_t i = 0; i < plan.drawn.size(); ++i) {
+    Seq& s = *active_[plan.drawn[i]];
+    draws[i].sampler = s.sampler.get();
+    draws[i].history = &s.history;
+    draws[i].logprobs = s.logprobs;
+  }
+  model_.step_and_draw(cache_, plan.rows, ids_.data(), pos_.data(), plan.drawn_at.data(), draws.data(),
+                       static_cast<int64_t>(draws.size()));
+}
+
+void Scheduler::advance(const IterationPlan& plan, std::vector<DrawRow>& draws, std::vector<RequestEvent>& out) {
+  ++totals_.iterations;
+  totals_.peak_rows = std::max(totals_.peak_rows,
+                               static_cast<int64_t>(plan.decoding.size()) + (plan.chunk_seq >= 0 ? 1 : 0));
+  for (int64_t i : plan.decoding) ++active_[i]->cached;
+  if (plan.chunk_seq >= 0) {
+    active_[plan.chunk_seq]->cached = plan.chunk_end;
+    totals_.prompt_tokens += plan.chunk_end - plan.chunk_begin;
+  }
+  for (size_t i = 0; i < draws.size(); ++i) {
+    Seq& s = *active_[plan.drawn[i]];
+    const int32_t tok = draws[i].token;
+    s.history.push_back(tok);
+    s.next = tok;
+    ++s.generated;
+    ++totals_.generated_tokens;
+    Finish f = Finish::None;
+    if (std::find(s.params.eos_token_ids.begin(), s.params.eos_token_ids.end(), tok) != s.params.eos_token_ids.end())
+      f = Finish::Stop;
+    else if (s.generated >= s.params.max_new_tokens)
+      f = Finish::Length;
+    emit(out, s, tok, f);
+    out.back().with_logprobs = s.logprobs >= 0;
+    out.back().logprob = draws[i].logprob;
+    out.back().top = std::move(draws[i].top);
+    if (f != Finish::None) release(s, true);
+  }
+  active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& s) { return !row_busy_[s->row]; }),
+                active_.end());
 }
 
 }  // namespace gemma

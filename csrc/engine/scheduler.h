@@ -58,6 +58,32 @@ struct SchedulerStats {
   int64_t prefix_hits = 0, prefix_tokens = 0;  // requests that reused a row's prefix; its tokens
 };
 
+// A sequence as an iteration's plan sees it: its cache row, the slots it has computed
+// (cached) and its prompt's length (cached >= prompt_len: it is generating).
+struct PlannedSeq {
+  int64_t row = 0, cached = 0, prompt_len = 0;
+};
+
+// What one iteration runs, from the admitted sequences (in admission order) alone:
+// - every generating sequence's next token (decode work, at slot `cached`), in order;
+// - then one chunk of the first sequence with prompt left: its prompt tokens [chunk_begin,
+//   chunk_end), chunk_begin = cached, up to the end of the chunk-aligned window it is in
+//   (slots [i * chunk, (i + 1) * chunk)) or of the prompt: so a prompt's chunks, and its
+//   bits, are the same whatever else runs. A one-token chunk is decode work (as
+//   Model::prompt_rows has it).
+// rows: the step's rows in that token order; drawn: the sequences that draw a token after the
+// step (the generating ones, then the chunk's when it ends the prompt), drawn_at: each one's
+// token index in the step.
+struct IterationPlan {
+  StepRows rows;
+  std::vector<int64_t> decoding;  // indices into the sequences
+  int64_t chunk_seq = -1;         // -1: no prompt chunk
+  int64_t chunk_begin = 0, chunk_end = 0;
+  std::vector<int64_t> drawn, drawn_at;
+  int64_t tokens() const { return rows.decode_tokens() + rows.prompt_tokens(); }
+};
+IterationPlan plan_iteration(const std::vector<PlannedSeq>& seqs, int64_t chunk);
+
 class Scheduler {
  public:
   // slot_ctx: tokens a sequence may hold (prompt + new tokens); chunk: prompt tokens per
@@ -102,6 +128,12 @@ class Scheduler {
     int32_t logprobs = -1;
   };
   void loop();
+  // Runs a plan: the step and the draws (no lock of the scheduler's held); the sequences'
+  // tokens go into draws. Throws what the engine throws.
+  void run(const IterationPlan& plan, std::vector<DrawRow>& draws);
+  // After a run, under mu_: the sequences advance, and each draw becomes an event (a finished
+  // sequence leaves its row).
+  void advance(const IterationPlan& plan, std::vector<DrawRow>& draws, std::vector<RequestEvent>& out);
   // Moves waiting requests into free rows (under mu_), each to the row whose kept prefix
   // saves it the most.
   void admit();
@@ -130,6 +162,7 @@ class Scheduler {
   int64_t release_count_ = 0;
   SchedulerStats totals_;
   std::string error_;
+  std::vector<int32_t> ids_, pos_;  // run()'s step tokens (the loop's thread only)
 };
 
 }  // namespace gemma
