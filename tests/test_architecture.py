@@ -1,5 +1,5 @@
 """The architecture as tests. Python: imports run one way, cli -> modeling -> loading ->
-(tokenizer, config, quant, generation) -> (formats, _dtypes, _files) -> _C, and no package's
+(tokenizer, config, quant, generation) -> (formats, _dtypes, _files, _demo, _config_fields) -> _C, and no package's
 modules import each other in a cycle: the import-linter contracts in pyproject.toml, checked
 on the installed package (late imports inside functions count). C++: a source includes only
 its own layer and the layers below, bindings -> engine -> (cuda | cpu) -> runtime -> core,

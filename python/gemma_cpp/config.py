@@ -30,6 +30,9 @@ import types
 import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from ._config_fields import (GEMMA_FIELDS, SLIDING_FIELDS, TANH_GELU_NAMES, _LAYER_TYPES, Field, _activation_error,
+                             _dtype_to_str, _got, _is_int, _is_real, _real, _type_name, _with_defaults)
+
 
 __all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "load_config", "PRESETS", "CONFIG_NAME",
            "SUPPORTED_MODEL_TYPES"]
@@ -37,13 +40,7 @@ __all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "load_config", "PR
 CONFIG_NAME = "config.json"
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
-# Names transformers' ACT2FN maps to the tanh approximation of GELU,
-# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GELUTanh (torch's approximate="tanh"),
-# its pure-Python twin, NewGELUActivation and FastGELUActivation (same formula, constants
-# pre-folded). These are the only activations the engine implements. Plain "gelu" is the
-# exact erf GELU in ACT2FN and is accepted only as the legacy hidden_act value (see __init__).
-TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new", "gelu_fast")
-_CANONICAL_ACTIVATION = "gelu_pytorch_tanh"
+_CANONICAL_ACTIVATION = "gelu_pytorch_tanh"  # the name `activation` gives (_config_fields.TANH_GELU_NAMES)
 
 _DEFAULT_ROPE_THETA = 10_000.0
 _SUPPORTED_ROPE_TYPES = ("default",)
@@ -51,7 +48,6 @@ _SUPPORTED_ROPE_TYPES = ("default",)
 # "Unrecognized keys" warning ("type" is the pre-4.4x spelling of "rope_type").
 _KNOWN_ROPE_KEYS = ("rope_type", "rope_theta", "type", "partial_rotary_factor")
 
-_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Keys transformers consumes at load time and never serializes: runtime choices and hub
 # bookkeeping. Dropping them keeps a loaded-then-saved file equal to what transformers writes.
@@ -76,62 +72,15 @@ _OPTIONAL_EXTRAS = ("hidden_activation", "classifier_dropout")
 _FLOAT_TAG_KEY = "__float__"
 _FLOAT_TAG_VALUES = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
 
-_COMMON = {
-    "vocab_size": 256000,
-    "head_dim": 256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "hidden_act": "gelu_pytorch_tanh",
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "bos_token_id": 2,
-    "tie_word_embeddings": True,
-    "architectures": ["GemmaForCausalLM"],
-}
 # Architecture of the released Gemma 1 checkpoints (google/gemma-2b, google/gemma-7b and
-# their -it / 1.1 variants, which share the shapes).
-PRESETS = types.MappingProxyType(
-    {
-        "gemma-2b": types.MappingProxyType(
-            dict(
-                _COMMON,
-                hidden_size=2048,
-                intermediate_size=16384,
-                num_hidden_layers=18,
-                num_attention_heads=8,
-                num_key_value_heads=1,
-            )
-        ),
-        "gemma-7b": types.MappingProxyType(
-            dict(
-                _COMMON,
-                hidden_size=3072,
-                intermediate_size=24576,
-                num_hidden_layers=28,
-                num_attention_heads=16,
-                num_key_value_heads=16,
-            )
-        ),
-    }
-)
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _got(value: Any) -> str:
-    return f"got {value!r} ({_type_name(value)})"
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass in Python, but True is not a layer count.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# their -it / 1.1 variants, which share the shapes); every other field is its default.
+PRESETS = types.MappingProxyType({
+    name: types.MappingProxyType(dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv,
+                                      architectures=["GemmaForCausalLM"]))
+    for name, (hidden, ffn, layers, heads, kv) in {"gemma-2b": (2048, 16384, 18, 8, 1),
+                                                   "gemma-7b": (3072, 24576, 28, 16, 16)}.items()
+})
 
 
 def _decode_special_floats(obj: Any) -> Any:
@@ -157,259 +106,6 @@ def _encode_special_floats(obj: Any) -> Any:
         return [_encode_special_floats(v) for v in obj]
     return obj
 
-
-def _dtype_to_str(value: Any) -> Any:
-    """torch.bfloat16 -> "bfloat16" without importing torch (as transformers' dict_dtype_to_str)."""
-    if value is None or isinstance(value, str):
-        return value
-    text = str(value)
-    if text.startswith("torch."):
-        return text.split(".", 1)[1]
-    return value  # left for validate() to reject with the field name
-
-
-# ---------------------------------------------------------------------------------------------
-# Field declarations: each field once, with its default, its conversion on construction and
-# its check. The classes below are built from these lists (their signature, to_dict's keys and
-# order, validate()); transformers' PreTrainedConfig fields are marked `generic`, and
-# to_diff_dict leaves one out while it holds PreTrainedConfig()'s value.
-
-_UNSET = object()
-
-
-class Field:
-    """One config field. check(config, name, value) raises ValueError naming the field;
-    convert(value) runs on construction (JSON spellings transformers accepts);
-    base_default: for a generic field, PreTrainedConfig()'s value when it differs from the
-    constructor default (id2label and label2id, made from num_labels=2)."""
-
-    __slots__ = ("name", "default", "check", "convert", "generic", "base_default")
-
-    def __init__(self, name: str, default: Any, check=None, convert=None, generic: bool = False,
-                 base_default: Any = _UNSET):
-        self.name, self.default, self.check, self.convert = name, default, check, convert
-        self.generic = generic
-        self.base_default = default if base_default is _UNSET else base_default
-
-    def with_default(self, default: Any) -> "Field":
-        return Field(self.name, default, self.check, self.convert, self.generic, self.base_default)
-
-
-def _with_defaults(fields: Tuple[Field, ...], **defaults: Any) -> Tuple[Field, ...]:
-    unknown = set(defaults) - {f.name for f in fields}
-    assert not unknown, unknown
-    return tuple(f.with_default(defaults[f.name]) if f.name in defaults else f for f in fields)
-
-
-# ---- conversions
-
-def _float_if_int(value: Any) -> Any:
-    # transformers' strict fields reject an int where a float is due; json may hold "0" for
-    # 0.0, so we accept it and store a float, which transformers then reads back.
-    return float(value) if _is_int(value) else value
-
-
-def _list_if_tuple(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-# ---- checks
-
-def _positive_int(config, name: str, value: Any) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, {_got(value)}")
-
-
-def _even_positive_int(config, name: str, value: Any) -> None:
-    _positive_int(config, name, value)
-    if value % 2:
-        raise ValueError(f"{name} must be even (RoPE rotates pairs of halves), got {value}")
-
-
-def _non_negative_int(config, name: str, value: Any) -> None:
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, {_got(value)}")
-
-
-def _optional_positive_int(config, name: str, value: Any) -> None:
-    if value is not None and (not _is_int(value) or value <= 0):
-        raise ValueError(f"{name} must be a positive int or None, {_got(value)}")
-
-
-def _real(low: float, low_open: bool, high: float = math.inf, optional: bool = False, what: Optional[str] = None):
-    """A finite number in the range; `what` overrides the message's description."""
-    if what is None:
-        if low_open and low == 0 and high == math.inf:
-            what = "a positive float"
-        elif high == math.inf:
-            what = f"a float >= {low}"
-        else:
-            what = f"a float in [{low}, {high}]"
-
-    def check(config, name: str, value: Any) -> None:
-        if optional and value is None:
-            return
-        ok = _is_real(value) and math.isfinite(value) and value <= high
-        ok = ok and (value > low if low_open else value >= low)
-        if not ok:
-            raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, {_got(value)}")
-
-    return check
-
-
-def _boolean(optional: bool = False, unsupported: Optional[str] = None):
-    """A bool (or None); `unsupported`: why True cannot run, if it cannot."""
-
-    def check(config, name: str, value: Any) -> None:
-        if not (isinstance(value, bool) or (optional and value is None)):
-            kind = "a bool or None" if optional else "a bool"
-            raise ValueError(f"{name} must be {kind}, {_got(value)}")
-        if value and unsupported:
-            raise ValueError(f"{name}=True is not supported: {unsupported}")
-
-    return check
-
-
-def _is_encoder_decoder(config, name: str, value: Any) -> None:
-    _boolean()(config, name, value)
-    if value:
-        raise ValueError(f"{name} must be False: Gemma is a decoder-only model")
-
-
-def _token_id(config, name: str, value: Any) -> None:
-    if value is None:
-        return
-    if not _is_int(value):
-        raise ValueError(f"{name} must be an int or None, {_got(value)}")
-    _warn_outside_vocab(config, name, value)
-
-
-def _warn_outside_vocab(config, name: str, value: int) -> None:
-    if not 0 <= value < config.vocab_size:
-        # transformers warns rather than fails: hub configs hold e.g. pad_token_id=-1.
-        warnings.warn(
-            f"{name}={value} is outside the vocabulary [0, {config.vocab_size}); this may result "
-            "in unexpected behaviour.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-def _eos_token_id(config, name: str, value: Any) -> None:
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            if not _is_int(item):
-                raise ValueError(f"{name} must be an int, a list of ints or None, got {value!r} "
-                                 f"(item {i} is {_type_name(item)})")
-            _warn_outside_vocab(config, name, item)
-    elif value is not None:
-        if not _is_int(value):
-            raise ValueError(f"{name} must be an int, a list of ints or None, {_got(value)}")
-        _warn_outside_vocab(config, name, value)
-
-
-def _tanh_gelu(config, name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a str, {_got(value)}")
-    if value not in TANH_GELU_NAMES:
-        raise ValueError(GemmaConfig._activation_error(name, value))
-
-
-def _rope(config, name: str, value: Any) -> None:
-    config._validate_rope()
-
-
-def _optional_str(what: str):
-    def check(config, name: str, value: Any) -> None:
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be {what} or None, {_got(value)}")
-
-    return check
-
-
-def _str_list(config, name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, list) or not all(isinstance(a, str) for a in value)):
-        raise ValueError(f"{name} must be a list of str or None, {_got(value)}")
-
-
-def _id2label(config, name: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a dict mapping int label ids to names, {_got(value)}")
-    for key, label in value.items():
-        if not _is_int(key):
-            raise ValueError(f"{name} keys must be ints, got key {key!r} ({_type_name(key)})")
-        if not isinstance(label, str):
-            raise ValueError(f"{name} values must be str label names, got {label!r} for id {key}")
-
-
-def _label2id(config, name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, dict):
-        raise ValueError(f"{name} must be a dict mapping label names to ids or None, {_got(value)}")
-
-
-def _problem_type(config, name: str, value: Any) -> None:
-    if value is not None and value not in _PROBLEM_TYPES:
-        raise ValueError(f"{name} must be one of {list(_PROBLEM_TYPES)} or None, {_got(value)}")
-
-
-def _layer_types(config, name: str, value: Any) -> None:
-    if not isinstance(value, list) or len(value) != config.num_hidden_layers or any(t not in _LAYER_TYPES
-                                                                                   for t in value):
-        raise ValueError(f"{name} must list one of {list(_LAYER_TYPES)} for each of the {config.num_hidden_layers} "
-                         f"layers, {_got(value)}")
-
-
-_LAYER_TYPES = ("sliding_attention", "full_attention")
-
-# Gemma-specific fields and the generic PreTrainedConfig fields, in to_dict() order; the
-# defaults are transformers' (gemma-7b shapes).
-GEMMA_FIELDS: Tuple[Field, ...] = (
-    Field("vocab_size", 256000, _positive_int),
-    Field("hidden_size", 3072, _positive_int),
-    Field("intermediate_size", 24576, _positive_int),
-    Field("num_hidden_layers", 28, _positive_int),
-    Field("num_attention_heads", 16, _positive_int),
-    Field("num_key_value_heads", 16, _positive_int),
-    Field("head_dim", 256, _even_positive_int),
-    Field("hidden_act", "gelu_pytorch_tanh", _tanh_gelu),
-    Field("max_position_embeddings", 8192, _positive_int),
-    Field("initializer_range", 0.02, _real(0.0, low_open=False), _float_if_int),
-    Field("rms_norm_eps", 1e-6, _real(0.0, low_open=True), _float_if_int),
-    Field("use_cache", True, _boolean()),
-    Field("pad_token_id", 0, _token_id),
-    Field("eos_token_id", 1, _eos_token_id, _list_if_tuple),
-    Field("bos_token_id", 2, _token_id),
-    Field("tie_word_embeddings", True, _boolean()),
-    Field("rope_parameters", None, _rope),  # folded from the legacy keys by _standardize_rope
-    Field("attention_bias", False, _boolean(unsupported="Gemma's q/k/v/o projections have no bias and "
-                                                        "neither does the engine")),
-    Field("attention_dropout", 0.0, _real(0.0, low_open=False, high=1.0)),
-    Field("use_bidirectional_attention", None, _boolean(optional=True, unsupported="the engine's attention is causal")),
-    Field("transformers_version", None, _optional_str("a str")),
-    Field("architectures", None, _str_list, _list_if_tuple, generic=True),
-    Field("output_hidden_states", False, _boolean(), generic=True),
-    Field("output_attentions", False, _boolean(), generic=True),
-    Field("return_dict", True, _boolean(), generic=True),
-    Field("dtype", None, _optional_str("a str such as 'bfloat16'"), _dtype_to_str, generic=True),
-    Field("chunk_size_feed_forward", 0, _non_negative_int, generic=True),
-    Field("is_encoder_decoder", False, _is_encoder_decoder, generic=True),
-    Field("id2label", None, _id2label, generic=True, base_default={0: "LABEL_0", 1: "LABEL_1"}),
-    Field("label2id", None, _label2id, generic=True, base_default={"LABEL_0": 0, "LABEL_1": 1}),
-    Field("problem_type", None, _problem_type, generic=True),
-)
-
-# What Gemma 2 and Gemma 3 add: the activation under transformers' name for these
-# generations, the score scale, the sliding window and which layers use it, the soft-caps.
-SLIDING_FIELDS: Tuple[Field, ...] = (
-    Field("hidden_activation", "gelu_pytorch_tanh", _tanh_gelu),
-    Field("query_pre_attn_scalar", 256, _real(0.0, low_open=True, what="a positive number")),
-    Field("sliding_window", 4096, _optional_positive_int),
-    Field("layer_types", None, _layer_types, _list_if_tuple),  # None: every n-th layer is global
-    Field("final_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
-    Field("attn_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
-)
 
 class GemmaConfig:
     """Configuration of a Gemma 1 model (``model_type="gemma"``), transformers-compatible.
@@ -638,21 +334,13 @@ class GemmaConfig:
         the same function (tanh-approximated GELU); the legacy "gelu" was mapped on load.
         """
         if self.hidden_act not in TANH_GELU_NAMES:
-            raise ValueError(self._activation_error("hidden_act", self.hidden_act))
+            raise ValueError(_activation_error("hidden_act", self.hidden_act))
         return _CANONICAL_ACTIVATION
 
     @property
     def num_queries_per_kv(self) -> int:
         """Query heads sharing one KV head: query head h reads KV head h // num_queries_per_kv."""
         return self.num_attention_heads // self.num_key_value_heads
-
-    @staticmethod
-    def _activation_error(field: str, value: Any) -> str:
-        return (
-            f"{field}={value!r} is not supported: the engine implements only the tanh-approximated "
-            f"GELU that Gemma was trained with ({', '.join(TANH_GELU_NAMES)}; hidden_act='gelu' is read "
-            f"as 'gelu_pytorch_tanh' on load)"
-        )
 
     # ----------------------------------------------------------------------------------------
     # validation
@@ -676,7 +364,7 @@ class GemmaConfig:
             # transformers 4.38-4.4x ran `hidden_activation` when set (plain "gelu" meaning the
             # exact erf GELU there); 5.24 ignores it. A non-tanh value means the two disagree.
             raise ValueError(
-                self._activation_error("hidden_activation", hidden_activation)
+                _activation_error("hidden_activation", hidden_activation)
                 + "; older transformers versions ran hidden_activation, so this checkpoint's "
                 "activation is ambiguous"
             )
