@@ -68,10 +68,11 @@ INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
 
 
 def cpp_files():
-    for layer in CPP_LAYERS:
-        for name in sorted(os.listdir(os.path.join(CSRC, layer))):
-            if name.endswith((".h", ".cpp", ".cu", ".cuh")):
-                yield layer, os.path.join(CSRC, layer, name)
+    for layer in CPP_LAYERS:  # a layer's folder and the folders in it (engine/models/)
+        for folder, _, names in sorted(os.walk(os.path.join(CSRC, layer))):
+            for name in sorted(names):
+                if name.endswith((".h", ".cpp", ".cu", ".cuh")):
+                    yield layer, os.path.join(folder, name)
 
 
 def test_cpp_includes_run_one_way():
@@ -98,6 +99,7 @@ def test_cpp_includes_run_one_way():
     ("cpu/ops.cpp", "engine/model.h"),   # up a layer
     ("cuda/gemv.cu", "cpu/kernels.h"),   # sideways: the CUDA kernels take nothing of the CPU's
     ("core/formats.h", "cpu/quant.h"),   # the shared table reaching into a device
+    ("engine/models/gemma.cpp", "bindings/common.h"),  # a generation's file, one folder down
 ])
 def test_cpp_layer_scan_catches_a_wrong_include(tmp_path, monkeypatch, source, header):
     copy = tmp_path / "csrc"

@@ -19,6 +19,7 @@
 #include "cpu/kernels.h"
 #include "cpu/quant.h"
 #include "engine/model.h"
+#include "engine/generation.h"
 #include "engine/scheduler.h"
 #include "runtime/threadpool.h"
 
@@ -112,6 +113,7 @@ void register_engine_config(py::module_& m) {
   py::class_<ModelConfig> cls(m, "EngineConfig",
                               "The engine's view of a model config: sizes, norms, RoPE, attention rules. "
                               "EngineConfig(**fields); an unknown field is an error.");
+  config_field(cls, "generation", &ModelConfig::generation, "whose forward runs: 'gemma' (Gemma 1, 2 and 3)");
   config_field(cls, "vocab_size", &ModelConfig::vocab_size, "rows of the embedding");
   config_field(cls, "hidden_size", &ModelConfig::hidden_size, "");
   config_field(cls, "intermediate_size", &ModelConfig::intermediate_size, "the MLP's width");
@@ -198,32 +200,14 @@ class Engine {
                               ", got " + std::string(py::str(a.dtype())) + " " + shape_str(a));
       return static_cast<const float*>(a.data());
     };
-    const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+    // The tensors the config's generation holds (engine/generation.h), each checked.
     ModelWeights w;
-    w.embed = mat("embed", c.vocab_size, H);
-    if (weights.contains("lm_head")) w.lm_head = mat("lm_head", c.vocab_size, H);
-    w.final_norm = vec("final_norm", H);
-    for (int64_t l = 0; l < c.num_layers; ++l) {
-      const std::string p = "layers." + std::to_string(l) + ".";
-      LayerWeights L;
-      L.q = mat(p + "q", c.num_heads * hd, H);
-      L.k = mat(p + "k", c.num_kv_heads * hd, H);
-      L.v = mat(p + "v", c.num_kv_heads * hd, H);
-      L.o = mat(p + "o", H, c.num_heads * hd);
-      L.gate = mat(p + "gate", F, H);
-      L.up = mat(p + "up", F, H);
-      L.down = mat(p + "down", H, F);
-      L.attn_norm = vec(p + "attn_norm", H);
-      L.mlp_norm = vec(p + "mlp_norm", H);
-      if (c.sandwich_norms) {
-        L.post_attn_norm = vec(p + "post_attn_norm", H);
-        L.post_mlp_norm = vec(p + "post_mlp_norm", H);
-      }
-      if (c.qk_norm) {
-        L.q_norm = vec(p + "q_norm", hd);
-        L.k_norm = vec(p + "k_norm", hd);
-      }
-      w.layers.push_back(L);
+    w.layers.resize(static_cast<size_t>(c.num_layers));
+    for (const TensorSpec& t : model_tensors(c, !weights.contains("lm_head"))) {
+      if (t.is_matrix())
+        t.matrix(w) = mat(t.key(), t.rows, t.cols);
+      else
+        t.vector(w) = vec(t.key(), t.rows);
     }
     model_ = std::make_unique<Model>(c, std::move(w), std::move(dev));
     // A GPU has its copy of every weight now: the host arrays (a quantizer's output, a file's
@@ -518,6 +502,18 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("bits"), "float32 array of bfloat16 bits (uint16), widened on the thread pool");
 
+  m.def("model_tensors", [](const py::object& config, bool tied) {
+    const ModelConfig c = engine_config(config);
+    c.validate();
+    py::list out;
+    for (const TensorSpec& t : model_tensors(c, tied))
+      out.append(py::make_tuple(t.key(), t.is_matrix() ? py::tuple(py::make_tuple(t.rows, t.cols))
+                                                        : py::tuple(py::make_tuple(t.rows))));
+    return out;
+  }, py::arg("config"), py::arg("tied") = true,
+     "The tensors an Engine takes for this config, in order: [(name, shape)], a matrix (out, in) or a norm (n,); "
+     "embed, lm_head (tied=False), final_norm, then layers.N.* as the config's generation declares them "
+     "(engine/generation.h)");
   m.def("weight_formats", [] {
     py::list out;
     for (const FormatInfo& f : kFormats) {

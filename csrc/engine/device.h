@@ -145,4 +145,11 @@ class DeviceArray {
   size_t bytes_ = 0;
 };
 
+// `a` grown to hold at least n floats of d's memory (its contents are lost when it grows).
+inline float* grow_buffer(Device& d, DeviceArray& a, int64_t n) {
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  if (a.bytes() < bytes) a = DeviceArray(&d, bytes);
+  return a.as<float>();
+}
+
 }  // namespace gemma

@@ -34,6 +34,7 @@
 
 #include "cpu/quant.h"
 #include "cuda/cuda_ops.h"
+#include "engine/generation.h"
 #include "cuda/device_buffer.h"
 #include "engine/model.h"
 #include "engine/op_queue.h"
@@ -178,27 +179,12 @@ class CudaDevice final : public Device {
     attn_.n_heads = c.num_heads;
     attn_.n_kv = c.num_kv_heads;
     attn_.head_dim = c.head_dim;
-    ModelWeights out = w;
-    out.embed = matrix(w.embed, "embed");
-    if (w.lm_head.data) out.lm_head = matrix(w.lm_head, "lm_head");
-    out.final_norm = vector(w.final_norm, c.hidden_size);
-    for (size_t l = 0; l < w.layers.size(); ++l) {
-      const LayerWeights& a = w.layers[l];
-      LayerWeights& b = out.layers[l];
-      const std::string p = "layers." + std::to_string(l) + ".";
-      b.q = matrix(a.q, p + "q");
-      b.k = matrix(a.k, p + "k");
-      b.v = matrix(a.v, p + "v");
-      b.o = matrix(a.o, p + "o");
-      b.gate = matrix(a.gate, p + "gate");
-      b.up = matrix(a.up, p + "up");
-      b.down = matrix(a.down, p + "down");
-      b.attn_norm = vector(a.attn_norm, c.hidden_size);
-      b.mlp_norm = vector(a.mlp_norm, c.hidden_size);
-      b.post_attn_norm = vector(a.post_attn_norm, c.hidden_size);
-      b.post_mlp_norm = vector(a.post_mlp_norm, c.hidden_size);
-      b.q_norm = vector(a.q_norm, c.head_dim);
-      b.k_norm = vector(a.k_norm, c.head_dim);
+    ModelWeights in = w, out = w;
+    for (const TensorSpec& t : model_tensors(c, w.lm_head.data == nullptr)) {
+      if (t.is_matrix())
+        t.matrix(out) = matrix(t.matrix(in), t.key());
+      else
+        t.vector(out) = vector(t.vector(in), t.rows);
     }
     return out;
   }

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "cpu/quant.h"
+#include "engine/generation.h"
 #include "runtime/threadpool.h"
 
 namespace gemma {
@@ -20,19 +21,6 @@ OpProfile& op_profile() {
 }
 
 namespace {
-// Adds the time from construction to destruction to one op's total (when profiling is on).
-struct OpTimer {
-  double* slot;
-  std::chrono::steady_clock::time_point t0;
-  explicit OpTimer(double OpProfile::*field)
-      : slot(op_profile().enabled ? &(op_profile().*field) : nullptr),
-        t0(slot ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
-  ~OpTimer() {
-    if (slot) *slot += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-};
-
-
 // Tokens per forward chunk across the batch: bounds the activation buffers (the MLP's two
 // [M, intermediate] float32 buffers are 64 MiB each at M = 512 on Gemma-2B) while keeping
 // M large enough for the matmul's weight panel to be reused many times.
@@ -144,6 +132,7 @@ void set_default_cpu_staged(bool staged, bool ring, bool replay) {
 Model::Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<Device> device)
     : cfg_(config), dev_(device ? std::move(device) : make_cpu_device(default_cpu_staged, default_cpu_ring, default_cpu_replay)) {
   cfg_.validate();
+  gen_ = &generation_of(cfg_);
   w_ = dev_->place(cfg_, weights);
   if (cfg_.rope_theta_local == 0.f) cfg_.rope_theta_local = cfg_.rope_theta;
   // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
@@ -162,11 +151,7 @@ Model::Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<De
   inv_freq_local_ = table(cfg_.rope_theta_local, cfg_.rope_factor_local);
 }
 
-float* Model::scratch(DeviceArray& a, int64_t n) {
-  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  if (a.bytes() < bytes) a = DeviceArray(dev_.get(), bytes);
-  return a.as<float>();
-}
+float* Model::scratch(DeviceArray& a, int64_t n) { return grow_buffer(*dev_, a, n); }
 
 void Model::logits(const float* hidden, int64_t n, float* out, Work work) {
   OpTimer timer(&OpProfile::lm_head);
@@ -195,37 +180,10 @@ float* Model::host_logits(const float* hidden, int64_t n, Work work, std::vector
   return stage.data();
 }
 
-void Model::block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
-                         int64_t M, Work work) {
-  const int64_t H = cfg_.hidden_size;
-  if (!cfg_.sandwich_norms) {
-    OpTimer timer(&OpProfile::matmul);
-    dev_->matmul(in, M, K, w, x, /*accumulate=*/true, work);
-    return;
-  }
-  {
-    OpTimer timer(&OpProfile::matmul);
-    dev_->matmul(in, M, K, w, tmp, false, work);
-  }
-  OpTimer timer(&OpProfile::norm);
-  dev_->rmsnorm(tmp, post_norm, tmp, M, H, cfg_.rms_norm_eps);
-  dev_->add(x, tmp, M * H);
-}
-
 const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids, const int32_t* pos,
                          const uint8_t* valid, const std::function<void(int64_t, const float*)>& layer_sink) {
-  const int64_t H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
-  const int64_t nH = cfg_.num_heads, nKV = cfg_.num_kv_heads;
   const int64_t Md = sr.decode_tokens(), M = Md + sr.prompt_tokens(), T = sr.T;
-  const int64_t QD = nH * hd, KD = nKV * hd;
   drain_graveyard();  // outputs their owners let go of (bury()), freed on the stepping thread
-  // The decode tokens take the decode kernels and the prompt chunk the prefill ones, however
-  // many rows share the step: each row's bits do not depend on the batch (kernels.h, Work).
-  // parts(fn) runs fn(first token, tokens, work) for each kind present.
-  auto parts = [&](auto&& fn) {
-    if (Md > 0) fn(int64_t{0}, Md, Work::Decode);
-    if (M > Md) fn(Md, M - Md, Work::Prefill);
-  };
   StepTokens& tokens = ws_.tokens;  // kept: a decode step allocates nothing
   tokens.rows = &sr;
   tokens.ids = ids;
@@ -238,17 +196,6 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
     tokens.row[m] = m < Md ? sr.dec_rows[m] : sr.pre_rows[(m - Md) / T];
     tokens.slot[m] = m < Md ? sr.dec_slots[m] : sr.slot0 + (m - Md) % T;
   }
-
-  float* x = scratch(ws_.x, M * H);
-  float* h = scratch(ws_.h, M * H);
-  float* q = scratch(ws_.q, M * QD);
-  float* k = scratch(ws_.k, M * KD);
-  float* v = scratch(ws_.v, M * KD);
-  float* att = scratch(ws_.att, M * QD);
-  float* g = scratch(ws_.g, M * F);
-  float* u = scratch(ws_.u, M * F);
-  float* x_out = scratch(ws_.out, M * H);
-
   // A step that throws drops what its device queued (never run later, never replayed).
   struct Abort {
     Device* d;
@@ -258,67 +205,12 @@ const float* Model::step(KVCache& cache, const StepRows& sr, const int32_t* ids,
     }
   } abort{dev_.get()};
   dev_->begin_step(tokens, cache, inv_freq_, inv_freq_local_);
-  dev_->embed(w_.embed, cfg_.embed_scale, x);
-  if (layer_sink) layer_sink(0, x);
-
-  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
-    const LayerWeights& L = w_.layers[l];
-    // Attention block.
-    {
-      OpTimer timer(&OpProfile::norm);
-      dev_->rmsnorm(x, L.attn_norm, h, M, H, cfg_.rms_norm_eps);
-    }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      parts([&](int64_t m0, int64_t n, Work work) {
-        const MatmulTarget qkv[3] = {{&L.q, q + m0 * QD, QD}, {&L.k, k + m0 * KD, KD}, {&L.v, v + m0 * KD, KD}};
-        dev_->matmul_many(h + m0 * H, n, H, qkv, 3, work);
-      });
-    }
-    const int64_t window = cfg_.layer_window(l);
-    {
-      OpTimer timer(&OpProfile::rope_cache);
-      if (window > 0) {
-        for (int64_t i = 0; i < Md; ++i) cache.make_room(l, sr.dec_rows[i], sr.dec_slots[i], 1, window);
-        for (int64_t row : sr.pre_rows) cache.make_room(l, row, sr.slot0, T, window);
-      }
-      dev_->rope_kv(cache, l, window > 0, q, k, v, cfg_.qk_norm ? L.q_norm : nullptr,
-                    cfg_.qk_norm ? L.k_norm : nullptr, cfg_.rms_norm_eps, nH);
-    }
-    {
-      OpTimer timer(&OpProfile::attention);
-      const AttentionRule rule{nH, window, cfg_.attn_scale, cfg_.attn_softcap, cfg_.causal};
-      dev_->attention(cache, l, rule, q, att);
-    }
-    parts([&](int64_t m0, int64_t n, Work work) {
-      block_output(att + m0 * QD, QD, L.o, L.post_attn_norm, h + m0 * H, x + m0 * H, n, work);
-    });
-    // MLP block: down(gelu_tanh(gate(h)) * up(h)).
-    {
-      OpTimer timer(&OpProfile::norm);
-      dev_->rmsnorm(x, L.mlp_norm, h, M, H, cfg_.rms_norm_eps);
-    }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      parts([&](int64_t m0, int64_t n, Work work) {
-        const MatmulTarget gate_up[2] = {{&L.gate, g + m0 * F, F}, {&L.up, u + m0 * F, F}};
-        dev_->matmul_many(h + m0 * H, n, H, gate_up, 2, work);
-      });
-    }
-    {
-      OpTimer timer(&OpProfile::activation);
-      dev_->geglu(g, u, M * F);
-    }
-    parts([&](int64_t m0, int64_t n, Work work) {
-      block_output(g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
-    });
-    if (layer_sink && l + 1 < cfg_.num_layers) layer_sink(l + 1, x);
-  }
-  dev_->rmsnorm(x, w_.final_norm, x_out, M, H, cfg_.rms_norm_eps);
+  StepContext ctx{cfg_, w_, *dev_, cache, sr, ws_, M, Md, &layer_sink};
+  const float* out = gen_->forward(ctx);
   abort.ended = true;  // end_step runs the ops; what it throws is the step's error
   dev_->end_step();
-  if (layer_sink) layer_sink(cfg_.num_layers, x_out);
-  return x_out;
+  if (layer_sink) layer_sink(cfg_.num_layers, out);
+  return out;
 }
 
 void Model::draw(const float* states, int64_t n, DrawRow* rows, const std::function<void(const float*)>& raw_logits) {

@@ -23,6 +23,7 @@ struct OpProfile {
 OpProfile& op_profile();
 
 struct ModelConfig {
+  std::string generation = "gemma";  // whose forward runs (engine/generation.h): "gemma" (Gemma 1, 2, 3)
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0, max_positions = 0;
   float rms_norm_eps = 1e-6f;
@@ -150,6 +151,8 @@ struct Workspace {
   StepTokens tokens;  // the step's tokens as the device takes them (host memory)
 };
 
+struct Generation;  // engine/generation.h
+
 // forward() and generate() may be called from several threads: one runs at a time (they
 // share the workspace, and the thread pool serialises their matmuls anyway).
 class Model {
@@ -248,12 +251,8 @@ class Model {
   void greedy_on_device(const float* hidden, int64_t n, int32_t* out);
   // a grown to hold at least n floats (its contents are lost when it grows).
   float* scratch(DeviceArray& a, int64_t n);
-  // A block's output projection in[M, K] . w^T into the residual x[M, hidden]: added directly
-  // (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).
-  void block_output(const float* in, int64_t K, const Weight& w, const float* post_norm, float* tmp, float* x,
-                    int64_t M, Work work);
-
   ModelConfig cfg_;
+  const Generation* gen_ = nullptr;  // the config's generation: its forward runs each step
   std::shared_ptr<Device> dev_;
   ModelWeights w_;  // on dev_
   Workspace ws_;

@@ -14,33 +14,27 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .._C import EngineConfig, interleave, quantize
+from .._C import EngineConfig, interleave, model_tensors, quantize
 from .._dtypes import round_to
 from ..config import GemmaConfig
 from ..generation import GenerationConfig
 from ..quant import LAYER_GROUP, QuantizedWeight
 
-MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
 
 Shape = Tuple[int, ...]
 
 
-def layer_shapes(c: GemmaConfig) -> Dict[str, Shape]:
-    """A decoder layer's tensors for this config's generation: engine name -> shape.
+def layer_shapes(c: GemmaConfig, layer: int = 0) -> Dict[str, Shape]:
+    """A decoder layer's tensors for this config's generation: engine name -> shape, as the
+    engine declares them (csrc/engine/generation.h; models/gemma.cpp for Gemma 1-3).
 
     Every generation: the seven matrices, attn_norm (before attention) and mlp_norm (before
     the MLP). Gemma 2 and 3 add post_attn_norm and post_mlp_norm (the sandwich norms on the
     blocks' outputs); Gemma 3 adds q_norm and k_norm, per head [head_dim]."""
-    H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    qd, kd = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    shapes = {"q": (qd, H), "k": (kd, H), "v": (kd, H), "o": (H, qd), "gate": (F, H), "up": (F, H),
-              "down": (H, F), "attn_norm": (H,), "mlp_norm": (H,)}
-    if c.model_type != "gemma":
-        shapes.update(post_attn_norm=(H,), post_mlp_norm=(H,))
-    if c.model_type == "gemma3_text":
-        shapes.update(q_norm=(hd,), k_norm=(hd,))
-    return shapes
+    prefix = f"layers.{layer}."
+    return {name[len(prefix):]: tuple(shape) for name, shape in model_tensors(engine_config(c, "float32"))
+            if name.startswith(prefix)}
 
 
 def is_norm(engine_name: str) -> bool:
@@ -112,6 +106,7 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
     """The engine's view of a config. dtype: the float weight dtype (the embedding scale is
     rounded to it, as transformers does)."""
     fields = dict(
+        generation="gemma",  # Gemma 1, 2 and 3: csrc/engine/models/gemma.cpp
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
