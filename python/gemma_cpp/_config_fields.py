@@ -4,6 +4,7 @@ signature, to_dict's keys and order, validate()); transformers' PreTrainedConfig
 marked `generic`, and to_diff_dict leaves one out while it holds PreTrainedConfig()'s value."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Optional, Tuple
@@ -287,4 +288,74 @@ SLIDING_FIELDS: Tuple[Field, ...] = (
     Field("layer_types", None, _layer_types, _list_if_tuple),  # None: every n-th layer is global
     Field("final_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
     Field("attn_logit_softcapping", None, _real(0.0, low_open=True, optional=True)),
+)
+
+
+# ---- Gemma 4
+
+# Per-layer values a Gemma 4 config may give a layer (transformers' per_layer_config: the
+# full-attention layers' own head size and KV heads).
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
+
+
+def _gemma4_bidirectional(config, name: str, value: Any) -> None:
+    if value not in (None, "vision", "all"):
+        raise ValueError(f"{name} must be 'all', 'vision' or None, {_got(value)}")
+    if value == "all":
+        raise ValueError(f"{name}='all' is not supported: the engine's Gemma 4 attention is causal ('vision' concerns "
+                         "image tokens only, which a text model never sees)")
+
+
+def _int_keys(value: Any) -> Any:
+    """per_layer_config as JSON holds it ({"05": {...}}) with int layer indices, as transformers reads it."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, overrides in value.items():
+        try:
+            out[int(key)] = copy.deepcopy(overrides)
+        except (TypeError, ValueError):
+            out[key] = copy.deepcopy(overrides)  # left for the check to name
+    return out
+
+
+def _per_layer_config(config, name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict of layer index -> overrides, {_got(value)}")
+    for layer, overrides in value.items():
+        if not _is_int(layer) or not 0 <= layer < config.num_hidden_layers:
+            raise ValueError(f"{name}: {layer!r} is not a layer index in [0, {config.num_hidden_layers})")
+        if not isinstance(overrides, dict) or set(overrides) - set(PER_LAYER_KEYS):
+            raise ValueError(f"{name}[{layer}]: a layer may override only {list(PER_LAYER_KEYS)}, {_got(overrides)}")
+        for key, v in overrides.items():
+            (_even_positive_int if key == "head_dim" else _positive_int)(config, f"{name}[{layer}][{key!r}]", v)
+
+
+def _field_of(fields: Tuple[Field, ...], name: str) -> Field:
+    return next(f for f in fields if f.name == name)
+
+
+# transformers 5.25's Gemma4TextConfig: Gemma 1's fields less hidden_act (Gemma 4 names the
+# activation hidden_activation), with its defaults (E2B-like shapes), then what Gemma 4 adds.
+# global_head_dim / num_global_key_value_heads are keywords that become per_layer_config.
+GEMMA4_FIELDS: Tuple[Field, ...] = tuple(
+    Field("use_bidirectional_attention", None, _gemma4_bidirectional) if f.name == "use_bidirectional_attention" else f
+    for f in _with_defaults(tuple(f for f in GEMMA_FIELDS if f.name != "hidden_act"), vocab_size=262144,
+                            hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, max_position_embeddings=131072)
+) + (
+    Field("hidden_activation", "gelu_pytorch_tanh", _tanh_gelu),
+    Field("sliding_window", 512, _positive_int),
+    _field_of(SLIDING_FIELDS, "layer_types"),
+    _field_of(SLIDING_FIELDS, "final_logit_softcapping"),
+    Field("vocab_size_per_layer_input", 262144, _positive_int),
+    Field("hidden_size_per_layer_input", 256, _non_negative_int),  # 0: no per-layer embeddings
+    Field("attention_k_eq_v", False, _boolean()),
+    Field("num_kv_shared_layers", 0, _non_negative_int),
+    Field("enable_moe_block", False, _boolean()),
+    Field("use_double_wide_mlp", False, _boolean()),
+    Field("num_experts", None, _optional_positive_int),
+    Field("top_k_experts", None, _optional_positive_int),
+    Field("moe_intermediate_size", None, _optional_positive_int),
+    Field("per_layer_config", None, _per_layer_config, _int_keys),
 )

@@ -38,7 +38,7 @@ __all__ = ["GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "load_config", "PR
            "SUPPORTED_MODEL_TYPES"]
 
 CONFIG_NAME = "config.json"
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma4_text")
 
 _CANONICAL_ACTIVATION = "gelu_pytorch_tanh"  # the name `activation` gives (_config_fields.TANH_GELU_NAMES)
 
@@ -71,6 +71,10 @@ _OPTIONAL_EXTRAS = ("hidden_activation", "classifier_dropout")
 # JSON has no NaN / Infinity; transformers writes them as {"__float__": "NaN"}.
 _FLOAT_TAG_KEY = "__float__"
 _FLOAT_TAG_VALUES = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+# model_type -> config class: each class registers itself when defined (_finish_class); Gemma 4's
+# lives in config_gemma4.py, which the package imports.
+CONFIG_CLASSES: Dict[str, type] = {}
 
 # Architecture of the released Gemma 1 checkpoints (google/gemma-2b, google/gemma-7b and
 # their -it / 1.1 variants, which share the shapes); every other field is its default.
@@ -126,7 +130,10 @@ class GemmaConfig:
 
     @classmethod
     def _finish_class(cls) -> None:
-        """The class's field names and its signature, from FIELDS."""
+        """The class's field names and its signature, from FIELDS; a class naming its own
+        model_type is what config_class() gives for it."""
+        if "model_type" in cls.__dict__:
+            CONFIG_CLASSES[cls.model_type] = cls
         cls._FIELD_NAMES = frozenset(f.name for f in cls.FIELDS)
         params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in cls.FIELDS]
         params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
@@ -146,7 +153,7 @@ class GemmaConfig:
                 f"model_type must be {self.model_type!r} ({self._generation}), {_got(model_type)}; "
                 f"{type(self).__name__} supports model types [{self.model_type!r}]{hint}"
             )
-        if kwargs.get("per_layer_config") is not None:
+        if kwargs.get("per_layer_config") is not None and "per_layer_config" not in self._FIELD_NAMES:
             raise ValueError(f"per_layer_config (heterogeneous layers) is not supported for {self._generation}")
         self._prepare(kwargs)
 
@@ -733,7 +740,6 @@ class Gemma3TextConfig(_SlidingGemmaConfig):
         return super().num_parameters(include_embedding) + 2 * self.head_dim * self.num_hidden_layers
 
 
-CONFIG_CLASSES = {"gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}
 
 
 def config_class(model_type: Any, where: str = "config.json") -> type:

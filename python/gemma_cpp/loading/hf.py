@@ -15,7 +15,7 @@ from ..config import GemmaConfig, load_config
 from ..formats.safetensors import SafetensorsFile
 from ..generation import GenerationConfig
 from ..quant import format_for, resolve_policy
-from .layout import LoadedModel, is_norm, layer_shapes, quantized
+from .layout import LoadedModel, check_runnable, is_norm, layer_shapes, quantized
 
 # Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
 # Gemma 1 norms the MLP's input with the tensor Gemma 2/3 apply to the attention's output.
@@ -238,6 +238,7 @@ def load(folder: str, dtype: Optional[str] = None, quantization=None,
     checkpoint's (float16 runs as float32)."""
     policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
     config = config or load_config(folder)
+    check_runnable(config, folder)
     weights, target, heads = engine_weights(Checkpoint(folder), config, dtype, policy, folder)
     return LoadedModel(config=config, weights=weights, dtype=target, quantization=policy, heads=heads,
                        generation_config=GenerationConfig.from_pretrained(folder), tokenizer=folder,

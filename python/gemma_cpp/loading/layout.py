@@ -37,6 +37,14 @@ def layer_shapes(c: GemmaConfig, layer: int = 0) -> Dict[str, Shape]:
             if name.startswith(prefix)}
 
 
+def check_runnable(config: GemmaConfig, where: str) -> None:
+    """A ValueError, before any weight is read, for a generation whose config reads but whose
+    forward the engine does not have (Gemma 4: csrc/engine/generation.h lists the forwards)."""
+    if config.model_type == "gemma4_text":
+        raise ValueError(f"{where}: a Gemma 4 model; its config reads (gemma_cpp.AutoConfig / Gemma4TextConfig), "
+                         "but the engine does not run Gemma 4 yet (it runs Gemma 1, 2 and 3)")
+
+
 def is_norm(engine_name: str) -> bool:
     """A norm's engine name (`final_norm`, `layers.3.attn_norm`, ...): float32 (1 + w)."""
     return engine_name == "final_norm" or engine_name.rsplit(".", 1)[-1] in NORMS
