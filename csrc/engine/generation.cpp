@@ -21,18 +21,9 @@ const Generation& generation_of(const ModelConfig& c) {
 std::vector<TensorSpec> model_tensors(const ModelConfig& c, bool tied) {
   const int64_t H = c.hidden_size;
   std::vector<TensorSpec> out;
-  auto add = [&](const char* name, int64_t rows, int64_t cols, Weight ModelWeights::*m, const float* ModelWeights::*v) {
-    TensorSpec t;
-    t.name = name;
-    t.rows = rows;
-    t.cols = cols;
-    t.model_matrix = m;
-    t.model_vector = v;
-    out.push_back(t);
-  };
-  add("embed", c.vocab_size, H, &ModelWeights::embed, nullptr);
-  if (!tied) add("lm_head", c.vocab_size, H, &ModelWeights::lm_head, nullptr);
-  add("final_norm", H, 0, nullptr, &ModelWeights::final_norm);
+  out.push_back(TensorSpec::of("embed", -1, c.vocab_size, H, &ModelWeights::embed));
+  if (!tied) out.push_back(TensorSpec::of("lm_head", -1, c.vocab_size, H, &ModelWeights::lm_head));
+  out.push_back(TensorSpec::of("final_norm", -1, H, 0, &ModelWeights::final_norm));
   const Generation& g = generation_of(c);
   for (int64_t l = 0; l < c.num_layers; ++l)
     for (TensorSpec& t : g.layer_tensors(c, l)) out.push_back(std::move(t));

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "engine/model.h"
@@ -32,6 +34,21 @@ struct TensorSpec {
   Weight& matrix(ModelWeights& w) const { return layer < 0 ? w.*model_matrix : w.layers[layer].*layer_matrix; }
   const float*& vector(ModelWeights& w) const {
     return layer < 0 ? w.*model_vector : w.layers[layer].*layer_vector;
+  }
+  // A tensor [rows, cols] (cols 0: a norm [rows]) of layer `layer` (-1: of the model), kept
+  // in the member given.
+  template <typename Slot>
+  static TensorSpec of(std::string name, int64_t layer, int64_t rows, int64_t cols, Slot slot) {
+    TensorSpec t;
+    t.name = std::move(name);
+    t.rows = rows;
+    t.cols = cols;
+    t.layer = layer;
+    if constexpr (std::is_same_v<Slot, Weight LayerWeights::*>) t.layer_matrix = slot;
+    else if constexpr (std::is_same_v<Slot, const float* LayerWeights::*>) t.layer_vector = slot;
+    else if constexpr (std::is_same_v<Slot, Weight ModelWeights::*>) t.model_matrix = slot;
+    else t.model_vector = slot;
+    return t;
   }
 };
 

@@ -702,22 +702,8 @@ class Gemma3TextConfig(_SlidingGemmaConfig):
         return params
 
     def _validate_rope(self) -> None:
-        params = self.rope_parameters
-        if not isinstance(params, dict):
-            raise ValueError(f"rope_parameters must be a dict, {_got(params)}")
-        for layer_type in _LAYER_TYPES:
-            p = params.get(layer_type)
-            if not isinstance(p, dict):
-                raise ValueError(f"rope_parameters[{layer_type!r}] must be a dict, {_got(p)}")
-            kind = p.get("rope_type", "default")
-            if kind not in ("default", "linear"):
-                raise ValueError(
-                    f"rope_parameters[{layer_type!r}]['rope_type']={kind!r} is not supported: the engine "
-                    "implements 'default' and 'linear' RoPE"
-                )
-            theta = p.get("rope_theta")
-            if not _is_real(theta) or not math.isfinite(theta) or theta <= 0:
-                raise ValueError(f"rope_parameters[{layer_type!r}]['rope_theta'] must be a positive float, {_got(theta)}")
+        for layer_type, p, kind in rope_by_layer_type(self.rope_parameters, ("default", "linear"),
+                                                      "the engine implements 'default' and 'linear' RoPE"):
             if kind == "linear":
                 factor = p.get("factor")
                 if not _is_real(factor) or not math.isfinite(factor) or factor <= 0:
@@ -751,6 +737,25 @@ def config_class(model_type: Any, where: str = "config.json") -> type:
         hint = ("; this is a Gemma 3 multimodal checkpoint: gemma_cpp runs Gemma 3 text models "
                 "(model_type 'gemma3_text', e.g. gemma-3-270m and gemma-3-1b)")
     raise ValueError(f"{where}: unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}{hint}")
+
+
+def rope_by_layer_type(params: Any, kinds: Tuple[str, ...], supported: str):
+    """(layer type, its RoPE dict, its rope_type) for each layer type of rope_parameters keyed by
+    layer type (Gemma 3 and 4), each checked: a dict with a rope_type of `kinds` (`supported`
+    says what runs) and a positive rope_theta; ValueError naming the key otherwise."""
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be a dict, {_got(params)}")
+    for layer_type in _LAYER_TYPES:
+        p = params.get(layer_type)
+        if not isinstance(p, dict):
+            raise ValueError(f"rope_parameters[{layer_type!r}] must be a dict, {_got(p)}")
+        kind = p.get("rope_type", "default")
+        if kind not in kinds:
+            raise ValueError(f"rope_parameters[{layer_type!r}]['rope_type']={kind!r} is not supported: {supported}")
+        theta = p.get("rope_theta")
+        if not _is_real(theta) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"rope_parameters[{layer_type!r}]['rope_theta'] must be a positive float, {_got(theta)}")
+        yield layer_type, p, kind
 
 
 def _starts_as_gguf(path: str) -> bool:

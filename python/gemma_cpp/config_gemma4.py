@@ -17,12 +17,11 @@ both read to the same config, which writes the second.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any, Dict, List
 
-from ._config_fields import GEMMA4_FIELDS, PER_LAYER_KEYS, _got, _is_int, _is_real, _LAYER_TYPES
-from .config import CONFIG_CLASSES, GemmaConfig
+from ._config_fields import GEMMA4_FIELDS, PER_LAYER_KEYS, _got, _is_int, _is_real
+from .config import CONFIG_CLASSES, GemmaConfig, rope_by_layer_type
 
 __all__ = ["Gemma4TextConfig"]
 
@@ -104,20 +103,8 @@ class Gemma4TextConfig(GemmaConfig):
             raise ValueError(f"top_k_experts ({self.top_k_experts}) exceeds num_experts ({self.num_experts})")
 
     def _validate_rope(self) -> None:
-        params = self.rope_parameters
-        if not isinstance(params, dict):
-            raise ValueError(f"rope_parameters must be a dict keyed by layer type, {_got(params)}")
-        for layer_type in _LAYER_TYPES:
-            p = params.get(layer_type)
-            if not isinstance(p, dict):
-                raise ValueError(f"rope_parameters[{layer_type!r}] must be a dict, {_got(p)}")
-            kind = p.get("rope_type", "default")
-            if kind not in ("default", "proportional"):
-                raise ValueError(f"rope_parameters[{layer_type!r}]['rope_type']={kind!r} is not supported: Gemma 4 "
-                                 "uses 'default' and 'proportional' RoPE")
-            theta = p.get("rope_theta")
-            if not _is_real(theta) or not math.isfinite(theta) or theta <= 0:
-                raise ValueError(f"rope_parameters[{layer_type!r}]['rope_theta'] must be a positive float, {_got(theta)}")
+        for layer_type, p, _ in rope_by_layer_type(self.rope_parameters, ("default", "proportional"),
+                                                   "Gemma 4 uses 'default' and 'proportional' RoPE"):
             partial = p.get("partial_rotary_factor", 1.0)
             if not _is_real(partial) or not 0 <= partial <= 1:
                 raise ValueError(f"rope_parameters[{layer_type!r}]['partial_rotary_factor'] must be in [0, 1], "

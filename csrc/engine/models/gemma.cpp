@@ -15,22 +15,9 @@ std::vector<TensorSpec> gemma_layer(const ModelConfig& c, int64_t l) {
   const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
   const int64_t qd = c.num_heads * hd, kd = c.num_kv_heads * hd;
   auto m = [&](const char* name, int64_t rows, int64_t cols, Weight LayerWeights::*slot) {
-    TensorSpec t;
-    t.name = name;
-    t.rows = rows;
-    t.cols = cols;
-    t.layer = l;
-    t.layer_matrix = slot;
-    return t;
+    return TensorSpec::of(name, l, rows, cols, slot);
   };
-  auto v = [&](const char* name, int64_t n, const float* LayerWeights::*slot) {
-    TensorSpec t;
-    t.name = name;
-    t.rows = n;
-    t.layer = l;
-    t.layer_vector = slot;
-    return t;
-  };
+  auto v = [&](const char* name, int64_t n, const float* LayerWeights::*slot) { return TensorSpec::of(name, l, n, 0, slot); };
   std::vector<TensorSpec> out = {
       m("q", qd, H, &LayerWeights::q),       m("k", kd, H, &LayerWeights::k),
       m("v", kd, H, &LayerWeights::v),       m("o", H, qd, &LayerWeights::o),
