@@ -105,8 +105,10 @@ def test_bad_values_are_named():
                                           "full_attention": {"rope_type": "default", "rope_theta": 1.0}})
 
 
-def test_a_gemma4_model_is_refused_before_its_weights(tmp_path):
-    Gemma4TextConfig(**SHAPES["31b"]).save_pretrained(tmp_path)  # a config and no weights at all
-    with pytest.raises(ValueError, match="a Gemma 4 model; its config reads .* but the engine does not run Gemma 4 yet"):
+@pytest.mark.parametrize("shape, what", [("e2b", r"per-layer input embeddings \(.*\) and KV sharing \(.*\)"),
+                                         ("26b_a4b", r"the mixture-of-experts block \(.*\)")])
+def test_what_the_engine_does_not_run_is_refused_before_the_weights(tmp_path, shape, what):
+    Gemma4TextConfig(**SHAPES[shape]).save_pretrained(tmp_path)  # a config and no weights at all
+    with pytest.raises(ValueError, match=f"a Gemma 4 model with {what}, which the engine does not run yet"):
         gemma_cpp.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert os.listdir(tmp_path) == ["config.json"]

@@ -52,5 +52,5 @@ def test_the_engines_tensors_are_transformers_parameters(arch, tied):
 def test_an_unknown_generation_is_named():
     c = _C.EngineConfig(generation="gemma9", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                         num_attention_heads=1, num_key_value_heads=1, head_dim=8)
-    with pytest.raises(ValueError, match="unknown generation 'gemma9' \\(the engine runs 'gemma'\\)"):
+    with pytest.raises(ValueError, match="unknown generation 'gemma9' \\(the engine runs 'gemma', 'gemma4'\\)"):
         _C.model_tensors(c)

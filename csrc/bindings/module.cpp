@@ -113,7 +113,8 @@ void register_engine_config(py::module_& m) {
   py::class_<ModelConfig> cls(m, "EngineConfig",
                               "The engine's view of a model config: sizes, norms, RoPE, attention rules. "
                               "EngineConfig(**fields); an unknown field is an error.");
-  config_field(cls, "generation", &ModelConfig::generation, "whose forward runs: 'gemma' (Gemma 1, 2 and 3)");
+  config_field(cls, "generation", &ModelConfig::generation,
+               "whose forward runs: 'gemma' (Gemma 1, 2 and 3) or 'gemma4'");
   config_field(cls, "vocab_size", &ModelConfig::vocab_size, "rows of the embedding");
   config_field(cls, "hidden_size", &ModelConfig::hidden_size, "");
   config_field(cls, "intermediate_size", &ModelConfig::intermediate_size, "the MLP's width");
@@ -137,6 +138,15 @@ void register_engine_config(py::module_& m) {
   config_field(cls, "sandwich_norms", &ModelConfig::sandwich_norms, "Gemma 2/3: norms after attention and MLP too");
   config_field(cls, "qk_norm", &ModelConfig::qk_norm, "Gemma 3: per-head norms of queries and keys");
   config_field(cls, "layer_windows", &ModelConfig::window, "per layer: the sliding window, 0 for global");
+  config_field(cls, "layer_head_dims", &ModelConfig::layer_head_dims,
+               "per layer: the head size, where layers differ (Gemma 4); empty: head_dim");
+  config_field(cls, "layer_kv_heads", &ModelConfig::layer_kv_heads,
+               "per layer: the KV heads, where layers differ (Gemma 4); empty: num_key_value_heads");
+  config_field(cls, "v_norm", &ModelConfig::v_norm, "Gemma 4: values RMS-normed per head, no weight");
+  config_field(cls, "k_eq_v", &ModelConfig::k_eq_v, "Gemma 4: full-attention layers' values are their raw keys");
+  config_field(cls, "rope_partial", &ModelConfig::rope_partial,
+               "the fraction of full-attention layers' rotary pairs that rotate (proportional RoPE)");
+  config_field(cls, "rope_partial_local", &ModelConfig::rope_partial_local, "the same for sliding-window layers");
   cls.def_property("kv_cache_dtype", &kv_cache_dtype, &set_kv_cache_dtype, "'float32', 'bfloat16' or 'int8'");
   config_setters()["kv_cache_dtype"] = [](ModelConfig& c, const py::handle& v) {
     set_kv_cache_dtype(c, py::str(v));

@@ -75,7 +75,8 @@ void bf16_to_f32_array(const uint16_t* src, float* dst, int64_t n);
 // Row r of w as float32 (embedding lookup).
 void weight_row(const Weight& w, int64_t r, float* out);
 
-// out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * scale, where scale holds (1 + w) already.
+// out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * scale, where scale holds (1 + w) already (Gemma
+// 1-3; Gemma 4's norms are w itself); scale null: no scale (Gemma 4's value norm).
 void rmsnorm(const float* x, const float* scale, float* out, int64_t T, int64_t H, float eps);
 
 // In place: a[i] = gelu_tanh(a[i]) * b[i] for n elements.

@@ -109,6 +109,10 @@ void rmsnorm(const float* x, const float* scale, float* out, int64_t T, int64_t 
     float* o = out + t * H;
     const float ms = dot(xr, xr, H) / static_cast<float>(H);
     const float inv = 1.0f / std::sqrt(ms + eps);
+    if (!scale) {
+      for (int64_t i = 0; i < H; ++i) o[i] = xr[i] * inv;
+      return;
+    }
     for (int64_t i = 0; i < H; ++i) o[i] = (xr[i] * inv) * scale[i];
   };
   if (T * H < 65536) {

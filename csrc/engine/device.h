@@ -70,7 +70,7 @@ class Device {
                           const std::vector<float>& inv_freq_local) = 0;
   // x[m] = row ids[m] of table * scale, the step's M tokens.
   virtual void embed(const Weight& table, float scale, float* x) = 0;
-  // out[t] = rmsnorm(x[t]) * w over [T, H]; out may alias x.
+  // out[t] = rmsnorm(x[t]) * w over [T, H] (w null: no weight); out may alias x.
   virtual void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) = 0;
   // y[T, N] (+)= x[T, K] . w^T (cpu/kernels.h's matmul: rows of x K apart, of y N = w.rows).
   virtual void matmul(const float* x, int64_t T, int64_t K, const Weight& w, float* y, bool accumulate,
@@ -92,6 +92,8 @@ class Device {
   virtual void geglu(float* a, const float* b, int64_t n) = 0;
   // x[i] = cap * tanh(x[i] / cap).
   virtual void softcap(float* x, int64_t n, float cap) = 0;
+  // x[i] *= s[0] for i < n, s one float of the device's memory (Gemma 4's layer scalar).
+  virtual void scale(float* x, int64_t n, const float* s) = 0;
   // out[r] (host memory) = the first index of the largest of logits[r, :V], NaN skipped, for
   // r < n: greedy picks without the logits leaving the device (engine/sampler.h's argmax).
   virtual void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) = 0;

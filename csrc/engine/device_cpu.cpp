@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #include "cpu/quant.h"
 #include "cpu/simd.h"
@@ -69,20 +71,22 @@ class CpuDevice final : public Device {
     queue_.begin(replay_, replay_ && t.rows->prompt_tokens() == 0);
     t_ = &t;
     // cos / sin of every token's position: full-attention layers' table, then the sliding
-    // layers' own one only when their RoPE differs (Gemma 3).
+    // layers' own one only when their RoPE differs (Gemma 3, 4; Gemma 4's two have their own
+    // head sizes).
     half_ = static_cast<int64_t>(inv_freq.size());
+    half_local_ = static_cast<int64_t>(inv_freq_local.size());
     const bool two = inv_freq_local != inv_freq;
     local_at_ = two ? t.M * half_ : 0;
-    const int64_t n_tables = two ? 2 : 1;
-    cs_.resize(static_cast<size_t>(n_tables * t.M * half_));
+    cs_.resize(static_cast<size_t>(t.M * (half_ + (two ? half_local_ : 0))));
     sn_.resize(cs_.size());
-    for (int64_t tb = 0; tb < n_tables; ++tb) {
+    for (int64_t tb = 0; tb < (two ? 2 : 1); ++tb) {
       const float* freq = tb == 0 ? inv_freq.data() : inv_freq_local.data();
+      const int64_t half = tb == 0 ? half_ : half_local_, at = tb == 0 ? 0 : local_at_;
       for (int64_t m = 0; m < t.M; ++m)
-        for (int64_t i = 0; i < half_; ++i) {
+        for (int64_t i = 0; i < half; ++i) {
           const float f = static_cast<float>(t.pos[m]) * freq[i];
-          cs_[(tb * t.M + m) * half_ + i] = std::cos(f);
-          sn_[(tb * t.M + m) * half_ + i] = std::sin(f);
+          cs_[at + m * half + i] = std::cos(f);
+          sn_[at + m * half + i] = std::sin(f);
         }
     }
     uint8_t* valid = cache.valid.as<uint8_t>();
@@ -136,14 +140,16 @@ class CpuDevice final : public Device {
                const float* k_norm, float eps, int64_t n_heads) override {
     KVCache* c = &cache;
     queue_.run([&] { return KeyHash::of(6, c, layer, local, q, k, v, q_norm, k_norm, eps, n_heads); }, [=] {
-      const int64_t M = t_->M, hd = c->head_dim, nKV = c->kv_heads;
+      const int64_t M = t_->M, hd = c->head_dim[layer], nKV = c->kv_heads[layer];
       const int64_t QD = n_heads * hd, KD = nKV * hd;
       if (q_norm) gemma::rmsnorm(q, q_norm, q, M * n_heads, hd, eps);  // in place: one row per head
       if (k_norm) gemma::rmsnorm(k, k_norm, k, M * nKV, hd, eps);
-      const int64_t table = local ? local_at_ : 0;
+      const int64_t table = local ? local_at_ : 0, half = local && local_at_ ? half_local_ : half_;
+      if (half * 2 != hd) throw std::logic_error("RoPE table of " + std::to_string(half) + " pairs for a head of " +
+                                                 std::to_string(hd));
       for (int64_t m = 0; m < M; ++m) {
-        const float* cs = &cs_[table + m * half_];
-        const float* sn = &sn_[table + m * half_];
+        const float* cs = &cs_[table + m * half];
+        const float* sn = &sn_[table + m * half];
         rope_apply(q + m * QD, static_cast<int>(n_heads), static_cast<int>(hd), cs, sn);
         rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), cs, sn);
         for (int64_t kh = 0; kh < nKV; ++kh)
@@ -157,7 +163,7 @@ class CpuDevice final : public Device {
     const KVCache* c = &cache;
     queue_.run([&] { return KeyHash::of(7, c, layer, key_of(rule), q, out); }, [=] {
       const StepRows& sr = *t_->rows;
-      const int64_t Md = sr.decode_tokens(), QD = rule.n_heads * c->head_dim;
+      const int64_t Md = sr.decode_tokens(), QD = rule.n_heads * c->head_dim[layer];
       const KVLayerView view = c->layer(layer);
       if (Md > 0) attention_decode(q, Md, sr.dec_rows.data(), sr.dec_slots.data(), view, rule, out, attn_);
       if (sr.prompt_tokens() > 0)
@@ -178,6 +184,13 @@ class CpuDevice final : public Device {
     });
   }
 
+  void scale(float* x, int64_t n, const float* s) override {
+    queue_.run([&] { return KeyHash::of(10, x, n, s); }, [=] {
+      const float f = *s;
+      for (int64_t i = 0; i < n; ++i) x[i] *= f;
+    });
+  }
+
   void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) override {
     flush();
     for (int64_t r = 0; r < n; ++r) out[r] = n == 1 ? argmax_pooled(logits, V) : gemma::argmax(logits + r * V, V);
@@ -195,20 +208,20 @@ class CpuDevice final : public Device {
   // One token's key and value of one head, rounded to bf16 or quantized as the cache holds them.
   static void store(KVCache& c, int64_t layer, int64_t row, int64_t head, int64_t slot, const float* key,
                     const float* value) {
-    const int64_t o = c.offset(layer, row, head, slot);
+    const int64_t o = c.offset(layer, row, head, slot), hd = c.head_dim[layer];
     if (c.dtype == DType::Int8) {
-      quantize_row_int8_ref(key, c.head_dim, c.k.as<int8_t>() + o, c.k_scales.as<uint16_t>() + o / kQBlock);
-      quantize_row_int8_ref(value, c.head_dim, c.v.as<int8_t>() + o, c.v_scales.as<uint16_t>() + o / kQBlock);
+      quantize_row_int8_ref(key, hd, c.k.as<int8_t>() + o, c.k_scales.as<uint16_t>() + o / kQBlock);
+      quantize_row_int8_ref(value, hd, c.v.as<int8_t>() + o, c.v_scales.as<uint16_t>() + o / kQBlock);
     } else if (c.dtype == DType::BF16) {
       uint16_t* kb = c.k.as<uint16_t>() + o;
       uint16_t* vb = c.v.as<uint16_t>() + o;
-      for (int64_t i = 0; i < c.head_dim; ++i) {
+      for (int64_t i = 0; i < hd; ++i) {
         kb[i] = f32_to_bf16(key[i]);
         vb[i] = f32_to_bf16(value[i]);
       }
     } else {
-      std::memcpy(c.k.as<float>() + o, key, c.head_dim * sizeof(float));
-      std::memcpy(c.v.as<float>() + o, value, c.head_dim * sizeof(float));
+      std::memcpy(c.k.as<float>() + o, key, hd * sizeof(float));
+      std::memcpy(c.v.as<float>() + o, value, hd * sizeof(float));
     }
   }
 
@@ -233,7 +246,7 @@ class CpuDevice final : public Device {
   bool staged_, ring_, replay_;
   OpQueue queue_;
   const StepTokens* t_ = nullptr;   // the step in progress
-  int64_t half_ = 0, local_at_ = 0;  // RoPE: head_dim / 2; where the sliding layers' table starts
+  int64_t half_ = 0, half_local_ = 0, local_at_ = 0;  // RoPE: pairs per head of each table; where the second starts
   std::vector<float> cs_, sn_;
   std::vector<float> attn_;  // attention's scratch: decode's parts, an int8 cache read as float32
 };

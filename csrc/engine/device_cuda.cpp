@@ -175,6 +175,9 @@ class CudaDevice final : public Device {
       throw std::invalid_argument("CUDA decode attention takes at most 8 query heads per KV head, got " +
                                   std::to_string(c.num_heads / c.num_kv_heads));
     if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
+    if (c.generation != "gemma" || !c.layer_head_dims.empty() || !c.layer_kv_heads.empty() || c.v_norm || c.k_eq_v)
+      throw std::invalid_argument("a " + c.generation + " model does not run on CUDA yet (Gemma 1, 2 and 3 do): "
+                                  "its per-layer head sizes, value norm and layer scalar have no kernels there");
     max_k_ = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
     attn_.n_heads = c.num_heads;
     attn_.n_kv = c.num_kv_heads;
@@ -255,6 +258,7 @@ class CudaDevice final : public Device {
         [=] { done(cuda::embed(table, ids, M, scale, x, stream_), "embed"); });
   }
   void rmsnorm(const float* x, const float* w, float* out, int64_t T, int64_t H, float eps) override {
+    if (!w) throw std::invalid_argument("CUDA: an RMSNorm without a weight has no kernel yet");
     queue_.run([&] { return KeyHash::of(2, x, w, out, T, H, eps); },
         [=] { done(cuda::rmsnorm(x, w, out, T, H, eps, stream_), "rmsnorm"); });
   }
@@ -303,8 +307,8 @@ class CudaDevice final : public Device {
                  float* out) override {
     AttnParams p = attn_;
     p.n_heads = rule.n_heads;
-    p.n_kv = cache.kv_heads;
-    p.head_dim = cache.head_dim;
+    p.n_kv = cache.kv_heads[layer];
+    p.head_dim = cache.head_dim[layer];
     p.scale = rule.scale;
     p.softcap = rule.softcap;
     p.window = rule.window;
@@ -337,6 +341,9 @@ class CudaDevice final : public Device {
   }
   void softcap(float* x, int64_t n, float cap) override {
     queue_.run([&] { return KeyHash::of(10, x, n, cap); }, [=] { done(cuda::softcap(x, n, cap, stream_), "softcap"); });
+  }
+  void scale(float*, int64_t, const float*) override {
+    throw std::invalid_argument("CUDA: the layer scalar (Gemma 4) has no kernel yet");
   }
 
  private:
@@ -422,9 +429,9 @@ class CudaDevice final : public Device {
     kv.v = c.v.as<char>() + c.base[l] * c.elem;
     kv.dtype = c.dtype;
     kv.rows = c.rows;
-    kv.kv_heads = c.kv_heads;
+    kv.kv_heads = c.kv_heads[l];
     kv.span = c.span[l];
-    kv.head_dim = c.head_dim;
+    kv.head_dim = c.head_dim[l];
     kv.valid = c.valid.as<uint8_t>();
     kv.capacity = c.capacity;
     return kv;

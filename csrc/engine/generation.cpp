@@ -5,7 +5,7 @@
 namespace gemma {
 
 namespace {
-const Generation* const kGenerations[] = {&kGemma};
+const Generation* const kGenerations[] = {&kGemma, &kGemma4};
 }  // namespace
 
 const Generation& generation_of(const ModelConfig& c) {

@@ -106,6 +106,7 @@ struct OpTimer {
 };
 
 // The generations, each defined in its file under models/.
-extern const Generation kGemma;  // models/gemma.cpp: Gemma 1, 2 and 3
+extern const Generation kGemma;   // models/gemma.cpp: Gemma 1, 2 and 3
+extern const Generation kGemma4;  // models/gemma4.cpp: Gemma 4 (text)
 
 }  // namespace gemma

@@ -28,19 +28,23 @@ constexpr int64_t kMaxChunkTokens = 512;
 }  // namespace
 
 KVCache::KVCache(Device& d, const ModelConfig& c, int64_t rows_, int64_t capacity_, int64_t max_chunk)
-    : device(&d), rows(rows_), capacity(capacity_), kv_heads(c.num_kv_heads), head_dim(c.head_dim),
-      layers(c.num_layers), dtype(c.kv_dtype), elem(c.kv_dtype == DType::F32 ? 4 : c.kv_dtype == DType::BF16 ? 2 : 1) {
+    : device(&d), rows(rows_), capacity(capacity_), layers(c.num_layers), dtype(c.kv_dtype),
+      elem(c.kv_dtype == DType::F32 ? 4 : c.kv_dtype == DType::BF16 ? 2 : 1) {
   span.resize(layers);
   origin.assign(static_cast<size_t>(layers * rows), 0);
   base.resize(layers);
+  kv_heads.resize(layers);
+  head_dim.resize(layers);
   int64_t total = 0;
   for (int64_t l = 0; l < layers; ++l) {
+    kv_heads[l] = c.kv_heads_of(l);
+    head_dim[l] = c.head_dim_of(l);
     const int64_t w = c.layer_window(l);
     // A bidirectional layer sees the whole prompt at once: it keeps every slot.
     // A device without sliding buffers keeps every slot too.
     span[l] = (w > 0 && c.causal && d.ring_cache()) ? std::min(capacity, 2 * w + max_chunk) : capacity;
     base[l] = total;
-    total += rows * kv_heads * span[l] * head_dim;
+    total += rows * kv_heads[l] * span[l] * head_dim[l];
   }
   auto zeros = [&](int64_t bytes) {
     DeviceArray a(device, static_cast<size_t>(bytes));
@@ -65,10 +69,11 @@ void KVCache::make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, in
   if (slot0 + T - keep_from > span[layer])
     throw std::logic_error("KV cache: a chunk does not fit a sliding layer's buffer");
   // Moves n * head_dim values (and their scales) of every head of the row `shift` slots down.
+  const int64_t hd = head_dim[layer], nkv = kv_heads[layer];
   auto move = [&](const DeviceArray& data, int64_t bytes_num, int64_t bytes_den) {
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      char* p = data.as<char>() + (base[layer] + (row * kv_heads + h) * span[layer] * head_dim) * bytes_num / bytes_den;
-      device->copy(p, p + shift * head_dim * bytes_num / bytes_den, static_cast<size_t>(n * head_dim * bytes_num / bytes_den));
+    for (int64_t h = 0; h < nkv; ++h) {
+      char* p = data.as<char>() + (base[layer] + (row * nkv + h) * span[layer] * hd) * bytes_num / bytes_den;
+      device->copy(p, p + shift * hd * bytes_num / bytes_den, static_cast<size_t>(n * hd * bytes_num / bytes_den));
     }
   };
   move(k, elem, 1);
@@ -94,10 +99,10 @@ KVLayerView KVCache::layer(int64_t l) const {
     view.k_scales = k_scales.as<uint16_t>() + base[l] / kQBlock;
     view.v_scales = v_scales.as<uint16_t>() + base[l] / kQBlock;
   }
-  view.kv_heads = kv_heads;
+  view.kv_heads = kv_heads[l];
   view.span = span[l];
   view.origins = &origin[l * rows];
-  view.head_dim = head_dim;
+  view.head_dim = head_dim[l];
   view.valid = valid.as<uint8_t>();
   view.capacity = capacity;
   return view;
@@ -112,11 +117,33 @@ void ModelConfig::validate() const {
     fail("layer_windows needs one entry per layer");
   for (int64_t w : window)
     if (w < 0) fail("a sliding window must be >= 0");
-  if (kv_dtype == DType::Int8 && head_dim % kQBlock != 0)
-    fail("an int8 KV cache needs head_dim a multiple of 32 (its block), got " + std::to_string(head_dim));
+  for (const auto* per : {&layer_head_dims, &layer_kv_heads})
+    if (!per->empty() && static_cast<int64_t>(per->size()) != num_layers)
+      fail("layer_head_dims and layer_kv_heads need one entry per layer (or none)");
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t hd = head_dim_of(l), kv = kv_heads_of(l);
+    if (hd <= 0 || hd % 2 != 0 || kv <= 0 || num_heads % kv != 0)
+      fail("layer " + std::to_string(l) + ": head_dim must be positive and even, and heads a multiple of kv heads");
+    if (kv_dtype == DType::Int8 && hd % kQBlock != 0)
+      fail("an int8 KV cache needs head_dim a multiple of 32 (its block), got " + std::to_string(hd));
+  }
+  if (!(rope_partial >= 0.f && rope_partial <= 1.f) || !(rope_partial_local >= 0.f && rope_partial_local <= 1.f))
+    fail("rope_partial and rope_partial_local must be in [0, 1]");
   if (!(rope_theta > 0.f) || !(rope_factor > 0.f) || !(rope_factor_local > 0.f) || rope_theta_local < 0.f ||
       attn_softcap < 0.f || final_softcap < 0.f)
     fail("RoPE bases and factors must be positive, soft-caps >= 0");
+}
+
+int64_t ModelConfig::max_head_dim() const {
+  int64_t m = 0;
+  for (int64_t l = 0; l < num_layers; ++l) m = std::max(m, head_dim_of(l));
+  return std::max(m, head_dim);
+}
+
+int64_t ModelConfig::max_kv_width() const {
+  int64_t m = 0;
+  for (int64_t l = 0; l < num_layers; ++l) m = std::max(m, kv_heads_of(l) * head_dim_of(l));
+  return std::max(m, num_kv_heads * head_dim);
 }
 
 namespace {
@@ -136,19 +163,28 @@ Model::Model(const ModelConfig& config, ModelWeights weights, std::shared_ptr<De
   w_ = dev_->place(cfg_, weights);
   if (cfg_.rope_theta_local == 0.f) cfg_.rope_theta_local = cfg_.rope_theta;
   // transformers: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim), in float32.
-  // Linear scaling divides the frequencies by the factor (positions / factor).
-  const int64_t half = cfg_.head_dim / 2;
-  auto table = [&](float theta, float factor) {
-    std::vector<float> f(static_cast<size_t>(half));
-    for (int64_t i = 0; i < half; ++i) {
-      const float e = static_cast<float>(2 * i) / static_cast<float>(cfg_.head_dim);
+  // Linear scaling divides the frequencies by the factor (positions / factor). Proportional
+  // RoPE (partial < 1) keeps the first int(partial * dim // 2) of those frequencies and zeros
+  // the rest (cos 1, sin 0: those pairs pass unchanged). Each layer type's table has its own
+  // head size (that of its first layer).
+  auto dim_of = [&](bool local) {
+    for (int64_t l = 0; l < cfg_.num_layers; ++l)
+      if ((cfg_.layer_window(l) > 0) == local) return cfg_.head_dim_of(l);
+    return cfg_.head_dim;
+  };
+  auto table = [&](int64_t dim, float theta, float factor, float partial) {
+    const int64_t half = dim / 2;
+    const auto rotated = static_cast<int64_t>(std::floor(static_cast<double>(partial) * dim / 2));
+    std::vector<float> f(static_cast<size_t>(half), 0.f);
+    for (int64_t i = 0; i < std::min(half, rotated); ++i) {
+      const float e = static_cast<float>(2 * i) / static_cast<float>(dim);
       f[i] = 1.0f / std::pow(theta, e);
       if (factor != 1.f) f[i] /= factor;
     }
     return f;
   };
-  inv_freq_ = table(cfg_.rope_theta, cfg_.rope_factor);
-  inv_freq_local_ = table(cfg_.rope_theta_local, cfg_.rope_factor_local);
+  inv_freq_ = table(dim_of(false), cfg_.rope_theta, cfg_.rope_factor, cfg_.rope_partial);
+  inv_freq_local_ = table(dim_of(true), cfg_.rope_theta_local, cfg_.rope_factor_local, cfg_.rope_partial_local);
 }
 
 float* Model::scratch(DeviceArray& a, int64_t n) { return grow_buffer(*dev_, a, n); }

@@ -42,6 +42,18 @@ struct ModelConfig {
   // Per layer: the sliding window (a key is visible iff q - window < k <= q), 0 = global.
   std::vector<int64_t> window;
   int64_t layer_window(int64_t l) const { return window.empty() ? 0 : window[l]; }
+  // Per layer, where layers differ (Gemma 4's full-attention layers): the head size and the KV
+  // heads; empty: head_dim and num_kv_heads for every layer.
+  std::vector<int64_t> layer_head_dims, layer_kv_heads;
+  int64_t head_dim_of(int64_t l) const { return layer_head_dims.empty() ? head_dim : layer_head_dims[l]; }
+  int64_t kv_heads_of(int64_t l) const { return layer_kv_heads.empty() ? num_kv_heads : layer_kv_heads[l]; }
+  int64_t max_head_dim() const;  // over the layers
+  int64_t max_kv_width() const;  // the largest kv_heads_of(l) * head_dim_of(l)
+  bool v_norm = false;   // Gemma 4: values RMS-normed per head (no weight) before the cache
+  bool k_eq_v = false;   // Gemma 4: full-attention layers take their values from the raw key projection
+  // The fraction of a head's rotary pairs that rotate ("proportional" RoPE: the first ones, at
+  // the frequencies of the whole head; the others pass unchanged): full-attention and sliding layers.
+  float rope_partial = 1.f, rope_partial_local = 1.f;
   // std::invalid_argument naming what is wrong: sizes not positive, head_dim odd, heads not a
   // multiple of kv heads, a window list of the wrong length, RoPE bases or factors not
   // positive, negative soft-caps.
@@ -58,6 +70,8 @@ struct LayerWeights {
   // Gemma 3 (qk_norm): per-head norms of queries and keys, [head_dim].
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
+  // Gemma 4: the layer's output is multiplied by it, float32 [1].
+  const float* layer_scalar = nullptr;
 };
 
 struct ModelWeights {
@@ -81,7 +95,8 @@ struct ModelWeights {
 // Rows move at their own pace: the scheduler's sequences are at different positions.
 struct KVCache {
   Device* device = nullptr;                 // where the values live (the model's device)
-  int64_t rows = 0, capacity = 0, kv_heads = 0, head_dim = 0, layers = 0;
+  int64_t rows = 0, capacity = 0, layers = 0;
+  std::vector<int64_t> kv_heads, head_dim;  // per layer
   DType dtype = DType::F32;
   int64_t elem = 4;                         // bytes per cached value: 4, 2 or 1
   std::vector<int64_t> span, base;          // per layer: slots held per row, element offset
@@ -92,7 +107,8 @@ struct KVCache {
   // max_chunk: the most tokens one step() writes at once. Every byte starts at zero.
   KVCache(Device& device, const ModelConfig& c, int64_t rows, int64_t capacity, int64_t max_chunk);
   int64_t offset(int64_t layer, int64_t row, int64_t head, int64_t slot) const {
-    return base[layer] + ((row * kv_heads + head) * span[layer] + (slot - origin[layer * rows + row])) * head_dim;
+    return base[layer] +
+           ((row * kv_heads[layer] + head) * span[layer] + (slot - origin[layer * rows + row])) * head_dim[layer];
   }
   // Before writing slots [slot0, slot0 + T) of one row in a layer whose queries see `window`
   // slots back.

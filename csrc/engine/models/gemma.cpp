@@ -6,7 +6,7 @@
 // Gemma 2 and 3 add the post norms (sandwich_norms; Gemma 1 adds the projections directly),
 // Gemma 3 the per-head q / k norms (qk_norm); the sliding windows, soft-caps and RoPE bases
 // come from the config (DESIGN: the model's exact semantics).
-#include "engine/generation.h"
+#include "engine/models/blocks.h"
 
 namespace gemma {
 namespace {
@@ -33,25 +33,6 @@ std::vector<TensorSpec> gemma_layer(const ModelConfig& c, int64_t l) {
     out.push_back(v("k_norm", hd, &LayerWeights::k_norm));
   }
   return out;
-}
-
-// A block's output projection in[n, K] . w^T into the residual x[n, hidden]: added directly
-// (Gemma 1), or normed by post_norm first (sandwich norms; tmp holds the projection).
-void block_output(const StepContext& s, const float* in, int64_t K, const Weight& w, const float* post_norm,
-                  float* tmp, float* x, int64_t n, Work work) {
-  const int64_t H = s.c.hidden_size;
-  if (!s.c.sandwich_norms) {
-    OpTimer timer(&OpProfile::matmul);
-    s.dev.matmul(in, n, K, w, x, /*accumulate=*/true, work);
-    return;
-  }
-  {
-    OpTimer timer(&OpProfile::matmul);
-    s.dev.matmul(in, n, K, w, tmp, false, work);
-  }
-  OpTimer timer(&OpProfile::norm);
-  s.dev.rmsnorm(tmp, post_norm, tmp, n, H, s.c.rms_norm_eps);
-  s.dev.add(x, tmp, n * H);
 }
 
 const float* gemma_forward(StepContext& s) {

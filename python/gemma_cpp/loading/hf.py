@@ -1,11 +1,12 @@
 """Hugging Face checkpoint folders: config.json plus model.safetensors, or shards listed in
 model.safetensors.index.json (pytorch_model.bin through torch, when installed), turned into
-the engine's weights: names and shapes checked against the config, norms as (1 + w), matrices
+the engine's weights: names and shapes checked against the config, norms as (1 + w) (Gemma 4's as w), matrices
 in the engine's dtype or quantized by the policy."""
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,6 +34,7 @@ _LAYER_NAMES = {
     "post_mlp_norm": "post_feedforward_layernorm.weight",
     "q_norm": "self_attn.q_norm.weight",
     "k_norm": "self_attn.k_norm.weight",
+    "layer_scalar": "layer_scalar",  # Gemma 4: a [1] buffer, no .weight
 }
 _GEMMA1_MLP_NORM = "post_attention_layernorm.weight"
 # Heads' tensors: loaded by the class that has the head, ignored (as transformers warns
@@ -40,9 +42,9 @@ _GEMMA1_MLP_NORM = "post_attention_layernorm.weight"
 HEAD_TENSORS = ("lm_head.weight", "score.weight", "score.bias")
 
 
-def layer_names(c: GemmaConfig) -> Dict[str, str]:
+def layer_names(c: GemmaConfig, layer: int = 0) -> Dict[str, str]:
     """A decoder layer's tensors for this config's generation: engine name -> transformers name."""
-    names = {short: _LAYER_NAMES[short] for short in layer_shapes(c)}
+    names = {short: _LAYER_NAMES[short] for short in layer_shapes(c, layer)}
     if c.model_type == "gemma":
         names["mlp_norm"] = _GEMMA1_MLP_NORM
     return names
@@ -51,12 +53,18 @@ def layer_names(c: GemmaConfig) -> Dict[str, str]:
 def expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
     """Every base-model tensor of a checkpoint for this config: transformers name (without the
     `model.` prefix) -> shape."""
-    per_layer, names = layer_shapes(c), layer_names(c)
     shapes = {"embed_tokens.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
     for i in range(c.num_hidden_layers):
-        for short, name in names.items():
+        per_layer = layer_shapes(c, i)
+        for short, name in layer_names(c, i).items():
             shapes[f"layers.{i}.{name}"] = per_layer[short]
     return shapes
+
+
+# A Gemma 4 multimodal checkpoint (Gemma4ForConditionalGeneration) keeps its text decoder under
+# model.language_model. and its towers beside it; the engine runs the text decoder.
+_TEXT_PREFIX = "model.language_model."
+_TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
 class Checkpoint:
@@ -160,12 +168,16 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     expected = expected_shapes(config)
     # Accept both a base-model checkpoint (embed_tokens.weight) and a head's (model.embed_tokens.weight).
     names = {}
-    unexpected, heads = [], {}
+    unexpected, heads, towers = [], {}, []
     for name in source.names():
         if name in HEAD_TENSORS:
             heads[name] = name
             continue
-        base = name[len("model."):] if name.startswith("model.") else name
+        if name.startswith(_TOWERS):
+            towers.append(name)
+            continue
+        base = (name[len(_TEXT_PREFIX):] if name.startswith(_TEXT_PREFIX)
+                else name[len("model."):] if name.startswith("model.") else name)
         if base in expected:
             names[base] = name
         elif base.endswith("rotary_emb.inv_freq"):
@@ -180,6 +192,9 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
         raise ValueError(f"{where}: checkpoint does not match its config.json ({'; '.join(parts)})")
+    if towers:
+        warnings.warn(f"{where}: the text decoder only: {len(towers)} tensors of the vision and audio towers are "
+                      "left out (gemma_cpp runs text)", UserWarning, stacklevel=3)
     for base, name in names.items():
         shape = source.shape_of(name)
         if tuple(shape) != expected[base]:
@@ -210,9 +225,12 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
             source.release(name)  # converted: the file's pages need not stay resident
         return out
 
+    # HF stores a norm's w; Gemma 1-3 multiply by 1 + w, Gemma 4 by w (its layer scalar too).
+    plus_one = np.float32(0.0 if config.model_type == "gemma4_text" else 1.0)
+
     def norm(name):
         a, dt = source.get(name)
-        return np.ascontiguousarray(as_float32(a, dt) + np.float32(1.0))  # HF stores w; the engine takes 1 + w
+        return np.ascontiguousarray(as_float32(a, dt) + plus_one)
 
     weights = {"embed": matrix(names["embed_tokens.weight"], "embed"), "final_norm": norm(names["norm.weight"])}
     if not config.tie_word_embeddings:
@@ -225,7 +243,7 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
                              f"expected {(config.vocab_size, config.hidden_size)}")
         weights["lm_head"] = matrix("lm_head.weight", "lm_head")
     for i in range(config.num_hidden_layers):
-        for short, name in layer_names(config).items():
+        for short, name in layer_names(config, i).items():
             engine_name, name = f"layers.{i}.{short}", names[f"layers.{i}.{name}"]
             weights[engine_name] = norm(name) if is_norm(engine_name) else matrix(name, engine_name)
     return weights, target, {k: source.get(k) for k in heads if k != "lm_head.weight"}

@@ -20,7 +20,9 @@ from ..config import GemmaConfig
 from ..generation import GenerationConfig
 from ..quant import LAYER_GROUP, QuantizedWeight
 
-NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+# The float32 vectors of a layer: its norms (1 + w for Gemma 1-3, w for Gemma 4) and Gemma 4's
+# layer scalar.
+NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar")
 
 Shape = Tuple[int, ...]
 
@@ -38,11 +40,17 @@ def layer_shapes(c: GemmaConfig, layer: int = 0) -> Dict[str, Shape]:
 
 
 def check_runnable(config: GemmaConfig, where: str) -> None:
-    """A ValueError, before any weight is read, for a generation whose config reads but whose
-    forward the engine does not have (Gemma 4: csrc/engine/generation.h lists the forwards)."""
-    if config.model_type == "gemma4_text":
-        raise ValueError(f"{where}: a Gemma 4 model; its config reads (gemma_cpp.AutoConfig / Gemma4TextConfig), "
-                         "but the engine does not run Gemma 4 yet (it runs Gemma 1, 2 and 3)")
+    """A ValueError, before any weight is read, for what a config describes but the engine's
+    forward does not compute yet (csrc/engine/models/gemma4.cpp says what it does)."""
+    if config.model_type != "gemma4_text":
+        return
+    missing = [what for what, used in (
+        ("per-layer input embeddings (hidden_size_per_layer_input > 0: E2B, E4B)", config.hidden_size_per_layer_input),
+        ("KV sharing (num_kv_shared_layers > 0: E2B, E4B)", config.num_kv_shared_layers),
+        ("the mixture-of-experts block (enable_moe_block: 26B-A4B)", config.enable_moe_block)) if used]
+    if missing:
+        raise ValueError(f"{where}: a Gemma 4 model with {' and '.join(missing)}, which the engine does not run yet "
+                         "(it runs Gemma 4 models without them, such as the 31B's shape)")
 
 
 def is_norm(engine_name: str) -> bool:
@@ -131,6 +139,24 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
         causal=not bool(getattr(config, "use_bidirectional_attention", False) or False),
         kv_cache_dtype=kv_cache_dtype,
     )
+    if config.model_type == "gemma4_text":  # csrc/engine/models/gemma4.cpp
+        full, local = config.rope("full_attention"), config.rope("sliding_attention")
+        fields.update(
+            generation="gemma4",
+            causal=True,  # use_bidirectional_attention "vision" concerns image tokens only
+            attn_scale=1.0,
+            final_softcap=float(config.final_logit_softcapping or 0.0),
+            sandwich_norms=True,
+            qk_norm=True,
+            v_norm=True,
+            k_eq_v=bool(config.attention_k_eq_v),
+            layer_windows=config.layer_windows(),
+            layer_head_dims=[config.layer_head_dim(i) for i in range(config.num_hidden_layers)],
+            layer_kv_heads=[config.layer_kv_heads(i) for i in range(config.num_hidden_layers)],
+            rope_theta=full["theta"], rope_partial=full["partial_rotary_factor"],
+            rope_theta_local=local["theta"], rope_partial_local=local["partial_rotary_factor"],
+        )
+        return EngineConfig(**fields)
     if config.model_type != "gemma":  # Gemma 2 / 3
         fields.update(
             attn_scale=float(np.float32(config.query_pre_attn_scalar ** -0.5)),

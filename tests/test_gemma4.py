@@ -1,0 +1,122 @@
+"""Gemma 4 (text) against transformers 5.25's eager float32 Gemma4ForCausalLM, on the tiny
+31B-shaped checkpoint of gemma4_shapes.py (full-attention layers with their own head size and
+one KV head, values taken from the raw keys, proportional RoPE, the value norm, the layer
+scalar, the final soft-cap) with sequences longer than the sliding window: logits with padding,
+every layer's hidden state, greedy generation, the staged device's bits."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import gemma_cpp
+from gemma_cpp._C import _testing
+from conftest import random_batch, rel_err
+from gemma4_shapes import SHAPES
+
+F32_TOL = 1e-4
+
+
+def build(folder, shape="31b", seed=0, **extra):
+    """A seeded random Gemma4ForCausalLM saved to folder; the float32 eager model read back.
+    Every norm weight and layer scalar (which transformers starts at 1) is drawn at random,
+    so that a missing or wrong multiply shows."""
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma4TextConfig(**{**SHAPES[shape], "initializer_range": 0.25, **extra})
+    model = transformers.Gemma4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    model.save_pretrained(folder)
+    return transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("gemma4-31b"))
+    return folder, build(folder)
+
+
+def test_the_checkpoint_exercises_what_it_should(tiny4):
+    folder, ref = tiny4
+    sd = ref.state_dict()
+    full = [i for i, t in enumerate(ref.config.layer_types) if t == "full_attention"]
+    assert full == [2, 5]
+    for i in full:  # no v projection, one KV head of 32
+        assert f"model.layers.{i}.self_attn.v_proj.weight" not in sd
+        assert tuple(sd[f"model.layers.{i}.self_attn.k_proj.weight"].shape) == (32, 64)
+    assert tuple(sd["model.layers.0.self_attn.v_proj.weight"].shape) == (32, 64)  # 2 heads of 16
+    assert float(sd["model.layers.0.layer_scalar"]) != 1.0
+
+
+def test_logits_match_transformers(tiny4):
+    folder, ref = tiny4
+    model = gemma_cpp.AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+    L = 4 * ref.config.sliding_window + 3
+    ids, mask = random_batch(1, 3, L, ref.config.vocab_size, pad_left=[0, 5, 0], pad_right=[0, 0, 4])
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = model(ids, attention_mask=mask).logits
+    assert rel_err(ours, theirs, mask.astype(bool)) <= F32_TOL
+    assert np.abs(theirs).max() > 1.0  # the logits are not all near zero (the soft-cap is 30)
+
+
+def test_hidden_states_match_transformers(tiny4):
+    folder, ref = tiny4
+    model = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")
+    ids, mask = random_batch(4, 2, 3 * ref.config.sliding_window, ref.config.vocab_size, pad_left=[3, 0])
+    out = model(ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        theirs = ref.model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    real = mask.astype(bool)
+    assert len(out.hidden_states) == len(theirs.hidden_states) == ref.config.num_hidden_layers + 1
+    for ours_h, their_h in zip(out.hidden_states, theirs.hidden_states):
+        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
+
+
+def test_greedy_generation_matches_transformers(tiny4):
+    folder, ref = tiny4
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    ids, mask = random_batch(5, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=32,
+                              do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(out), theirs)
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_the_staged_device_gives_the_cpus_bits(tiny4, ring):
+    """Every upload, download and copy a GPU's memory needs, on the CPU (engine/device.h): the
+    same bits as the plain CPU device, with the sliding layers' ring buffers and without."""
+    folder, ref = tiny4
+    ids, mask = random_batch(6, 2, 3 * ref.config.sliding_window, ref.config.vocab_size, pad_left=[2, 0])
+    plain = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    want_logits = plain(ids, attention_mask=mask).logits
+    want_tokens = np.asarray(plain.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    _testing.set_staged_device(True, ring=ring)
+    try:
+        staged = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+        np.testing.assert_array_equal(staged(ids, attention_mask=mask).logits, want_logits)
+        np.testing.assert_array_equal(
+            np.asarray(staged.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)), want_tokens)
+    finally:
+        _testing.set_staged_device(False)
+
+
+def test_proportional_rope_and_keys_as_values_change_the_result(tiny4, tmp_path):
+    """The reference itself changes when the full layers rotate all their pairs, so the parity
+    above checks the proportional rule."""
+    folder, ref = tiny4
+    rope = {**SHAPES["31b"]["rope_parameters"],
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+    other = build(str(tmp_path / "full-rope"), rope_parameters=rope)
+    ids, _ = random_batch(7, 1, 3 * ref.config.sliding_window, ref.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(ref(torch.tensor(ids)).logits.numpy(), other(torch.tensor(ids)).logits.numpy()) > 1e-3
