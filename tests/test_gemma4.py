@@ -120,3 +120,28 @@ def test_proportional_rope_and_keys_as_values_change_the_result(tiny4, tmp_path)
     ids, _ = random_batch(7, 1, 3 * ref.config.sliding_window, ref.config.vocab_size)
     with torch.no_grad():
         assert rel_err(ref(torch.tensor(ids)).logits.numpy(), other(torch.tensor(ids)).logits.numpy()) > 1e-3
+
+
+def test_the_text_decoder_of_a_multimodal_checkpoint(tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (its text decoder under model.language_model.,
+    a small vision tower beside it): the tower is left out with a warning, and the text model's
+    logits are transformers' for the same checkpoint."""
+    torch.manual_seed(1)
+    text = transformers.Gemma4TextConfig(**{**SHAPES["31b"], "initializer_range": 0.25})
+    vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                             position_embedding_size=64)
+    model = transformers.Gemma4ForConditionalGeneration(
+        transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)).eval()
+    model.save_pretrained(tmp_path)
+    names = list(model.state_dict())
+    assert any(n.startswith("model.vision_tower.") for n in names)
+    assert any(n.startswith("model.language_model.layers.") for n in names)
+    ref = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32,
+                                                                      attn_implementation="eager").eval()
+    with pytest.warns(UserWarning, match="the text decoder only: .* vision and audio towers are left out"):
+        ours = gemma_cpp.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    ids, _ = random_batch(8, 1, 30, text.vocab_size)
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    assert rel_err(ours(ids).logits, theirs) <= F32_TOL
