@@ -217,6 +217,14 @@ def cmd_info(args) -> int:
     print(f"type:        {cfg.model_type} ({', '.join(cfg.architectures or ['?'])})")
     print(f"layers:      {cfg.num_hidden_layers}; hidden {cfg.hidden_size}; ffn {cfg.intermediate_size}; "
           f"heads {cfg.num_attention_heads} (kv {cfg.num_key_value_heads}) x {cfg.head_dim}")
+    if cfg.model_type == "gemma4_text":
+        full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] or [0]
+        experts = f"{cfg.num_experts} (top {cfg.top_k_experts})" if cfg.enable_moe_block else "none"
+        print(f"gemma 4:     {len(full)} full-attention layers, heads {cfg.num_attention_heads} "
+              f"(kv {cfg.layer_kv_heads(full[0])}) x {cfg.layer_head_dim(full[0])}"
+              f"{', values = keys' if cfg.attention_k_eq_v else ''}; sliding window {cfg.sliding_window}; "
+              f"per-layer embeddings {cfg.hidden_size_per_layer_input or 'none'}; "
+              f"KV shared by the last {cfg.num_kv_shared_layers} layers; experts {experts}")
     print(f"vocab:       {cfg.vocab_size}; max positions {cfg.max_position_embeddings}; rope theta {cfg.rope_theta:g}")
     print(f"parameters:  {n:,} ({n - n_emb:,} without the tied embedding)")
     print("bytes by weight format (norms stay float32):")
