@@ -204,3 +204,57 @@ def test_info_shows_what_gemma4_adds(tiny4):
             "per-layer embeddings none; KV shared by the last 0 layers; experts none") in out.stdout
     n = ref.num_parameters()
     assert f"parameters:  {n:,}" in out.stdout  # transformers' count of the same model
+
+
+@pytest.fixture(scope="module")
+def shared4(tmp_path_factory):
+    """The E2B-shaped tiny checkpoint without per-layer embeddings: its last 3 of 6 layers read
+    the keys and values of layers 1 (sliding) and 2 (full) and have a double-wide MLP."""
+    folder = str(tmp_path_factory.mktemp("gemma4-shared"))
+    return folder, build(folder, "e2b", hidden_size_per_layer_input=0)
+
+
+def test_kv_sharing_matches_transformers(shared4):
+    folder, ref = shared4
+    assert ref.config.kv_sharing_modes == [None, "store", "store", "reuse", "reuse", "reuse"]
+    sd = ref.state_dict()
+    assert "model.layers.3.self_attn.k_proj.weight" not in sd
+    assert tuple(sd["model.layers.3.mlp.gate_proj.weight"].shape) == (192, 64)  # double-wide
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    ids, mask = random_batch(11, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    ours = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
+                                                                         output_hidden_states=True)
+    real = mask.astype(bool)
+    for ours_h, their_h in zip(ours.hidden_states, theirs.hidden_states):
+        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
+    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
+    gen_ids, gen_mask = random_batch(12, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
+    out = model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32, do_sample=False)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
+                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
+def test_shared_layers_keep_no_cache_and_stay_batch_invariant(shared4):
+    """The serving engine's KV cache holds the 3 layers with keys and values of their own only:
+    per slot, row and layer kv_heads x head_dim float32 keys and values (layers 0, 1: 1 x 16;
+    layer 2: 1 x 32), half of what 6 layers would take. Requests stay the same bits alone and
+    beside others."""
+    from test_engine import _outcome, _requests, _staggered
+
+    folder, ref = shared4
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    reqs = _requests(ref.config.vocab_size, seed=2)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        kept = engine.stats()["kv_cache_bytes"]
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
+        together = _staggered(engine, reqs)
+    assert alone == together
+    # Sliding layers keep min(slot_ctx, 2 * window + chunk) = 24 slots, the full layer all 128.
+    per_row = 2 * 4 * (16 * 24 + 16 * 24 + 32 * 128)
+    assert kept == 8 * per_row
+    unshared = 2 * 4 * (16 * 24 * 4 + 32 * 128 * 2)  # the same 6 layers, each with its own cache
+    assert kept / (8 * unshared) == pytest.approx(0.5)

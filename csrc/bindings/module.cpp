@@ -142,6 +142,10 @@ void register_engine_config(py::module_& m) {
                "per layer: the head size, where layers differ (Gemma 4); empty: head_dim");
   config_field(cls, "layer_kv_heads", &ModelConfig::layer_kv_heads,
                "per layer: the KV heads, where layers differ (Gemma 4); empty: num_key_value_heads");
+  config_field(cls, "kv_sources", &ModelConfig::kv_sources,
+               "per layer: the layer whose keys and values it attends over (Gemma 4's KV sharing); empty: its own");
+  config_field(cls, "layer_intermediate_sizes", &ModelConfig::layer_intermediate_sizes,
+               "per layer: the MLP's width, where layers differ (Gemma 4's double-wide MLP); empty: intermediate_size");
   config_field(cls, "v_norm", &ModelConfig::v_norm, "Gemma 4: values RMS-normed per head, no weight");
   config_field(cls, "k_eq_v", &ModelConfig::k_eq_v, "Gemma 4: full-attention layers' values are their raw keys");
   config_field(cls, "rope_partial", &ModelConfig::rope_partial,
@@ -412,6 +416,7 @@ class SchedulerHandle {
     d["peak_rows"] = st.peak_rows;
     d["prefix_hits"] = st.prefix_hits;
     d["prefix_tokens"] = st.prefix_tokens;
+    d["kv_cache_bytes"] = st.kv_cache_bytes;
     return d;
   }
   std::string error() const { return s_->error(); }

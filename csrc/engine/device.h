@@ -82,7 +82,8 @@ class Device {
   // Layer `layer` of the step's tokens: per-head RMSNorm of q and k when q_norm / k_norm are
   // given (Gemma 3), RoPE on both (the sliding layers' angles when local), then each token's
   // key and value into its row and slot of the cache (room already made). q changes in place;
-  // k may be overwritten.
+  // k may be overwritten. k and v null: queries only (a layer that reads another layer's
+  // keys and values, Gemma 4's KV sharing).
   virtual void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v,
                        const float* q_norm, const float* k_norm, float eps, int64_t n_heads) = 0;
   // The step's attention in layer `layer`: its decode tokens, then its prompt chunk.

@@ -143,7 +143,7 @@ class CpuDevice final : public Device {
       const int64_t M = t_->M, hd = c->head_dim[layer], nKV = c->kv_heads[layer];
       const int64_t QD = n_heads * hd, KD = nKV * hd;
       if (q_norm) gemma::rmsnorm(q, q_norm, q, M * n_heads, hd, eps);  // in place: one row per head
-      if (k_norm) gemma::rmsnorm(k, k_norm, k, M * nKV, hd, eps);
+      if (k && k_norm) gemma::rmsnorm(k, k_norm, k, M * nKV, hd, eps);
       const int64_t table = local ? local_at_ : 0, half = local && local_at_ ? half_local_ : half_;
       if (half * 2 != hd) throw std::logic_error("RoPE table of " + std::to_string(half) + " pairs for a head of " +
                                                  std::to_string(hd));
@@ -151,6 +151,7 @@ class CpuDevice final : public Device {
         const float* cs = &cs_[table + m * half];
         const float* sn = &sn_[table + m * half];
         rope_apply(q + m * QD, static_cast<int>(n_heads), static_cast<int>(hd), cs, sn);
+        if (!k) continue;  // queries only: the layer reads another layer's keys and values
         rope_apply(k + m * KD, static_cast<int>(nKV), static_cast<int>(hd), cs, sn);
         for (int64_t kh = 0; kh < nKV; ++kh)
           store(*c, layer, t_->row[m], kh, t_->slot[m], &k[m * KD + kh * hd], &v[m * KD + kh * hd]);

@@ -175,7 +175,8 @@ class CudaDevice final : public Device {
       throw std::invalid_argument("CUDA decode attention takes at most 8 query heads per KV head, got " +
                                   std::to_string(c.num_heads / c.num_kv_heads));
     if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
-    if (c.generation != "gemma" || !c.layer_head_dims.empty() || !c.layer_kv_heads.empty() || c.v_norm || c.k_eq_v)
+    if (c.generation != "gemma" || !c.layer_head_dims.empty() || !c.layer_kv_heads.empty() || !c.kv_sources.empty() ||
+        !c.layer_intermediate_sizes.empty() || c.v_norm || c.k_eq_v)
       throw std::invalid_argument("a " + c.generation + " model does not run on CUDA yet (Gemma 1, 2 and 3 do): "
                                   "its per-layer head sizes, value norm and layer scalar have no kernels there");
     max_k_ = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
@@ -287,6 +288,7 @@ class CudaDevice final : public Device {
 
   void rope_kv(KVCache& cache, int64_t layer, bool local, float* q, float* k, const float* v, const float* q_norm,
                const float* k_norm, float eps, int64_t n_heads) override {
+    if (!k) throw std::invalid_argument("CUDA: a layer that reads another layer's keys and values has no kernel yet");
     const KVLayer kv = view(cache, layer);
     const int32_t *pos = ints(1), *rows = ints(2), *slots = ints(3);
     const float* freq = (local ? inv_freq_local_ : inv_freq_).as<float>();

@@ -35,10 +35,17 @@ KVCache::KVCache(Device& d, const ModelConfig& c, int64_t rows_, int64_t capacit
   base.resize(layers);
   kv_heads.resize(layers);
   head_dim.resize(layers);
+  source.resize(layers);
   int64_t total = 0;
   for (int64_t l = 0; l < layers; ++l) {
     kv_heads[l] = c.kv_heads_of(l);
     head_dim[l] = c.head_dim_of(l);
+    source[l] = c.kv_source_of(l);
+    if (source[l] != l) {  // reads another layer's slots: none of its own
+      span[l] = span[source[l]];
+      base[l] = base[source[l]];
+      continue;
+    }
     const int64_t w = c.layer_window(l);
     // A bidirectional layer sees the whole prompt at once: it keeps every slot.
     // A device without sliding buffers keeps every slot too.
@@ -61,6 +68,7 @@ KVCache::KVCache(Device& d, const ModelConfig& c, int64_t rows_, int64_t capacit
 }
 
 void KVCache::make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window) {
+  if (source[layer] != layer) return;  // its source layer made the room
   int64_t& org = origin[layer * rows + row];
   if (slot0 + T - org <= span[layer]) return;
   // Keep the slots the first new query still sees: (slot0 - window, slot0).
@@ -91,6 +99,7 @@ void KVCache::reset_row(int64_t row) {
 }
 
 KVLayerView KVCache::layer(int64_t l) const {
+  l = source[l];
   KVLayerView view;
   view.dtype = dtype;
   view.k = k.as<uint8_t>() + base[l] * elem;
@@ -117,9 +126,17 @@ void ModelConfig::validate() const {
     fail("layer_windows needs one entry per layer");
   for (int64_t w : window)
     if (w < 0) fail("a sliding window must be >= 0");
-  for (const auto* per : {&layer_head_dims, &layer_kv_heads})
+  for (const auto* per : {&layer_head_dims, &layer_kv_heads, &kv_sources, &layer_intermediate_sizes})
     if (!per->empty() && static_cast<int64_t>(per->size()) != num_layers)
-      fail("layer_head_dims and layer_kv_heads need one entry per layer (or none)");
+      fail("layer_head_dims, layer_kv_heads, kv_sources and layer_intermediate_sizes need one entry per layer (or none)");
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t s = kv_source_of(l);
+    if (s < 0 || s > l || kv_source_of(s) != s || layer_window(s) != layer_window(l) ||
+        head_dim_of(s) != head_dim_of(l) || kv_heads_of(s) != kv_heads_of(l))
+      fail("layer " + std::to_string(l) + " reads the keys and values of layer " + std::to_string(s) +
+           ": it must be an earlier layer with its own, of the same window, head size and KV heads");
+    if (intermediate_of(l) <= 0) fail("layer " + std::to_string(l) + ": the MLP's width must be positive");
+  }
   for (int64_t l = 0; l < num_layers; ++l) {
     const int64_t hd = head_dim_of(l), kv = kv_heads_of(l);
     if (hd <= 0 || hd % 2 != 0 || kv <= 0 || num_heads % kv != 0)
@@ -138,6 +155,12 @@ int64_t ModelConfig::max_head_dim() const {
   int64_t m = 0;
   for (int64_t l = 0; l < num_layers; ++l) m = std::max(m, head_dim_of(l));
   return std::max(m, head_dim);
+}
+
+int64_t ModelConfig::max_intermediate() const {
+  int64_t m = intermediate_size;
+  for (int64_t l = 0; l < num_layers; ++l) m = std::max(m, intermediate_of(l));
+  return m;
 }
 
 int64_t ModelConfig::max_kv_width() const {

@@ -49,6 +49,16 @@ struct ModelConfig {
   int64_t kv_heads_of(int64_t l) const { return layer_kv_heads.empty() ? num_kv_heads : layer_kv_heads[l]; }
   int64_t max_head_dim() const;  // over the layers
   int64_t max_kv_width() const;  // the largest kv_heads_of(l) * head_dim_of(l)
+  // Per layer (Gemma 4's KV sharing): the layer whose keys and values it attends over, itself
+  // or an earlier one of the same kind (a sharing layer computes queries only and keeps no
+  // cache); empty: each its own. And the MLP's width, where layers differ (the double-wide MLP
+  // of the sharing layers); empty: intermediate_size.
+  std::vector<int64_t> kv_sources, layer_intermediate_sizes;
+  int64_t kv_source_of(int64_t l) const { return kv_sources.empty() ? l : kv_sources[l]; }
+  int64_t intermediate_of(int64_t l) const {
+    return layer_intermediate_sizes.empty() ? intermediate_size : layer_intermediate_sizes[l];
+  }
+  int64_t max_intermediate() const;
   bool v_norm = false;   // Gemma 4: values RMS-normed per head (no weight) before the cache
   bool k_eq_v = false;   // Gemma 4: full-attention layers take their values from the raw key projection
   // The fraction of a head's rotary pairs that rotate ("proportional" RoPE: the first ones, at
@@ -97,6 +107,7 @@ struct KVCache {
   Device* device = nullptr;                 // where the values live (the model's device)
   int64_t rows = 0, capacity = 0, layers = 0;
   std::vector<int64_t> kv_heads, head_dim;  // per layer
+  std::vector<int64_t> source;              // per layer: the layer whose slots it reads (ModelConfig::kv_sources)
   DType dtype = DType::F32;
   int64_t elem = 4;                         // bytes per cached value: 4, 2 or 1
   std::vector<int64_t> span, base;          // per layer: slots held per row, element offset
@@ -115,6 +126,8 @@ struct KVCache {
   void make_room(int64_t layer, int64_t row, int64_t slot0, int64_t T, int64_t window);
   // A row starts a new sequence: it holds no slot yet.
   void reset_row(int64_t row);
+  // Bytes of the keys, values and their scales (every layer's, all rows).
+  int64_t bytes() const { return static_cast<int64_t>(k.bytes() + v.bytes() + k_scales.bytes() + v_scales.bytes()); }
   // One layer as the attention kernels read it (device pointers).
   KVLayerView layer(int64_t l) const;
 };

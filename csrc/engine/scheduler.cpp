@@ -75,6 +75,7 @@ Scheduler::Scheduler(Model& model, int64_t slots, int64_t slot_ctx, int64_t chun
       row_busy_(static_cast<size_t>(slots), 0), row_prefix_(static_cast<size_t>(slots)),
       row_freed_(static_cast<size_t>(slots), 0) {
   totals_.slots = slots;
+  totals_.kv_cache_bytes = cache_.bytes();
   thread_ = std::thread([this] { loop(); });
 }
 

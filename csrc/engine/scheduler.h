@@ -56,6 +56,7 @@ struct SchedulerStats {
   int64_t prompt_tokens = 0, generated_tokens = 0, requests = 0;
   int64_t iterations = 0, peak_rows = 0;  // steps run; the most sequences one step advanced
   int64_t prefix_hits = 0, prefix_tokens = 0;  // requests that reused a row's prefix; its tokens
+  int64_t kv_cache_bytes = 0;  // the KV cache's memory (all slots, every layer that keeps one)
 };
 
 // A sequence as an iteration's plan sees it: its cache row, the slots it has computed

@@ -46,7 +46,6 @@ def check_runnable(config: GemmaConfig, where: str) -> None:
         return
     missing = [what for what, used in (
         ("per-layer input embeddings (hidden_size_per_layer_input > 0: E2B, E4B)", config.hidden_size_per_layer_input),
-        ("KV sharing (num_kv_shared_layers > 0: E2B, E4B)", config.num_kv_shared_layers),
         ("the mixture-of-experts block (enable_moe_block: 26B-A4B)", config.enable_moe_block)) if used]
     if missing:
         raise ValueError(f"{where}: a Gemma 4 model with {' and '.join(missing)}, which the engine does not run yet "
@@ -153,6 +152,8 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
             layer_windows=config.layer_windows(),
             layer_head_dims=[config.layer_head_dim(i) for i in range(config.num_hidden_layers)],
             layer_kv_heads=[config.layer_kv_heads(i) for i in range(config.num_hidden_layers)],
+            kv_sources=config.kv_sharing(),
+            layer_intermediate_sizes=[config.layer_intermediate_size(i) for i in range(config.num_hidden_layers)],
             rope_theta=full["theta"], rope_partial=full["partial_rotary_factor"],
             rope_theta_local=local["theta"], rope_partial_local=local["partial_rotary_factor"],
         )
