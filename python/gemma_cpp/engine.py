@@ -220,7 +220,8 @@ class Engine:
         """running, waiting, slots, and totals: requests, prompt_tokens (computed),
         generated_tokens, iterations (steps run), peak_rows (the most sequences one step
         advanced), prefix_hits and prefix_tokens (requests that reused a slot's cached prompt
-        chunks, and how many tokens they did not recompute)."""
+        chunks, and how many tokens they did not recompute); kv_cache_bytes, the KV cache's
+        memory (every slot, every layer that keeps keys and values of its own)."""
         return self._scheduler.stats()
 
     def failure(self) -> Optional[str]:
