@@ -258,3 +258,37 @@ def test_shared_layers_keep_no_cache_and_stay_batch_invariant(shared4):
     assert kept == 8 * per_row
     unshared = 2 * 4 * (16 * 24 * 4 + 32 * 128 * 2)  # the same 6 layers, each with its own cache
     assert kept / (8 * unshared) == pytest.approx(0.5)
+
+
+def test_the_e2b_shape_with_per_layer_embeddings(tmp_path):
+    """The whole E2B-shaped tiny checkpoint: per-layer input embeddings (8 per layer, from a
+    [128, 48] table and a projection of the embedding) on top of KV sharing and the double-wide
+    MLP. Every hidden state, logits with padding and 32 greedy tokens against transformers; the
+    scheduler's batch invariance; the per-layer tensors stay in the float dtype under int8."""
+    from test_engine import _outcome, _requests, _staggered
+
+    folder = str(tmp_path / "e2b")
+    ref = build(folder, "e2b")
+    assert ref.config.hidden_size_per_layer_input == 8
+    ids, mask = random_batch(13, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    real = mask.astype(bool)
+    hidden = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
+                                                                         output_hidden_states=True)
+    for ours_h, their_h in zip(hidden.hidden_states, theirs.hidden_states):
+        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
+    gen_ids, gen_mask = random_batch(14, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
+                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32,
+                                                            do_sample=False)), want)
+    reqs = _requests(ref.config.vocab_size, seed=3)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
+        assert _staggered(engine, reqs) == alone
+    q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization="int8")
+    assert q.quantization["per_layer_inputs"] == "float32" and q.quantization["mlp"] == "int8"

@@ -146,6 +146,11 @@ void register_engine_config(py::module_& m) {
                "per layer: the layer whose keys and values it attends over (Gemma 4's KV sharing); empty: its own");
   config_field(cls, "layer_intermediate_sizes", &ModelConfig::layer_intermediate_sizes,
                "per layer: the MLP's width, where layers differ (Gemma 4's double-wide MLP); empty: intermediate_size");
+  config_field(cls, "ple_dim", &ModelConfig::ple_dim, "Gemma 4: per-layer input values per layer (0: none)");
+  config_field(cls, "ple_vocab", &ModelConfig::ple_vocab, "Gemma 4: rows of the per-layer embedding table");
+  config_field(cls, "ple_embed_scale", &ModelConfig::ple_embed_scale, "sqrt(ple_dim), rounded to the weight dtype");
+  config_field(cls, "ple_proj_scale", &ModelConfig::ple_proj_scale, "hidden_size ** -0.5 in float32");
+  config_field(cls, "ple_input_scale", &ModelConfig::ple_input_scale, "2 ** -0.5 in float32");
   config_field(cls, "v_norm", &ModelConfig::v_norm, "Gemma 4: values RMS-normed per head, no weight");
   config_field(cls, "k_eq_v", &ModelConfig::k_eq_v, "Gemma 4: full-attention layers' values are their raw keys");
   config_field(cls, "rope_partial", &ModelConfig::rope_partial,

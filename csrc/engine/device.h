@@ -93,8 +93,9 @@ class Device {
   virtual void geglu(float* a, const float* b, int64_t n) = 0;
   // x[i] = cap * tanh(x[i] / cap).
   virtual void softcap(float* x, int64_t n, float cap) = 0;
-  // x[i] *= s[0] for i < n, s one float of the device's memory (Gemma 4's layer scalar).
-  virtual void scale(float* x, int64_t n, const float* s) = 0;
+  // x[i] *= s[0] for i < n, s one float of the device's memory (Gemma 4's layer scalar); s
+  // null: x[i] *= f.
+  virtual void scale(float* x, int64_t n, const float* s, float f = 1.f) = 0;
   // out[r] (host memory) = the first index of the largest of logits[r, :V], NaN skipped, for
   // r < n: greedy picks without the logits leaving the device (engine/sampler.h's argmax).
   virtual void argmax(const float* logits, int64_t n, int64_t V, int32_t* out) = 0;

@@ -185,10 +185,10 @@ class CpuDevice final : public Device {
     });
   }
 
-  void scale(float* x, int64_t n, const float* s) override {
-    queue_.run([&] { return KeyHash::of(10, x, n, s); }, [=] {
-      const float f = *s;
-      for (int64_t i = 0; i < n; ++i) x[i] *= f;
+  void scale(float* x, int64_t n, const float* s, float f) override {
+    queue_.run([&] { return KeyHash::of(10, x, n, s, f); }, [=] {
+      const float by = s ? *s : f;
+      for (int64_t i = 0; i < n; ++i) x[i] *= by;
     });
   }
 

@@ -176,7 +176,7 @@ class CudaDevice final : public Device {
                                   std::to_string(c.num_heads / c.num_kv_heads));
     if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
     if (c.generation != "gemma" || !c.layer_head_dims.empty() || !c.layer_kv_heads.empty() || !c.kv_sources.empty() ||
-        !c.layer_intermediate_sizes.empty() || c.v_norm || c.k_eq_v)
+        !c.layer_intermediate_sizes.empty() || c.v_norm || c.k_eq_v || c.ple_dim > 0)
       throw std::invalid_argument("a " + c.generation + " model does not run on CUDA yet (Gemma 1, 2 and 3 do): "
                                   "its per-layer head sizes, value norm and layer scalar have no kernels there");
     max_k_ = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
@@ -344,7 +344,7 @@ class CudaDevice final : public Device {
   void softcap(float* x, int64_t n, float cap) override {
     queue_.run([&] { return KeyHash::of(10, x, n, cap); }, [=] { done(cuda::softcap(x, n, cap, stream_), "softcap"); });
   }
-  void scale(float*, int64_t, const float*) override {
+  void scale(float*, int64_t, const float*, float) override {
     throw std::invalid_argument("CUDA: the layer scalar (Gemma 4) has no kernel yet");
   }
 

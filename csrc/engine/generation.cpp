@@ -25,6 +25,8 @@ std::vector<TensorSpec> model_tensors(const ModelConfig& c, bool tied) {
   if (!tied) out.push_back(TensorSpec::of("lm_head", -1, c.vocab_size, H, &ModelWeights::lm_head));
   out.push_back(TensorSpec::of("final_norm", -1, H, 0, &ModelWeights::final_norm));
   const Generation& g = generation_of(c);
+  if (g.model_tensors)
+    for (TensorSpec& t : g.model_tensors(c)) out.push_back(std::move(t));
   for (int64_t l = 0; l < c.num_layers; ++l)
     for (TensorSpec& t : g.layer_tensors(c, l)) out.push_back(std::move(t));
   return out;

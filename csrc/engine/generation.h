@@ -81,6 +81,8 @@ struct Generation {
   // The tensors of layer `layer` (the layers of one generation may differ: sliding and global
   // layers, shared KV).
   std::vector<TensorSpec> (*layer_tensors)(const ModelConfig& c, int64_t layer);
+  // Tensors of the model itself beyond embed, lm_head and final_norm (null: none).
+  std::vector<TensorSpec> (*model_tensors)(const ModelConfig& c);
   // The step's tokens from the embedding to the final norm, the step already begun
   // (Device::begin_step); returns the final-normed states [M, hidden] in the device's memory.
   const float* (*forward)(StepContext& s);
@@ -89,7 +91,7 @@ struct Generation {
 // The generation a config names; std::invalid_argument listing the known ones otherwise.
 const Generation& generation_of(const ModelConfig& c);
 // Every tensor of a model, in order: embed, lm_head (when not tied to the embedding),
-// final_norm, then each layer's (its generation's layer_tensors). ModelWeights::layers must
+// final_norm, the generation's own model tensors, then each layer's (its layer_tensors). ModelWeights::layers must
 // have num_layers entries before matrix() / vector() of a layer's tensor are used.
 std::vector<TensorSpec> model_tensors(const ModelConfig& c, bool tied);
 

@@ -59,6 +59,11 @@ struct ModelConfig {
     return layer_intermediate_sizes.empty() ? intermediate_size : layer_intermediate_sizes[l];
   }
   int64_t max_intermediate() const;
+  // Gemma 4's per-layer input embeddings (0: none): ple_dim values per layer and token, from a
+  // [ple_vocab, layers * ple_dim] table scaled by ple_embed_scale and a projection of the scaled
+  // embedding (times ple_proj_scale, then normed), the two summed and times ple_input_scale.
+  int64_t ple_dim = 0, ple_vocab = 0;
+  float ple_embed_scale = 1.f, ple_proj_scale = 1.f, ple_input_scale = 1.f;
   bool v_norm = false;   // Gemma 4: values RMS-normed per head (no weight) before the cache
   bool k_eq_v = false;   // Gemma 4: full-attention layers take their values from the raw key projection
   // The fraction of a head's rotary pairs that rotate ("proportional" RoPE: the first ones, at
@@ -82,12 +87,20 @@ struct LayerWeights {
   const float* k_norm = nullptr;
   // Gemma 4: the layer's output is multiplied by it, float32 [1].
   const float* layer_scalar = nullptr;
+  // Gemma 4's per-layer input: gate [ple_dim, hidden], out [hidden, ple_dim], and the norm of
+  // its output [hidden].
+  Weight ple_gate, ple_out;
+  const float* ple_post_norm = nullptr;
 };
 
 struct ModelWeights {
   Weight embed;                       // [vocab, hidden]; also the LM head when tied
   Weight lm_head;                     // [vocab, hidden] when untied; data == nullptr if tied
   const float* final_norm = nullptr;  // (1 + w), float32 [hidden]
+  // Gemma 4's per-layer input embeddings: the table [ple_vocab, layers * ple_dim], the
+  // projection [layers * ple_dim, hidden] and its norm [ple_dim] (float32 or bfloat16).
+  Weight ple_embed, ple_proj;
+  const float* ple_norm = nullptr;
   std::vector<LayerWeights> layers;
 };
 
@@ -177,6 +190,7 @@ struct DrawRow {
 // hidden states; lg: logits; sel: rows gathered from out.
 struct Workspace {
   DeviceArray x, h, q, k, v, att, g, u, out, lg, sel;
+  DeviceArray x0, ple_tok, ple_ctx, ple_gate;  // Gemma 4's per-layer inputs
   StepTokens tokens;  // the step's tokens as the device takes them (host memory)
 };
 

@@ -113,6 +113,6 @@ const float* gemma_forward(StepContext& s) {
 
 }  // namespace
 
-const Generation kGemma = {"gemma", &gemma_layer, &gemma_forward};
+const Generation kGemma = {"gemma", &gemma_layer, nullptr, &gemma_forward};
 
 }  // namespace gemma

@@ -10,7 +10,11 @@
 // Every norm multiplies by its weight w (the loaders pass w, not 1 + w); v_norm has none.
 // KV sharing: a layer whose kv_source is an earlier layer computes queries only and attends
 // over that layer's slots; its MLP may be double-wide (layer_intermediate_sizes).
-// Not here yet, and refused by the loaders: per-layer input embeddings, the mixture-of-experts block.
+// Per-layer input embeddings (ple_dim > 0): after the MLP block,
+//   x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * ple_l)), ple_l as ple_input() makes it.
+// Not here yet, and refused by the loaders: the mixture-of-experts block.
+#include <stdexcept>
+
 #include "engine/models/blocks.h"
 
 namespace gemma {
@@ -36,8 +40,50 @@ std::vector<TensorSpec> gemma4_layer(const ModelConfig& c, int64_t l) {
            v("post_mlp_norm", H, &LayerWeights::post_mlp_norm), v("q_norm", hd, &LayerWeights::q_norm)})
     out.push_back(std::move(t));
   if (own_kv) out.push_back(v("k_norm", hd, &LayerWeights::k_norm));
+  if (c.ple_dim > 0) {
+    out.push_back(m("ple_gate", c.ple_dim, H, &LayerWeights::ple_gate));
+    out.push_back(m("ple_out", H, c.ple_dim, &LayerWeights::ple_out));
+    out.push_back(v("ple_post_norm", H, &LayerWeights::ple_post_norm));
+  }
   out.push_back(v("layer_scalar", 1, &LayerWeights::layer_scalar));
   return out;
+}
+
+std::vector<TensorSpec> gemma4_model(const ModelConfig& c) {
+  if (c.ple_dim == 0) return {};
+  const int64_t LP = c.num_layers * c.ple_dim;
+  return {TensorSpec::of("ple_embed", -1, c.ple_vocab, LP, &ModelWeights::ple_embed),
+          TensorSpec::of("ple_proj", -1, LP, c.hidden_size, &ModelWeights::ple_proj),
+          TensorSpec::of("ple_norm", -1, c.ple_dim, 0, &ModelWeights::ple_norm)};
+}
+
+// Layer l's slice of a per-layer-input matrix: columns [l P, (l + 1) P) of the table's rows
+// (by_rows false), or rows [l P, (l + 1) P) of the projection (by_rows true). Float weights
+// only: a quantized matrix's blocks and interleaved rows do not slice this way.
+Weight ple_slice(const Weight& w, int64_t l, int64_t P, bool by_rows) {
+  if (w.quantized()) throw std::invalid_argument("per-layer input embeddings must be float32 or bfloat16");
+  const int64_t elem = format_info(w.dtype).block_bytes;
+  Weight s = w;
+  s.data = static_cast<const char*>(w.data) + (by_rows ? l * P * w.ld : l * P) * elem;
+  if (by_rows)
+    s.rows = P;
+  else
+    s.cols = P;
+  return s;
+}
+
+// Layer l's per-layer input [M, P] into ctx: (rmsnorm(x0 . proj_l^T * proj_scale) + table_l[ids]
+// * embed_scale) * input_scale, x0 the step's scaled embeddings (transformers' order of ops).
+void ple_input(StepContext& s, int64_t l, const float* x0, float* tok, float* ctx) {
+  const ModelConfig& c = s.c;
+  const int64_t P = c.ple_dim, H = c.hidden_size, M = s.M;
+  const Weight proj = ple_slice(s.w.ple_proj, l, P, true);
+  s.dev.embed(ple_slice(s.w.ple_embed, l, P, false), c.ple_embed_scale, tok);
+  s.parts([&](int64_t m0, int64_t n, Work work) { s.dev.matmul(x0 + m0 * H, n, H, proj, ctx + m0 * P, false, work); });
+  s.dev.scale(ctx, M * P, nullptr, c.ple_proj_scale);
+  s.dev.rmsnorm(ctx, s.w.ple_norm, ctx, M, P, c.rms_norm_eps);
+  s.dev.add(ctx, tok, M * P);
+  s.dev.scale(ctx, M * P, nullptr, c.ple_input_scale);
 }
 
 const float* gemma4_forward(StepContext& s) {
@@ -55,7 +101,14 @@ const float* gemma4_forward(StepContext& s) {
   float* u = s.buffer(ws.u, M * c.max_intermediate());
   float* x_out = s.buffer(ws.out, M * H);
 
+  const int64_t P = c.ple_dim;
+  float* x0 = P ? s.buffer(ws.x0, M * H) : nullptr;
+  float* tok = P ? s.buffer(ws.ple_tok, M * P) : nullptr;
+  float* ctx = P ? s.buffer(ws.ple_ctx, M * P) : nullptr;
+  float* gate = P ? s.buffer(ws.ple_gate, M * P) : nullptr;
+
   dev.embed(s.w.embed, c.embed_scale, x);
+  if (P) dev.copy(x0, x, static_cast<size_t>(M * H) * sizeof(float));
   s.sink(0, x);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = s.w.layers[l];
@@ -114,6 +167,19 @@ const float* gemma4_forward(StepContext& s) {
     s.parts([&](int64_t m0, int64_t n, Work work) {
       block_output(s, g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
     });
+    if (P) {  // x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * the layer's per-layer input))
+      ple_input(s, l, x0, tok, ctx);
+      {
+        OpTimer timer(&OpProfile::matmul);
+        s.parts([&](int64_t m0, int64_t n, Work work) {
+          dev.matmul(x + m0 * H, n, H, L.ple_gate, gate + m0 * P, false, work);
+        });
+      }
+      dev.geglu(gate, ctx, M * P);
+      s.parts([&](int64_t m0, int64_t n, Work work) {
+        block_output(s, gate + m0 * P, P, L.ple_out, L.ple_post_norm, h + m0 * H, x + m0 * H, n, work);
+      });
+    }
     dev.scale(x, M * H, L.layer_scalar);
     if (l + 1 < c.num_layers) s.sink(l + 1, x);
   }
@@ -123,6 +189,6 @@ const float* gemma4_forward(StepContext& s) {
 
 }  // namespace
 
-const Generation kGemma4 = {"gemma4", &gemma4_layer, &gemma4_forward};
+const Generation kGemma4 = {"gemma4", &gemma4_layer, &gemma4_model, &gemma4_forward};
 
 }  // namespace gemma

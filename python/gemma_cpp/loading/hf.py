@@ -16,7 +16,7 @@ from ..config import GemmaConfig, load_config
 from ..formats.safetensors import SafetensorsFile
 from ..generation import GenerationConfig
 from ..quant import format_for, resolve_policy
-from .layout import LoadedModel, check_runnable, is_norm, layer_shapes, quantized
+from .layout import PLE_MATRICES, LoadedModel, check_runnable, is_norm, layer_shapes, model_level_shapes, quantized
 
 # Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
 # Gemma 1 norms the MLP's input with the tensor Gemma 2/3 apply to the attention's output.
@@ -35,7 +35,13 @@ _LAYER_NAMES = {
     "q_norm": "self_attn.q_norm.weight",
     "k_norm": "self_attn.k_norm.weight",
     "layer_scalar": "layer_scalar",  # Gemma 4: a [1] buffer, no .weight
+    "ple_gate": "per_layer_input_gate.weight",
+    "ple_out": "per_layer_projection.weight",
+    "ple_post_norm": "post_per_layer_input_norm.weight",
 }
+# Gemma 4's model-level tensors of the per-layer input embeddings: engine name -> transformers name.
+_PLE_NAMES = {"ple_embed": "embed_tokens_per_layer.weight", "ple_proj": "per_layer_model_projection.weight",
+              "ple_norm": "per_layer_projection_norm.weight"}
 _GEMMA1_MLP_NORM = "post_attention_layernorm.weight"
 # Heads' tensors: loaded by the class that has the head, ignored (as transformers warns
 # and ignores them) by the others.
@@ -54,6 +60,8 @@ def expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
     """Every base-model tensor of a checkpoint for this config: transformers name (without the
     `model.` prefix) -> shape."""
     shapes = {"embed_tokens.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
+    for name, shape in model_level_shapes(c).items():
+        shapes[_PLE_NAMES[name]] = shape
     for i in range(c.num_hidden_layers):
         per_layer = layer_shapes(c, i)
         for short, name in layer_names(c, i).items():
@@ -232,7 +240,17 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
         a, dt = source.get(name)
         return np.ascontiguousarray(as_float32(a, dt) + plus_one)
 
+    def float_matrix(name):  # in the float dtype, never quantized (layout.PLE_MATRICES)
+        a, dt = source.get(name)
+        out = as_engine_dtype(a, dt, target)
+        if not np.may_share_memory(out, a):
+            source.release(name)
+        return out
+
     weights = {"embed": matrix(names["embed_tokens.weight"], "embed"), "final_norm": norm(names["norm.weight"])}
+    for engine_name in model_level_shapes(config):
+        name = names[_PLE_NAMES[engine_name]]
+        weights[engine_name] = norm(name) if is_norm(engine_name) else float_matrix(name)
     if not config.tie_word_embeddings:
         if "lm_head.weight" not in heads:
             raise ValueError(f"{where}: config.json says tie_word_embeddings=false but the checkpoint "
@@ -245,7 +263,8 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     for i in range(config.num_hidden_layers):
         for short, name in layer_names(config, i).items():
             engine_name, name = f"layers.{i}.{short}", names[f"layers.{i}.{name}"]
-            weights[engine_name] = norm(name) if is_norm(engine_name) else matrix(name, engine_name)
+            weights[engine_name] = (norm(name) if is_norm(engine_name) else float_matrix(name) if short in PLE_MATRICES
+                                    else matrix(name, engine_name))
     return weights, target, {k: source.get(k) for k in heads if k != "lm_head.weight"}
 
 

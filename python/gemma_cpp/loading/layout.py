@@ -22,7 +22,11 @@ from ..quant import LAYER_GROUP, QuantizedWeight
 
 # The float32 vectors of a layer: its norms (1 + w for Gemma 1-3, w for Gemma 4) and Gemma 4's
 # layer scalar.
-NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar")
+NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar",
+         "ple_norm", "ple_post_norm")
+# Gemma 4's per-layer input embeddings: kept in the float dtype (the engine reads a layer's
+# slice of the table and of the projection in place), never quantized.
+PLE_MATRICES = ("ple_embed", "ple_proj", "ple_gate", "ple_out")
 
 Shape = Tuple[int, ...]
 
@@ -39,17 +43,22 @@ def layer_shapes(c: GemmaConfig, layer: int = 0) -> Dict[str, Shape]:
             if name.startswith(prefix)}
 
 
+def model_level_shapes(c: GemmaConfig) -> Dict[str, Shape]:
+    """The model's own tensors beyond embed, lm_head and final_norm, as its generation declares
+    them: engine name -> shape (Gemma 4's per-layer input embeddings; none for Gemma 1-3)."""
+    skip = ("embed", "lm_head", "final_norm")
+    return {name: tuple(shape) for name, shape in model_tensors(engine_config(c, "float32"))
+            if not name.startswith("layers.") and name not in skip}
+
+
 def check_runnable(config: GemmaConfig, where: str) -> None:
     """A ValueError, before any weight is read, for what a config describes but the engine's
     forward does not compute yet (csrc/engine/models/gemma4.cpp says what it does)."""
     if config.model_type != "gemma4_text":
         return
-    missing = [what for what, used in (
-        ("per-layer input embeddings (hidden_size_per_layer_input > 0: E2B, E4B)", config.hidden_size_per_layer_input),
-        ("the mixture-of-experts block (enable_moe_block: 26B-A4B)", config.enable_moe_block)) if used]
-    if missing:
-        raise ValueError(f"{where}: a Gemma 4 model with {' and '.join(missing)}, which the engine does not run yet "
-                         "(it runs Gemma 4 models without them, such as the 31B's shape)")
+    if config.enable_moe_block:
+        raise ValueError(f"{where}: a Gemma 4 model with the mixture-of-experts block (enable_moe_block: 26B-A4B), "
+                         "which the engine does not run yet (it runs the dense Gemma 4 models: E2B, E4B, 31B)")
 
 
 def is_norm(engine_name: str) -> bool:
@@ -102,17 +111,20 @@ def weight_formats(weights: Weights) -> Dict[str, Union[str, Dict[str, int]]]:
     for name, w in weights.items():
         if is_norm(name):
             continue
+        short = name.rsplit(".", 1)[-1]
         if name in ("embed", "lm_head"):
             group = name
+        elif short in PLE_MATRICES:
+            group = "per_layer_inputs"
         else:
-            group = LAYER_GROUP[name.rsplit(".", 1)[-1]]
+            group = LAYER_GROUP[short]
         if isinstance(w, tuple):
             fmt = str(w[0])
         else:
             fmt = "bfloat16" if np.asarray(w).dtype == np.uint16 else "float32"
         per = counts.setdefault(group, {})
         per[fmt] = per.get(fmt, 0) + 1
-    order = ("embed", "attention", "mlp", "lm_head")
+    order = ("embed", "attention", "mlp", "lm_head", "per_layer_inputs")
     return {g: (next(iter(counts[g])) if len(counts[g]) == 1 else dict(sorted(counts[g].items())))
             for g in order if g in counts}
 
@@ -153,6 +165,11 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
             layer_head_dims=[config.layer_head_dim(i) for i in range(config.num_hidden_layers)],
             layer_kv_heads=[config.layer_kv_heads(i) for i in range(config.num_hidden_layers)],
             kv_sources=config.kv_sharing(),
+            ple_dim=config.hidden_size_per_layer_input,
+            ple_vocab=config.vocab_size_per_layer_input,
+            ple_embed_scale=round_to(config.hidden_size_per_layer_input ** 0.5, dtype),
+            ple_proj_scale=float(np.float32(config.hidden_size ** -0.5)),
+            ple_input_scale=float(np.float32(2.0 ** -0.5)),
             layer_intermediate_sizes=[config.layer_intermediate_size(i) for i in range(config.num_hidden_layers)],
             rope_theta=full["theta"], rope_partial=full["partial_rotary_factor"],
             rope_theta_local=local["theta"], rope_partial_local=local["partial_rotary_factor"],
