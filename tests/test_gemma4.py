@@ -292,3 +292,63 @@ def test_the_e2b_shape_with_per_layer_embeddings(tmp_path):
         assert _staggered(engine, reqs) == alone
     q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization="int8")
     assert q.quantization["per_layer_inputs"] == "float32" and q.quantization["mlp"] == "int8"
+
+
+@pytest.fixture(scope="module")
+def moe4(tmp_path_factory):
+    """The 26B-A4B-shaped tiny checkpoint: 8 experts (top 2) beside the dense MLP in every layer,
+    values from the keys on the full layers. Its router scales are drawn at random too."""
+    folder = str(tmp_path_factory.mktemp("gemma4-moe"))
+    ref = build(folder, "26b_a4b")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("router.scale", "router.per_expert_scale")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    ref.save_pretrained(folder)
+    return folder, transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+
+
+def test_experts_match_transformers(moe4):
+    folder, ref = moe4
+    ids, mask = random_batch(15, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    real = mask.astype(bool)
+    hidden = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
+                                                                         output_hidden_states=True)
+    for ours_h, their_h in zip(hidden.hidden_states, theirs.hidden_states):
+        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
+    gen_ids, gen_mask = random_batch(16, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
+                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32,
+                                                            do_sample=False)), want)
+    q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization={"attention": "int8"})  # the MLP's 48: no
+    assert q.quantization["experts"] == "float32" and q.quantization["attention"] == "int8"
+
+
+def test_experts_are_batch_invariant_and_staged(moe4):
+    """A token's experts run on the tokens that chose them, gathered: its bits do not depend on
+    which others share the step (the scheduler's requests alone and together), and the staged
+    device gives the CPU's bits."""
+    from test_engine import _outcome, _requests, _staggered
+
+    folder, ref = moe4
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    reqs = _requests(ref.config.vocab_size, seed=4)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
+        assert _staggered(engine, reqs) == alone
+    ids, mask = random_batch(17, 2, 20, ref.config.vocab_size, pad_left=[3, 0])
+    want = model(ids, attention_mask=mask).logits
+    _testing.set_staged_device(True)
+    try:
+        staged = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+        np.testing.assert_array_equal(staged(ids, attention_mask=mask).logits, want)
+    finally:
+        _testing.set_staged_device(False)

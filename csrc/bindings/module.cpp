@@ -151,6 +151,10 @@ void register_engine_config(py::module_& m) {
   config_field(cls, "ple_embed_scale", &ModelConfig::ple_embed_scale, "sqrt(ple_dim), rounded to the weight dtype");
   config_field(cls, "ple_proj_scale", &ModelConfig::ple_proj_scale, "hidden_size ** -0.5 in float32");
   config_field(cls, "ple_input_scale", &ModelConfig::ple_input_scale, "2 ** -0.5 in float32");
+  config_field(cls, "num_experts", &ModelConfig::num_experts, "Gemma 4: experts per layer (0: none)");
+  config_field(cls, "top_k_experts", &ModelConfig::top_k_experts, "Gemma 4: experts each token uses");
+  config_field(cls, "moe_intermediate", &ModelConfig::moe_intermediate, "Gemma 4: an expert's MLP width");
+  config_field(cls, "router_input_scale", &ModelConfig::router_input_scale, "hidden_size ** -0.5 in float32");
   config_field(cls, "v_norm", &ModelConfig::v_norm, "Gemma 4: values RMS-normed per head, no weight");
   config_field(cls, "k_eq_v", &ModelConfig::k_eq_v, "Gemma 4: full-attention layers' values are their raw keys");
   config_field(cls, "rope_partial", &ModelConfig::rope_partial,

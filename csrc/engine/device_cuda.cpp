@@ -176,7 +176,7 @@ class CudaDevice final : public Device {
                                   std::to_string(c.num_heads / c.num_kv_heads));
     if (!c.causal) throw std::invalid_argument("bidirectional attention does not run on CUDA");
     if (c.generation != "gemma" || !c.layer_head_dims.empty() || !c.layer_kv_heads.empty() || !c.kv_sources.empty() ||
-        !c.layer_intermediate_sizes.empty() || c.v_norm || c.k_eq_v || c.ple_dim > 0)
+        !c.layer_intermediate_sizes.empty() || c.v_norm || c.k_eq_v || c.ple_dim > 0 || c.num_experts > 0)
       throw std::invalid_argument("a " + c.generation + " model does not run on CUDA yet (Gemma 1, 2 and 3 do): "
                                   "its per-layer head sizes, value norm and layer scalar have no kernels there");
     max_k_ = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});

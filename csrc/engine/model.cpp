@@ -144,6 +144,8 @@ void ModelConfig::validate() const {
     if (kv_dtype == DType::Int8 && hd % kQBlock != 0)
       fail("an int8 KV cache needs head_dim a multiple of 32 (its block), got " + std::to_string(hd));
   }
+  if (num_experts < 0 || (num_experts > 0 && (top_k_experts < 1 || top_k_experts > num_experts || moe_intermediate < 1)))
+    fail("the experts need 1 <= top_k_experts <= num_experts and moe_intermediate >= 1");
   if (ple_dim < 0 || (ple_dim > 0 && ple_vocab < vocab_size))
     fail("per-layer embeddings need ple_dim >= 0 and a table of at least vocab_size rows");
   if (!(rope_partial >= 0.f && rope_partial <= 1.f) || !(rope_partial_local >= 0.f && rope_partial_local <= 1.f))

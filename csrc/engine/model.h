@@ -64,6 +64,11 @@ struct ModelConfig {
   // embedding (times ple_proj_scale, then normed), the two summed and times ple_input_scale.
   int64_t ple_dim = 0, ple_vocab = 0;
   float ple_embed_scale = 1.f, ple_proj_scale = 1.f, ple_input_scale = 1.f;
+  // Gemma 4's mixture-of-experts block (num_experts 0: none): beside the dense MLP, each token's
+  // top_k_experts of num_experts (MLPs of moe_intermediate), chosen by a router whose input is
+  // scaled by router_input_scale.
+  int64_t num_experts = 0, top_k_experts = 0, moe_intermediate = 0;
+  float router_input_scale = 1.f;
   bool v_norm = false;   // Gemma 4: values RMS-normed per head (no weight) before the cache
   bool k_eq_v = false;   // Gemma 4: full-attention layers take their values from the raw key projection
   // The fraction of a head's rotary pairs that rotate ("proportional" RoPE: the first ones, at
@@ -91,6 +96,16 @@ struct LayerWeights {
   // its output [hidden].
   Weight ple_gate, ple_out;
   const float* ple_post_norm = nullptr;
+  // Gemma 4's experts: the router [E, hidden], its input scale [hidden], each expert's output
+  // scale [E]; every expert's gate and up [E * 2 I, hidden] (expert e: rows [2 e I, 2 e I + I) and
+  // [2 e I + I, 2 (e + 1) I)) and down [E * hidden, I]; the norms of the experts' input, of the
+  // dense MLP's output and of the experts' output [hidden].
+  Weight router, experts_gate_up, experts_down;
+  const float* router_scale = nullptr;
+  const float* expert_scale = nullptr;
+  const float* moe_pre_norm = nullptr;
+  const float* moe_dense_norm = nullptr;
+  const float* moe_post_norm = nullptr;
 };
 
 struct ModelWeights {
@@ -191,6 +206,8 @@ struct DrawRow {
 struct Workspace {
   DeviceArray x, h, q, k, v, att, g, u, out, lg, sel;
   DeviceArray x0, ple_tok, ple_ctx, ple_gate;  // Gemma 4's per-layer inputs
+  DeviceArray moe_in, moe_out, moe_rows, moe_g, moe_u, moe_y, moe_logits;  // Gemma 4's experts
+  std::vector<float> moe_host;  // the router's logits on the host
   StepTokens tokens;  // the step's tokens as the device takes them (host memory)
 };
 

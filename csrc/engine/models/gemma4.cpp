@@ -12,8 +12,13 @@
 // over that layer's slots; its MLP may be double-wide (layer_intermediate_sizes).
 // Per-layer input embeddings (ple_dim > 0): after the MLP block,
 //   x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * ple_l)), ple_l as ple_input() makes it.
-// Not here yet, and refused by the loaders: the mixture-of-experts block.
+// The mixture-of-experts block (num_experts > 0): beside the dense MLP, experts() on the
+// residual stream; x += post_mlp_norm(moe_dense_norm(dense) + moe_post_norm(experts)).
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 #include "engine/models/blocks.h"
 
@@ -45,6 +50,16 @@ std::vector<TensorSpec> gemma4_layer(const ModelConfig& c, int64_t l) {
     out.push_back(m("ple_out", H, c.ple_dim, &LayerWeights::ple_out));
     out.push_back(v("ple_post_norm", H, &LayerWeights::ple_post_norm));
   }
+  if (c.num_experts > 0) {
+    const int64_t E = c.num_experts, I = c.moe_intermediate;
+    for (TensorSpec& t : std::vector<TensorSpec>{
+             m("router", E, H, &LayerWeights::router), v("router_scale", H, &LayerWeights::router_scale),
+             v("expert_scale", E, &LayerWeights::expert_scale),
+             m("experts_gate_up", E * 2 * I, H, &LayerWeights::experts_gate_up),
+             m("experts_down", E * H, I, &LayerWeights::experts_down), v("moe_pre_norm", H, &LayerWeights::moe_pre_norm),
+             v("moe_dense_norm", H, &LayerWeights::moe_dense_norm), v("moe_post_norm", H, &LayerWeights::moe_post_norm)})
+      out.push_back(std::move(t));
+  }
   out.push_back(v("layer_scalar", 1, &LayerWeights::layer_scalar));
   return out;
 }
@@ -55,6 +70,89 @@ std::vector<TensorSpec> gemma4_model(const ModelConfig& c) {
   return {TensorSpec::of("ple_embed", -1, c.ple_vocab, LP, &ModelWeights::ple_embed),
           TensorSpec::of("ple_proj", -1, LP, c.hidden_size, &ModelWeights::ple_proj),
           TensorSpec::of("ple_norm", -1, c.ple_dim, 0, &ModelWeights::ple_norm)};
+}
+
+// Rows [r0, r0 + n) of a float matrix, in place.
+Weight row_slice(const Weight& w, int64_t r0, int64_t n) {
+  if (w.quantized()) throw std::invalid_argument("Gemma 4's experts must be float32 or bfloat16");
+  Weight s = w;
+  s.data = static_cast<const char*>(w.data) + r0 * w.ld * format_info(w.dtype).block_bytes;
+  s.rows = n;
+  return s;
+}
+
+// The experts' part of a mixture-of-experts layer into y [M, hidden] (zeroed here), from the
+// residual stream x (transformers' Gemma4TextRouter and Gemma4TextExperts): the router's
+// probabilities softmax(router(rmsnorm(x) * router_scale * H^-0.5)), each token's top k
+// renormalised and times the expert's scale; each expert runs once per step on the tokens that
+// chose it (gathered, the decode tokens and the prompt chunk's apart, each with its kernels),
+// and a token sums its experts' outputs, each times its weight, in expert order.
+void experts(StepContext& s, const LayerWeights& L, const float* x, float* h, float* y) {
+  const ModelConfig& c = s.c;
+  Device& dev = s.dev;
+  Workspace& ws = s.ws;
+  const int64_t H = c.hidden_size, E = c.num_experts, K = c.top_k_experts, I = c.moe_intermediate, M = s.M;
+  float* logits = s.buffer(ws.moe_logits, M * E);
+  dev.rmsnorm(x, L.router_scale, h, M, H, c.rms_norm_eps);
+  dev.scale(h, M * H, nullptr, c.router_input_scale);
+  s.parts([&](int64_t m0, int64_t n, Work work) { dev.matmul(h + m0 * H, n, H, L.router, logits + m0 * E, false, work); });
+  std::vector<float>& host = ws.moe_host;
+  host.resize(static_cast<size_t>(M * E + E));
+  dev.download(host.data(), logits, static_cast<size_t>(M * E) * sizeof(float));
+  dev.download(host.data() + M * E, L.expert_scale, static_cast<size_t>(E) * sizeof(float));
+  const float* expert_scale = host.data() + M * E;
+  // Per token its K experts and weights; per expert its tokens in token order.
+  std::vector<std::vector<std::pair<int64_t, float>>> chosen(static_cast<size_t>(E));
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  for (int64_t m = 0; m < M; ++m) {
+    float* p = &host[m * E];
+    float mx = p[0];
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, p[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [&](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float top = 0.f;
+    for (int64_t j = 0; j < K; ++j) top += p[order[j]];
+    for (int64_t j = 0; j < K; ++j) {
+      const int32_t e = order[j];
+      chosen[e].push_back({m, p[e] / top * expert_scale[e]});
+    }
+  }
+  float* in = s.buffer(ws.moe_in, M * H);
+  dev.rmsnorm(x, L.moe_pre_norm, in, M, H, c.rms_norm_eps);
+  dev.fill(y, 0, static_cast<size_t>(M * H) * sizeof(float));
+  float* rows = s.buffer(ws.moe_rows, M * H);
+  float* g = s.buffer(ws.moe_g, M * I);
+  float* u = s.buffer(ws.moe_u, M * I);
+  float* out = s.buffer(ws.moe_out, M * H);
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& toks = chosen[e];
+    if (toks.empty()) continue;
+    const Weight gate = row_slice(L.experts_gate_up, 2 * e * I, I), up = row_slice(L.experts_gate_up, 2 * e * I + I, I);
+    const Weight down = row_slice(L.experts_down, e * H, H);
+    // Decode tokens first, then the prompt chunk's: each kind with its own kernels.
+    for (const bool decode : {true, false}) {
+      int64_t n = 0;
+      for (const auto& [m, w] : toks)
+        if ((m < s.Md) == decode) dev.copy(rows + n++ * H, in + m * H, static_cast<size_t>(H) * sizeof(float));
+      if (n == 0) continue;
+      const Work work = decode ? Work::Decode : Work::Prefill;
+      const MatmulTarget gu[2] = {{&gate, g, I}, {&up, u, I}};
+      dev.matmul_many(rows, n, H, gu, 2, work);
+      dev.geglu(g, u, n * I);
+      dev.matmul(g, n, I, down, out, false, work);
+      int64_t i = 0;
+      for (const auto& [m, w] : toks) {
+        if ((m < s.Md) != decode) continue;
+        dev.scale(out + i * H, H, nullptr, w);
+        dev.add(y + m * H, out + i * H, H);
+        ++i;
+      }
+    }
+  }
 }
 
 // Layer l's slice of a per-layer-input matrix: columns [l P, (l + 1) P) of the table's rows
@@ -164,9 +262,20 @@ const float* gemma4_forward(StepContext& s) {
       OpTimer timer(&OpProfile::activation);
       dev.geglu(g, u, M * F);
     }
-    s.parts([&](int64_t m0, int64_t n, Work work) {
-      block_output(s, g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
-    });
+    if (c.num_experts == 0) {
+      s.parts([&](int64_t m0, int64_t n, Work work) {
+        block_output(s, g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
+      });
+    } else {  // x += post_mlp_norm(moe_dense_norm(down(...)) + moe_post_norm(experts(x)))
+      float* y = s.buffer(ws.moe_y, M * H);
+      s.parts([&](int64_t m0, int64_t n, Work work) { dev.matmul(g + m0 * F, n, F, L.down, h + m0 * H, false, work); });
+      dev.rmsnorm(h, L.moe_dense_norm, h, M, H, c.rms_norm_eps);
+      experts(s, L, x, s.buffer(ws.moe_out, M * H), y);
+      dev.rmsnorm(y, L.moe_post_norm, y, M, H, c.rms_norm_eps);
+      dev.add(h, y, M * H);
+      dev.rmsnorm(h, L.post_mlp_norm, h, M, H, c.rms_norm_eps);
+      dev.add(x, h, M * H);
+    }
     if (P) {  // x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * the layer's per-layer input))
       ple_input(s, l, x0, tok, ctx);
       {

@@ -30,7 +30,7 @@ from ..generation import GenerationConfig
 from ..quant import ALL_FORMATS, KQUANTS, QuantizedWeight, resolve_policy
 from ..tokenizer import GemmaTokenizer
 from . import gguf, hf
-from .layout import LoadedModel, check_runnable, interleaved
+from .layout import LoadedModel, interleaved
 
 FORMAT = "gemma_cpp"
 # Version 2 added int4m tensors (NAME.mins). Version 3 stores quantized rows in the engine's
@@ -172,8 +172,6 @@ def load(folder: str, dtype=None, quantization=None, config=None) -> LoadedModel
     Quantized tensors of version 1 and 2 files (plain rows) are copies in the engine's row
     order instead: converting such a file again makes it load by mmap. dtype and quantization,
     when given, must be what the file was converted with."""
-    config = config or load_config(folder)
-    check_runnable(config, folder)
     path = os.path.join(folder, WEIGHTS)
     f = SafetensorsFile(path)
     meta = f.metadata
@@ -219,6 +217,6 @@ def load(folder: str, dtype=None, quantization=None, config=None) -> LoadedModel
             heads[name] = (f.get(name), f.dtype_of(name))
         else:
             weights[name] = f.get(name)
-    return LoadedModel(config=config, weights=weights, dtype=target, quantization=policy,
+    return LoadedModel(config=config or load_config(folder), weights=weights, dtype=target, quantization=policy,
                        heads=heads, generation_config=GenerationConfig.from_pretrained(folder), tokenizer=folder,
                        name_or_path=folder)

@@ -16,7 +16,7 @@ from ..config import GemmaConfig, load_config
 from ..formats.safetensors import SafetensorsFile
 from ..generation import GenerationConfig
 from ..quant import format_for, resolve_policy
-from .layout import PLE_MATRICES, LoadedModel, check_runnable, is_norm, layer_shapes, model_level_shapes, quantized
+from .layout import FLOAT_MATRICES, LoadedModel, is_norm, layer_shapes, model_level_shapes, quantized
 
 # Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
 # Gemma 1 norms the MLP's input with the tensor Gemma 2/3 apply to the attention's output.
@@ -38,7 +38,16 @@ _LAYER_NAMES = {
     "ple_gate": "per_layer_input_gate.weight",
     "ple_out": "per_layer_projection.weight",
     "ple_post_norm": "post_per_layer_input_norm.weight",
+    "router": "router.proj.weight",
+    "router_scale": "router.scale",
+    "expert_scale": "router.per_expert_scale",
+    "experts_gate_up": "experts.gate_up_proj",  # [E, 2 I, H] in the file, [E * 2 I, H] in the engine
+    "experts_down": "experts.down_proj",  # [E, H, I] in the file, [E * H, I] in the engine
+    "moe_pre_norm": "pre_feedforward_layernorm_2.weight",
+    "moe_dense_norm": "post_feedforward_layernorm_1.weight",
+    "moe_post_norm": "post_feedforward_layernorm_2.weight",
 }
+_STACKED = ("experts_gate_up", "experts_down")  # one matrix per expert, stacked on a first axis
 # Gemma 4's model-level tensors of the per-layer input embeddings: engine name -> transformers name.
 _PLE_NAMES = {"ple_embed": "embed_tokens_per_layer.weight", "ple_proj": "per_layer_model_projection.weight",
               "ple_norm": "per_layer_projection_norm.weight"}
@@ -65,7 +74,10 @@ def expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
     for i in range(c.num_hidden_layers):
         per_layer = layer_shapes(c, i)
         for short, name in layer_names(c, i).items():
-            shapes[f"layers.{i}.{name}"] = per_layer[short]
+            shape = per_layer[short]
+            if short in _STACKED:
+                shape = (c.num_experts, shape[0] // c.num_experts, shape[1])
+            shapes[f"layers.{i}.{name}"] = shape
     return shapes
 
 
@@ -240,9 +252,11 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
         a, dt = source.get(name)
         return np.ascontiguousarray(as_float32(a, dt) + plus_one)
 
-    def float_matrix(name):  # in the float dtype, never quantized (layout.PLE_MATRICES)
+    def float_matrix(name):  # in the float dtype, never quantized (layout.FLOAT_MATRICES)
         a, dt = source.get(name)
         out = as_engine_dtype(a, dt, target)
+        if out.ndim == 3:  # the experts' stacked matrices, one after the other
+            out = out.reshape(-1, out.shape[-1])
         if not np.may_share_memory(out, a):
             source.release(name)
         return out
@@ -263,8 +277,8 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     for i in range(config.num_hidden_layers):
         for short, name in layer_names(config, i).items():
             engine_name, name = f"layers.{i}.{short}", names[f"layers.{i}.{name}"]
-            weights[engine_name] = (norm(name) if is_norm(engine_name) else float_matrix(name) if short in PLE_MATRICES
-                                    else matrix(name, engine_name))
+            weights[engine_name] = (norm(name) if is_norm(engine_name) else float_matrix(name)
+                                    if short in FLOAT_MATRICES else matrix(name, engine_name))
     return weights, target, {k: source.get(k) for k in heads if k != "lm_head.weight"}
 
 
@@ -275,7 +289,6 @@ def load(folder: str, dtype: Optional[str] = None, quantization=None,
     checkpoint's (float16 runs as float32)."""
     policy = resolve_policy(quantization)  # fail on a bad name before reading gigabytes
     config = config or load_config(folder)
-    check_runnable(config, folder)
     weights, target, heads = engine_weights(Checkpoint(folder), config, dtype, policy, folder)
     return LoadedModel(config=config, weights=weights, dtype=target, quantization=policy, heads=heads,
                        generation_config=GenerationConfig.from_pretrained(folder), tokenizer=folder,

@@ -23,10 +23,14 @@ from ..quant import LAYER_GROUP, QuantizedWeight
 # The float32 vectors of a layer: its norms (1 + w for Gemma 1-3, w for Gemma 4) and Gemma 4's
 # layer scalar.
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar",
-         "ple_norm", "ple_post_norm")
-# Gemma 4's per-layer input embeddings: kept in the float dtype (the engine reads a layer's
-# slice of the table and of the projection in place), never quantized.
-PLE_MATRICES = ("ple_embed", "ple_proj", "ple_gate", "ple_out")
+         "ple_norm", "ple_post_norm", "router_scale", "expert_scale", "moe_pre_norm", "moe_dense_norm",
+         "moe_post_norm")
+# Gemma 4's per-layer input embeddings and experts: kept in the float dtype (the engine reads a
+# layer's slice of the table and of the projection, and each expert's rows, in place), never
+# quantized; their group in model.quantization.
+FLOAT_MATRICES = {"ple_embed": "per_layer_inputs", "ple_proj": "per_layer_inputs", "ple_gate": "per_layer_inputs",
+                  "ple_out": "per_layer_inputs", "router": "experts", "experts_gate_up": "experts",
+                  "experts_down": "experts"}
 
 Shape = Tuple[int, ...]
 
@@ -49,16 +53,6 @@ def model_level_shapes(c: GemmaConfig) -> Dict[str, Shape]:
     skip = ("embed", "lm_head", "final_norm")
     return {name: tuple(shape) for name, shape in model_tensors(engine_config(c, "float32"))
             if not name.startswith("layers.") and name not in skip}
-
-
-def check_runnable(config: GemmaConfig, where: str) -> None:
-    """A ValueError, before any weight is read, for what a config describes but the engine's
-    forward does not compute yet (csrc/engine/models/gemma4.cpp says what it does)."""
-    if config.model_type != "gemma4_text":
-        return
-    if config.enable_moe_block:
-        raise ValueError(f"{where}: a Gemma 4 model with the mixture-of-experts block (enable_moe_block: 26B-A4B), "
-                         "which the engine does not run yet (it runs the dense Gemma 4 models: E2B, E4B, 31B)")
 
 
 def is_norm(engine_name: str) -> bool:
@@ -114,8 +108,8 @@ def weight_formats(weights: Weights) -> Dict[str, Union[str, Dict[str, int]]]:
         short = name.rsplit(".", 1)[-1]
         if name in ("embed", "lm_head"):
             group = name
-        elif short in PLE_MATRICES:
-            group = "per_layer_inputs"
+        elif short in FLOAT_MATRICES:
+            group = FLOAT_MATRICES[short]
         else:
             group = LAYER_GROUP[short]
         if isinstance(w, tuple):
@@ -124,7 +118,7 @@ def weight_formats(weights: Weights) -> Dict[str, Union[str, Dict[str, int]]]:
             fmt = "bfloat16" if np.asarray(w).dtype == np.uint16 else "float32"
         per = counts.setdefault(group, {})
         per[fmt] = per.get(fmt, 0) + 1
-    order = ("embed", "attention", "mlp", "lm_head", "per_layer_inputs")
+    order = ("embed", "attention", "mlp", "lm_head", "per_layer_inputs", "experts")
     return {g: (next(iter(counts[g])) if len(counts[g]) == 1 else dict(sorted(counts[g].items())))
             for g in order if g in counts}
 
@@ -170,6 +164,10 @@ def engine_config(config: GemmaConfig, dtype: str, kv_cache_dtype: str = "float3
             ple_embed_scale=round_to(config.hidden_size_per_layer_input ** 0.5, dtype),
             ple_proj_scale=float(np.float32(config.hidden_size ** -0.5)),
             ple_input_scale=float(np.float32(2.0 ** -0.5)),
+            num_experts=config.num_experts if config.enable_moe_block else 0,
+            top_k_experts=config.top_k_experts if config.enable_moe_block else 0,
+            moe_intermediate=config.moe_intermediate_size if config.enable_moe_block else 0,
+            router_input_scale=float(np.float32(config.hidden_size ** -0.5)),
             layer_intermediate_sizes=[config.layer_intermediate_size(i) for i in range(config.num_hidden_layers)],
             rope_theta=full["theta"], rope_partial=full["partial_rotary_factor"],
             rope_theta_local=local["theta"], rope_partial_local=local["partial_rotary_factor"],
