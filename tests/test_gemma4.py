@@ -37,6 +37,43 @@ def build(folder, shape="31b", seed=0, **extra):
                                                           attn_implementation="eager").eval()
 
 
+def matches_transformers(folder, ref, seed):
+    """Every hidden state and the logits of a padded batch past the window, then 32 greedy
+    tokens of a left-padded batch, against ref (transformers' eager float32 model)."""
+    window, V = ref.config.sliding_window, ref.config.vocab_size
+    ids, mask = random_batch(seed, 3, 4 * window + 3, V, pad_left=[0, 5, 0], pad_right=[0, 0, 4])
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    real = mask.astype(bool)
+    hidden = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
+                                                                         output_hidden_states=True)
+    assert len(hidden.hidden_states) == len(theirs.hidden_states) == ref.config.num_hidden_layers + 1
+    for ours_h, their_h in zip(hidden.hidden_states, theirs.hidden_states):
+        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
+    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
+    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
+    gen_ids, gen_mask = random_batch(seed + 1, 2, 3 * window + 1, V, pad_left=[0, 4])
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
+                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    out = model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32, do_sample=False)
+    np.testing.assert_array_equal(np.asarray(out), want)
+    return model
+
+
+def invariant_in_the_engine(model, V, seed):
+    """Each of 16 requests gives the same bits alone and beside the others (test_engine.py's)."""
+    from test_engine import _outcome, _requests, _staggered
+
+    reqs = _requests(V, seed=seed)
+    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
+        kept = engine.stats()["kv_cache_bytes"]
+        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
+        assert _staggered(engine, reqs) == alone
+        assert engine.stats()["peak_rows"] >= 5
+    return kept
+
+
 @pytest.fixture(scope="module")
 def tiny4(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("gemma4-31b"))
@@ -55,40 +92,12 @@ def test_the_checkpoint_exercises_what_it_should(tiny4):
     assert float(sd["model.layers.0.layer_scalar"]) != 1.0
 
 
-def test_logits_match_transformers(tiny4):
+def test_matches_transformers(tiny4):
     folder, ref = tiny4
-    model = gemma_cpp.AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-    L = 4 * ref.config.sliding_window + 3
-    ids, mask = random_batch(1, 3, L, ref.config.vocab_size, pad_left=[0, 5, 0], pad_right=[0, 0, 4])
+    matches_transformers(folder, ref, 1)
+    ids, _ = random_batch(2, 1, 20, ref.config.vocab_size)
     with torch.no_grad():
-        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    ours = model(ids, attention_mask=mask).logits
-    assert rel_err(ours, theirs, mask.astype(bool)) <= F32_TOL
-    assert np.abs(theirs).max() > 1.0  # the logits are not all near zero (the soft-cap is 30)
-
-
-def test_hidden_states_match_transformers(tiny4):
-    folder, ref = tiny4
-    model = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")
-    ids, mask = random_batch(4, 2, 3 * ref.config.sliding_window, ref.config.vocab_size, pad_left=[3, 0])
-    out = model(ids, attention_mask=mask, output_hidden_states=True)
-    with torch.no_grad():
-        theirs = ref.model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-    real = mask.astype(bool)
-    assert len(out.hidden_states) == len(theirs.hidden_states) == ref.config.num_hidden_layers + 1
-    for ours_h, their_h in zip(out.hidden_states, theirs.hidden_states):
-        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
-
-
-def test_greedy_generation_matches_transformers(tiny4):
-    folder, ref = tiny4
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    ids, mask = random_batch(5, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=32,
-                              do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(out), theirs)
+        assert np.abs(ref(torch.tensor(ids)).logits.numpy()).max() > 1.0  # not all near zero (the cap is 30)
 
 
 @pytest.mark.parametrize("ring", [True, False])
@@ -220,22 +229,7 @@ def test_kv_sharing_matches_transformers(shared4):
     sd = ref.state_dict()
     assert "model.layers.3.self_attn.k_proj.weight" not in sd
     assert tuple(sd["model.layers.3.mlp.gate_proj.weight"].shape) == (192, 64)  # double-wide
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    ids, mask = random_batch(11, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
-    with torch.no_grad():
-        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-    ours = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
-                                                                         output_hidden_states=True)
-    real = mask.astype(bool)
-    for ours_h, their_h in zip(ours.hidden_states, theirs.hidden_states):
-        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
-    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
-    gen_ids, gen_mask = random_batch(12, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
-    out = model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32, do_sample=False)
-    with torch.no_grad():
-        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
-                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(out), want)
+    matches_transformers(folder, ref, 11)
 
 
 def test_shared_layers_keep_no_cache_and_stay_batch_invariant(shared4):
@@ -243,16 +237,9 @@ def test_shared_layers_keep_no_cache_and_stay_batch_invariant(shared4):
     per slot, row and layer kv_heads x head_dim float32 keys and values (layers 0, 1: 1 x 16;
     layer 2: 1 x 32), half of what 6 layers would take. Requests stay the same bits alone and
     beside others."""
-    from test_engine import _outcome, _requests, _staggered
-
     folder, ref = shared4
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    reqs = _requests(ref.config.vocab_size, seed=2)
-    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
-        kept = engine.stats()["kv_cache_bytes"]
-        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
-        together = _staggered(engine, reqs)
-    assert alone == together
+    kept = invariant_in_the_engine(gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32"),
+                                   ref.config.vocab_size, 2)
     # Sliding layers keep min(slot_ctx, 2 * window + chunk) = 24 slots, the full layer all 128.
     per_row = 2 * 4 * (16 * 24 + 16 * 24 + 32 * 128)
     assert kept == 8 * per_row
@@ -265,31 +252,11 @@ def test_the_e2b_shape_with_per_layer_embeddings(tmp_path):
     [128, 48] table and a projection of the embedding) on top of KV sharing and the double-wide
     MLP. Every hidden state, logits with padding and 32 greedy tokens against transformers; the
     scheduler's batch invariance; the per-layer tensors stay in the float dtype under int8."""
-    from test_engine import _outcome, _requests, _staggered
-
     folder = str(tmp_path / "e2b")
     ref = build(folder, "e2b")
     assert ref.config.hidden_size_per_layer_input == 8
-    ids, mask = random_batch(13, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
-    with torch.no_grad():
-        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-    real = mask.astype(bool)
-    hidden = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
-                                                                         output_hidden_states=True)
-    for ours_h, their_h in zip(hidden.hidden_states, theirs.hidden_states):
-        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
-    gen_ids, gen_mask = random_batch(14, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
-    with torch.no_grad():
-        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
-                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32,
-                                                            do_sample=False)), want)
-    reqs = _requests(ref.config.vocab_size, seed=3)
-    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
-        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
-        assert _staggered(engine, reqs) == alone
+    model = matches_transformers(folder, ref, 13)
+    invariant_in_the_engine(model, ref.config.vocab_size, 3)
     q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization="int8")
     assert q.quantization["per_layer_inputs"] == "float32" and q.quantization["mlp"] == "int8"
 
@@ -312,22 +279,7 @@ def moe4(tmp_path_factory):
 
 def test_experts_match_transformers(moe4):
     folder, ref = moe4
-    ids, mask = random_batch(15, 3, 4 * ref.config.sliding_window + 3, ref.config.vocab_size, pad_left=[0, 5, 0])
-    with torch.no_grad():
-        theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
-    real = mask.astype(bool)
-    hidden = gemma_cpp.GemmaModel.from_pretrained(folder, dtype="float32")(ids, attention_mask=mask,
-                                                                         output_hidden_states=True)
-    for ours_h, their_h in zip(hidden.hidden_states, theirs.hidden_states):
-        assert rel_err(ours_h, their_h.numpy(), real) <= F32_TOL
-    model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    assert rel_err(model(ids, attention_mask=mask).logits, theirs.logits.numpy(), real) <= F32_TOL
-    gen_ids, gen_mask = random_batch(16, 2, 3 * ref.config.sliding_window + 1, ref.config.vocab_size, pad_left=[0, 4])
-    with torch.no_grad():
-        want = ref.generate(torch.tensor(gen_ids), attention_mask=torch.tensor(gen_mask), max_new_tokens=32,
-                            do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(model.generate(gen_ids, attention_mask=gen_mask, max_new_tokens=32,
-                                                            do_sample=False)), want)
+    matches_transformers(folder, ref, 15)
     q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization={"attention": "int8"})  # the MLP's 48: no
     assert q.quantization["experts"] == "float32" and q.quantization["attention"] == "int8"
 
@@ -336,14 +288,9 @@ def test_experts_are_batch_invariant_and_staged(moe4):
     """A token's experts run on the tokens that chose them, gathered: its bits do not depend on
     which others share the step (the scheduler's requests alone and together), and the staged
     device gives the CPU's bits."""
-    from test_engine import _outcome, _requests, _staggered
-
     folder, ref = moe4
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")
-    reqs = _requests(ref.config.vocab_size, seed=4)
-    with gemma_cpp.Engine(model, slots=8, slot_ctx=128, chunk_size=8) as engine:
-        alone = [_outcome(engine.submit(p, **kw)) for p, kw in reqs]
-        assert _staggered(engine, reqs) == alone
+    invariant_in_the_engine(model, ref.config.vocab_size, 4)
     ids, mask = random_batch(17, 2, 20, ref.config.vocab_size, pad_left=[3, 0])
     want = model(ids, attention_mask=mask).logits
     _testing.set_staged_device(True)

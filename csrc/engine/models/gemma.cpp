@@ -38,7 +38,7 @@ std::vector<TensorSpec> gemma_layer(const ModelConfig& c, int64_t l) {
 const float* gemma_forward(StepContext& s) {
   const ModelConfig& c = s.c;
   const int64_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
-  const int64_t nH = c.num_heads, nKV = c.num_kv_heads, M = s.M, Md = s.Md, T = s.sr.T;
+  const int64_t nH = c.num_heads, nKV = c.num_kv_heads, M = s.M;
   const int64_t QD = nH * hd, KD = nKV * hd;
   Workspace& ws = s.ws;
   Device& dev = s.dev;
@@ -71,37 +71,13 @@ const float* gemma_forward(StepContext& s) {
     const int64_t window = c.layer_window(l);
     {
       OpTimer timer(&OpProfile::rope_cache);
-      if (window > 0) {
-        for (int64_t i = 0; i < Md; ++i) s.cache.make_room(l, s.sr.dec_rows[i], s.sr.dec_slots[i], 1, window);
-        for (int64_t row : s.sr.pre_rows) s.cache.make_room(l, row, s.sr.slot0, T, window);
-      }
+      make_room(s, l, window);
       dev.rope_kv(s.cache, l, window > 0, q, k, v, c.qk_norm ? L.q_norm : nullptr, c.qk_norm ? L.k_norm : nullptr,
                   c.rms_norm_eps, nH);
     }
-    {
-      OpTimer timer(&OpProfile::attention);
-      const AttentionRule rule{nH, window, c.attn_scale, c.attn_softcap, c.causal};
-      dev.attention(s.cache, l, rule, q, att);
-    }
-    s.parts([&](int64_t m0, int64_t n, Work work) {
-      block_output(s, att + m0 * QD, QD, L.o, L.post_attn_norm, h + m0 * H, x + m0 * H, n, work);
-    });
+    attend(s, l, q, att, QD, L.o, L.post_attn_norm, h, x);
     // MLP block: down(gelu_tanh(gate(h)) * up(h)).
-    {
-      OpTimer timer(&OpProfile::norm);
-      dev.rmsnorm(x, L.mlp_norm, h, M, H, c.rms_norm_eps);
-    }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      s.parts([&](int64_t m0, int64_t n, Work work) {
-        const MatmulTarget gate_up[2] = {{&L.gate, g + m0 * F, F}, {&L.up, u + m0 * F, F}};
-        dev.matmul_many(h + m0 * H, n, H, gate_up, 2, work);
-      });
-    }
-    {
-      OpTimer timer(&OpProfile::activation);
-      dev.geglu(g, u, M * F);
-    }
+    gated_mlp_in(s, x, L.mlp_norm, L.gate, L.up, F, h, g, u);
     s.parts([&](int64_t m0, int64_t n, Work work) {
       block_output(s, g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
     });

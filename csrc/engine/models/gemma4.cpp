@@ -186,7 +186,7 @@ void ple_input(StepContext& s, int64_t l, const float* x0, float* tok, float* ct
 
 const float* gemma4_forward(StepContext& s) {
   const ModelConfig& c = s.c;
-  const int64_t H = c.hidden_size, nH = c.num_heads, M = s.M, Md = s.Md, T = s.sr.T;
+  const int64_t H = c.hidden_size, nH = c.num_heads, M = s.M;
   Workspace& ws = s.ws;
   Device& dev = s.dev;
   float* x = s.buffer(ws.x, M * H);
@@ -229,39 +229,15 @@ const float* gemma4_forward(StepContext& s) {
       if (own_kv) {
         if (keys_as_values) dev.copy(v, k, static_cast<size_t>(M * KD) * sizeof(float));  // before k_norm and RoPE
         if (c.v_norm) dev.rmsnorm(v, nullptr, v, M * nKV, hd, c.rms_norm_eps);  // per head, no weight
-        if (window > 0) {
-          for (int64_t i = 0; i < Md; ++i) s.cache.make_room(l, s.sr.dec_rows[i], s.sr.dec_slots[i], 1, window);
-          for (int64_t row : s.sr.pre_rows) s.cache.make_room(l, row, s.sr.slot0, T, window);
-        }
+        make_room(s, l, window);
       }
       // A sharing layer: its queries only; it attends over its source layer's slots, which
       // hold this step's keys and values already (the source comes first).
       dev.rope_kv(s.cache, l, window > 0, q, own_kv ? k : nullptr, own_kv ? v : nullptr, L.q_norm, L.k_norm,
                   c.rms_norm_eps, nH);
     }
-    {
-      OpTimer timer(&OpProfile::attention);
-      const AttentionRule rule{nH, window, c.attn_scale, c.attn_softcap, c.causal};
-      dev.attention(s.cache, l, rule, q, att);
-    }
-    s.parts([&](int64_t m0, int64_t n, Work work) {
-      block_output(s, att + m0 * QD, QD, L.o, L.post_attn_norm, h + m0 * H, x + m0 * H, n, work);
-    });
-    {
-      OpTimer timer(&OpProfile::norm);
-      dev.rmsnorm(x, L.mlp_norm, h, M, H, c.rms_norm_eps);
-    }
-    {
-      OpTimer timer(&OpProfile::matmul);
-      s.parts([&](int64_t m0, int64_t n, Work work) {
-        const MatmulTarget gate_up[2] = {{&L.gate, g + m0 * F, F}, {&L.up, u + m0 * F, F}};
-        dev.matmul_many(h + m0 * H, n, H, gate_up, 2, work);
-      });
-    }
-    {
-      OpTimer timer(&OpProfile::activation);
-      dev.geglu(g, u, M * F);
-    }
+    attend(s, l, q, att, QD, L.o, L.post_attn_norm, h, x);
+    gated_mlp_in(s, x, L.mlp_norm, L.gate, L.up, F, h, g, u);
     if (c.num_experts == 0) {
       s.parts([&](int64_t m0, int64_t n, Work work) {
         block_output(s, g + m0 * F, F, L.down, L.post_mlp_norm, h + m0 * H, x + m0 * H, n, work);
