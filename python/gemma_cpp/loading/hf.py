@@ -16,7 +16,7 @@ from ..config import GemmaConfig, load_config
 from ..formats.safetensors import SafetensorsFile
 from ..generation import GenerationConfig
 from ..quant import format_for, resolve_policy
-from .layout import FLOAT_MATRICES, LoadedModel, is_norm, layer_shapes, model_level_shapes, quantized
+from .layout import FLOAT_MATRICES, LoadedModel, is_norm, quantized, tensor_shapes
 
 # Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
 # Gemma 1 norms the MLP's input with the tensor Gemma 2/3 apply to the attention's output.
@@ -57,23 +57,24 @@ _GEMMA1_MLP_NORM = "post_attention_layernorm.weight"
 HEAD_TENSORS = ("lm_head.weight", "score.weight", "score.bias")
 
 
-def layer_names(c: GemmaConfig, layer: int = 0) -> Dict[str, str]:
-    """A decoder layer's tensors for this config's generation: engine name -> transformers name."""
-    names = {short: _LAYER_NAMES[short] for short in layer_shapes(c, layer)}
+def layer_names(c: GemmaConfig, per_layer: Dict[str, Tuple[int, ...]]) -> Dict[str, str]:
+    """A decoder layer's tensors (per_layer: its {engine name: shape}, layout.tensor_shapes):
+    engine name -> transformers name."""
+    names = {short: _LAYER_NAMES[short] for short in per_layer}
     if c.model_type == "gemma":
         names["mlp_norm"] = _GEMMA1_MLP_NORM
     return names
 
 
-def expected_shapes(c: GemmaConfig) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(c: GemmaConfig, tensors=None) -> Dict[str, Tuple[int, ...]]:
     """Every base-model tensor of a checkpoint for this config: transformers name (without the
-    `model.` prefix) -> shape."""
+    `model.` prefix) -> shape. tensors: layout.tensor_shapes(c), when the caller has it."""
+    model_level, layers = tensors or tensor_shapes(c)
     shapes = {"embed_tokens.weight": (c.vocab_size, c.hidden_size), "norm.weight": (c.hidden_size,)}
-    for name, shape in model_level_shapes(c).items():
+    for name, shape in model_level.items():
         shapes[_PLE_NAMES[name]] = shape
-    for i in range(c.num_hidden_layers):
-        per_layer = layer_shapes(c, i)
-        for short, name in layer_names(c, i).items():
+    for i, per_layer in enumerate(layers):
+        for short, name in layer_names(c, per_layer).items():
             shape = per_layer[short]
             if short in _STACKED:
                 shape = (c.num_experts, shape[0] // c.num_experts, shape[1])
@@ -185,7 +186,8 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     Returns (weights, float weight dtype, the head tensors found {name: (array, dtype)})."""
     if config.activation != "gelu_pytorch_tanh":
         raise ValueError(f"{where}: activation {config.activation!r} is not supported (Gemma uses gelu_pytorch_tanh)")
-    expected = expected_shapes(config)
+    tensors = tensor_shapes(config)  # the engine's list, read once
+    expected = expected_shapes(config, tensors)
     # Accept both a base-model checkpoint (embed_tokens.weight) and a head's (model.embed_tokens.weight).
     names = {}
     unexpected, heads, towers = [], {}, []
@@ -262,7 +264,7 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
         return out
 
     weights = {"embed": matrix(names["embed_tokens.weight"], "embed"), "final_norm": norm(names["norm.weight"])}
-    for engine_name in model_level_shapes(config):
+    for engine_name in tensors[0]:
         name = names[_PLE_NAMES[engine_name]]
         weights[engine_name] = norm(name) if is_norm(engine_name) else float_matrix(name)
     if not config.tie_word_embeddings:
@@ -275,7 +277,7 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
                              f"expected {(config.vocab_size, config.hidden_size)}")
         weights["lm_head"] = matrix("lm_head.weight", "lm_head")
     for i in range(config.num_hidden_layers):
-        for short, name in layer_names(config, i).items():
+        for short, name in layer_names(config, tensors[1][i]).items():
             engine_name, name = f"layers.{i}.{short}", names[f"layers.{i}.{name}"]
             weights[engine_name] = (norm(name) if is_norm(engine_name) else float_matrix(name)
                                     if short in FLOAT_MATRICES else matrix(name, engine_name))

@@ -10,7 +10,7 @@ holding (1 + w), as the engine applies them. Each source maps its own tensor nam
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -20,8 +20,8 @@ from ..config import GemmaConfig
 from ..generation import GenerationConfig
 from ..quant import LAYER_GROUP, QuantizedWeight
 
-# The float32 vectors of a layer: its norms (1 + w for Gemma 1-3, w for Gemma 4) and Gemma 4's
-# layer scalar.
+# The float32 vectors of a model and its layers: the norms (1 + w for Gemma 1-3, w for Gemma 4)
+# and Gemma 4's layer scalar and router scales.
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar",
          "ple_norm", "ple_post_norm", "router_scale", "expert_scale", "moe_pre_norm", "moe_dense_norm",
          "moe_post_norm")
@@ -35,24 +35,30 @@ FLOAT_MATRICES = {"ple_embed": "per_layer_inputs", "ple_proj": "per_layer_inputs
 Shape = Tuple[int, ...]
 
 
+def tensor_shapes(c: GemmaConfig) -> Tuple[Dict[str, Shape], List[Dict[str, Shape]]]:
+    """The tensors the engine takes for this config, as its generation declares them
+    (csrc/engine/generation.h; models/gemma.cpp for Gemma 1-3, models/gemma4.cpp), read from the
+    engine once: the model's own beyond embed, lm_head and final_norm (Gemma 4's per-layer input
+    embeddings), and per layer {name: shape}.
+
+    Every generation's layer has the seven matrices (a Gemma 4 layer that shares keys and values
+    has no k or v), attn_norm (before attention) and mlp_norm (before the MLP). Gemma 2, 3 and 4
+    add post_attn_norm and post_mlp_norm (the sandwich norms on the blocks' outputs); Gemma 3
+    and 4 add q_norm and k_norm, per head [head_dim]."""
+    model: Dict[str, Shape] = {}
+    layers: List[Dict[str, Shape]] = [{} for _ in range(c.num_hidden_layers)]
+    for name, shape in model_tensors(engine_config(c, "float32")):
+        if name.startswith("layers."):
+            _, layer, short = name.split(".", 2)
+            layers[int(layer)][short] = tuple(shape)
+        elif name not in ("embed", "lm_head", "final_norm"):
+            model[name] = tuple(shape)
+    return model, layers
+
+
 def layer_shapes(c: GemmaConfig, layer: int = 0) -> Dict[str, Shape]:
-    """A decoder layer's tensors for this config's generation: engine name -> shape, as the
-    engine declares them (csrc/engine/generation.h; models/gemma.cpp for Gemma 1-3).
-
-    Every generation: the seven matrices, attn_norm (before attention) and mlp_norm (before
-    the MLP). Gemma 2 and 3 add post_attn_norm and post_mlp_norm (the sandwich norms on the
-    blocks' outputs); Gemma 3 adds q_norm and k_norm, per head [head_dim]."""
-    prefix = f"layers.{layer}."
-    return {name[len(prefix):]: tuple(shape) for name, shape in model_tensors(engine_config(c, "float32"))
-            if name.startswith(prefix)}
-
-
-def model_level_shapes(c: GemmaConfig) -> Dict[str, Shape]:
-    """The model's own tensors beyond embed, lm_head and final_norm, as its generation declares
-    them: engine name -> shape (Gemma 4's per-layer input embeddings; none for Gemma 1-3)."""
-    skip = ("embed", "lm_head", "final_norm")
-    return {name: tuple(shape) for name, shape in model_tensors(engine_config(c, "float32"))
-            if not name.startswith("layers.") and name not in skip}
+    """Layer `layer`'s tensors (tensor_shapes): engine name -> shape."""
+    return tensor_shapes(c)[1][layer]
 
 
 def is_norm(engine_name: str) -> bool:
