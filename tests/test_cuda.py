@@ -341,6 +341,8 @@ def test_references_match_the_cpu_kernels():
     w = (1 + rng.standard_normal(2048) * 0.3).astype(np.float32)
     ref, bound = rmsnorm_ref(x, w, 1e-6)
     assert_within(_testing.cpu_op_rmsnorm(x, w, 1e-6), ref, bound, "cpu rmsnorm")
+    ref, bound = rmsnorm_ref(x, np.ones(2048, np.float32), 1e-6)  # no weight (Gemma 4's value norm)
+    assert_within(_testing.cpu_op_rmsnorm(x, None, 1e-6), ref, bound, "cpu rmsnorm without a weight")
 
     a = (rng.standard_normal(5000) * 3).astype(np.float32)
     b = rng.standard_normal(5000).astype(np.float32)

@@ -142,11 +142,12 @@ void register_kernels(py::module_& t) {
 
   // The CPU twins of the CUDA ops (the GPU tests compare against them; without a GPU they
   // check the tests' float64 references).
-  t.def("cpu_op_rmsnorm", [](const F32Array& x, const F32Array& w, float eps) {
-    if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1))
-      throw py::value_error("cpu_op_rmsnorm: x [T, H] and w [H]");
+  t.def("cpu_op_rmsnorm", [](const F32Array& x, const py::object& w, float eps) {
+    const F32Array wa = w.is_none() ? F32Array() : w.cast<F32Array>();
+    if (x.ndim() != 2 || (!w.is_none() && (wa.ndim() != 1 || wa.shape(0) != x.shape(1))))
+      throw py::value_error("cpu_op_rmsnorm: x [T, H] and w [H] (or None: no weight)");
     F32Array out({x.shape(0), x.shape(1)});
-    rmsnorm(x.data(), w.data(), out.mutable_data(), x.shape(0), x.shape(1), eps);
+    rmsnorm(x.data(), w.is_none() ? nullptr : wa.data(), out.mutable_data(), x.shape(0), x.shape(1), eps);
     return out;
   }, py::arg("x"), py::arg("w"), py::arg("eps"));
   t.def("cpu_op_geglu", [](const F32Array& gate, const F32Array& up) {

@@ -1,10 +1,10 @@
 // A model generation, as the engine sees it: which tensors its layers hold (names and shapes,
 // from the config) and its forward over one step's tokens. Each generation's forward lives in
-// its own file under engine/models/ (models/gemma.cpp: Gemma 1, 2 and 3), built from the
+// its own file under engine/models/ (gemma.cpp: Gemma 1, 2 and 3; gemma4.cpp), built from the
 // Device's primitives; Model (engine/model.h) keeps what every generation shares: the step's
 // tokens and rows, the KV cache's bookkeeping, the activation buffers, the LM head and the
 // draw. The bindings (reading the weights), the devices (placing them) and the Python loaders
-// (through _C.layer_tensors) all read the tensor list from here.
+// (through _C.model_tensors) all read the tensor list from here.
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -19,8 +19,9 @@
 namespace gemma {
 
 // One tensor of a model: a matrix [rows, cols] (any weight format) or a float32 vector
-// [rows] holding (1 + w) for a norm (cols == 0), of layer `layer` or (layer -1) of the model
-// itself; where ModelWeights keeps it: one of the four members (a layer's in LayerWeights).
+// [rows] (cols == 0: a norm's scale, 1 + w or w as the generation applies it), of layer
+// `layer` or (layer -1) of the model itself; where ModelWeights keeps it: one of the four
+// members (a layer's in LayerWeights).
 struct TensorSpec {
   std::string name;  // a layer's "q", "attn_norm", ...; the model's "embed", "lm_head", "final_norm"
   int64_t rows = 0, cols = 0, layer = -1;

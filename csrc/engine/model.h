@@ -208,6 +208,8 @@ struct Workspace {
   DeviceArray x0, ple_tok, ple_ctx, ple_gate;  // Gemma 4's per-layer inputs
   DeviceArray moe_in, moe_out, moe_rows, moe_g, moe_u, moe_y, moe_logits;  // Gemma 4's experts
   std::vector<float> moe_host;  // the router's logits on the host
+  std::vector<std::vector<std::pair<int64_t, float>>> moe_chosen;  // per expert: its tokens and weights
+  std::vector<int32_t> moe_order;                                  // a token's experts, best first
   StepTokens tokens;  // the step's tokens as the device takes them (host memory)
 };
 

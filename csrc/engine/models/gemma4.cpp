@@ -102,8 +102,11 @@ void experts(StepContext& s, const LayerWeights& L, const float* x, float* h, fl
   dev.download(host.data() + M * E, L.expert_scale, static_cast<size_t>(E) * sizeof(float));
   const float* expert_scale = host.data() + M * E;
   // Per token its K experts and weights; per expert its tokens in token order.
-  std::vector<std::vector<std::pair<int64_t, float>>> chosen(static_cast<size_t>(E));
-  std::vector<int32_t> order(static_cast<size_t>(E));
+  auto& chosen = ws.moe_chosen;  // kept in the workspace: a decode step allocates nothing here
+  chosen.resize(static_cast<size_t>(E));
+  for (auto& tokens : chosen) tokens.clear();
+  std::vector<int32_t>& order = ws.moe_order;
+  order.resize(static_cast<size_t>(E));
   for (int64_t m = 0; m < M; ++m) {
     float* p = &host[m * E];
     float mx = p[0];
