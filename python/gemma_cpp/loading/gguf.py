@@ -21,7 +21,7 @@ from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
 from ..generation import GenerationConfig
 from ..quant import ALL_FORMATS, GGML_TYPE_OF, GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, \
     resolve_policy
-from .layout import LoadedModel, interleaved, is_norm, layer_shapes, quantized
+from .layout import FLOAT_MATRICES, LoadedModel, interleaved, is_norm, quantized, tensor_shapes
 
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
@@ -29,32 +29,37 @@ GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
 _KEPT = {GGML_TYPE_OF[name]: name for name in ALL_FORMATS}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# Engine tensor name (under layers.N.) -> GGUF name (under blk.N.); which of them a file has
-# follows from its generation (layout.layer_shapes).
-_LAYER_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
-                "up": "ffn_up", "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
-                "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm",
-                "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
-
-
-def end_of_turn_id(g: GGUFFile) -> Optional[int]:
-    """The id of the `<end_of_turn>` piece, looked up in the vocabulary."""
-    tokens = g.metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list):
-        try:
-            return tokens.index("<end_of_turn>")
-        except ValueError:
-            return None
-    return None
+# Engine tensor name (under layers.N.) -> GGUF name (under blk.N.), as llama.cpp's converter
+# names them; which of them a file has follows from its generation (layout.tensor_shapes).
+_LAYER_NAMES = {"q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight", "o": "attn_output.weight",
+                "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+                "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight",
+                "post_attn_norm": "post_attention_norm.weight", "post_mlp_norm": "post_ffw_norm.weight",
+                "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+                # Gemma 4
+                "layer_scalar": "layer_output_scale.weight", "ple_gate": "inp_gate.weight",
+                "ple_out": "proj.weight", "ple_post_norm": "post_norm.weight", "router": "ffn_gate_inp.weight",
+                "router_scale": "ffn_gate_inp.scale", "expert_scale": "ffn_down_exps.scale",
+                "experts_gate_up": "ffn_gate_up_exps.weight", "experts_down": "ffn_down_exps.weight",
+                "moe_pre_norm": "pre_ffw_norm_2.weight", "moe_dense_norm": "post_ffw_norm_1.weight",
+                "moe_post_norm": "post_ffw_norm_2.weight"}
+# Gemma 4's model-level tensors of the per-layer input embeddings.
+_MODEL_NAMES = {"ple_embed": "per_layer_token_embd.weight", "ple_proj": "per_layer_model_proj.weight",
+                "ple_norm": "per_layer_proj_norm.weight"}
+# Stop tokens beside the file's eos id, found by name in its vocabulary: Gemma 2 / 3's end of a
+# turn; Gemma 4's end of a turn and the start of a tool's response (transformers' GGUF loader
+# sets Gemma 4's eos ids to <eos>, <turn|>, <|tool_response>, as its generation_config.json).
+END_OF_TURN = ("<end_of_turn>", "<turn|>", "<|tool_response>")
 
 
 def stop_ids(g: GGUFFile, config: GemmaConfig) -> list:
-    """The config's eos ids and the vocabulary's `<end_of_turn>`: where generation stops."""
+    """The config's eos ids and the vocabulary's END_OF_TURN pieces: where generation stops."""
     eos = config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    eot = end_of_turn_id(g)
-    if eot is not None and eot not in ids:
-        ids.append(eot)
+    tokens = g.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        where = {t: i for i, t in enumerate(tokens) if t in END_OF_TURN}
+        ids += [where[t] for t in END_OF_TURN if t in where and where[t] not in ids]
     return ids
 
 
@@ -216,18 +221,52 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
 
     def norm(gname: str, shape):
         tensor(gname, shape)
-        return np.ascontiguousarray(g.dequantize(gname), dtype=np.float32)  # already 1 + w
+        return np.ascontiguousarray(g.dequantize(gname), dtype=np.float32)  # already 1 + w (Gemma 4: w)
+
+    def float_matrix(gname: str, shape):
+        """Gemma 4's per-layer input embeddings and experts (layout.FLOAT_MATRICES): float,
+        whatever the file's type (dequantized: the same values), the experts' stacked matrices
+        one after the other."""
+        values = g.dequantize(tensor(gname, shape).name)
+        g.release(gname)
+        return as_engine_dtype(values.reshape(-1, values.shape[-1]), "float32", target)
+
+    def experts_gate_up(i: int, shape):
+        """[E * 2I, H]: each expert's gate rows then its up rows; a file has them as one tensor
+        [E, 2I, H] or as ffn_gate_exps and ffn_up_exps [E, I, H] each (both llama.cpp's)."""
+        E = config.num_experts
+        fused = f"blk.{i}.ffn_gate_up_exps.weight"
+        if fused in g.tensors or f"blk.{i}.ffn_gate_exps.weight" not in g.tensors:
+            return float_matrix(fused, (E, shape[0] // E, shape[1]))
+        half = (E, shape[0] // E // 2, shape[1])
+        gate, up = (g.dequantize(tensor(f"blk.{i}.ffn_{n}_exps.weight", half).name) for n in ("gate", "up"))
+        return as_engine_dtype(np.concatenate([gate, up], axis=1).reshape(shape), "float32", target)
 
     V, H = config.vocab_size, config.hidden_size
     weights = {"embed": matrix("token_embd.weight", "embed", (V, H)),
                "final_norm": norm("output_norm.weight", (H,))}
     if not config.tie_word_embeddings:
         weights["lm_head"] = matrix("output.weight", "lm_head", (V, H))
-    per_layer = layer_shapes(config)
-    for i in range(config.num_hidden_layers):
+    model_level, layers = tensor_shapes(config)
+    for ename, shape in model_level.items():
+        gname = _MODEL_NAMES[ename]
+        weights[ename] = norm(gname, shape) if is_norm(ename) else float_matrix(gname, shape)
+    for i, per_layer in enumerate(layers):
         for short, shape in per_layer.items():
-            gname, ename = f"blk.{i}.{_LAYER_NAMES[short]}.weight", f"layers.{i}.{short}"
-            weights[ename] = norm(gname, shape) if is_norm(ename) else matrix(gname, ename, shape)
+            gname, ename = f"blk.{i}.{_LAYER_NAMES[short]}", f"layers.{i}.{short}"
+            if short == "layer_scalar" and gname not in g.tensors:
+                weights[ename] = np.ones(shape, np.float32)  # optional in llama.cpp's loader: 1
+            elif short == "experts_gate_up":
+                weights[ename] = experts_gate_up(i, shape)
+            elif short == "experts_down":
+                E = config.num_experts
+                weights[ename] = float_matrix(gname, (E, shape[0] // E, shape[1]))
+            elif is_norm(ename):
+                weights[ename] = norm(gname, shape)
+            elif short in FLOAT_MATRICES:
+                weights[ename] = float_matrix(gname, shape)
+            else:
+                weights[ename] = matrix(gname, ename, shape)
         if progress:
             progress(i + 1, config.num_hidden_layers)
     notice = _requantize_notice(g.path, changed, asked=policy is not None)
