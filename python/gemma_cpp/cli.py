@@ -63,6 +63,7 @@ def _check_model(path: str, tokenizer: bool = True) -> str:
 
 def _load(args, model_path: str):
     import gemma_cpp
+    from .generation import chat_stop_ids
 
     device = _device(args)
     _check_sampling(args)
@@ -74,11 +75,7 @@ def _load(args, model_path: str):
     quantization = {None: "auto", "none": None}.get(args.quantization, args.quantization)
     model = gemma_cpp.GemmaForCausalLM.from_pretrained(model_path, dtype=args.dtype, quantization=quantization,
                                                        device=device)
-    eos = model.generation_config.eos_ids() or ([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else list(model.config.eos_token_id or []))
-    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id and end_of_turn not in eos:
-        eos.append(end_of_turn)
-    return tok, model, eos, time.perf_counter() - t0
+    return tok, model, chat_stop_ids(model, tok), time.perf_counter() - t0
 
 
 def _sampling_flags(args) -> dict:

@@ -10,6 +10,27 @@ from typing import List, Optional, Union
 from ._files import read_json_object
 
 
+# The pieces that end a chat turn, stop tokens beside a model's eos ids wherever its vocabulary has
+# them: Gemma 2 / 3's <end_of_turn>; Gemma 4's <turn|>, and <|tool_response>, where a model that
+# called a tool waits for its result (transformers gives Gemma 4 the eos ids <eos>, <turn|> and
+# <|tool_response>, as its generation_config.json does).
+END_OF_TURN = ("<end_of_turn>", "<turn|>", "<|tool_response>")
+
+
+def chat_stop_ids(model, tokenizer) -> List[int]:
+    """Where a chat reply ends: the model's eos ids (its generation config's, else its
+    config's) and the END_OF_TURN pieces the tokenizer has."""
+    eos = model.generation_config.eos_ids()
+    if not eos:
+        e = model.config.eos_token_id
+        eos = [e] if is_int(e) else [int(x) for x in (e or [])]
+    for piece in END_OF_TURN:
+        i = tokenizer.convert_tokens_to_ids(piece)
+        if is_int(i) and i != tokenizer.unk_token_id and i not in eos:
+            eos.append(i)
+    return eos
+
+
 def is_int(v) -> bool:
     """An integer, not a bool (True is an int to Python, never a count to us)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -18,7 +18,7 @@ import numpy as np
 from .._dtypes import as_engine_dtype, canonical_dtype
 from ..config import GemmaConfig, config_from_gguf
 from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
-from ..generation import GenerationConfig
+from ..generation import END_OF_TURN, GenerationConfig
 from ..quant import ALL_FORMATS, GGML_TYPE_OF, GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, \
     resolve_policy
 from .layout import FLOAT_MATRICES, LoadedModel, interleaved, is_norm, quantized, tensor_shapes
@@ -46,10 +46,6 @@ _LAYER_NAMES = {"q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight"
 # Gemma 4's model-level tensors of the per-layer input embeddings.
 _MODEL_NAMES = {"ple_embed": "per_layer_token_embd.weight", "ple_proj": "per_layer_model_proj.weight",
                 "ple_norm": "per_layer_proj_norm.weight"}
-# Stop tokens beside the file's eos id, found by name in its vocabulary: Gemma 2 / 3's end of a
-# turn; Gemma 4's end of a turn and the start of a tool's response (transformers' GGUF loader
-# sets Gemma 4's eos ids to <eos>, <turn|>, <|tool_response>, as its generation_config.json).
-END_OF_TURN = ("<end_of_turn>", "<turn|>", "<|tool_response>")
 
 
 def stop_ids(g: GGUFFile, config: GemmaConfig) -> list:

@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..engine import Engine
-from ..generation import is_int, is_num
+from ..generation import chat_stop_ids, is_int, is_num
 from .guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, Guard, HostRule, OriginRule, open_warning
 
 MAX_N = 16            # choices per request
@@ -423,18 +423,6 @@ class _State:
         return f"the model failed to load: {self.error}" if self.error else None
 
 
-def _eos_ids(model, tokenizer) -> List[int]:
-    """The model's stop tokens, and Gemma's <end_of_turn> when the vocabulary has it."""
-    eos = model.generation_config.eos_ids()
-    if not eos:
-        e = model.config.eos_token_id
-        eos = [e] if isinstance(e, int) else list(e or [])
-    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id and end_of_turn not in eos:
-        eos.append(end_of_turn)
-    return eos
-
-
 def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]] = None,
                model_name: Optional[str] = None, slots: int = 8, ctx_size: Optional[int] = None,
                slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None,
@@ -474,7 +462,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         engine = Engine(m, slots=slots, ctx_size=ctx_size, slot_ctx=slot_ctx, chunk_size=chunk_size)
         state.tokenizer = t
         state.hold = _hold_ids(t, pieces)
-        state.eos = _eos_ids(m, t)
+        state.eos = chat_stop_ids(m, t)
         bound = getattr(t, "max_chars_per_token", None)
         state.prompts = Prompts(t, engine.slot_ctx, bound() if bound is not None else None)
         state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting),

@@ -64,9 +64,60 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 """
 
 
+# Gemma 4: turns open with <|turn>{role} and close with <turn|>; a system (or developer) message,
+# or enable_thinking (<|think|> first), makes a system turn; an earlier model turn is written
+# without its thoughts (<|channel>...<channel|>); images, audio and video become their
+# placeholders; an assistant message right after another continues its turn. Written for the
+# tokenizers that name no template: it renders what
+# google/gemma-4-E2B-it's chat_template.jinja renders for conversations without tools (the test
+# compares the two on such conversations); a checkpoint's own template is used where it has one.
+GEMMA4_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if tools or messages | selectattr('role', 'equalto', 'tool') | list
+      or messages | selectattr('tool_calls', 'defined') | list -%}
+    {{ raise_exception("this tokenizer has no chat template of its own, and Gemma 4's default one renders conversations without tools; pass the checkpoint's chat_template") }}
+{%- endif -%}
+{%- set thinking = enable_thinking is defined and enable_thinking -%}
+{%- set has_system = messages[0]['role'] in ['system', 'developer'] -%}
+{%- if thinking or has_system -%}
+    {{ '<|turn>system\n' }}
+    {%- if thinking -%}{{ '<|think|>\n' }}{%- endif -%}
+    {%- if has_system -%}{{ messages[0]['content'] | trim }}{%- endif -%}
+    {{ '<turn|>\n' }}
+{%- endif -%}
+{%- set turns = messages[1:] if has_system else messages -%}
+{%- for message in turns -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {%- if not (role == 'model' and loop.index0 > 0 and turns[loop.index0 - 1]['role'] == 'assistant') -%}
+        {{ '<|turn>' + role + '\n' }}
+    {%- endif -%}
+    {%- set parts = [{'type': 'text', 'text': message['content']}] if message['content'] is string
+                    else (message['content'] or []) -%}
+    {%- for part in parts -%}
+        {%- if part['type'] == 'text' and role == 'model' -%}
+            {%- set ns = namespace(text='') -%}
+            {%- for piece in part['text'].split('<channel|>') -%}
+                {%- set ns.text = ns.text + piece.split('<|channel>')[0] -%}
+            {%- endfor -%}
+            {{ ns.text | trim }}
+        {%- elif part['type'] == 'text' -%}
+            {{ part['text'] | trim }}
+        {%- elif part['type'] in ['image', 'audio', 'video'] -%}
+            {{ '<|' + part['type'] + '|>' }}
+        {%- endif -%}
+    {%- endfor -%}
+    {{ '<turn|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<|turn>model\n' }}
+{%- endif -%}
+"""
+
+
 def default_template(vocab: Mapping[str, int]) -> str:
-    """The template of a tokenizer that names none: Gemma 3's when the vocabulary is Gemma 3's
-    (it has ``<start_of_image>``), else Gemma 1/2's."""
+    """The template of a tokenizer that names none: Gemma 4's when the vocabulary is Gemma 4's
+    (it has ``<|turn>``), Gemma 3's when it is Gemma 3's (``<start_of_image>``), else Gemma 1/2's."""
+    if "<|turn>" in vocab:
+        return GEMMA4_CHAT_TEMPLATE
     return GEMMA3_CHAT_TEMPLATE if "<start_of_image>" in vocab else GEMMA_CHAT_TEMPLATE
 
 
