@@ -299,3 +299,60 @@ def test_experts_are_batch_invariant_and_staged(moe4):
         np.testing.assert_array_equal(staged(ids, attention_mask=mask).logits, want)
     finally:
         _testing.set_staged_device(False)
+
+
+@pytest.fixture(scope="module")
+def moe32(tmp_path_factory):
+    """The 26B-A4B shape with experts 32 wide: each expert's gate, up and down rows are whole
+    16-row groups and their inputs whole 32-blocks, so the experts can be quantized."""
+    folder = str(tmp_path_factory.mktemp("gemma4-moe32"))
+    return folder, build(folder, "26b_a4b", seed=6, moe_intermediate_size=32, intermediate_size=64)
+
+
+def _position_errors(a, b):
+    """Per position, the largest logit difference relative to b's largest logit."""
+    return np.abs(a - b).max(-1) / np.abs(b).max(-1)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts(moe32, fmt, tmp_path):
+    """The experts alone quantized (each expert's gate, up and down rows read in place from the
+    stacked matrices): per position, the logits are those of the float model whose experts hold
+    the quantized values (numpy's quant.dequantize of quant.quantize, saved as a transformers
+    checkpoint) within the activations' rounding: median error measured 0.017 (int8) and 0.012
+    (int4), against 0.023 and 0.21 from the unquantized model; an expert reading another's rows
+    or a wrong scale is O(1). These tiny random models amplify a change down the sequence, and a
+    token may pick other experts, so the tail of positions is wider; the median is the measure.
+    With every group quantized the next-token choice agrees with float32's on most of 160
+    positions (measured 2026-12-07: int8 0.956, int4 0.794; chance is 1 in 128)."""
+    from gemma_cpp import quant
+
+    folder, ref = moe32
+    ids, _ = random_batch(9, 4, 40, ref.config.vocab_size)
+    f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")(ids).logits
+    only = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32", quantization={"experts": fmt})
+    assert only.quantization["mlp"] == "float32" and only.quantization["experts"] == {"float32": 4, fmt: 8}
+    rounded = transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if ".experts." in name:
+                a = p.numpy().reshape(-1, p.shape[-1])
+                p.copy_(torch.from_numpy(quant.dequantize(quant.quantize(a, fmt), a.shape[1]).reshape(p.shape)))
+    rounded.save_pretrained(tmp_path / "rounded")
+    want = gemma_cpp.GemmaForCausalLM.from_pretrained(tmp_path / "rounded", dtype="float32")(ids).logits
+    got = only(ids).logits
+    near, far = np.median(_position_errors(got, want)), np.median(_position_errors(got, f32))
+    print(f"{fmt} experts: median position error {near:.4f} against the rounded float model, {far:.4f} against float32")
+    assert near <= 0.03
+    if fmt == "int4":
+        assert far >= 4 * near  # the comparison sees int4's rounding of the weights
+    q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization=fmt)
+    agree = float((q(ids).logits.argmax(-1) == f32.argmax(-1)).mean())
+    print(f"{fmt} ({q.quantization}) top-1 agreement with float32: {agree:.3f}")
+    assert agree >= {"int8": 0.9, "int4": 0.7}[fmt]
+
+
+def test_quantized_experts_are_batch_invariant(moe32):
+    folder, ref = moe32
+    invariant_in_the_engine(gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization="int8"),
+                            ref.config.vocab_size, 5)

@@ -122,8 +122,10 @@ def write_gemma4_gguf(path, ref, qtype=None, split_experts=False, tokens=None):
 
 @pytest.fixture(scope="module", params=["e2b", "31b", "26b_a4b"])
 def shaped(request, tmp_path_factory):
+    """The three shapes; the experts 32 wide, so that a Q8_0 file holds them quantized."""
     folder = str(tmp_path_factory.mktemp(f"g4-{request.param}"))
-    return request.param, folder, build(folder, request.param, seed=3)
+    extra = dict(moe_intermediate_size=32) if request.param == "26b_a4b" else {}
+    return request.param, folder, build(folder, request.param, seed=3, **extra)
 
 
 def test_a_float_gguf_is_the_hf_folder(shaped, tmp_path):
@@ -149,14 +151,16 @@ def test_a_float_gguf_is_the_hf_folder(shaped, tmp_path):
     assert rel_err(got, want, mask.astype(bool)) <= F32_TOL
 
 
-def test_q8_0_keeps_its_values_and_the_float_groups_stay_float(shaped, tmp_path):
-    """A Q8_0 file loads as int8 without a re-quantization warning; the per-layer embeddings and
-    the experts, which the engine keeps float, hold the file's values (dequantized, as the gguf
-    package dequantizes them); greedy next tokens agree with the float32 folder's on most
-    positions (measured: 0.93 e2b, 0.90 31b, where our own int8 of the folder agrees 0.925 and
-    0.90: these tiny random models have small margins; a broken kernel agrees 1 time in 128)."""
+def test_q8_0_keeps_its_values(shaped, tmp_path):
+    """A Q8_0 file loads as int8 without a re-quantization warning, the experts' stacked
+    gate / up included (each expert's rows read in place); the per-layer input tensors, which
+    the engine keeps float, hold the file's values (dequantized, as the gguf package does);
+    greedy next tokens agree with the float32 folder's on most positions (measured: 0.93 e2b,
+    0.90 31b, where our own int8 of the folder agrees 0.925 and 0.90: these tiny random models
+    have small margins; a broken kernel agrees 1 time in 128)."""
     import warnings
 
+    from gemma_cpp import quant
     from gemma_cpp.loading import gguf as gguf_model
 
     shape, folder, ref = shaped
@@ -166,24 +170,28 @@ def test_q8_0_keeps_its_values_and_the_float_groups_stay_float(shaped, tmp_path)
         loaded = gguf_model.load(path)
         q = gemma_cpp.GemmaForCausalLM.from_pretrained(path)
     assert q.quantization["attention"] == "int8" and q.quantization["embed"] == "int8"
-    reader = gguf.GGUFReader(path)
-    checked = 0
-    for t in reader.tensors:
-        engine = {"per_layer_model_proj.weight": "ple_proj"}.get(t.name)
+    short = {"per_layer_model_proj": "ple_proj", "inp_gate": "ple_gate", "ffn_gate_up_exps": "experts_gate_up",
+             "ffn_down_exps": "experts_down"}
+    checked = []
+    for t in gguf.GGUFReader(path).tensors:
         kind = t.name.split(".")[-2]
-        if kind in ("inp_gate", "ffn_gate_up_exps", "ffn_down_exps"):
-            short = {"inp_gate": "ple_gate", "ffn_gate_up_exps": "experts_gate_up", "ffn_down_exps": "experts_down"}
-            engine = f"layers.{t.name.split('.')[1]}.{short[kind]}"
-        if engine is None or t.tensor_type != QT.Q8_0:
+        if kind not in short or t.tensor_type != QT.Q8_0:
             continue
+        engine = short[kind] if kind == "per_layer_model_proj" else f"layers.{t.name.split('.')[1]}.{short[kind]}"
         want = gguf.quants.dequantize(t.data, t.tensor_type)
-        np.testing.assert_array_equal(loaded.weights[engine], want.reshape(-1, want.shape[-1]))
-        checked += 1
-    # e2b: the projection and 6 gates; 26b_a4b: 4 layers' gate_up (down's 24-wide rows stay F32).
-    assert checked == {"e2b": 1 + 6, "31b": 0, "26b_a4b": 4}[shape]
-    for group in ("per_layer_inputs", "experts"):
-        if group in q.quantization:
-            assert q.quantization[group] == "float32"
+        want = want.reshape(-1, want.shape[-1])
+        got = loaded.weights[engine]
+        if kind.endswith("_exps"):
+            assert got[0] == "int8"
+            got = quant.dequantize(got, want.shape[1])
+        np.testing.assert_array_equal(got, want)
+        checked.append(kind)
+    # e2b: the projection and 6 gates; 26b_a4b: 4 layers' gate_up and down.
+    assert len(checked) == {"e2b": 1 + 6, "31b": 0, "26b_a4b": 8}[shape]
+    if "per_layer_inputs" in q.quantization:
+        assert q.quantization["per_layer_inputs"] == "float32"
+    if "experts" in q.quantization:  # gate_up and down int8, the router float
+        assert q.quantization["experts"] == {"float32": 4, "int8": 8}
     ids, _ = random_batch(22, 4, 40, ref.config.vocab_size)
     f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")(ids).logits.argmax(-1)
     agree = float((q(ids).logits.argmax(-1) == f32).mean())
@@ -193,7 +201,8 @@ def test_q8_0_keeps_its_values_and_the_float_groups_stay_float(shaped, tmp_path)
 
 def test_experts_in_two_tensors_and_the_stop_tokens(tmp_path):
     """The experts' gate and up projections as llama.cpp's separate ffn_gate_exps / ffn_up_exps
-    tensors load to the same logits as the stacked ffn_gate_up_exps; a vocabulary with Gemma 4's
+    tensors load to the same logits as the stacked ffn_gate_up_exps; experts the engine cannot
+    read quantized in place load as float from a Q8_0 file; a vocabulary with Gemma 4's
     <turn|> and <|tool_response>  makes them stop tokens beside <eos> (transformers' GGUF loader
     gives Gemma 4 the eos ids 1, 106, 50)."""
     folder = str(tmp_path / "moe")
@@ -207,6 +216,18 @@ def test_experts_in_two_tensors_and_the_stop_tokens(tmp_path):
     ids, _ = random_batch(23, 2, 20, ref.config.vocab_size)
     np.testing.assert_array_equal(split(ids).logits, fused(ids).logits)
     assert fused.generation_config.eos_token_id == [1, 106, 50]
+    # 24 rows per expert's gate and up: not whole 16-row groups, so a Q8_0 file's experts load as
+    # float with their values ("auto"), and asking for int8 experts is an error naming why.
+    from gemma_cpp.loading import gguf as gguf_model
+
+    q8 = write_gemma4_gguf(tmp_path / "q8.gguf", ref, qtype=QT.Q8_0)
+    t = next(t for t in gguf.GGUFReader(q8).tensors if t.name == "blk.0.ffn_gate_up_exps.weight")
+    want = gguf.quants.dequantize(t.data, t.tensor_type)
+    got = gguf_model.load(q8).weights["layers.0.experts_gate_up"]
+    assert t.tensor_type == QT.Q8_0 and isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, want.reshape(-1, want.shape[-1]))
+    with pytest.raises(ValueError, match="reads each expert's rows of it in place, 24 at a time"):
+        gguf_model.load(q8, quantization={"experts": "int8"})
 
 
 def test_metadata_that_contradicts_itself_is_refused(tmp_path):

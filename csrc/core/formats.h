@@ -49,6 +49,11 @@ struct GgufQ6K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d;
 static_assert(sizeof(GgufQ8_0) == 34 && sizeof(GgufQ4_0) == 18 && sizeof(GgufQ4_1) == 20, "ggml's block sizes");
 static_assert(sizeof(GgufQ4K) == 144 && sizeof(GgufQ5K) == 176 && sizeof(GgufQ6K) == 210, "ggml's block sizes");
 
+// Rows per interleaved group of a quantized matrix in memory (cpu/quant.h says how a group's
+// rows interleave; the rows past the last whole group are plain). A run of rows that starts and
+// ends on a group boundary is itself such a matrix: Gemma 4's experts are read that way.
+constexpr int64_t kQGroup = 16;
+
 struct FormatInfo {
   DType dtype;
   const char* name;         // as Python, the files (our format's "formats") and messages say it

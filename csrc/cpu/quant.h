@@ -59,7 +59,6 @@ namespace gemma {
 
 inline int64_t scale_row_count(int64_t K) { return K / kQBlock; }
 
-constexpr int64_t kQGroup = 16;  // rows per interleaved group
 inline int64_t grouped_rows(int64_t rows) { return rows / kQGroup * kQGroup; }
 
 // A quantized matrix's three arrays (mins null but for int4m).

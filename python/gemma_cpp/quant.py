@@ -275,18 +275,21 @@ def dequantize(qw, cols: int) -> np.ndarray:
 # ---- policy: which tensors of a model get which format.
 
 PolicyLike = Union[None, str, Dict[str, Optional[str]]]
-_GROUPS = ("embed", "attention", "mlp")
+_GROUPS = ("embed", "attention", "mlp", "experts")
 LAYER_GROUP = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
-                "gate": "mlp", "up": "mlp", "down": "mlp"}
+               "gate": "mlp", "up": "mlp", "down": "mlp", "experts_gate_up": "experts", "experts_down": "experts"}
+_LAYERS = ("attention", "mlp", "experts")
 
 
 def resolve_policy(quantization: PolicyLike) -> Dict[str, Optional[str]]:
     """{group: format or None} for the groups embed (the embedding, which is also the tied LM
-    head), attention (q, k, v, o) and mlp (gate, up, down). Norms always stay float32.
+    head), attention (q, k, v, o), mlp (gate, up, down) and experts (Gemma 4's mixture of
+    experts: their stacked gate / up and down). Norms, Gemma 4's router and per-layer input
+    embeddings always stay float.
 
     "int8" / "int4" / "int4m" quantize every group; a dict sets groups one by one, e.g.
-    {"layers": "int4", "embed": "int8"} ("layers" means attention and mlp); groups it does not
-    name stay in the model's float dtype."""
+    {"layers": "int4", "embed": "int8"} ("layers" means attention, mlp and experts); groups it
+    does not name stay in the model's float dtype."""
     if quantization is None:
         return dict.fromkeys(_GROUPS)
     if isinstance(quantization, str):
@@ -301,7 +304,7 @@ def resolve_policy(quantization: PolicyLike) -> Dict[str, Optional[str]]:
         if fmt is not None and fmt not in FORMATS:
             raise ValueError(f"quantization[{key!r}]: unknown format {fmt!r}: expected one of {', '.join(FORMATS)} or None")
         if key == "layers":
-            out["attention"] = out["mlp"] = fmt
+            out.update(dict.fromkeys(_LAYERS, fmt))
         elif key in _GROUPS:
             out[key] = fmt
         else:

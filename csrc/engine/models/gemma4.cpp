@@ -72,12 +72,22 @@ std::vector<TensorSpec> gemma4_model(const ModelConfig& c) {
           TensorSpec::of("ple_norm", -1, c.ple_dim, 0, &ModelWeights::ple_norm)};
 }
 
-// Rows [r0, r0 + n) of a float matrix, in place.
+// Rows [r0, r0 + n) of a matrix, in place: for a quantized one, a run of whole 16-row groups
+// (its arrays keep one row's bytes, scales and mins per row; only the order inside a group
+// differs), which the loaders guarantee for the experts (their rows per expert a multiple of 16).
 Weight row_slice(const Weight& w, int64_t r0, int64_t n) {
-  if (w.quantized()) throw std::invalid_argument("Gemma 4's experts must be float32 or bfloat16");
   Weight s = w;
-  s.data = static_cast<const char*>(w.data) + r0 * w.ld * format_info(w.dtype).block_bytes;
   s.rows = n;
+  if (!w.quantized()) {
+    s.data = static_cast<const char*>(w.data) + r0 * w.ld * format_info(w.dtype).block_bytes;
+    return s;
+  }
+  if (r0 % kQGroup || n % kQGroup)
+    throw std::invalid_argument("Gemma 4's quantized experts need a multiple of 16 rows per expert");
+  s.data = static_cast<const char*>(w.data) + r0 * w.ld;
+  const int64_t per_row = w.cols / kQBlock;  // scales (and mins) per row
+  if (w.scales) s.scales = w.scales + r0 * per_row;
+  if (w.mins) s.mins = w.mins + r0 * per_row;
   return s;
 }
 

@@ -21,7 +21,8 @@ from ..formats.gguf import GGUFFile, dequantize, quantized_blocks
 from ..generation import END_OF_TURN, GenerationConfig
 from ..quant import ALL_FORMATS, GGML_TYPE_OF, GROUP, QuantizedWeight, format_for, kquant_from_gguf, pack_nibbles, \
     resolve_policy
-from .layout import FLOAT_MATRICES, LoadedModel, interleaved, is_norm, quantized, tensor_shapes
+from .layout import FLOAT_MATRICES, STACKED, LoadedModel, check_quantizable, interleaved, is_norm, quantized, \
+    tensor_shapes
 
 GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q8_0 = 2, 3, 6, 8
 GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 12, 13, 14
@@ -114,13 +115,14 @@ _IMPORTS = {(GGML_Q8_0, "int8"): _import_q8_0, (GGML_Q4_0, "int8"): _import_q4_0
 _CHUNK_ELEMENTS = 1 << 22  # weights per band: 16 MiB of float32, 4 MiB of Q8_0
 
 
-def _banded(g: GGUFFile, gname: str, info, convert) -> QuantizedWeight:
+def _banded(g: GGUFFile, gname: str, info, convert, shape=None) -> QuantizedWeight:
     """A matrix converted a band of rows at a time: convert(raw bytes of rows, n rows, cols)
     gives the band as a QuantizedWeight in the engine's row order, which is copied into place;
     then the band's file pages are given back (GGUFFile.release). So neither the whole tensor
     in another form (the 270M model's 168M-weight embedding as float32 or as a second copy)
-    nor the file's pages beside our copy ever add to the peak memory: only a band does."""
-    rows, cols = info.shape
+    nor the file's pages beside our copy ever add to the peak memory: only a band does.
+    shape: the matrix's (rows, cols) where the file's tensor has more axes (stacked experts)."""
+    rows, cols = shape or info.shape
     row_bytes = info.nbytes // rows
     # Whole 16-row groups per band, so the bands' interleaved rows are the whole's.
     band = max(GROUP, _CHUNK_ELEMENTS // cols // GROUP * GROUP)
@@ -137,12 +139,12 @@ def _banded(g: GGUFFile, gname: str, info, convert) -> QuantizedWeight:
     return QuantizedWeight(part[0], *out)
 
 
-def _requantize(g: GGUFFile, gname: str, info, fmt: str) -> QuantizedWeight:
+def _requantize(g: GGUFFile, gname: str, info, fmt: str, shape=None) -> QuantizedWeight:
     """Dequantized and quantized to fmt a band of rows at a time (_banded)."""
     def band(raw, rows, cols):
         return quantized(np.ascontiguousarray(dequantize(raw, info.ggml_type, (rows, cols)), dtype=np.float32), fmt)
 
-    return _banded(g, gname, info, band)
+    return _banded(g, gname, info, band, shape)
 
 
 def resolve_gguf_policy(quantization) -> Optional[Dict[str, Optional[str]]]:
@@ -195,48 +197,62 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
                              "from the file's metadata")
         return info
 
-    def matrix(gname: str, engine_name: str, shape):
-        info = tensor(gname, shape)
-        rows, cols = shape
+    def matrix(gname: str, engine_name: str, shape, file_shape=None):
+        """shape: the engine's (rows, cols); file_shape: the file's where it differs (the
+        experts' [experts, rows per expert, cols])."""
+        info = tensor(gname, file_shape or shape)
         fmt = _matrix_format(policy, info, engine_name)
-        if fmt is not None and cols % 32:
-            raise ValueError(f"{g.path}: cannot quantize {gname!r} to {fmt}: its rows of {cols} are not a "
-                             "multiple of 32")
+        if fmt is not None:
+            try:
+                check_quantizable(gname, engine_name, shape, fmt, getattr(config, "num_experts", None) or 1, g.path)
+            except ValueError:
+                if policy is not None:
+                    raise
+                fmt = None  # "auto": the file's values, as float, where the engine cannot read them in place
         if fmt is not None and not _lossless(info, fmt) and info.type_name not in _FLOAT_TYPES:
             changed.setdefault(info.type_name, collections.Counter())[fmt] += 1
         # The lossless imports give plain rows; the engine takes them in its row order. (A
         # K-quant format is only ever the tensor's own type: policies cannot name one.)
         convert = _IMPORTS.get((info.ggml_type, fmt))
         if convert is not None:
-            return _banded(g, gname, info, lambda raw, r, c: interleaved(convert(raw, r, c, fmt)))
+            return _banded(g, gname, info, lambda raw, r, c: interleaved(convert(raw, r, c, fmt)), shape)
         if fmt is None:
-            values = as_engine_dtype(g.dequantize(gname), "float32", target)
+            values = as_engine_dtype(g.dequantize(gname).reshape(shape), "float32", target)
             g.release(gname)
             return values
-        return _requantize(g, gname, info, fmt)
+        return _requantize(g, gname, info, fmt, shape)
 
     def norm(gname: str, shape):
         tensor(gname, shape)
         return np.ascontiguousarray(g.dequantize(gname), dtype=np.float32)  # already 1 + w (Gemma 4: w)
 
     def float_matrix(gname: str, shape):
-        """Gemma 4's per-layer input embeddings and experts (layout.FLOAT_MATRICES): float,
-        whatever the file's type (dequantized: the same values), the experts' stacked matrices
-        one after the other."""
+        """Gemma 4's per-layer input embeddings and router (layout.FLOAT_MATRICES): float,
+        whatever the file's type (dequantized: the same values)."""
         values = g.dequantize(tensor(gname, shape).name)
         g.release(gname)
-        return as_engine_dtype(values.reshape(-1, values.shape[-1]), "float32", target)
+        return as_engine_dtype(values, "float32", target)
 
-    def experts_gate_up(i: int, shape):
-        """[E * 2I, H]: each expert's gate rows then its up rows; a file has them as one tensor
-        [E, 2I, H] or as ffn_gate_exps and ffn_up_exps [E, I, H] each (both llama.cpp's)."""
+    def experts(i: int, short: str, shape):
+        """[E * rows per expert, cols], one expert's rows after another's: the file's [E, rows, cols]
+        tensor as it is, or for gate_up llama.cpp's other layout, ffn_gate_exps and ffn_up_exps
+        [E, I, H] each, joined per expert (float, then quantized as the policy says: re-quantized
+        where the file's type was quantized)."""
         E = config.num_experts
-        fused = f"blk.{i}.ffn_gate_up_exps.weight"
-        if fused in g.tensors or f"blk.{i}.ffn_gate_exps.weight" not in g.tensors:
-            return float_matrix(fused, (E, shape[0] // E, shape[1]))
+        stacked = (E, shape[0] // E, shape[1])
+        gname = f"blk.{i}.{_LAYER_NAMES[short]}"
+        if short == "experts_down" or gname in g.tensors or f"blk.{i}.ffn_gate_exps.weight" not in g.tensors:
+            return matrix(gname, f"layers.{i}.{short}", shape, stacked)
         half = (E, shape[0] // E // 2, shape[1])
-        gate, up = (g.dequantize(tensor(f"blk.{i}.ffn_{n}_exps.weight", half).name) for n in ("gate", "up"))
-        return as_engine_dtype(np.concatenate([gate, up], axis=1).reshape(shape), "float32", target)
+        infos = [tensor(f"blk.{i}.ffn_{n}_exps.weight", half) for n in ("gate", "up")]
+        values = np.concatenate([g.dequantize(t.name) for t in infos], axis=1).reshape(shape)
+        fmt = _matrix_format(policy, infos[0], f"layers.{i}.{short}")
+        if fmt is None:
+            return as_engine_dtype(values, "float32", target)
+        check_quantizable(infos[0].name, f"layers.{i}.{short}", shape, fmt, E, g.path)
+        if infos[0].type_name not in _FLOAT_TYPES:
+            changed.setdefault(infos[0].type_name, collections.Counter())[fmt] += 2
+        return quantized(values, fmt)
 
     V, H = config.vocab_size, config.hidden_size
     weights = {"embed": matrix("token_embd.weight", "embed", (V, H)),
@@ -252,11 +268,8 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
             gname, ename = f"blk.{i}.{_LAYER_NAMES[short]}", f"layers.{i}.{short}"
             if short == "layer_scalar" and gname not in g.tensors:
                 weights[ename] = np.ones(shape, np.float32)  # optional in llama.cpp's loader: 1
-            elif short == "experts_gate_up":
-                weights[ename] = experts_gate_up(i, shape)
-            elif short == "experts_down":
-                E = config.num_experts
-                weights[ename] = float_matrix(gname, (E, shape[0] // E, shape[1]))
+            elif short in STACKED:
+                weights[ename] = experts(i, short, shape)
             elif is_norm(ename):
                 weights[ename] = norm(gname, shape)
             elif short in FLOAT_MATRICES:

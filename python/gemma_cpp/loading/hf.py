@@ -16,7 +16,7 @@ from ..config import GemmaConfig, load_config
 from ..formats.safetensors import SafetensorsFile
 from ..generation import GenerationConfig
 from ..quant import format_for, resolve_policy
-from .layout import FLOAT_MATRICES, LoadedModel, is_norm, quantized, tensor_shapes
+from .layout import FLOAT_MATRICES, STACKED, LoadedModel, check_quantizable, is_norm, quantized, tensor_shapes
 
 # Tensors of a decoder layer: engine name -> transformers name (under model.layers.N.).
 # Gemma 1 norms the MLP's input with the tensor Gemma 2/3 apply to the attention's output.
@@ -47,7 +47,6 @@ _LAYER_NAMES = {
     "moe_dense_norm": "post_feedforward_layernorm_1.weight",
     "moe_post_norm": "post_feedforward_layernorm_2.weight",
 }
-_STACKED = ("experts_gate_up", "experts_down")  # one matrix per expert, stacked on a first axis
 # Gemma 4's model-level tensors of the per-layer input embeddings: engine name -> transformers name.
 _PLE_NAMES = {"ple_embed": "embed_tokens_per_layer.weight", "ple_proj": "per_layer_model_projection.weight",
               "ple_norm": "per_layer_projection_norm.weight"}
@@ -76,7 +75,7 @@ def expected_shapes(c: GemmaConfig, tensors=None) -> Dict[str, Tuple[int, ...]]:
     for i, per_layer in enumerate(layers):
         for short, name in layer_names(c, per_layer).items():
             shape = per_layer[short]
-            if short in _STACKED:
+            if short in STACKED:
                 shape = (c.num_experts, shape[0] // c.num_experts, shape[1])
             shapes[f"layers.{i}.{name}"] = shape
     return shapes
@@ -235,13 +234,13 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
 
     def matrix(name, engine_name):
         a, dt = source.get(name)
+        if a.ndim == 3:  # the experts' stacked matrices, one after the other
+            a = a.reshape(-1, a.shape[-1])
         fmt = format_for(policy, engine_name)
         if fmt is None:
             out = as_engine_dtype(a, dt, target)
         else:
-            if a.shape[1] % 32:
-                raise ValueError(f"{where}: cannot quantize {name!r} to {fmt}: its input size {a.shape[1]} is not "
-                                 "a multiple of 32 (the block size); leave that group unquantized")
+            check_quantizable(name, engine_name, a.shape, fmt, getattr(config, "num_experts", None) or 1, where)
             out = quantized(a if dt == "bfloat16" else as_float32(a, dt), fmt)  # bf16 bits are read as bf16
         if not (isinstance(out, np.ndarray) and np.may_share_memory(out, a)):
             source.release(name)  # converted: the file's pages need not stay resident
@@ -257,8 +256,6 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     def float_matrix(name):  # in the float dtype, never quantized (layout.FLOAT_MATRICES)
         a, dt = source.get(name)
         out = as_engine_dtype(a, dt, target)
-        if out.ndim == 3:  # the experts' stacked matrices, one after the other
-            out = out.reshape(-1, out.shape[-1])
         if not np.may_share_memory(out, a):
             source.release(name)
         return out

@@ -25,12 +25,30 @@ from ..quant import LAYER_GROUP, QuantizedWeight
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar",
          "ple_norm", "ple_post_norm", "router_scale", "expert_scale", "moe_pre_norm", "moe_dense_norm",
          "moe_post_norm")
-# Gemma 4's per-layer input embeddings and experts: kept in the float dtype (the engine reads a
-# layer's slice of the table and of the projection, and each expert's rows, in place), never
-# quantized; their group in model.quantization.
+# Gemma 4's per-layer input embeddings and router: kept in the float dtype (the engine reads a
+# layer's columns of the table and of the projection in place), never quantized; their group in
+# model.quantization.
 FLOAT_MATRICES = {"ple_embed": "per_layer_inputs", "ple_proj": "per_layer_inputs", "ple_gate": "per_layer_inputs",
-                  "ple_out": "per_layer_inputs", "router": "experts", "experts_gate_up": "experts",
-                  "experts_down": "experts"}
+                  "ple_out": "per_layer_inputs", "router": "experts"}
+# Gemma 4's experts, stacked: [experts x rows per expert, cols] in the engine, one expert's rows
+# after another's (a file may hold them as [experts, rows per expert, cols]).
+STACKED = ("experts_gate_up", "experts_down")
+
+
+def check_quantizable(name: str, engine_name: str, shape, fmt: str, experts: int, where: str) -> None:
+    """A ValueError naming the tensor when it cannot be quantized to fmt: its rows (cols) must be
+    a multiple of 32, the block size; the engine reads an expert's gate, up and down rows of the
+    stacked matrices in place, so each must be whole 16-row groups."""
+    if shape[-1] % 32:
+        raise ValueError(f"{where}: cannot quantize {name!r} to {fmt}: its input size {shape[-1]} is not a multiple "
+                         "of 32 (the block size); leave that group unquantized")
+    short = engine_name.rsplit(".", 1)[-1]
+    # The engine reads each expert's gate, up (I rows each) and down (hidden rows) in place.
+    rows = {"experts_gate_up": shape[0] // experts // 2, "experts_down": shape[0] // experts}.get(short, 16)
+    if rows % 16:
+        raise ValueError(f"{where}: cannot quantize {name!r} to {fmt}: the engine reads each expert's rows of it in "
+                         f"place, {rows} at a time, and a quantized matrix's rows go in groups of 16; leave the "
+                         "experts group unquantized")
 
 Shape = Tuple[int, ...]
 
