@@ -12,6 +12,7 @@ independent reader. Inputs are drawn by seeded generators.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import random
@@ -58,13 +59,16 @@ def _gguf_metadata(path: str) -> dict:
 
 
 def _write_gguf(path, tokens, scores, types, *, model="llama", ids=None, add_bos=True, template=None,
-                space_prefix=False):
-    """A GGUF with the given vocabulary (and one small tensor, like a real file)."""
-    w = gguf.GGUFWriter(str(path), "gemma3")
+                space_prefix=False, arch="gemma3", merges=None):
+    """A GGUF with the given vocabulary (and one small tensor, like a real file); ``merges``:
+    "left right" strings, written as ``tokenizer.ggml.merges``."""
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_tokenizer_model(model)
     w.add_token_list(list(tokens))
     w.add_token_scores([float(s) for s in scores])
     w.add_token_types([int(t) for t in types])
+    if merges is not None:
+        w.add_token_merges(list(merges))
     ids = {"bos": 2, "eos": 1, "unk": 3, "pad": 0} if ids is None else ids
     setters = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
                "pad": w.add_pad_token_id}
@@ -467,6 +471,254 @@ def test_bad_gguf_file_raises_through_from_pretrained(tiny, tmp_path):
     path = _write_gguf(tmp_path / "types.gguf", tokens, scores, types)
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.token_type\[40\] is 9"):
         GemmaTokenizer.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------
+# Gemma 4: tokenizer.ggml.model = "gemma4", with an explicit merges list (always runs)
+# --------------------------------------------------------------------------------------
+
+# Gemma 4's added tokens, typed as llama.cpp's converter types them (its "visible" ones USER_DEFINED
+# so that they are rendered), at fixed ids (105 and 106 as in Gemma 4).
+G4_ADDED = {
+    0: ("<pad>", CONTROL), 1: ("<eos>", CONTROL), 2: ("<bos>", CONTROL), 3: ("<unk>", CONTROL), 4: ("<mask>", CONTROL),
+    46: ("<|tool>", CONTROL), 47: ("<tool|>", CONTROL), 48: ("<|tool_call>", USER_DEFINED),
+    49: ("<tool_call|>", USER_DEFINED), 50: ("<|tool_response>", USER_DEFINED), 51: ("<tool_response|>", USER_DEFINED),
+    52: ('<|"|>', USER_DEFINED), 98: ("<|think|>", CONTROL), 100: ("<|channel>", USER_DEFINED),
+    101: ("<channel|>", USER_DEFINED), 105: ("<|turn>", CONTROL), 106: ("<turn|>", CONTROL),
+}
+G4_BYTES_AT = 238  # <0x00>..<0xFF>, as in Gemma 4
+# Runs of whitespace Gemma keeps as pieces (NORMAL in Gemma 4), ranked first, longest first.
+G4_RUNS = [SPIECE * 4, SPIECE * 3, SPIECE * 2, "\n\n\n", "\n\n", "\t\t"]
+G4_TEMPLATE = "{{ bos_token }}{% for m in messages %}<|turn>{{ m['role'] }}\n{{ m['content'] }}<turn|>\n{% endfor %}"
+G4_SPECIALS = [t for t, _ in G4_ADDED.values()] + ["<start_of_turn>", "<|turn", "turn|>", "<|", "|>"]
+G4_EDGE = ["", " ", "  ", "    ", "\n", "\n\n\n\n", "\t\t\t", "Hello world", " Hello", "Hello ", "  leading  ",
+           "<|turn>user\nhi<turn|>\n<|turn>model\n", "<|channel>thought\n<channel|>The answer", "<|think|>",
+           '<|tool_call>call:f{x:<|"|>a b<|"|>}<tool_call|>', "<|tool_response>ok<tool_response|>",
+           "<|tool>declaration<tool|>", "<|turn|>", "<<|turn>>", "x<eos>y", "<bos><bos>", "<unk>", "<mask>", SPIECE,
+           "the theme there", "thethethe", "a" * 50, "😀" * 3, "中文", "\x00", "e\u0301"]
+
+
+def _trained_bpe(vocab_size=700):
+    """(vocab, merges) of a BPE trained by ``tokenizers`` on the tiny sample text, spaces as
+    U+2581 starting each word: one merge per merged piece, as BPE training writes them."""
+    pytest.importorskip("tokenizers")
+    import json
+
+    from tiny_tokenizer import TINY_SAMPLE_TEXT
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.Replace(" ", SPIECE)
+    tk.pre_tokenizer = pre_tokenizers.Split(SPIECE, behavior="merged_with_next")
+    tk.train_from_iterator([TINY_SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    model = json.loads(tk.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return sorted(model["vocab"], key=model["vocab"].get), merges
+
+
+def _g4_layout(pieces, seed=4):
+    """(tokens, types): G4_ADDED at their ids, the byte pieces from G4_BYTES_AT, and ``pieces``
+    shuffled into the other ids, so that ids say nothing of the merge order (``<unusedN>``,
+    NORMAL pieces no merge makes, fill the ids a short list leaves)."""
+    pieces = list(pieces)
+    random.Random(seed).shuffle(pieces)
+    fixed = {i: (t, ty) for i, (t, ty) in G4_ADDED.items()}
+    fixed.update({G4_BYTES_AT + b: (f"<0x{b:02X}>", BYTE) for b in range(256)})
+    n = max(len(pieces) + len(fixed), max(fixed) + 1)
+    pieces += [f"<unused{k}>" for k in range(n - len(pieces) - len(fixed))]
+    rest = iter(pieces)
+    tokens, types = [], []
+    for i in range(n):
+        token, ptype = fixed[i] if i in fixed else (next(rest), NORMAL)
+        tokens.append(token)
+        types.append(ptype)
+    assert len(set(tokens)) == n
+    return tokens, types
+
+
+def _write_g4(path, tokens, types, merges, add_bos=True):
+    """A Gemma 4 GGUF as llama.cpp's converter writes one: scores all -1000, add_bos_token
+    true (transformers ignores it), no space prefix."""
+    return _write_gguf(path, tokens, [-1000.0] * len(tokens), types, model="gemma4", arch="gemma4",
+                       merges=[f"{left} {right}" for left, right in merges], add_bos=add_bos, template=G4_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def g4(tmp_path_factory):
+    """Two Gemma-4-shaped GGUFs over one trained vocabulary (and the runs of whitespace):
+
+    "generated": merges as Gemma 4's tokenizer.json has them, written by transformers'
+    ``generate_merges`` (every split of a piece into two pieces, grouped by piece, best piece
+    first: the runs, then the trained merge order), less every merge that makes "he", so that
+    some pieces no merge makes are left;
+    "trained": the trainer's own list, one merge per piece."""
+    pytest.importorskip("transformers", reason="the reference is transformers' GGUF tokenizer")
+    from transformers.tokenization_utils_base import generate_merges
+
+    vocab, trained = _trained_bpe()
+    pieces = vocab + [r for r in G4_RUNS if r not in vocab]
+    tokens, types = _g4_layout(pieces)
+    index = {t: i for i, t in enumerate(tokens)}
+    priority = {r: 1e6 + len(r) for r in G4_RUNS}
+    priority.update({left + right: -float(k) for k, (left, right) in enumerate(trained)})
+    generated = [m for m in generate_merges(index, priority) if m[0] + m[1] != "he"]
+    assert ("h", "e") in trained and len(generated) > len(trained)
+    out = {}
+    for name, merges in (("generated", generated), ("trained", trained)):
+        folder = tmp_path_factory.mktemp(f"g4_{name}")
+        out[name] = _write_g4(folder / "g4.gguf", tokens, types, merges)
+    return out
+
+
+def _hf_gguf(path):
+    transformers = pytest.importorskip("transformers", reason="the reference is transformers' GGUF tokenizer")
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="module")
+def hf_g4(g4):
+    return {name: _hf_gguf(path) for name, path in g4.items()}
+
+
+@pytest.fixture(scope="module")
+def g4_texts():
+    return _texts(G4_SPECIALS, 4444, 500, 12, G4_EDGE)
+
+
+def _assert_same_as_transformers(ours, hf, texts):
+    for add in (True, False):
+        n, bad = _mismatches((s, ours.encode(s, add_special_tokens=add), hf.encode(s, add_special_tokens=add))
+                             for s in texts)
+        assert n == 0, f"add_special_tokens={add}: {n} of {len(texts)} differ, e.g. {bad}"
+    for s in texts:
+        assert ours.tokenize(s) == hf.tokenize(s), s
+        ids = hf.encode(s)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
+        if SPIECE not in s:  # a literal U+2581 comes back as a space
+            assert ours.decode(ours.encode(s)) == s
+    assert ours.get_vocab() == hf.get_vocab()
+    assert len(ours) == len(hf) and ours.vocab_size == hf.vocab_size
+    assert ours.added_tokens_decoder == {i: {"content": t.content, "special": t.special}
+                                         for i, t in hf.added_tokens_decoder.items()}
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(ours, f"{name}_token_id") == getattr(hf, f"{name}_token_id"), name
+
+
+@pytest.mark.parametrize("kind", ["generated", "trained"])
+@pytest.mark.parametrize("cls", [GemmaTokenizer, GemmaTokenizerFast])
+def test_gemma4_gguf_matches_transformers(cls, kind, g4, hf_g4, g4_texts):
+    """from_pretrained(a Gemma 4 GGUF) == transformers' GGUF tokenizer: ids (no BOS added, as
+    transformers), tokens, decoding, vocabulary and special tokens, on both kinds of merges list
+    sentencepiece can follow (tokenizer/gguf.py); the pieces no merge makes ("he", and what only
+    "he" made) never come out of either."""
+    if cls is GemmaTokenizerFast:
+        pytest.importorskip("tokenizers")
+    ours, hf = cls.from_pretrained(g4[kind]), hf_g4[kind]
+    assert not ours.add_bos_token and not hf.add_bos_token
+    texts = g4_texts + [" " * n for n in range(1, 14)] + ["\n" * n for n in range(1, 9)]
+    _assert_same_as_transformers(ours, hf, texts)
+    if kind == "generated":
+        he = ours.convert_tokens_to_ids("he")
+        assert all(he not in ours.encode(s) for s in texts)
+    assert ours.chat_template == G4_TEMPLATE
+    chat = ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat["input_ids"][:2] == [2, 105]  # <bos> from the template, then <|turn>
+
+
+def _tiny_g4(folder, extra, merges):
+    """A small Gemma 4 GGUF: the added tokens and bytes, a few letters, ``extra`` pieces."""
+    tokens, types = _g4_layout(list("abehtx" + SPIECE) + extra)
+    os.makedirs(folder, exist_ok=True)
+    return _write_g4(os.path.join(folder, "g4.gguf"), tokens, types, merges)
+
+
+def test_gemma4_hand_ordered_merges_the_documented_limit(tmp_path):
+    """Limit (a) of tokenizer/gguf.py, pinned: "h e", "t h", "th e" in that order. BPE makes
+    "he" first and has no "t he" merge, so "the" stays t|he (transformers, GemmaTokenizerFast);
+    sentencepiece joins any two adjacent pieces that make a piece, and "the" is one."""
+    path = _tiny_g4(tmp_path / "order", ["th", "he", "the"], [("h", "e"), ("t", "h"), ("th", "e")])
+    hf = _hf_gguf(path)
+    assert hf.tokenize("the") == ["t", "he"]
+    assert hf.tokenize("that") == ["th", "a", "t"]  # "th e" does apply where "he" does not
+    if importlib.util.find_spec("tokenizers"):
+        fast = GemmaTokenizerFast.from_pretrained(path)
+        assert [fast.tokenize(s) for s in ("the", "that")] == [["t", "he"], ["th", "a", "t"]]
+    slow = GemmaTokenizer.from_pretrained(path)
+    assert slow.tokenize("the") == ["the"] and slow.tokenize("that") == ["th", "a", "t"]
+
+
+def test_gemma4_merges_of_byte_tokens_are_refused_by_sentencepiece(tmp_path):
+    """A list that merges byte-fallback tokens: transformers merges the bytes of a character the
+    vocabulary lacks; sentencepiece falls back to bytes after merging and cannot, so
+    GemmaTokenizer refuses the file (naming the merge) and GemmaTokenizerFast follows it."""
+    path = _tiny_g4(tmp_path / "bytes", ["th", "<0xC3><0xA9>"], [("t", "h"), ("<0xC3>", "<0xA9>")])
+    hf = _hf_gguf(path)
+    assert hf.tokenize("té") == ["t", "<0xC3><0xA9>"]
+    with pytest.raises(ValueError, match=r"bytes[/\\]g4\.gguf: tokenizer\.ggml\.merges merges byte-fallback tokens "
+                                         r"\('<0xC3>' \+ '<0xA9>'.*GemmaTokenizerFast"):
+        GemmaTokenizer.from_pretrained(path)
+    if importlib.util.find_spec("tokenizers"):
+        fast = GemmaTokenizerFast.from_pretrained(path)
+        for s in ("té", "é", "thé the", "中é"):
+            assert fast.encode(s) == hf.encode(s) and fast.decode(hf.encode(s)) == hf.decode(hf.encode(s))
+
+
+def test_gemma4_model_proto_and_settings(g4, tmp_path):
+    """The rebuilt ModelProto: the pieces in file order under their names, NORMAL scores falling
+    with the rank of the first merge that makes each piece, pieces no merge makes after every
+    merge; add_bos_token False whatever the file says (transformers), an explicit argument wins."""
+    md = _gguf_metadata(g4["generated"])
+    proto = _proto(sentencepiece_model_from_gguf(md))
+    tokens = md["tokenizer.ggml.tokens"]
+    assert [p.piece for p in proto.pieces] == tokens
+    merges = [tuple(m.split(" ")) for m in md["tokenizer.ggml.merges"]]
+    by_piece = {p.piece: p for p in proto.pieces}
+    assert merges[0] == (SPIECE * 3, SPIECE) and by_piece[SPIECE * 4].score == 0.0  # the first merge
+    makers: dict = {}
+    for rank, (left, right) in enumerate(merges):
+        makers.setdefault(left + right, set()).add(-float(rank))
+    unmade = [p.piece for p in proto.pieces if p.type == NORMAL and len(p.piece) > 1 and p.score < -len(merges)]
+    assert "he" in unmade and "<unused0>" not in by_piece  # the trained vocabulary fills every id
+    for p in proto.pieces:
+        if p.type == NORMAL and len(p.piece) > 1 and p.piece not in unmade:
+            assert p.score in makers[p.piece], p.piece  # minus the rank of a merge that makes it
+    assert proto.trainer_spec.byte_fallback and (proto.trainer_spec.unk_id, proto.trainer_spec.bos_id) == (3, 2)
+    config = tokenizer_config_from_gguf(md)
+    assert config["add_bos_token"] is False and "added_tokens_decoder" not in config
+    assert GemmaTokenizer.from_pretrained(g4["generated"], add_bos_token=True).encode("hi")[0] == 2
+    # What the fast tokenizer saves (tokenizer.json with the file's merges) gives the same ids again.
+    pytest.importorskip("tokenizers")
+    fast = GemmaTokenizerFast.from_pretrained(g4["generated"])
+    fast.save_pretrained(tmp_path / "fast")
+    again = GemmaTokenizerFast.from_pretrained(tmp_path / "fast")
+    texts = _texts(G4_SPECIALS, 7, 100, 8, G4_EDGE)
+    assert all(again.encode(s) == fast.encode(s) for s in texts) and not again.add_bos_token
+
+
+G4_BAD = {
+    "no merges": (lambda md: md.pop("tokenizer.ggml.merges"), "no 'tokenizer.ggml.merges'"),
+    "three parts": (lambda md: md["tokenizer.ggml.merges"].__setitem__(3, "a b c"),
+                    r"tokenizer.ggml.merges\[3\] is 'a b c'; a merge is two tokens"),
+    "not a token": (lambda md: md["tokenizer.ggml.merges"].__setitem__(5, "qqq zzz"),
+                    r"tokenizer.ggml.merges\[5\] \('qqq zzz'\) needs the token 'qqq'"),
+    "join not a token": (lambda md: md["tokenizer.ggml.merges"].__setitem__(7, "<bos> <eos>"),
+                         r"tokenizer.ggml.merges\[7\] .*needs the token '<bos><eos>'"),
+    "not strings": (lambda md: md.__setitem__("tokenizer.ggml.merges", np.arange(4)),
+                    "tokenizer.ggml.merges.*must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(G4_BAD))
+def test_gemma4_bad_merges_raise_value_error_naming_the_key(case, g4):
+    mutate, pattern = G4_BAD[case]
+    md = _gguf_metadata(g4["generated"])
+    md["tokenizer.ggml.merges"] = list(md["tokenizer.ggml.merges"])
+    mutate(md)
+    with pytest.raises(ValueError, match="bad.gguf: .*" + pattern):
+        sentencepiece_model_from_gguf(md, "bad.gguf")
 
 
 # --------------------------------------------------------------------------------------

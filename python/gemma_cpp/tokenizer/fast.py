@@ -33,7 +33,8 @@ def _generate_merges(vocab: Mapping[str, int]) -> list[tuple[str, str]]:
 def _tokenizers_from_spmodel(model: SentencePieceModel, added: Mapping[int, tuple[str, bool]]):
     """Build the ``tokenizers.Tokenizer`` transformers' GemmaTokenizer builds from a
     ``tokenizer.model``: BPE with byte fallback over the pieces, merges from the
-    vocabulary, spaces as U+2581, and the added tokens matched on raw text."""
+    vocabulary, spaces as U+2581, and the added tokens matched on raw text. A Gemma 4 GGUF's
+    model brings its merges (``model.merges``), used as they are, as transformers does."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -43,8 +44,8 @@ def _tokenizers_from_spmodel(model: SentencePieceModel, added: Mapping[int, tupl
     unk_ids = [i for i, t in enumerate(model.types) if t == UNKNOWN]
     unk = model.pieces[unk_ids[0]] if unk_ids else "<unk>"
     tk = Tokenizer(
-        BPE(vocab=vocab, merges=_generate_merges(vocab), fuse_unk=True, unk_token=unk, dropout=None,
-            byte_fallback=True)
+        BPE(vocab=vocab, merges=model.merges if model.merges is not None else _generate_merges(vocab),
+            fuse_unk=True, unk_token=unk, dropout=None, byte_fallback=True)
     )
     tk.normalizer = normalizers.Replace(" ", SPIECE_UNDERLINE)
     # transformers' choice; a no-op after the normalizer has replaced every space.

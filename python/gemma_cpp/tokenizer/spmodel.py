@@ -95,13 +95,21 @@ class SentencePieceModel:
 
     spiece_user_defined_to_bpe: False for a model rebuilt from a GGUF, whose runs of spaces
     are NORMAL already (tokenizer/gguf.py) and whose other U+2581 pieces stand for a literal
-    space that transformers' GGUF tokenizer matches whole."""
+    space that transformers' GGUF tokenizer matches whole.
+
+    A Gemma 4 GGUF's model (tokenizer/gguf.py) also carries `merges`, the file's BPE merges
+    (best first; None otherwise), `sp_bytes` given apart when sentencepiece must see some
+    pieces under other names, and `sp_refusal`: why sentencepiece cannot give the merges' ids,
+    if it cannot. Reading `sp_bytes` then raises ValueError with that reason."""
 
     def __init__(self, data: bytes, path: str, spiece_user_defined_to_bpe: bool = True,
                  proto=None, pieces: Optional[List[str]] = None,
-                 types: Optional[List[int]] = None):
+                 types: Optional[List[int]] = None, *, merges: Optional[List[Tuple[str, str]]] = None,
+                 sp_bytes: Optional[bytes] = None, sp_refusal: Optional[str] = None):
         self.path = path
         self.data = data
+        self.merges = merges
+        self.sp_refusal = sp_refusal
         proto = proto if proto is not None else parse(data, path)
         self.pieces = pieces if pieces is not None else [p.piece for p in proto.pieces]
         self.types = types if types is not None else [p.type for p in proto.pieces]
@@ -131,21 +139,33 @@ class SentencePieceModel:
             if runs:
                 scores = [p.score for p in proto.pieces]
                 self.respelled = {i: (NORMAL, s) for i, s in rank_as_merges(runs, self.types, scores).items()}
-        if gemma_shaped and not self.respelled:
-            self.sp_bytes = data
+        if sp_bytes is not None:
+            self._sp_bytes = sp_bytes
+        elif gemma_shaped and not self.respelled:
+            self._sp_bytes = data
         else:
             if not gemma_shaped:
                 set_gemma_normalizer(proto.normalizer_spec)
             for index, (ptype, score) in self.respelled.items():
                 proto.pieces[index].type = ptype
                 proto.pieces[index].score = score
-            self.sp_bytes = proto.SerializeToString()
+            self._sp_bytes = proto.SerializeToString()
         self.id_of: Dict[str, int] = {}
         for i, piece in enumerate(self.pieces):
             self.id_of.setdefault(piece, i)
 
+    @property
+    def sp_bytes(self) -> bytes:
+        """The model as handed to sentencepiece; ValueError (`sp_refusal`) when sentencepiece
+        cannot give this vocabulary's ids."""
+        if self.sp_refusal is not None:
+            raise ValueError(self.sp_refusal)
+        return self._sp_bytes
+
     @classmethod
-    def from_proto(cls, proto, path: str, pieces: List[str], types: List[int]):
+    def from_proto(cls, proto, path: str, pieces: List[str], types: List[int], *,
+                   merges: Optional[List[Tuple[str, str]]] = None, sp_bytes: Optional[bytes] = None,
+                   sp_refusal: Optional[str] = None):
         """A model built in memory (a GGUF's vocabulary): its bytes are the proto's serialization."""
         return cls(proto.SerializeToString(), path, spiece_user_defined_to_bpe=False, proto=proto, pieces=pieces,
-                   types=types)
+                   types=types, merges=merges, sp_bytes=sp_bytes, sp_refusal=sp_refusal)
