@@ -288,10 +288,12 @@ def test_bad_quantization_arguments(tiny):
         _testing.matmul(np.ones((1, 64), np.float32), q[:3])
     with pytest.raises(ValueError, match="mins must be"):
         _testing.matmul(np.ones((1, 64), np.float32), q[:3] + (q[3][:, :1].copy(),))
-    assert resolve_policy(None) == {"embed": None, "attention": None, "mlp": None, "experts": None}
-    # "layers": every layer matrix, Gemma 4's experts included; the embedding stays as named
+    assert resolve_policy(None) == {"embed": None, "attention": None, "mlp": None, "experts": None,
+                                    "per_layer_inputs": None}
+    # "layers": every group but the embedding, Gemma 4's experts and per-layer inputs included
     assert resolve_policy({"layers": "int4", "embed": "int8"}) == {"embed": "int8", "attention": "int4",
-                                                                  "mlp": "int4", "experts": "int4"}
+                                                                  "mlp": "int4", "experts": "int4",
+                                                                  "per_layer_inputs": "int4"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

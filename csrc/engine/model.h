@@ -112,8 +112,9 @@ struct ModelWeights {
   Weight embed;                       // [vocab, hidden]; also the LM head when tied
   Weight lm_head;                     // [vocab, hidden] when untied; data == nullptr if tied
   const float* final_norm = nullptr;  // (1 + w), float32 [hidden]
-  // Gemma 4's per-layer input embeddings: the table [ple_vocab, layers * ple_dim], the
-  // projection [layers * ple_dim, hidden] and its norm [ple_dim] (float32 or bfloat16).
+  // Gemma 4's per-layer input embeddings: the table [ple_vocab, layers * ple_dim] and the
+  // projection [layers * ple_dim, hidden] (any weight format: read whole, a row lookup and a
+  // matmul per step), and the projection's norm [ple_dim].
   Weight ple_embed, ple_proj;
   const float* ple_norm = nullptr;
   std::vector<LayerWeights> layers;
@@ -205,7 +206,7 @@ struct DrawRow {
 // hidden states; lg: logits; sel: rows gathered from out.
 struct Workspace {
   DeviceArray x, h, q, k, v, att, g, u, out, lg, sel;
-  DeviceArray x0, ple_tok, ple_ctx, ple_gate;  // Gemma 4's per-layer inputs
+  DeviceArray ple_all, ple_tok, ple_ctx, ple_gate;  // Gemma 4's per-layer inputs
   DeviceArray moe_in, moe_out, moe_rows, moe_g, moe_u, moe_y, moe_logits;  // Gemma 4's experts
   std::vector<float> moe_host;  // the router's logits on the host
   std::vector<std::vector<std::pair<int64_t, float>>> moe_chosen;  // per expert: its tokens and weights

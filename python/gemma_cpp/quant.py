@@ -275,21 +275,23 @@ def dequantize(qw, cols: int) -> np.ndarray:
 # ---- policy: which tensors of a model get which format.
 
 PolicyLike = Union[None, str, Dict[str, Optional[str]]]
-_GROUPS = ("embed", "attention", "mlp", "experts")
+_GROUPS = ("embed", "attention", "mlp", "experts", "per_layer_inputs")
 LAYER_GROUP = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
-               "gate": "mlp", "up": "mlp", "down": "mlp", "experts_gate_up": "experts", "experts_down": "experts"}
-_LAYERS = ("attention", "mlp", "experts")
+               "gate": "mlp", "up": "mlp", "down": "mlp", "experts_gate_up": "experts", "experts_down": "experts",
+               "ple_embed": "per_layer_inputs", "ple_proj": "per_layer_inputs", "ple_gate": "per_layer_inputs",
+               "ple_out": "per_layer_inputs"}
+_LAYERS = ("attention", "mlp", "experts", "per_layer_inputs")
 
 
 def resolve_policy(quantization: PolicyLike) -> Dict[str, Optional[str]]:
     """{group: format or None} for the groups embed (the embedding, which is also the tied LM
-    head), attention (q, k, v, o), mlp (gate, up, down) and experts (Gemma 4's mixture of
-    experts: their stacked gate / up and down). Norms, Gemma 4's router and per-layer input
-    embeddings always stay float.
+    head), attention (q, k, v, o), mlp (gate, up, down), and Gemma 4's experts (their stacked
+    gate / up and down) and per_layer_inputs (the per-layer embedding table, its projection, and
+    each layer's gate and output projection of it). Norms and Gemma 4's router always stay float.
 
     "int8" / "int4" / "int4m" quantize every group; a dict sets groups one by one, e.g.
-    {"layers": "int4", "embed": "int8"} ("layers" means attention, mlp and experts); groups it
-    does not name stay in the model's float dtype."""
+    {"layers": "int4", "embed": "int8"} ("layers" means every group but embed); groups it does
+    not name stay in the model's float dtype."""
     if quantization is None:
         return dict.fromkeys(_GROUPS)
     if isinstance(quantization, str):

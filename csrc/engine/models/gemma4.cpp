@@ -11,7 +11,8 @@
 // KV sharing: a layer whose kv_source is an earlier layer computes queries only and attends
 // over that layer's slots; its MLP may be double-wide (layer_intermediate_sizes).
 // Per-layer input embeddings (ple_dim > 0): after the MLP block,
-//   x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * ple_l)), ple_l as ple_input() makes it.
+//   x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * ple_l)), ple_l layer l's part of what
+//   ple_inputs() makes for every layer at the step's start.
 // The mixture-of-experts block (num_experts > 0): beside the dense MLP, experts() on the
 // residual stream; x += post_mlp_norm(moe_dense_norm(dense) + moe_post_norm(experts)).
 #include <algorithm>
@@ -168,33 +169,25 @@ void experts(StepContext& s, const LayerWeights& L, const float* x, float* h, fl
   }
 }
 
-// Layer l's slice of a per-layer-input matrix: columns [l P, (l + 1) P) of the table's rows
-// (by_rows false), or rows [l P, (l + 1) P) of the projection (by_rows true). Float weights
-// only: a quantized matrix's blocks and interleaved rows do not slice this way.
-Weight ple_slice(const Weight& w, int64_t l, int64_t P, bool by_rows) {
-  if (w.quantized()) throw std::invalid_argument("per-layer input embeddings must be float32 or bfloat16");
-  const int64_t elem = format_info(w.dtype).block_bytes;
-  Weight s = w;
-  s.data = static_cast<const char*>(w.data) + (by_rows ? l * P * w.ld : l * P) * elem;
-  if (by_rows)
-    s.rows = P;
-  else
-    s.cols = P;
-  return s;
-}
-
-// Layer l's per-layer input [M, P] into ctx: (rmsnorm(x0 . proj_l^T * proj_scale) + table_l[ids]
-// * embed_scale) * input_scale, x0 the step's scaled embeddings (transformers' order of ops).
-void ple_input(StepContext& s, int64_t l, const float* x0, float* tok, float* ctx) {
+// Every layer's per-layer input [M, layers x P] into ple (transformers' order of ops, for all
+// layers at once as it computes them): (rmsnorm_P(x0 . proj^T * proj_scale) + table[ids] *
+// embed_scale) * input_scale, x0 the step's scaled embeddings, the norm over each layer's P
+// values. The table and the projection are read whole (either may be quantized: a row lookup and
+// a matmul); tok [M, layers x P] is scratch.
+void ple_inputs(StepContext& s, const float* x0, float* tok, float* ple) {
   const ModelConfig& c = s.c;
-  const int64_t P = c.ple_dim, H = c.hidden_size, M = s.M;
-  const Weight proj = ple_slice(s.w.ple_proj, l, P, true);
-  s.dev.embed(ple_slice(s.w.ple_embed, l, P, false), c.ple_embed_scale, tok);
-  s.parts([&](int64_t m0, int64_t n, Work work) { s.dev.matmul(x0 + m0 * H, n, H, proj, ctx + m0 * P, false, work); });
-  s.dev.scale(ctx, M * P, nullptr, c.ple_proj_scale);
-  s.dev.rmsnorm(ctx, s.w.ple_norm, ctx, M, P, c.rms_norm_eps);
-  s.dev.add(ctx, tok, M * P);
-  s.dev.scale(ctx, M * P, nullptr, c.ple_input_scale);
+  const int64_t LP = c.num_layers * c.ple_dim, H = c.hidden_size, M = s.M;
+  s.dev.embed(s.w.ple_embed, c.ple_embed_scale, tok);
+  {
+    OpTimer timer(&OpProfile::matmul);
+    s.parts([&](int64_t m0, int64_t n, Work work) {
+      s.dev.matmul(x0 + m0 * H, n, H, s.w.ple_proj, ple + m0 * LP, false, work);
+    });
+  }
+  s.dev.scale(ple, M * LP, nullptr, c.ple_proj_scale);
+  s.dev.rmsnorm(ple, s.w.ple_norm, ple, M * c.num_layers, c.ple_dim, c.rms_norm_eps);
+  s.dev.add(ple, tok, M * LP);
+  s.dev.scale(ple, M * LP, nullptr, c.ple_input_scale);
 }
 
 const float* gemma4_forward(StepContext& s) {
@@ -212,14 +205,13 @@ const float* gemma4_forward(StepContext& s) {
   float* u = s.buffer(ws.u, M * c.max_intermediate());
   float* x_out = s.buffer(ws.out, M * H);
 
-  const int64_t P = c.ple_dim;
-  float* x0 = P ? s.buffer(ws.x0, M * H) : nullptr;
-  float* tok = P ? s.buffer(ws.ple_tok, M * P) : nullptr;
+  const int64_t P = c.ple_dim, LP = c.num_layers * P;
+  float* ple = P ? s.buffer(ws.ple_all, M * LP) : nullptr;
   float* ctx = P ? s.buffer(ws.ple_ctx, M * P) : nullptr;
   float* gate = P ? s.buffer(ws.ple_gate, M * P) : nullptr;
 
   dev.embed(s.w.embed, c.embed_scale, x);
-  if (P) dev.copy(x0, x, static_cast<size_t>(M * H) * sizeof(float));
+  if (P) ple_inputs(s, x, s.buffer(ws.ple_tok, M * LP), ple);
   s.sink(0, x);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = s.w.layers[l];
@@ -266,7 +258,8 @@ const float* gemma4_forward(StepContext& s) {
       dev.add(x, h, M * H);
     }
     if (P) {  // x += ple_post_norm(ple_out(gelu_tanh(ple_gate(x)) * the layer's per-layer input))
-      ple_input(s, l, x0, tok, ctx);
+      for (int64_t m = 0; m < M; ++m)  // the layer's P values of each token
+        dev.copy(ctx + m * P, ple + m * LP + l * P, static_cast<size_t>(P) * sizeof(float));
       {
         OpTimer timer(&OpProfile::matmul);
         s.parts([&](int64_t m0, int64_t n, Work work) {

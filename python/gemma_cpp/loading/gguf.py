@@ -227,8 +227,8 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
         return np.ascontiguousarray(g.dequantize(gname), dtype=np.float32)  # already 1 + w (Gemma 4: w)
 
     def float_matrix(gname: str, shape):
-        """Gemma 4's per-layer input embeddings and router (layout.FLOAT_MATRICES): float,
-        whatever the file's type (dequantized: the same values)."""
+        """Gemma 4's router (layout.FLOAT_MATRICES): float, whatever the file's type
+        (dequantized: the same values)."""
         values = g.dequantize(tensor(gname, shape).name)
         g.release(gname)
         return as_engine_dtype(values, "float32", target)
@@ -262,7 +262,7 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
     model_level, layers = tensor_shapes(config)
     for ename, shape in model_level.items():
         gname = _MODEL_NAMES[ename]
-        weights[ename] = norm(gname, shape) if is_norm(ename) else float_matrix(gname, shape)
+        weights[ename] = norm(gname, shape) if is_norm(ename) else matrix(gname, ename, shape)
     for i, per_layer in enumerate(layers):
         for short, shape in per_layer.items():
             gname, ename = f"blk.{i}.{_LAYER_NAMES[short]}", f"layers.{i}.{short}"

@@ -263,7 +263,7 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
     weights = {"embed": matrix(names["embed_tokens.weight"], "embed"), "final_norm": norm(names["norm.weight"])}
     for engine_name in tensors[0]:
         name = names[_PLE_NAMES[engine_name]]
-        weights[engine_name] = norm(name) if is_norm(engine_name) else float_matrix(name)
+        weights[engine_name] = norm(name) if is_norm(engine_name) else matrix(name, engine_name)
     if not config.tie_word_embeddings:
         if "lm_head.weight" not in heads:
             raise ValueError(f"{where}: config.json says tie_word_embeddings=false but the checkpoint "

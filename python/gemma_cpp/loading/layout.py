@@ -25,11 +25,9 @@ from ..quant import LAYER_GROUP, QuantizedWeight
 NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "layer_scalar",
          "ple_norm", "ple_post_norm", "router_scale", "expert_scale", "moe_pre_norm", "moe_dense_norm",
          "moe_post_norm")
-# Gemma 4's per-layer input embeddings and router: kept in the float dtype (the engine reads a
-# layer's columns of the table and of the projection in place), never quantized; their group in
-# model.quantization.
-FLOAT_MATRICES = {"ple_embed": "per_layer_inputs", "ple_proj": "per_layer_inputs", "ple_gate": "per_layer_inputs",
-                  "ple_out": "per_layer_inputs", "router": "experts"}
+# Gemma 4's router: kept in the float dtype (a few rows, run on every token), never quantized; its
+# group in model.quantization.
+FLOAT_MATRICES = {"router": "experts"}
 # Gemma 4's experts, stacked: [experts x rows per expert, cols] in the engine, one expert's rows
 # after another's (a file may hold them as [experts, rows per expert, cols]).
 STACKED = ("experts_gate_up", "experts_down")
