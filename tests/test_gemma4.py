@@ -274,29 +274,14 @@ def test_quantized_per_layer_inputs(tmp_path, fmt):
     checkpoint), within the activations' rounding (median measured 0.018 int8, 0.017 int4,
     against 0.026 and 0.30 from the unquantized model; a wrong layer's slice or scale is O(1)),
     and the scheduler keeps such a model batch invariant."""
-    from gemma_cpp import quant
-
     folder = str(tmp_path / "e2b32")
     ref = build(folder, "e2b", seed=7, hidden_size_per_layer_input=32)
     ids, _ = random_batch(19, 4, 40, ref.config.vocab_size)
     f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")(ids).logits
     only = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32", quantization={"per_layer_inputs": fmt})
     assert only.quantization["per_layer_inputs"] == fmt and only.quantization["mlp"] == "float32"
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "per_layer" in name and "norm" not in name:
-                a = p.numpy().reshape(-1, p.shape[-1])
-                p.copy_(torch.from_numpy(quant.dequantize(quant.quantize(a, fmt), a.shape[1]).reshape(p.shape)))
-    ref.save_pretrained(tmp_path / "rounded")
-    want = gemma_cpp.GemmaForCausalLM.from_pretrained(tmp_path / "rounded", dtype="float32")(ids).logits
-    got = only(ids).logits
-    near, far = np.median(_position_errors(got, want)), np.median(_position_errors(got, f32))
-    print(f"{fmt} per-layer inputs: median position error {near:.4f} against the rounded float model, "
-          f"{far:.4f} against float32")
-    assert near <= 0.03
-    if fmt == "int4":
-        assert far >= 4 * near  # the comparison sees int4's rounding of the weights
-    else:
+    against_rounded(only, ref, lambda name: "per_layer" in name and "norm" not in name, fmt, ids, f32, tmp_path)
+    if fmt == "int8":
         invariant_in_the_engine(only, ref.config.vocab_size, 6)
 
 
@@ -353,6 +338,29 @@ def _position_errors(a, b):
     return np.abs(a - b).max(-1) / np.abs(b).max(-1)
 
 
+def against_rounded(model, ref, chosen, fmt, ids, f32, tmp_path):
+    """model (some weights quantized to fmt) against the float model ref with the parameters
+    chosen(name) selects replaced by their quantized values (numpy's quant.dequantize of
+    quant.quantize), saved and run by the engine in float32: the median position error must be
+    the activations' rounding (<= 0.03 on these chaotic tiny models), and for int4, a quarter of
+    the error against the unquantized logits f32 at most (the weights' rounding shows there)."""
+    from gemma_cpp import quant
+
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if chosen(name):
+                a = p.numpy().reshape(-1, p.shape[-1])
+                p.copy_(torch.from_numpy(quant.dequantize(quant.quantize(a, fmt), a.shape[1]).reshape(p.shape)))
+    ref.save_pretrained(tmp_path / "rounded")
+    want = gemma_cpp.GemmaForCausalLM.from_pretrained(tmp_path / "rounded", dtype="float32")(ids).logits
+    got = model(ids).logits
+    near, far = np.median(_position_errors(got, want)), np.median(_position_errors(got, f32))
+    print(f"{fmt}: median position error {near:.4f} against the rounded float model, {far:.4f} against float32")
+    assert near <= 0.03
+    if fmt == "int4":
+        assert far >= 4 * near
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_experts(moe32, fmt, tmp_path):
     """The experts alone quantized (each expert's gate, up and down rows read in place from the
@@ -364,27 +372,13 @@ def test_quantized_experts(moe32, fmt, tmp_path):
     token may pick other experts, so the tail of positions is wider; the median is the measure.
     With every group quantized the next-token choice agrees with float32's on most of 160
     positions (measured 2026-12-07: int8 0.956, int4 0.794; chance is 1 in 128)."""
-    from gemma_cpp import quant
-
     folder, ref = moe32
     ids, _ = random_batch(9, 4, 40, ref.config.vocab_size)
     f32 = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32")(ids).logits
     only = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, dtype="float32", quantization={"experts": fmt})
     assert only.quantization["mlp"] == "float32" and only.quantization["experts"] == {"float32": 4, fmt: 8}
     rounded = transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in rounded.named_parameters():
-            if ".experts." in name:
-                a = p.numpy().reshape(-1, p.shape[-1])
-                p.copy_(torch.from_numpy(quant.dequantize(quant.quantize(a, fmt), a.shape[1]).reshape(p.shape)))
-    rounded.save_pretrained(tmp_path / "rounded")
-    want = gemma_cpp.GemmaForCausalLM.from_pretrained(tmp_path / "rounded", dtype="float32")(ids).logits
-    got = only(ids).logits
-    near, far = np.median(_position_errors(got, want)), np.median(_position_errors(got, f32))
-    print(f"{fmt} experts: median position error {near:.4f} against the rounded float model, {far:.4f} against float32")
-    assert near <= 0.03
-    if fmt == "int4":
-        assert far >= 4 * near  # the comparison sees int4's rounding of the weights
+    against_rounded(only, rounded, lambda name: ".experts." in name, fmt, ids, f32, tmp_path)
     q = gemma_cpp.GemmaForCausalLM.from_pretrained(folder, quantization=fmt)
     agree = float((q(ids).logits.argmax(-1) == f32.argmax(-1)).mean())
     print(f"{fmt} ({q.quantization}) top-1 agreement with float32: {agree:.3f}")
