@@ -287,7 +287,7 @@ def cmd_serve(args) -> int:
                    kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, chunk_size=args.chunk_size,
                    allowed_hosts=_listed(args.allowed_hosts), allowed_origins=_listed(args.allowed_origins),
                    max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
-                   max_waiting=args.max_waiting)
+                   max_waiting=args.max_waiting, generation_config=args.generation_config)
     if args.ray:
         print(f"serving {path} with Ray ({args.slots} slots per replica); starting the replicas", file=sys.stderr)
         run(os.path.abspath(path), replicas=args.replicas or 1, max_replicas=args.max_replicas,
@@ -379,6 +379,10 @@ def main(argv=None) -> int:
                     help="sequences that may wait for a free slot; beyond them a request gets a 503 with Retry-After "
                          "(default 4 x --slots; with --ray, Ray's queue per deployment)")
     sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the path's name)")
+    sv.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                    help="auto (default): sampling fields a request leaves out take the model's own values (its "
+                         "generation_config.json; a GGUF file's architecture's, e.g. Gemma 3's top_k 64, top_p "
+                         "0.95), as vLLM does; none: OpenAI's defaults (temperature 1, no top-k or top-p)")
     sv.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     sv.add_argument("--quantization", choices=quantizations, default=None,
                     help="as for generate")

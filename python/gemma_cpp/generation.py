@@ -31,6 +31,10 @@ def chat_stop_ids(model, tokenizer) -> List[int]:
     return eos
 
 
+# The sampling fields a checkpoint's generation config may state for servers to default to.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
 def is_int(v) -> bool:
     """An integer, not a bool (True is an int to Python, never a count to us)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -64,6 +68,10 @@ class GenerationConfig:
     # logits before the processors (NaN in the rows that had already finished).
     output_logits: bool = False
     return_dict_in_generate: bool = False
+    # The sampling values the checkpoint itself states (SAMPLING_FIELDS of its
+    # generation_config.json, or the known ones of a GGUF file's architecture): what a server
+    # uses for the fields a request leaves out, as vLLM does. Not a generate() argument.
+    sampling_defaults: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "GenerationConfig":
@@ -72,14 +80,22 @@ class GenerationConfig:
         if not os.path.isfile(path):
             return cls()
         data = read_json_object(path, "generation config")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"sampling_defaults"}
         # max_length (a total length) is not read: generate counts new tokens only.
-        return cls(**{k: v for k, v in data.items() if k in names})
+        out = cls(**{k: v for k, v in data.items() if k in names})
+        out.sampling_defaults = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
+        return out
+
+    def to_file_dict(self) -> dict:
+        """The generation_config.json keys of what a converted model carries: the special ids
+        and the sampling values the checkpoint states."""
+        return {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id, **self.sampling_defaults}
 
     def updated(self, **kwargs) -> "GenerationConfig":
         """A copy with the given arguments set; an explicit None sets None (top_k=None turns
         top-k off, as in transformers), and numeric None falls back to the default."""
-        unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(self)}]
+        unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(self)} - {"sampling_defaults"}]
         if unknown:
             raise TypeError(f"generate() got unexpected argument(s): {', '.join(unknown)}")
         out = dataclasses.replace(self, **kwargs)

@@ -100,8 +100,8 @@ def save(src: str, out: str, dtype=None, quantization=None, force: bool = False,
 
 def _tokenizer_files(loaded: LoadedModel, tmp: str) -> None:
     """The tokenizer and generation settings beside the weights: a folder's files as they are,
-    a GGUF file's vocabulary rebuilt as tokenizer.model and its stop ids as
-    generation_config.json."""
+    a GGUF file's vocabulary rebuilt as tokenizer.model and its stop ids and sampling defaults
+    as generation_config.json."""
     src = loaded.tokenizer
     if src is not None and os.path.isdir(src):
         for name in CARRY:
@@ -112,8 +112,7 @@ def _tokenizer_files(loaded: LoadedModel, tmp: str) -> None:
         GemmaTokenizer.from_pretrained(src).save_pretrained(tmp)
     gc = loaded.generation_config
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"bos_token_id": gc.bos_token_id, "eos_token_id": gc.eos_token_id,
-                   "pad_token_id": gc.pad_token_id}, f, indent=2)
+        json.dump(gc.to_file_dict(), f, indent=2)
 
 
 def write(loaded: LoadedModel, out: str, progress=progress_bar, extra=_tokenizer_files) -> str:

@@ -49,6 +49,13 @@ _MODEL_NAMES = {"ple_embed": "per_layer_token_embd.weight", "ple_proj": "per_lay
                 "ple_norm": "per_layer_proj_norm.weight"}
 
 
+# A GGUF file carries no generation config: the sampling values that Google's checkpoints of an
+# architecture state in theirs. Gemma 3: every google/gemma-3-*-it generation_config.json holds
+# do_sample true, top_k 64, top_p 0.95 (the 270M's too: the demo model's source). Gemma 1 and 2
+# state none. Gemma 4's are not recorded here (not checked against Google's files).
+SAMPLING_DEFAULTS = {"gemma3": {"top_k": 64, "top_p": 0.95}}
+
+
 def stop_ids(g: GGUFFile, config: GemmaConfig) -> list:
     """The config's eos ids and the vocabulary's END_OF_TURN pieces: where generation stops."""
     eos = config.eos_token_id
@@ -300,7 +307,8 @@ def load(path, dtype: Optional[str] = None, quantization="auto", config: Optiona
         config = config or config_from_gguf(g)
         weights = _engine_weights(g, config, target, policy, progress)
         generation = GenerationConfig(eos_token_id=stop_ids(g, config), pad_token_id=config.pad_token_id,
-                                      bos_token_id=config.bos_token_id)
+                                      bos_token_id=config.bos_token_id,
+                                      sampling_defaults=dict(SAMPLING_DEFAULTS.get(g.architecture(), {})))
         has_vocab = "tokenizer.ggml.tokens" in g.metadata
     finally:
         if g is not path:

@@ -132,7 +132,11 @@ def _check_tools(body: dict) -> None:
 class Sampling:
     """The fields every generation request shares, validated."""
 
-    def __init__(self, body: dict, max_tokens_names: Tuple[str, ...], default_max: Optional[int]):
+    def __init__(self, body: dict, max_tokens_names: Tuple[str, ...], default_max: Optional[int],
+                 defaults: Optional[dict] = None):
+        """defaults: the model's own sampling values (GenerationConfig.sampling_defaults) for
+        the fields the request leaves out, where OpenAI's defaults would apply otherwise."""
+        d = defaults or {}
         self.max_tokens = default_max
         for name in max_tokens_names:
             if body.get(name) is not None:
@@ -141,12 +145,13 @@ class Sampling:
                 break
         else:
             self.max_tokens_param = max_tokens_names[0]
-        self.temperature = _get_num(body, "temperature", 1.0, 0.0, 2.0)
-        self.top_p = _get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        top_k = _get_int(body, "top_k", 0, lo=-1)
-        self.top_k = 0 if top_k == -1 else top_k  # vLLM's -1: off
-        self.min_p = _get_num(body, "min_p", 0.0, 0.0, 1.0)
-        self.repetition_penalty = _get_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+        self.temperature = _get_num(body, "temperature", d.get("temperature", 1.0), 0.0, 2.0)
+        self.top_p = _get_num(body, "top_p", d.get("top_p", 1.0), 0.0, 1.0, lo_open=True)
+        top_k = _get_int(body, "top_k", d.get("top_k", 0), lo=-1)
+        self.top_k = 0 if top_k in (-1, None) else top_k  # vLLM's -1: off
+        self.min_p = _get_num(body, "min_p", d.get("min_p", 0.0), 0.0, 1.0)
+        self.repetition_penalty = _get_num(body, "repetition_penalty", d.get("repetition_penalty", 1.0), 0.0, 10.0,
+                                           lo_open=True)
         self.presence_penalty = _get_num(body, "presence_penalty", 0.0, -2.0, 2.0)
         self.frequency_penalty = _get_num(body, "frequency_penalty", 0.0, -2.0, 2.0)
         self.stop = _stops(body)
@@ -393,6 +398,7 @@ class _State:
         self.tokenizer = None
         self.hold: frozenset = frozenset()
         self.eos: List[int] = []
+        self.sampling_defaults: dict = {}  # the model's, for fields a request leaves out
         self.prompts: Optional[Prompts] = None
         self.admission: Optional[Admission] = None
         self.error: Optional[str] = None
@@ -423,12 +429,26 @@ class _State:
         return f"the model failed to load: {self.error}" if self.error else None
 
 
+def _sampling_defaults(model) -> dict:
+    """The model's own sampling values, checked: a value the server's own fields would refuse
+    is left out (a request then gets OpenAI's default for it) rather than failing every request."""
+    out = {}
+    for k, v in model.generation_config.sampling_defaults.items():
+        ok = {"temperature": is_num(v) and 0 <= v <= 2, "top_p": is_num(v) and 0 < v <= 1,
+              "top_k": is_int(v) and v >= -1, "min_p": is_num(v) and 0 <= v <= 1,
+              "repetition_penalty": is_num(v) and 0 < v <= 10}.get(k, False)
+        if ok:
+            out[k] = v
+    return out
+
+
 def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]] = None,
                model_name: Optional[str] = None, slots: int = 8, ctx_size: Optional[int] = None,
                slot_ctx: Optional[int] = None, chunk_size: int = 128, api_key: Optional[str] = None,
                host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               max_waiting: Optional[int] = None, freeze_heap: bool = False) -> FastAPI:
+               max_waiting: Optional[int] = None, freeze_heap: bool = False,
+               generation_config: str = "auto") -> FastAPI:
     """The ASGI app serving `model` (a GemmaForCausalLM) with `tokenizer`; or, given `load`
     (a function returning (model, tokenizer)), one that loads them when it starts, answering
     503 on /health until then. slots, ctx_size / slot_ctx and chunk_size: gemma_cpp.Engine's.
@@ -439,6 +459,12 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     or `*`). allowed_origins: web origins whose pages may call it (CORS; `*` for any).
     max_request_bytes, read_timeout: a request body's bounds (413, 408). max_waiting: sequences
     that may wait for a slot beyond the busy ones (default 4 x slots); more get a 503.
+
+    generation_config: "auto" (the default, as vLLM's): the sampling fields a request leaves
+    out (temperature, top_k, top_p, min_p, repetition_penalty) take the values the model's own
+    generation config states (a folder's generation_config.json; a GGUF file's architecture's
+    known ones), where OpenAI's defaults (temperature 1, no top-k or top-p) apply otherwise;
+    "none": OpenAI's defaults always. /v1/models shows what applies.
 
     freeze_heap: for a process that is this server's own (`gemma-cpp serve`, a Ray replica):
     once the model is loaded, every object then alive leaves the garbage collector's
@@ -452,6 +478,8 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     for name, v in (("max_request_bytes", max_request_bytes), ("max_waiting", max_waiting)):
         if v is not None and (not is_int(v) or v < (1 if name == "max_request_bytes" else 0)):
             raise ValueError(f"{name} must be an int >= {1 if name == 'max_request_bytes' else 0}, got {v!r}")
+    if generation_config not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
     if not is_num(read_timeout) or not read_timeout > 0:
         raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
     hosts, origins = HostRule(host, allowed_hosts), OriginRule(allowed_origins)
@@ -463,6 +491,8 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         state.tokenizer = t
         state.hold = _hold_ids(t, pieces)
         state.eos = chat_stop_ids(m, t)
+        if generation_config == "auto":
+            state.sampling_defaults = _sampling_defaults(m)
         bound = getattr(t, "max_chars_per_token", None)
         state.prompts = Prompts(t, engine.slot_ctx, bound() if bound is not None else None)
         state.admission = Admission(engine.slots, 4 * engine.slots if max_waiting is None else int(max_waiting),
@@ -541,8 +571,11 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
 
     @app.get("/v1/models")
     async def models():
+        # sampling_defaults: what a request that leaves those fields out samples with (the model's
+        # generation config; --generation-config none: OpenAI's defaults, shown as {}).
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "gemma_cpp"}]}
+                                            "owned_by": "gemma_cpp",
+                                            "sampling_defaults": dict(state.sampling_defaults)}]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -617,7 +650,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         body = await body_of(request)
         check_model(body)
         items = _completion_items(body)
-        sampling = Sampling(body, ("max_tokens",), 16)
+        sampling = Sampling(body, ("max_tokens",), 16, state.sampling_defaults)
         lp = body.get("logprobs")
         if lp is not None and (not is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise _bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
@@ -637,7 +670,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         check_model(body)
         messages = await state.run(_messages, body)
         _check_tools(body)
-        sampling = Sampling(body, ("max_completion_tokens", "max_tokens"), None)
+        sampling = Sampling(body, ("max_completion_tokens", "max_tokens"), None, state.sampling_defaults)
         want = _get_bool(body, "logprobs", False)
         top = _get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:

@@ -31,9 +31,10 @@ from .guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, HostRule, Or
 
 APP_NAME = "gemma_cpp"
 REPLICA_HEADER = "x-gemma-cpp-replica"
-# create_app's options on what reaches the server (serve/guard.py), as each replica applies them.
+# create_app's options on what reaches the server (serve/guard.py) and on the model's sampling
+# defaults, as each replica applies them.
 GUARD_OPTIONS = ("api_key", "host", "allowed_hosts", "allowed_origins", "max_request_bytes", "read_timeout",
-                 "max_waiting")
+                 "max_waiting", "generation_config")
 
 
 class _ReplicaHeader:
@@ -110,7 +111,7 @@ def deployment(model_path: Optional[str] = None, *, num_replicas: Optional[int] 
                health_check_period_s: float = 10.0, health_check_timeout_s: float = 30.0,
                host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
-               max_waiting: Optional[int] = None):
+               max_waiting: Optional[int] = None, generation_config: str = "auto"):
     """The Ray Serve application (`serve.run` it) of replicas serving the model at model_path
     (a checkpoint folder or GGUF file at that path on every node; None: the demo model).
 
@@ -155,7 +156,7 @@ def deployment(model_path: Optional[str] = None, *, num_replicas: Optional[int] 
                    chunk_size=int(chunk_size), model_name=api_name, api_key=api_key, quantization=quantization,
                    dtype=dtype, kv_cache_dtype=kv_cache_dtype, host=host, allowed_hosts=list(allowed_hosts),
                    allowed_origins=list(allowed_origins), max_request_bytes=max_request_bytes,
-                   read_timeout=read_timeout, max_waiting=max_waiting)
+                   read_timeout=read_timeout, max_waiting=max_waiting, generation_config=generation_config)
     queued = 4 * int(slots) if max_waiting is None else int(max_waiting)
     d = serve.deployment(GemmaReplica, name=name, ray_actor_options={"num_cpus": num_cpus},
                          max_ongoing_requests=int(slots), max_queued_requests=queued,
