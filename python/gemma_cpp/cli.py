@@ -288,6 +288,11 @@ def cmd_serve(args) -> int:
                    allowed_hosts=_listed(args.allowed_hosts), allowed_origins=_listed(args.allowed_origins),
                    max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
                    max_waiting=args.max_waiting, generation_config=args.generation_config)
+    if not args.ray:
+        options["shutdown_timeout"] = args.shutdown_timeout
+    elif args.shutdown_timeout != 5.0:
+        raise ValueError("--shutdown-timeout is for the single-process server (Ray Serve shuts its replicas down "
+                         "itself)")
     if args.ray:
         print(f"serving {path} with Ray ({args.slots} slots per replica); starting the replicas", file=sys.stderr)
         run(os.path.abspath(path), replicas=args.replicas or 1, max_replicas=args.max_replicas,
@@ -379,6 +384,10 @@ def main(argv=None) -> int:
                     help="sequences that may wait for a free slot; beyond them a request gets a 503 with Retry-After "
                          "(default 4 x --slots; with --ray, Ray's queue per deployment)")
     sv.add_argument("--model-name", default=None, help="the model's id in the API (default: the path's name)")
+    sv.add_argument("--shutdown-timeout", type=float, default=5.0,
+                    help="at Ctrl-C or SIGTERM: seconds running requests have to finish before they are cut (a "
+                         "stream ends with finish reason 'abort', a waiting request gets a 503); a second signal "
+                         "cuts them at once (default 5)")
     sv.add_argument("--generation-config", choices=("auto", "none"), default="auto",
                     help="auto (default): sampling fields a request leaves out take the model's own values (its "
                          "generation_config.json; a GGUF file's architecture's, e.g. Gemma 3's top_k 64, top_p "

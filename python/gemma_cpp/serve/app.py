@@ -399,6 +399,12 @@ class _State:
         self.hold: frozenset = frozenset()
         self.eos: List[int] = []
         self.sampling_defaults: dict = {}  # the model's, for fields a request leaves out
+        # Shutdown (begin_shutdown): no new requests once draining; the running ones are cut
+        # (cancelled, finish reason "abort") when the grace period ends, or at a second signal.
+        self.live: set = set()  # the _Choices running now
+        self.draining = False
+        self.shutdown_timeout = 5.0
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.prompts: Optional[Prompts] = None
         self.admission: Optional[Admission] = None
         self.error: Optional[str] = None
@@ -412,7 +418,26 @@ class _State:
         """fn(*args) on the server's thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def begin_shutdown(self, first: bool) -> None:
+        """On the event loop, at a SIGINT / SIGTERM (serve's server calls it): the first stops
+        new requests and cuts the running ones after shutdown_timeout seconds; a second cuts
+        them now."""
+        self.draining = True
+        if first:
+            self.loop.call_later(self.shutdown_timeout, self.cut)
+        else:
+            self.cut()
+
+    def cut(self) -> None:
+        """Cancels every running request: a stream ends with a chunk whose finish reason is
+        "abort" and [DONE]; a whole request gets a 503."""
+        for c in list(self.live):
+            c.cut = True
+            c.request.cancel()
+
     def ready(self) -> Engine:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
         if self.engine is None:
             if self.error:
                 raise ApiError(500, f"the model failed to load: {self.error}", kind="server_error")
@@ -448,7 +473,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
                host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, read_timeout: float = DEFAULT_READ_TIMEOUT,
                max_waiting: Optional[int] = None, freeze_heap: bool = False,
-               generation_config: str = "auto") -> FastAPI:
+               generation_config: str = "auto", shutdown_timeout: float = 5.0) -> FastAPI:
     """The ASGI app serving `model` (a GemmaForCausalLM) with `tokenizer`; or, given `load`
     (a function returning (model, tokenizer)), one that loads them when it starts, answering
     503 on /health until then. slots, ctx_size / slot_ctx and chunk_size: gemma_cpp.Engine's.
@@ -465,6 +490,10 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
     generation config states (a folder's generation_config.json; a GGUF file's architecture's
     known ones), where OpenAI's defaults (temperature 1, no top-k or top-p) apply otherwise;
     "none": OpenAI's defaults always. /v1/models shows what applies.
+
+    shutdown_timeout: at a SIGINT or SIGTERM (`run`'s server), the seconds running requests have
+    to finish before they are cut (a stream then ends with finish reason "abort" and [DONE], a
+    whole request gets a 503); new requests get a 503 at once.
 
     freeze_heap: for a process that is this server's own (`gemma-cpp serve`, a Ray replica):
     once the model is loaded, every object then alive leaves the garbage collector's
@@ -484,6 +513,9 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
     hosts, origins = HostRule(host, allowed_hosts), OriginRule(allowed_origins)
     state = _State(model_name or "gemma_cpp")
+    if not is_num(shutdown_timeout) or not shutdown_timeout >= 0:
+        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
+    state.shutdown_timeout = float(shutdown_timeout)
 
     def start(m, t):
         pieces = t.convert_ids_to_tokens(list(range(len(t))))
@@ -515,6 +547,7 @@ def create_app(model=None, tokenizer=None, *, load: Optional[Callable[[], tuple]
         # anyio imports its asyncio backend on first use, which a streamed response is: ~40 ms
         # on the event loop, in the middle of serving. Now, before any request.
         await anyio.sleep(0)
+        state.loop = asyncio.get_running_loop()
         loader = None
         if load is not None and state.engine is None:
             def run_load():
@@ -763,6 +796,7 @@ class _Choice:
         self.n_tokens = 0
         self.logprobs: List[tuple] = []  # (token, logprob, top)
         self.finish: Optional[str] = None
+        self.cut = False  # cancelled by the server's shutdown (finish reason "abort")
 
 
 async def _watch_disconnect(receive, choices: List[_Choice]) -> None:
@@ -816,6 +850,7 @@ async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str,
                            code="engine_down")
         raise
     watcher = asyncio.ensure_future(_watch_disconnect(request.receive, choices))
+    state.live.update(choices)
     rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + secrets.token_hex(12)
     created = int(time.time())
     n_prompt = sum(len(ids) for ids in prompts)  # counted once, whatever n is (as OpenAI)
@@ -824,8 +859,12 @@ async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str,
             await asyncio.gather(*(_run_choice(c) for c in choices))
         finally:
             watcher.cancel()
+            state.live.difference_update(choices)
             for c in choices:
                 c.request.cancel()
+        if any(c.finish == "abort" for c in choices):
+            raise ApiError(503, "the server is shutting down: this request was cut before it finished",
+                           kind="server_error", code="shutting_down")
         # The body (each logprob's token decoded, then JSON) on the pool: with n and logprobs it
         # can be large.
         return await state.run(lambda: JSONResponse(_whole(state, kind, rid, created, choices, n_prompt,
@@ -835,6 +874,7 @@ async def _generate(state: _State, request: Request, ticket: _Ticket, kind: str,
 
     def close():
         watcher.cancel()
+        state.live.difference_update(choices)
         for c in choices:
             c.request.cancel()
         held.release()
@@ -864,7 +904,10 @@ async def _choice_events(c: _Choice):
     if r.finish_reason == "error":  # pragma: no cover - the engine failed
         raise ApiError(500, "the engine failed", kind="server_error")
     tail = c.text.flush()
-    c.finish = "stop" if r.finish_reason in ("stop", "cancelled") or c.text.stopped else "length"
+    if c.cut and r.finish_reason == "cancelled" and not c.text.stopped:
+        c.finish = "abort"  # the server's shutdown cut it (vLLM's reason for an aborted request)
+    else:
+        c.finish = "stop" if r.finish_reason in ("stop", "cancelled") or c.text.stopped else "length"
     yield tail, [], c.finish
 
 
@@ -1003,9 +1046,10 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
         quantization="auto", dtype=None, kv_cache_dtype: str = "float32", threads: Optional[int] = None,
         chunk_size: int = 128, log_level: str = "info", device="cpu", **guard) -> None:
     """Loads the model (the demo model when model_path is None; on `device`) in the background
-    and serves it with uvicorn until interrupted; /health says 503 until the model is ready.
-    guard: create_app's allowed_hosts, allowed_origins, max_request_bytes, read_timeout and
-    max_waiting (host is the address served on)."""
+    and serves it with uvicorn until a SIGINT / SIGTERM (then as create_app's shutdown_timeout
+    says; a second signal: at once); /health says 503 until the model is ready. guard:
+    create_app's allowed_hosts, allowed_origins, max_request_bytes, read_timeout, max_waiting,
+    generation_config and shutdown_timeout (host is the address served on)."""
     import uvicorn
 
     from .._C import set_num_threads
@@ -1024,7 +1068,31 @@ def run(model_path: Optional[str] = None, *, host: str = "127.0.0.1", port: int 
     warning = open_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    state = app.state.gemma
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with the shutdown create_app's shutdown_timeout describes: a first
+        SIGINT / SIGTERM drains (uvicorn stops accepting and waits for the connections, which
+        the app cuts after the grace period), a second cuts them now, so that the streams end
+        and the server exits at once, through the app's own shutdown (uvicorn's forced exit
+        skips it, and the lifespan task's cancellation printed a traceback); a third forces
+        uvicorn out. No signal is raised again once it is over, as uvicorn's own handler would
+        (a SIGTERM would then kill the process, a SIGINT raise KeyboardInterrupt): the process
+        exits with 0."""
+
+        signals = 0
+
+        def handle_exit(self, sig, frame):
+            self.signals += 1
+            self.should_exit = True
+            if self.signals > 2:
+                self.force_exit = True
+            elif state.loop is not None:
+                state.loop.call_soon_threadsafe(state.begin_shutdown, self.signals == 1)
+
+    # uvicorn's own deadline comes after the app's cut, which ends every stream at once.
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=state.shutdown_timeout + 1)).run()
 
 
 __all__ = ["create_app", "run", "ApiError", "TextStream"]
