@@ -194,14 +194,14 @@ def pytest_configure(config):
 
 # The files the workers take first (--no-loadscope-reorder: in the order collected), with
 # their time on 2 cores beside the other worker (a file's tests and fixtures together): the
-# `alone` test, while the other worker's first tests are short ones; Ray (85-100 s) on one
+# `alone` tests (the hostile requests, the shutdown's deadline), while the other worker's first tests are short ones; Ray (85-100 s) on one
 # worker and test_memory (90-110 s) on the other; test_real_model (140 s) where Ray ends, so
 # that the two files that run the 270M model the longest are not side by side (they were, and
 # the suite took 312 s instead of 278 s: four engine threads on two cores); then the GGUF
 # tokenizer (25 s), Ctrl-C (20 s) and the CLI (20-30 s). The rest, none over 15 s, even out
 # the end. Left to xdist's default (files with the most tests first), test_memory's three
 # tests came last and kept one worker busy alone for 40-90 s.
-FIRST = ("test_serve_hostile.py", "test_serve_ray.py", "test_memory.py", "test_real_model.py",
+FIRST = ("test_serve_hostile.py", "test_serve_shutdown.py", "test_serve_ray.py", "test_memory.py", "test_real_model.py",
          "test_gguf_tokenizer.py", "test_interrupts.py", "test_cli.py")
 
 

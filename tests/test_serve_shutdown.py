@@ -18,6 +18,11 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 from serving import free_port, wait_healthy  # noqa: E402
 
+# The exit's deadline is a time, which a busy neighbour on the other core stretches (the suite
+# failed this file once on 2 workers, its output not kept; alone it passed every run, the exit
+# about 0.5 s past the grace period). Alone: ~9 s that the other worker waits.
+pytestmark = pytest.mark.alone
+
 GRACE = 1.0
 # 30,000 tokens: the tiny model makes a few thousand a second, so that the requests are still
 # running when the grace period ends (the demo model takes about a minute for 3,000).
