@@ -277,6 +277,20 @@ def test_sentencepiece_ids_match_original_model(tiny, tiny_metadata, tiny_texts)
     assert n == 0, f"{n} of {len(texts)} differ, e.g. {bad}"
 
 
+def _same_ids_tokens_and_decoding(ours, hf, texts):
+    """ours against transformers' tokenizer hf on texts: ids with and without special tokens,
+    tokens, and the decoding of hf's ids with and without the special tokens."""
+    for add in (True, False):
+        n, bad = _mismatches((s, ours.encode(s, add_special_tokens=add), hf.encode(s, add_special_tokens=add))
+                             for s in texts)
+        assert n == 0, f"add_special_tokens={add}: {n} of {len(texts)} differ, e.g. {bad}"
+    for s in texts:
+        assert ours.tokenize(s) == hf.tokenize(s), s
+        ids = hf.encode(s)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
+
+
 @pytest.mark.parametrize("cls", [GemmaTokenizer, GemmaTokenizerFast])
 def test_tokenizer_from_synthetic_gguf_matches_transformers(cls, tiny, hf_tiny, tiny_texts):
     """from_pretrained(.gguf) == transformers' GGUF tokenizer on ids (special tokens in the
@@ -285,15 +299,7 @@ def test_tokenizer_from_synthetic_gguf_matches_transformers(cls, tiny, hf_tiny, 
         pytest.importorskip("tokenizers")
     ours = cls.from_pretrained(tiny[2])
     texts = tiny_texts + [" " * n for n in range(1, 14)] + ["a" + SPIECE * n + "b" for n in range(1, 8)]
-    for add in (True, False):
-        n, bad = _mismatches((s, ours.encode(s, add_special_tokens=add), hf_tiny.encode(s, add_special_tokens=add))
-                             for s in texts)
-        assert n == 0, f"add_special_tokens={add}: {n} of {len(texts)} differ, e.g. {bad}"
-    for s in texts:
-        assert ours.tokenize(s) == hf_tiny.tokenize(s), s
-        ids = hf_tiny.encode(s)
-        for skip in (False, True):
-            assert ours.decode(ids, skip_special_tokens=skip) == hf_tiny.decode(ids, skip_special_tokens=skip), ids
+    _same_ids_tokens_and_decoding(ours, hf_tiny, texts)
     assert ours.get_vocab() == hf_tiny.get_vocab()
     assert len(ours) == len(hf_tiny) and ours.vocab_size == hf_tiny.vocab_size
     assert ours.chat_template == hf_tiny.chat_template == TEMPLATE
@@ -588,15 +594,8 @@ def g4_texts():
 
 
 def _assert_same_as_transformers(ours, hf, texts):
-    for add in (True, False):
-        n, bad = _mismatches((s, ours.encode(s, add_special_tokens=add), hf.encode(s, add_special_tokens=add))
-                             for s in texts)
-        assert n == 0, f"add_special_tokens={add}: {n} of {len(texts)} differ, e.g. {bad}"
+    _same_ids_tokens_and_decoding(ours, hf, texts)
     for s in texts:
-        assert ours.tokenize(s) == hf.tokenize(s), s
-        ids = hf.encode(s)
-        for skip in (False, True):
-            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
         if SPIECE not in s:  # a literal U+2581 comes back as a space
             assert ours.decode(ours.encode(s)) == s
     assert ours.get_vocab() == hf.get_vocab()

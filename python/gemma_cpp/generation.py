@@ -80,11 +80,17 @@ class GenerationConfig:
         if not os.path.isfile(path):
             return cls()
         data = read_json_object(path, "generation config")
-        names = {f.name for f in dataclasses.fields(cls)} - {"sampling_defaults"}
+        names = cls.argument_names()
         # max_length (a total length) is not read: generate counts new tokens only.
         out = cls(**{k: v for k, v in data.items() if k in names})
         out.sampling_defaults = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
         return out
+
+    @classmethod
+    def argument_names(cls) -> set:
+        """The fields generate() takes (and a generation_config.json may set): all but
+        sampling_defaults."""
+        return {f.name for f in dataclasses.fields(cls)} - {"sampling_defaults"}
 
     def to_file_dict(self) -> dict:
         """The generation_config.json keys of what a converted model carries: the special ids
@@ -95,7 +101,7 @@ class GenerationConfig:
     def updated(self, **kwargs) -> "GenerationConfig":
         """A copy with the given arguments set; an explicit None sets None (top_k=None turns
         top-k off, as in transformers), and numeric None falls back to the default."""
-        unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(self)} - {"sampling_defaults"}]
+        unknown = [k for k in kwargs if k not in self.argument_names()]
         if unknown:
             raise TypeError(f"generate() got unexpected argument(s): {', '.join(unknown)}")
         out = dataclasses.replace(self, **kwargs)

@@ -211,7 +211,7 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
         fmt = _matrix_format(policy, info, engine_name)
         if fmt is not None:
             try:
-                check_quantizable(gname, engine_name, shape, fmt, getattr(config, "num_experts", None) or 1, g.path)
+                check_quantizable(gname, engine_name, shape, fmt, config, g.path)
             except ValueError:
                 if policy is not None:
                     raise
@@ -256,7 +256,7 @@ def _engine_weights(g: GGUFFile, config: GemmaConfig, target: str, policy, progr
         fmt = _matrix_format(policy, infos[0], f"layers.{i}.{short}")
         if fmt is None:
             return as_engine_dtype(values, "float32", target)
-        check_quantizable(infos[0].name, f"layers.{i}.{short}", shape, fmt, E, g.path)
+        check_quantizable(infos[0].name, f"layers.{i}.{short}", shape, fmt, config, g.path)
         if infos[0].type_name not in _FLOAT_TYPES:
             changed.setdefault(infos[0].type_name, collections.Counter())[fmt] += 2
         return quantized(values, fmt)

@@ -240,7 +240,7 @@ def engine_weights(source, config: GemmaConfig, dtype: Optional[str], policy: Di
         if fmt is None:
             out = as_engine_dtype(a, dt, target)
         else:
-            check_quantizable(name, engine_name, a.shape, fmt, getattr(config, "num_experts", None) or 1, where)
+            check_quantizable(name, engine_name, a.shape, fmt, config, where)
             out = quantized(a if dt == "bfloat16" else as_float32(a, dt), fmt)  # bf16 bits are read as bf16
         if not (isinstance(out, np.ndarray) and np.may_share_memory(out, a)):
             source.release(name)  # converted: the file's pages need not stay resident

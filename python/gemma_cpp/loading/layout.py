@@ -33,7 +33,7 @@ FLOAT_MATRICES = {"router": "experts"}
 STACKED = ("experts_gate_up", "experts_down")
 
 
-def check_quantizable(name: str, engine_name: str, shape, fmt: str, experts: int, where: str) -> None:
+def check_quantizable(name: str, engine_name: str, shape, fmt: str, config: GemmaConfig, where: str) -> None:
     """A ValueError naming the tensor when it cannot be quantized to fmt: its rows (cols) must be
     a multiple of 32, the block size; the engine reads an expert's gate, up and down rows of the
     stacked matrices in place, so each must be whole 16-row groups."""
@@ -42,6 +42,7 @@ def check_quantizable(name: str, engine_name: str, shape, fmt: str, experts: int
                          "of 32 (the block size); leave that group unquantized")
     short = engine_name.rsplit(".", 1)[-1]
     # The engine reads each expert's gate, up (I rows each) and down (hidden rows) in place.
+    experts = getattr(config, "num_experts", None) or 1
     rows = {"experts_gate_up": shape[0] // experts // 2, "experts_down": shape[0] // experts}.get(short, 16)
     if rows % 16:
         raise ValueError(f"{where}: cannot quantize {name!r} to {fmt}: the engine reads each expert's rows of it in "

@@ -455,15 +455,16 @@ class _State:
 
 
 def _sampling_defaults(model) -> dict:
-    """The model's own sampling values, checked: a value the server's own fields would refuse
-    is left out (a request then gets OpenAI's default for it) rather than failing every request."""
+    """The model's own sampling values, checked by the rules a request's fields are (Sampling):
+    a value the server would refuse is left out (a request then gets OpenAI's default for it)
+    rather than failing every request."""
     out = {}
     for k, v in model.generation_config.sampling_defaults.items():
-        ok = {"temperature": is_num(v) and 0 <= v <= 2, "top_p": is_num(v) and 0 < v <= 1,
-              "top_k": is_int(v) and v >= -1, "min_p": is_num(v) and 0 <= v <= 1,
-              "repetition_penalty": is_num(v) and 0 < v <= 10}.get(k, False)
-        if ok:
-            out[k] = v
+        try:
+            Sampling({k: v}, ("max_tokens",), None)
+        except ApiError:
+            continue
+        out[k] = v
     return out
 
 
